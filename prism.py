@@ -1,0 +1,1153 @@
+"""PRISM: data-free knowledge distillation with a text-to-image diffusion model.
+
+A single-file reference implementation of "Precision-Recall Informed Data-Free Knowledge
+Distillation via Generative Diffusion" (arXiv 2509.16897), as formulated in PRISM_METHOD.md.
+A teacher classifier is distilled into a student using only images that Stable Diffusion makes:
+
+    class names ──► build_prompts ──► energy_guided_sample ──► synthesize_dataset ──► distill ──► evaluate
+                    (§3 recall:        (§1-2 precision:          (cached ImageFolder     (§4 KD,      (top-1/5 on
+                     disambiguate,      teacher energy steers      + manifest, resumes)   teacher      real images)
+                     content, style)    the sampler via ẑ0)                               online)
+
+    python prism.py --teacher resnet50 --data imagenet     # real run (GPU, internet or local paths)
+    python prism.py --smoke --out /tmp/prism-smoke          # offline plumbing check on a CPU
+
+Every function below stands alone: inputs and outputs are explicit, nothing reads a global
+but the constant tables, and each docstring names the equation (§ of PRISM_METHOD.md) it
+implements. Where a choice is ours rather than the method's, a comment says so.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Defaults. Every one is also a command-line flag (see build_parser); change them there.
+# ──────────────────────────────────────────────────────────────────────────────────────────
+DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # any SD 1.x/2.x base model id or local folder
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UsageError(ValueError):
+    """Bad input from the user: main() prints it as one line on stderr and exits with code 2."""
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 0. Models and classes: the teacher (with its own preprocessing), the student, class names
+# ──────────────────────────────────────────────────────────────────────────────────────────
+class Preprocess(nn.Module):
+    """Maps images in [0, 1] of any size to what a classifier expects: resize + normalise.
+
+    Folding preprocessing into the model lets every stage (guidance, KD, evaluation) hand it
+    plain [0, 1] images, and keeps the resize differentiable for the guidance gradient (§2).
+    """
+
+    def __init__(self, input_size, mean, std):
+        super().__init__()
+        self.input_size = int(input_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images):
+        images = images.to(self.mean.dtype)  # fp16 images from the diffusion model → fp32 classifier
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return (images - self.mean) / self.std
+
+
+def with_preprocessing(model, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size."""
+    return nn.Sequential(Preprocess(input_size, mean, std), model)
+
+
+def is_torchvision_classifier(name):
+    """True if `name` is one of torchvision's classification architectures (resnet50, vit_b_16, ...)."""
+    return name in torchvision.models.list_models(module=torchvision.models)
+
+
+def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, input_size=224,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Loads the frozen teacher f_T and returns (teacher, class_names or None).
+
+    `name_or_path` is a torchvision model name (pretrained `weights="DEFAULT"`, whose metadata
+    give the input size, mean, std and class names) or a TorchScript file (then `input_size`,
+    `mean` and `std` describe it). `weights_path` loads a state dict into a torchvision
+    architecture with `num_classes` outputs instead of downloading weights.
+    The result takes [0, 1] images (B, 3, H, W) of any size and returns logits; it is in eval
+    mode with `requires_grad_(False)`, so guidance gradients flow to the input only.
+    """
+    class_names = None
+    if os.path.isfile(name_or_path):
+        try:
+            model = torch.jit.load(name_or_path, map_location="cpu")
+        except Exception as error:  # any failure here means the file is not a TorchScript model
+            raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: {first_line(error)}")
+    elif not is_torchvision_classifier(name_or_path):
+        raise UsageError(f"unknown teacher '{name_or_path}': give a torchvision classifier name "
+                         f"(e.g. resnet50) or a TorchScript file")
+    elif weights_path is not None:
+        model = torchvision.models.get_model(name_or_path, weights=None, num_classes=num_classes)
+        try:
+            model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        except Exception as error:
+            raise UsageError(f"cannot load teacher weights {weights_path} into {name_or_path}: {first_line(error)}")
+    else:
+        weights = torchvision.models.get_model_weights(name_or_path).DEFAULT
+        preset = weights.transforms()
+        input_size, mean, std = preset.crop_size[0], preset.mean, preset.std
+        class_names = list(weights.meta["categories"])
+        try:
+            model = torchvision.models.get_model(name_or_path, weights=weights)
+        except OSError as error:
+            raise UsageError(f"could not download the teacher weights '{weights}' ({first_line(error)}); "
+                             f"offline, put them in {torch.hub.get_dir()}/checkpoints or pass --teacher-weights PATH")
+    teacher = with_preprocessing(model, input_size, mean, std).to(device).eval().requires_grad_(False)
+    return teacher, class_names
+
+
+def build_student(name, num_classes, *, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
+    [0, 1] images like the teacher (same normalisation, its own input size)."""
+    if not is_torchvision_classifier(name):
+        raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. resnet18)")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return with_preprocessing(model, input_size, mean, std)
+
+
+def count_outputs(classifier, device):
+    """Number of logits a [0, 1]-image classifier returns (one forward pass on a blank image)."""
+    with torch.no_grad():
+        return classifier(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
+
+
+def load_class_names(data, num_classes=None):
+    """Returns (class_names, descriptions or None).
+
+    `data == "imagenet"`: the 1000 names in torchvision's weights metadata (no download).
+    Otherwise a text file, one class per line in label order, optionally `name<TAB>description`;
+    the descriptions are the best disambiguation context (§3). An empty file, duplicate names,
+    or a count different from the teacher's `num_classes` is a UsageError.
+    """
+    if data == "imagenet":
+        names, descriptions = list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise UsageError(f"class list {data} not found: give 'imagenet' or a text file, one class per line")
+        rows = [line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [row[0].strip() for row in rows]
+        descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
+        if not names:
+            raise UsageError(f"class list {data} is empty")
+        seen = set()
+        for name in names:
+            if name.lower() in seen:
+                raise UsageError(f"class list {data} names '{name}' twice: class names must be unique")
+            seen.add(name.lower())
+        if not any(descriptions):
+            descriptions = None
+    if num_classes is not None and len(names) != num_classes:
+        raise UsageError(f"class list '{data}' has {len(names)} classes but the teacher has {num_classes} outputs")
+    return names, descriptions
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 1. Diversified prompts (§3): prompt(c, i) = "{style} of {disambiguated name of c}, {content}"
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Style diversification. Photos serve accuracy on photos; the rest serve domain generalisation.
+PHOTO_STYLES = (
+    "a photo", "a close-up photo", "a DSLR photo", "a wide-angle photo", "a candid photo",
+    "a professional photo", "a snapshot", "a slightly blurry photo", "a black and white photo",
+    "a low-light photo", "a high-resolution photo", "a cropped photo", "a phone photo",
+    "a macro photo", "a telephoto photo", "a vintage photo",
+)
+OTHER_STYLES = (
+    "a pencil sketch", "an oil painting", "a watercolor painting", "a cartoon", "a 3D render",
+    "an embroidery", "a plastic toy", "a clay sculpture", "a tattoo", "an origami model",
+    "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
+    "a children's drawing",
+)
+# Content diversification without an LLM: where × with what × viewpoint × lighting.
+SCENE_PLACES = (
+    "in its natural setting", "outdoors", "indoors", "on a plain background", "in a city street",
+    "in a park", "at home", "in a field", "near water", "in the snow", "on a table", "in a forest",
+    "at the beach", "in a garden", "at a market", "in a workshop", "by a road", "in a room",
+    "in the mountains", "in the desert",
+)
+SCENE_COMPANIONS = ("", "with people nearby", "next to everyday objects", "among others of its kind",
+                    "partly hidden", "in a cluttered scene")
+SCENE_VIEWS = ("seen from the front", "seen from the side", "seen from above", "seen from below",
+               "close up", "far away", "centered", "off-center")
+SCENE_LIGHTS = ("in daylight", "at sunset", "at night", "in soft light", "in harsh sunlight",
+                "on an overcast day", "under studio lights", "in fog")
+
+
+def last_linear_weight(model):
+    """Weight (C, D) of the last nn.Linear met walking `model.modules()` (TorchScript too), or None."""
+    weight = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
+            weight = module.weight
+    return weight
+
+
+def nearest_classes(weight, k):
+    """For each class, the k other classes whose classifier weight rows are most cosine-similar.
+
+    The teacher's last linear layer holds one weight vector per class, so its neighbours are a
+    data-free context for an ambiguous name (§3): mouse → computer keyboard, desktop computer.
+    """
+    unit = F.normalize(weight.detach().float(), dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-float("inf"))
+    return similarity.topk(min(k, len(unit) - 1), dim=1).indices.tolist()
+
+
+def load_llm(name_or_path, device):
+    """Loads an instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype="auto" if torch.device(device).type == "cuda" else torch.float32)
+    except Exception as error:  # hub, network and format failures all mean "cannot use this LLM"
+        raise UsageError(f"could not load LLM '{name_or_path}' ({first_line(error)}); "
+                         f"offline, download it elsewhere and pass its local folder: --llm /path/to/llm")
+    tokenizer.padding_side = "left"  # generation continues at the right end of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
+    """Greedy completions of `instructions` by llm = (model, tokenizer): one string each.
+
+    Greedy decoding (our choice) makes prompts a deterministic function of the inputs, with no
+    random state to seed. A chat template is used when the tokenizer has one.
+    """
+    model, tokenizer = llm
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True) if chat else text + "\n"
+             for text in instructions]
+    completions = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=not chat).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return completions
+
+
+def sanitize_phrase(text, max_words=12, max_chars=100):
+    """Cleans one line of LLM output into a short phrase; "" if nothing usable is left.
+
+    Strips list markers, quotes and control characters, caps words and characters, and
+    rejects text without a real word, so random or chatty output cannot break a prompt.
+    """
+    text = re.sub(r"^\s*(?:[-*•]+|\(?\d+[.):])\s*", "", text.strip())
+    text = "".join(ch for ch in text if ch.isprintable())
+    text = " ".join(text.split()[:max_words])[:max_chars]
+    text = text.strip(" \"'`.,;:!?-*")
+    return text if re.search(r"[A-Za-z]{3}", text) else ""
+
+
+def with_article(phrase):
+    """'a mouse', 'an iron': the article CLIP's captions use before a noun phrase."""
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def builtin_scene(rng):
+    """One scene from the built-in lists (content diversification without an LLM)."""
+    parts = (rng.choice(SCENE_PLACES), rng.choice(SCENE_COMPANIONS), rng.choice(SCENE_VIEWS), rng.choice(SCENE_LIGHTS))
+    return ", ".join(part for part in parts if part)
+
+
+def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None, photo_share=0.8,
+                  seed=0, neighbours=2, scenes_per_class=12, llm_device="cpu"):
+    """Returns one list of `per_class` prompts per class, deterministic for a seed (§3).
+
+        prompt(c, i) = "{style} of {disambiguated name of c}, {content}"
+
+    Disambiguation, best source first: `descriptions[c]` (a user's file) > the LLM > the
+    teacher's last linear layer (nearest classes by cosine of weight rows) > the bare name.
+    Content: `scenes_per_class` scenes written by the LLM when `llm` (id, path or a loaded
+    (model, tokenizer)) is given, then built-in scenes. Style: a photo style with probability
+    `photo_share`, another style otherwise. The class name is in every prompt by construction;
+    prompts are unique across the whole list (a repeat is redrawn).
+    """
+    if per_class < 1:
+        raise UsageError(f"per_class must be positive, got {per_class}")
+    if not 0.0 <= photo_share <= 1.0:
+        raise UsageError(f"photo_share must be in [0, 1], got {photo_share}")
+    num_classes = len(class_names)
+    if isinstance(llm, (str, os.PathLike)):
+        llm = load_llm(llm, llm_device)
+
+    neighbour_ids = None
+    weight = last_linear_weight(teacher) if teacher is not None and neighbours > 0 else None
+    if weight is not None and weight.shape[0] == num_classes and num_classes > 1:
+        neighbour_ids = nearest_classes(weight, neighbours)
+
+    def neighbour_names(c):
+        return [class_names[j] for j in neighbour_ids[c]] if neighbour_ids else []
+
+    contexts = [descriptions[c] if descriptions and descriptions[c] else "" for c in range(num_classes)]
+    if llm is not None:
+        todo = [c for c in range(num_classes) if not contexts[c]]
+        asks = [f"In at most 8 words, describe what the image class '{class_names[c]}' looks like"
+                + (f" (related classes: {', '.join(neighbour_names(c))})" if neighbour_names(c) else "") + "."
+                for c in todo]
+        for c, answer in zip(todo, llm_generate(llm, asks, max_new_tokens=32)):
+            contexts[c] = sanitize_phrase(answer, max_words=8)
+    names = []
+    for c, name in enumerate(class_names):
+        if contexts[c]:
+            names.append(f"{name}, {contexts[c]}")
+        elif neighbour_names(c):
+            names.append(f"{name}, in the context of {' and '.join(neighbour_names(c))}")
+        else:
+            names.append(name)
+
+    llm_scenes = [[] for _ in range(num_classes)]
+    if llm is not None:
+        asks = [f"List {scenes_per_class} short, varied scenes for a photo of {with_article(names[c])}. "
+                f"Vary the place, companions, viewpoint, lighting and scale. One per line, at most 12 words "
+                f"each, no numbering." for c in range(num_classes)]
+        for c, answer in enumerate(llm_generate(llm, asks, max_new_tokens=24 * scenes_per_class)):
+            cleaned = [sanitize_phrase(line) for line in answer.splitlines()]
+            llm_scenes[c] = list(dict.fromkeys(scene for scene in cleaned if scene))[:scenes_per_class]
+
+    used, prompts = set(), []
+    for c in range(num_classes):
+        rng = random.Random(f"prism-prompts/{seed}/{c}")  # str seeds are stable across runs
+        class_prompts = []
+        for i in range(per_class):
+            for attempt in range(1000):  # a repeat is redrawn: first another style, then a built-in scene
+                styles = PHOTO_STYLES if rng.random() < photo_share else OTHER_STYLES
+                scene = llm_scenes[c][i % len(llm_scenes[c])] if llm_scenes[c] and attempt < 10 else builtin_scene(rng)
+                prompt = f"{rng.choice(styles)} of {with_article(names[c])}, {scene}"
+                if prompt not in used:
+                    break
+            else:
+                raise UsageError(f"cannot make {per_class} distinct prompts for class '{class_names[c]}'")
+            used.add(prompt)
+            class_prompts.append(prompt)
+        prompts.append(class_prompts)
+    return prompts
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler (precision)
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def teacher_energy(logits, temperature=1.0):
+    """Per-sample energy (§1, Liu et al. 2020):  E(x) = -τ · logsumexp(f(x) / τ).  Low = in-distribution."""
+    return -temperature * torch.logsumexp(logits / temperature, dim=-1)
+
+
+def guidance_loss(logits, class_ids, *, energy_scale, class_scale, temperature=1.0):
+    """Per-sample guidance objective (§1):  s_E · E(x) + s_C · CE(f(x), y).
+
+    This is s · L(x, y) with L = E + λ_cls · CE, s = energy_scale, λ_cls = class_scale / energy_scale;
+    two scales instead of (s, λ) let either term be used alone.
+    """
+    loss = energy_scale * teacher_energy(logits, temperature)
+    if class_scale:
+        loss = loss + class_scale * F.cross_entropy(logits.float(), class_ids, reduction="none")
+    return loss
+
+
+def decode_to_unit(vae, latents):
+    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2, clamped."""
+    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def guidance_objective(vae, teacher, clean_latents, class_ids, *, energy_scale, class_scale, temperature=1.0):
+    """L(D(ẑ0), y) per sample (§2): decode ẑ0, let the teacher (with its preprocessing) score it."""
+    logits = teacher(decode_to_unit(vae, clean_latents))
+    return guidance_loss(logits, class_ids, energy_scale=energy_scale, class_scale=class_scale,
+                         temperature=temperature)
+
+
+def guided_step_indices(num_steps, start, end, every):
+    """Indices i of the sampling steps that get guidance: start ≤ i / num_steps < end, every k-th."""
+    return set(range(math.ceil(start * num_steps), min(num_steps, math.ceil(end * num_steps)), every))
+
+
+def alpha_bar_at(scheduler, timestep):
+    """ᾱ_t of the current step. Sigma-based schedulers (Euler, DPM-Solver) define σ² = (1-ᾱ)/ᾱ
+    on possibly fractional timesteps, so ᾱ = 1/(1+σ²); the others index alphas_cumprod."""
+    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+    if sigmas is not None and index is not None:
+        return 1.0 / (1.0 + float(sigmas[index]) ** 2)
+    return float(scheduler.alphas_cumprod[int(timestep)])
+
+
+def to_epsilon(model_output, noisy_latents, alpha_bar, prediction_type):
+    """The scheduler's prediction as ε (§2): v-prediction gives ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·z_t."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_bar ** 0.5 * model_output + (1 - alpha_bar) ** 0.5 * noisy_latents
+    raise UsageError(f"energy guidance supports epsilon and v_prediction schedulers, not '{prediction_type}'")
+
+
+def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
+    """Inverse of to_epsilon: v = (ε - sqrt(1-ᾱ)·z_t) / sqrt(ᾱ), so the scheduler steps as it expects."""
+    if prediction_type == "epsilon":
+        return epsilon
+    return (epsilon - (1 - alpha_bar) ** 0.5 * noisy_latents) / alpha_bar ** 0.5
+
+
+def per_sample_norm(x):
+    """Euclidean norm of each sample of a batch, shaped to broadcast over it."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None, num_steps=50,
+                         cfg_scale=3.0, energy_scale=0.1, class_scale=0.1, guidance_start=0.1, guidance_end=0.7,
+                         guidance_every=2, exact_grad=False, normalize_grad=True, temperature=1.0,
+                         height=None, width=None):
+    """Samples one image per prompt with a diffusers StableDiffusionPipeline, steered by the teacher (§2).
+
+    Returns (images, stats): images in [0, 1], float, (B, 3, H, W); stats holds per image the final
+    teacher "energy", "top1", "p_class" (probability of the intended class) and "guidance_skipped"
+    (guided steps whose gradient was not finite and so were left unguided for that image).
+
+    At every step:  ε̂ = ε_uncond + w·(ε_text - ε_uncond)                       (CFG, w = cfg_scale)
+    and on guided steps (window [guidance_start, guidance_end), every `guidance_every`-th):
+        ẑ0 = (z_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t)                                (Tweedie)
+        g  = ∇_{z_t} L(D(ẑ0), y),  L = s_E·E + s_C·CE                           (guidance_loss)
+             approx (default): ε̂ held constant, g = ∇_{ẑ0} L / sqrt(ᾱ_t), no UNet backward;
+             exact_grad: differentiate through the UNet as well.
+        ε̂' = ε̂ + sqrt(1-ᾱ_t)·g                                                  (ε̂ - sqrt(1-ᾱ)·∇log p)
+    With normalize_grad (our default), g is rescaled per sample to (s_E + s_C)·‖ε̂‖, so a scale is a
+    fraction of the noise prediction and the same value works across models. With both scales 0
+    this is exactly `pipe(prompts, latents=latents, num_inference_steps=num_steps,
+    guidance_scale=cfg_scale, output_type="pt")`.
+    """
+    if num_steps < 1:
+        raise UsageError(f"num_steps must be positive, got {num_steps}")
+    if min(cfg_scale, energy_scale, class_scale) < 0:
+        raise UsageError("cfg_scale, energy_scale and class_scale must be non-negative")
+    if not 0.0 <= guidance_start < guidance_end <= 1.0:
+        raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, got [{guidance_start}, {guidance_end}]")
+    if guidance_every < 1:
+        raise UsageError(f"guidance_every must be positive, got {guidance_every}")
+    device, unet, scheduler = pipe.device, pipe.unet, pipe.scheduler
+    height = height or unet.config.sample_size * pipe.vae_scale_factor
+    width = width or unet.config.sample_size * pipe.vae_scale_factor
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise UsageError(f"height and width must be multiples of {pipe.vae_scale_factor}, got {height}x{width}")
+    batch = len(prompts)
+    class_ids = torch.as_tensor(class_ids, device=device)
+
+    # The same preparation as StableDiffusionPipeline.__call__, through its own methods.
+    do_cfg = cfg_scale > 1 and unet.config.time_cond_proj_dim is None
+    with torch.no_grad():
+        text, uncond = pipe.encode_prompt(prompts, device, 1, do_cfg)
+    embeddings = torch.cat([uncond, text]) if do_cfg else text
+    scheduler.set_timesteps(num_steps, device=device)
+    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, embeddings.dtype, device,
+                                   generator, latents)
+    step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    prediction_type = scheduler.config.prediction_type
+    guide_any = energy_scale > 0 or class_scale > 0
+    guided = guided_step_indices(len(scheduler.timesteps), guidance_start, guidance_end, guidance_every)
+    skipped = torch.zeros(batch, dtype=torch.long, device=device)
+    objective = dict(energy_scale=energy_scale, class_scale=class_scale, temperature=temperature)
+
+    for i, t in enumerate(scheduler.timesteps):
+        guide = guide_any and i in guided
+        # The UNet sees scale_model_input(latents): the variance-preserving z_t for every scheduler.
+        noisy = scheduler.scale_model_input(latents, t).detach().requires_grad_(guide and exact_grad)
+        with torch.set_grad_enabled(guide and exact_grad):
+            model_input = torch.cat([noisy] * 2) if do_cfg else noisy
+            output = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            if do_cfg:
+                output_uncond, output_text = output.chunk(2)
+                output = output_uncond + cfg_scale * (output_text - output_uncond)
+        if guide:
+            alpha_bar = alpha_bar_at(scheduler, t)
+            epsilon = to_epsilon(output, noisy, alpha_bar, prediction_type)
+            with torch.enable_grad():
+                if exact_grad:  # ẑ0 is a function of z_t through the UNet too
+                    clean = (noisy - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
+                    loss = guidance_objective(pipe.vae, teacher, clean, class_ids, **objective)
+                    grad = torch.autograd.grad(loss.sum(), noisy)[0]
+                else:  # ε̂ constant: ∂ẑ0/∂z_t = 1/sqrt(ᾱ_t)
+                    clean = ((noisy - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5).detach().requires_grad_(True)
+                    loss = guidance_objective(pipe.vae, teacher, clean, class_ids, **objective)
+                    grad = torch.autograd.grad(loss.sum(), clean)[0] / alpha_bar ** 0.5
+            epsilon, noisy = epsilon.detach(), noisy.detach()
+            finite = torch.isfinite(grad.flatten(1)).all(dim=1)
+            skipped += (~finite).long()
+            grad = torch.where(finite.view(-1, 1, 1, 1), grad, torch.zeros_like(grad))
+            if normalize_grad:
+                grad = grad * ((energy_scale + class_scale) * per_sample_norm(epsilon)
+                               / per_sample_norm(grad).clamp_min(1e-12))
+            output = from_epsilon(epsilon + (1 - alpha_bar) ** 0.5 * grad, noisy, alpha_bar, prediction_type)
+        latents = scheduler.step(output.detach(), t, latents, **step_kwargs, return_dict=False)[0]
+
+    with torch.no_grad():
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        images = pipe.image_processor.postprocess(images, output_type="pt").float()
+        logits = teacher(images).float()
+        stats = {
+            "energy": teacher_energy(logits, temperature),
+            "top1": logits.argmax(dim=-1),
+            "p_class": logits.softmax(dim=-1).gather(1, class_ids.view(-1, 1)).squeeze(1),
+            "guidance_skipped": skipped,
+        }
+    return images, stats
+
+
+def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
+    """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
+
+    The safety checker is left out (our choice): it blacks out whole images, which would enter
+    the transfer set as labelled black squares.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(name_or_path, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except Exception as error:  # hub, network and format failures all mean "cannot use this model"
+        raise UsageError(f"could not load diffusion model '{name_or_path}' ({first_line(error)}); offline, "
+                         f"download it elsewhere and pass its local folder: --sd-model /path/to/model")
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 3. Synthetic dataset caching: an ImageFolder tree that resumes and never mixes settings
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def first_line(error):
+    """The first line of an exception's message, for one-line error reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def atomic_write(path, write):
+    """Calls write(temp_path), then renames the temp file onto `path`: readers never see half a file."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {first_line(error)}")
+
+
+def write_json_atomic(obj, path):
+    """Writes `obj` as indented JSON to `path` atomically."""
+    atomic_write(path, lambda temp: temp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
+
+
+def save_image_atomic(image, path):
+    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns its size in bytes."""
+    from PIL import Image
+
+    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
+    atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, format="JPEG" if jpeg else "PNG",
+                                                                 **({"quality": 95} if jpeg else {})))
+    return Path(path).stat().st_size
+
+
+def image_seed(seed, class_index, image_index):
+    """The seed of image (class, index): a hash of (seed, class, index), so each image can be
+    regenerated alone, whatever the batch size or the point where a run resumed."""
+    digest = hashlib.sha256(f"prism/{seed}/{class_index}/{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def initial_latents(seeds, shape):
+    """Stacks one N(0, I) latent of `shape` per seed, drawn on the CPU so every device sees the same noise."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def image_is_readable(path, expected_bytes):
+    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies it."""
+    from PIL import Image
+
+    try:
+        if expected_bytes is None or os.path.getsize(path) != expected_bytes:
+            return False
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # any failure to open or verify means "regenerate it"
+        return False
+
+
+def read_manifest(path):
+    """Manifest records keyed by (class, index); later lines win, a torn last line is ignored."""
+    records = {}
+    if Path(path).exists():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                records[(record["class"], record["index"])] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return records
+
+
+def settings_difference(old, new):
+    """A short text of the keys whose values differ between two settings dicts ('' if none)."""
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k}: {str(old.get(k))[:40]} -> {str(new.get(k))[:40]}" for k in keys if old.get(k) != new.get(k))
+
+
+def check_settings(path, settings, *, overwrite, what):
+    """Compares `settings` with those recorded at `path` (JSON). Returns True if they match,
+    False if none are recorded, and raises UsageError on a difference unless `overwrite`."""
+    path, settings = Path(path), json.loads(json.dumps(settings))  # compare as stored: tuples become lists
+    if not path.exists():
+        return False
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        recorded = {"unreadable": str(path)}
+    if recorded == settings:
+        return True
+    if overwrite:
+        return False
+    raise UsageError(f"{path.parent} holds {what} made under other settings ({settings_difference(recorded, settings)}); "
+                     f"use another --out, or --overwrite to replace them")
+
+
+def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs):
+    """Everything that decides the pixels of the cached images (not the batch size, which does not)."""
+    prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return {"per_class": per_class, "seed": seed, "image_format": image_format, "prompts_sha256": prompts_hash,
+            **identity, **sample_kwargs}
+
+
+def class_folder(class_index, num_classes):
+    """Zero-padded folder name of a class, so that sorted folder names are the class order."""
+    return str(class_index).zfill(max(4, len(str(num_classes - 1))))
+
+
+def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8, image_format="png",
+                       identity=None, overwrite=False, max_new_images=None, progress=True, **sample_kwargs):
+    """Generates and caches `per_class` images per class; returns the manifest records, sorted.
+
+    Writes `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), `manifest.jsonl` (one record per
+    image: file, class, index, prompt, seed, final teacher energy, top-1, p_class, bytes) and
+    `settings.json`. Image (c, i) uses prompts[c][i] and the noise of image_seed(seed, c, i).
+    A rerun skips images that are present and readable and regenerates the others; settings that
+    differ from the recorded ones raise UsageError unless `overwrite` (which deletes the old set).
+    `identity` names the models (they decide the pixels too); `sample_kwargs` go to
+    energy_guided_sample. `max_new_images` stops early, for time-limited jobs; rerun to finish.
+
+    Every image is written atomically. The manifest is a journal appended after each batch, so a
+    crash loses at most the records of one batch; those images are regenerated (same seed, same
+    pixels) on the next run. At the end it is rewritten atomically without duplicates.
+    """
+    if per_class < 1 or batch_size < 1:
+        raise UsageError(f"per_class and batch_size must be positive, got {per_class} and {batch_size}")
+    if image_format not in ("png", "jpg"):
+        raise UsageError(f"image_format must be png or jpg, got {image_format}")
+    if any(len(p) < per_class for p in prompts):
+        raise UsageError(f"every class needs at least per_class={per_class} prompts")
+    out_dir, num_classes = Path(out_dir), len(prompts)
+    settings = synthesis_settings(prompts, per_class=per_class, seed=seed, image_format=image_format,
+                                  identity=identity or {}, sample_kwargs=sample_kwargs)
+    settings_path, manifest_path = out_dir / "settings.json", out_dir / "manifest.jsonl"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create {out_dir}: {first_line(error)}")
+    if not check_settings(settings_path, settings, overwrite=overwrite, what="synthetic images"):
+        for stale in [manifest_path, *(p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit())]:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        write_json_atomic({"settings": settings}, settings_path)
+
+    def file_of(c, i):
+        return f"{class_folder(c, num_classes)}/{str(i).zfill(max(5, len(str(per_class - 1))))}.{image_format}"
+
+    records = read_manifest(manifest_path)
+    wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
+    todo = [(c, i) for c, i in wanted
+            if not image_is_readable(out_dir / file_of(c, i), records.get((c, i), {}).get("bytes"))]
+    for temp in out_dir.glob("*/.*.tmp*"):  # left by a run killed mid-write
+        temp.unlink(missing_ok=True)
+    if max_new_images is not None:
+        todo = todo[:max_new_images]
+
+    height = sample_kwargs.get("height") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = sample_kwargs.get("width") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latent_shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="synthesis", unit="img", disable=not progress)
+    with open(manifest_path, "a", encoding="utf-8") as journal:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            seeds = [image_seed(seed, c, i) for c, i in batch]
+            latents = initial_latents(seeds, latent_shape).to(pipe.device, pipe.unet.dtype)
+            images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
+                                                 [c for c, _ in batch], latents=latents, **sample_kwargs)
+            for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
+                (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
+                size = save_image_atomic(images[k], out_dir / file_of(c, i))
+                records[(c, i)] = {"file": file_of(c, i), "class": c, "index": i, "prompt": prompts[c][i],
+                                   "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
+                                   "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
+                                   "guidance_skipped": stats["guidance_skipped"][k].item(), "bytes": size}
+                journal.write(json.dumps(records[(c, i)]) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            bar.update(len(batch))
+    bar.close()
+    final = [records[key] for key in wanted if key in records]
+    atomic_write(manifest_path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in final),
+                                                             encoding="utf-8"))
+    return final
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 4. Knowledge distillation (§4): the student matches the teacher's softened outputs
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def kd_loss(student_logits, teacher_logits, temperature=4.0):
+    """Hinton et al. 2015 (§4):  L_KD = τ² · KL( softmax(f_T/τ) || softmax(f_S/τ) ), batch mean.
+
+    The τ² keeps gradient magnitudes comparable across temperatures.
+    """
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=-1),
+                    F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def image_folder(data_dir, transform):
+    """torchvision ImageFolder whose sorted folder names are the classes; a UsageError if unusable."""
+    try:
+        return torchvision.datasets.ImageFolder(str(data_dir), transform=transform)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise UsageError(f"cannot read images from {data_dir}: {first_line(error)}")
+
+
+def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4.0, checkpoint_path,
+            device="cpu", image_size=224, weight_decay=1e-4, momentum=0.9, num_workers=4, seed=0,
+            epochs_this_run=None, overwrite=False, progress=True):
+    """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4).
+
+    Returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
+    resized crop, flip) and shown to both the teacher (online, frozen) and the student.
+    SGD with Nesterov momentum and a cosine learning rate per step (our choices).
+    A checkpoint is written atomically after each epoch; a call with a checkpoint resumes after its
+    last epoch, and epoch e always sees the same batches (its RNG is seeded from (seed, e)), so a
+    resumed run ends where an uninterrupted one would. `epochs_this_run` stops early (time limits).
+    """
+    if min(epochs, batch_size, image_size) < 1 or lr <= 0 or temperature <= 0:
+        raise UsageError("epochs, batch_size, image_size, lr and temperature must be positive")
+    device = torch.device(device)
+    augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
+                                  transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    dataset = image_folder(data_dir, augment)
+    teacher.to(device).eval()
+    student.to(device).train()
+    drop_last = len(dataset) > batch_size  # no ragged last batch (BatchNorm cannot train on one image)
+    steps_per_epoch = len(dataset) // batch_size if drop_last else 1
+    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, nesterov=True,
+                                weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
+              "image_size": image_size, "weight_decay": weight_decay, "momentum": momentum, "seed": seed,
+              "images": len(dataset), "classes": len(dataset.classes)}
+    history, first_epoch = [], 0
+    checkpoint_path = Path(checkpoint_path)
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if checkpoint["config"] == config:
+            student.load_state_dict(checkpoint["student"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            schedule.load_state_dict(checkpoint["schedule"])
+            history, first_epoch = checkpoint["history"], checkpoint["epoch"]
+        elif not overwrite:
+            raise UsageError(f"{checkpoint_path} was made under other settings "
+                             f"({settings_difference(checkpoint['config'], config)}); use --overwrite to restart")
+    last_epoch = epochs if epochs_this_run is None else min(epochs, first_epoch + epochs_this_run)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for epoch in range(first_epoch, last_epoch):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed * 100_003 + epoch)  # augmentations and dropout of epoch e
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, num_workers=num_workers,
+                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            total, count = torch.zeros((), device=device), 0
+            for images, _ in tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch", disable=not progress):
+                images = images.to(device, non_blocking=True)
+                with amp:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    loss = kd_loss(student(images), teacher_logits, temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total, count = total + loss.detach(), count + 1
+        history.append(total.item() / max(count, 1))
+        torch_checkpoint = {"epoch": epoch + 1, "config": config, "history": history, "student": student.state_dict(),
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+        atomic_write(checkpoint_path, lambda temp: torch.save(torch_checkpoint, temp))
+    return history
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 5. Evaluation on real images
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def folder_classes(data_dir):
+    """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as is)."""
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise UsageError(f"{data_dir} is not a directory of class folders")
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+
+
+@torch.no_grad()
+def evaluate(model, data_dir, *, batch_size=100, device="cpu", image_size=224, num_workers=4, progress=True):
+    """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree whose sorted
+    folder names are its classes. Resize to image_size/0.875, centre crop (the usual protocol)."""
+    preprocess = transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
+                                     transforms.ToTensor()])
+    dataset = image_folder(data_dir, preprocess)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    model.to(device).eval()
+    top1 = top5 = 0
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        logits = model(images.to(device))
+        if logits.shape[-1] != len(dataset.classes):
+            raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has "
+                             f"{logits.shape[-1]} outputs")
+        best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
+        top1 += (best[:, 0] == labels).sum().item()
+        top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
+    return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset), "images": len(dataset)}
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 6. Tiny random components: the offline smoke run and the tests (plumbing, not accuracy)
+# ──────────────────────────────────────────────────────────────────────────────────────────
+SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
+
+
+def byte_level_alphabet():
+    """The 256 printable characters that byte-level BPE tokenizers (CLIP, GPT-2) map bytes to."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
+
+
+def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", seed=0):
+    """Builds a tiny randomly initialised StableDiffusionPipeline (UNet, VAE, CLIP text encoder,
+    character-level CLIP tokenizer, DDIM), saves it to `model_dir` and returns that folder, which
+    load_diffusion_pipeline opens exactly as it opens a real model."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    model_dir = Path(model_dir)
+    vocab_dir = model_dir / "vocab"
+    vocab_dir.mkdir(parents=True, exist_ok=True)
+    alphabet = byte_level_alphabet()
+    vocab = {token: n for n, token in enumerate(alphabet + [a + "</w>" for a in alphabet]
+                                                   + ["<|startoftext|>", "<|endoftext|>"])}
+    (vocab_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (vocab_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), model_max_length=77)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"]))
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=32, sample_size=image_size)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(model_dir / "pipeline")
+    return model_dir / "pipeline"
+
+
+def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
+    """A small random CNN with BatchNorm and a final nn.Linear, taking [0, 1] images of any size."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+    return with_preprocessing(model, input_size)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 7. Command line: prompts → synthesis → distillation → evaluation, each stage resumable
+# ──────────────────────────────────────────────────────────────────────────────────────────
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2, batch_size=8,
+                      image_size=32, workers=0, lr=0.05, guidance_start=0.0, guidance_end=1.0, guidance_every=1)
+
+
+def build_parser():
+    """Every flag of the program, with its default and what it controls."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/prism", help="output folder: prompts, images, checkpoints, results")
+    g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random models, a CPU, "
+                   "minutes; ignores --teacher/--student/--data/--sd-model/--llm (no accuracy meaning)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
+    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under other settings")
+    g = p.add_argument_group("models and classes")
+    g.add_argument("--teacher", default="resnet50", help="torchvision classifier name or TorchScript file")
+    g.add_argument("--teacher-weights", help="state dict for a torchvision --teacher instead of downloading")
+    g.add_argument("--teacher-input-size", type=int, default=224, help="input size of a TorchScript teacher")
+    g.add_argument("--teacher-mean", type=float, nargs=3, default=IMAGENET_MEAN, help="mean of a TorchScript teacher")
+    g.add_argument("--teacher-std", type=float, nargs=3, default=IMAGENET_STD, help="std of a TorchScript teacher")
+    g.add_argument("--data", default="imagenet", help="'imagenet' or a class list file: one 'name[<TAB>description]' a line")
+    g.add_argument("--student", default="resnet18", help="torchvision classifier trained from scratch")
+    g.add_argument("--sd-model", default=DEFAULT_SD_MODEL, help="Stable Diffusion 1.x/2.x hub id or local folder")
+    g.add_argument("--llm", help="causal LM hub id or local folder for disambiguation and scenes (§3); none: built-in lists")
+    g = p.add_argument_group("prompts (§3)")
+    g.add_argument("--per-class", type=int, default=100, help="synthetic images (and prompts) per class")
+    g.add_argument("--photo-share", type=float, default=0.8, help="share of prompts in a photo style")
+    g.add_argument("--neighbours", type=int, default=2, help="teacher-nearest classes used as context (0: off)")
+    g = p.add_argument_group("energy-guided sampling (§1-2)")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours diversity)")
+    g.add_argument("--energy-scale", type=float, default=0.1, help="s_E, weight of the teacher energy E")
+    g.add_argument("--class-scale", type=float, default=0.1, help="s_C, weight of the class cross-entropy")
+    g.add_argument("--energy-temperature", type=float, default=1.0, help="τ of the energy E = -τ logsumexp(f/τ)")
+    g.add_argument("--guidance-start", type=float, default=0.1, help="guidance window start, fraction of steps")
+    g.add_argument("--guidance-end", type=float, default=0.7, help="guidance window end, fraction of steps")
+    g.add_argument("--guidance-every", type=int, default=2, help="guide every k-th step inside the window")
+    g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet (slower)")
+    g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to (s_E+s_C)·‖ε̂‖")
+    g.add_argument("--height", type=int, help="image height (default: the model's)")
+    g.add_argument("--width", type=int, help="image width (default: the model's)")
+    g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch")
+    g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format")
+    g.add_argument("--max-new-images", type=int, help="generate at most this many images now (job time limits)")
+    g = p.add_argument_group("distillation (§4) and evaluation")
+    g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set")
+    g.add_argument("--batch-size", type=int, default=256, help="KD batch size")
+    g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine decay)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    g.add_argument("--kd-temperature", type=float, default=4.0, help="τ_kd of the KD loss")
+    g.add_argument("--image-size", type=int, default=224, help="student (and KD crop) input size")
+    g.add_argument("--workers", type=int, default=8, help="data loading processes")
+    g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
+    g.add_argument("--val-dir", help="real labelled images, one folder per class in label order (ImageNet val)")
+    return p
+
+
+def check_args(args):
+    """Rejects impossible flag values with a UsageError before any model is loaded."""
+    positive = ("per_class", "steps", "gen_batch", "epochs", "batch_size", "image_size", "guidance_every",
+                "teacher_input_size")
+    for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ("lr", "kd_temperature", "energy_temperature"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
+        raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= 1, "
+                         f"got {args.guidance_start} and {args.guidance_end}")
+    if not 0.0 <= args.photo_share <= 1.0:
+        raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
+    if not args.smoke:
+        for role in ("teacher", "student"):
+            name = getattr(args, role)
+            if not is_torchvision_classifier(name) and not (role == "teacher" and os.path.isfile(name)):
+                raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name"
+                                 + (" or a TorchScript file" if role == "teacher" else ""))
+
+
+def parse_args(argv):
+    """Parses argv; with --smoke, tiny sizes become the defaults (explicit flags still win)."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.smoke:
+        parser.set_defaults(**SMOKE_DEFAULTS)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def pick_device(name, smoke):
+    """The torch device for --device; real runs on a CPU get a warning, since they take weeks there."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu" and not smoke:
+            print("warning: no CUDA GPU found, running on the CPU (far too slow for a real run)", file=sys.stderr)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"bad --device '{name}': {first_line(error)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available here")
+    return device
+
+
+def run(args):
+    """The pipeline of main(), on parsed and checked arguments. Returns the results dict."""
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
+    device = pick_device(args.device, args.smoke)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+
+    # Models and classes. Everything cheap to check is checked before the diffusion model loads.
+    if args.smoke:
+        class_names, descriptions = list(SMOKE_CLASSES), None
+        teacher = build_tiny_classifier(len(class_names), seed=args.seed).to(device).eval().requires_grad_(False)
+        student = build_tiny_classifier(len(class_names), width=8, input_size=args.image_size, seed=args.seed + 1)
+        identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
+    else:
+        class_names, descriptions = load_class_names(args.data) if args.data != "imagenet" else (None, None)
+        teacher, teacher_names = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
+                                              num_classes=len(class_names) if class_names else 1000,
+                                              input_size=args.teacher_input_size, mean=args.teacher_mean,
+                                              std=args.teacher_std)
+        if class_names is None:
+            class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
+        outputs = count_outputs(teacher, device)
+        if outputs != len(class_names):
+            raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the teacher has {outputs} outputs")
+        preprocess = teacher[0]
+        student = build_student(args.student, len(class_names), input_size=args.image_size,
+                                mean=preprocess.mean.flatten().tolist(), std=preprocess.std.flatten().tolist())
+        identity = {"sd_model": args.sd_model, "teacher": args.teacher, "dtype": str(dtype)}
+    if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
+        raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
+                         f"expected {len(class_names)} (one per class, sorted in label order)")
+
+    # Stage 1: prompts, reused from prompts.json when built under the same settings.
+    prompt_settings = {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
+                       "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
+                       "llm": None if args.smoke else args.llm, "teacher": identity["teacher"]}
+    prompts_path = out / "prompts.json"
+    if check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts"):
+        prompts = json.loads(prompts_path.read_text(encoding="utf-8"))["prompts"]
+    else:
+        prompts = build_prompts(class_names, args.per_class, teacher=teacher, descriptions=descriptions,
+                                llm=prompt_settings["llm"], photo_share=args.photo_share, seed=args.seed,
+                                neighbours=args.neighbours, llm_device=device)
+        write_json_atomic({"settings": prompt_settings, "prompts": prompts}, prompts_path)
+
+    # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
+    sample_kwargs = dict(num_steps=args.steps, cfg_scale=args.cfg, energy_scale=args.energy_scale,
+                         class_scale=args.class_scale, temperature=args.energy_temperature,
+                         guidance_start=args.guidance_start, guidance_end=args.guidance_end,
+                         guidance_every=args.guidance_every, exact_grad=args.exact_grad,
+                         normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
+    synthetic = out / "synthetic"
+    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
+                                  identity=identity, sample_kwargs=sample_kwargs)
+    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
+    sd_model = build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed) if args.smoke else args.sd_model
+    pipe = load_diffusion_pipeline(sd_model, device, dtype)
+    records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
+                                 batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
+                                 overwrite=args.overwrite, max_new_images=args.max_new_images, **sample_kwargs)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    wanted = len(class_names) * args.per_class
+    if len(records) < wanted:
+        print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command to continue")
+        return None
+    energies = torch.tensor([r["energy"] for r in records])
+    results = {"synthetic": {"images": len(records), "mean_energy": energies.mean().item(),
+                             "std_energy": energies.std().item() if len(records) > 1 else 0.0,
+                             "teacher_agreement": sum(r["top1"] == r["class"] for r in records) / len(records),
+                             "mean_p_class": sum(r["p_class"] for r in records) / len(records)}}
+
+    # Stage 3: distillation, resumed from out/checkpoint.pt.
+    history = distill(teacher, student, synthetic, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      temperature=args.kd_temperature, checkpoint_path=out / "checkpoint.pt", device=device,
+                      image_size=args.image_size, weight_decay=args.weight_decay, num_workers=args.workers,
+                      seed=args.seed, epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
+    results["distill"] = {"epochs_done": len(history), "kd_loss": history}
+    if len(history) < args.epochs:
+        print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
+        return None
+    atomic_write(out / "student.pt", lambda temp: torch.save(student.state_dict(), temp))
+
+    # Stage 4: evaluation on real images; the smoke run uses its own synthetic set as a stand-in.
+    val_dir = args.val_dir or (synthetic if args.smoke else None)
+    if val_dir:
+        evaluation = dict(device=device, image_size=args.image_size, num_workers=args.workers)
+        results["evaluation"] = {"data": str(val_dir), "student": evaluate(student, val_dir, **evaluation),
+                                 "teacher": evaluate(teacher, val_dir, **evaluation)}
+    write_json_atomic(results, out / "results.json")
+    print(json.dumps(results, indent=1))
+    if args.smoke:
+        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
+    return results
+
+
+def main(argv=None):
+    """Command-line entry point. Returns the exit code: 0, or 2 for bad input (one line on stderr)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        run(parse_args(argv))
+    except UsageError as error:
+        print(f"prism: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
