@@ -260,10 +260,11 @@ def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
 def sanitize_phrase(text, max_words=12, max_chars=100):
     """Cleans one line of LLM output into a short phrase; "" if nothing usable is left.
 
-    Strips list markers, quotes and control characters, caps words and characters, and
+    Keeps the first line, strips list markers, quotes and control characters, caps words and characters, and
     rejects text without a real word, so random or chatty output cannot break a prompt.
     """
-    text = re.sub(r"^\s*(?:[-*•]+|\(?\d+[.):])\s*", "", text.strip())
+    text = (text.strip().splitlines() or [""])[0]
+    text = re.sub(r"^\s*(?:[-*•]+|\(?\d+[.):])\s*", "", text)
     text = "".join(ch for ch in text if ch.isprintable())
     text = " ".join(text.split()[:max_words])[:max_chars]
     text = text.strip(" \"'`.,;:!?-*")
@@ -371,7 +372,7 @@ def guidance_loss(logits, class_ids, *, energy_scale, class_scale, temperature=1
     """
     loss = energy_scale * teacher_energy(logits, temperature)
     if class_scale:
-        loss = loss + class_scale * F.cross_entropy(logits.float(), class_ids, reduction="none")
+        loss = loss + class_scale * F.cross_entropy(logits, class_ids, reduction="none")
     return loss
 
 
@@ -386,6 +387,32 @@ def guidance_objective(vae, teacher, clean_latents, class_ids, *, energy_scale, 
     logits = teacher(decode_to_unit(vae, clean_latents))
     return guidance_loss(logits, class_ids, energy_scale=energy_scale, class_scale=class_scale,
                          temperature=temperature)
+
+
+def approx_guidance_grad(vae, teacher, noisy_latents, epsilon, alpha_bar, class_ids, **objective):
+    """g ≈ ∇_{z_t} L(D(ẑ0), y) with ε̂ held constant (§2, "approx"): no backward pass through the UNet.
+
+    ẑ0 = (z_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t), so ∂ẑ0/∂z_t = 1/sqrt(ᾱ_t) and g = ∇_{ẑ0} L / sqrt(ᾱ_t).
+    `objective` holds energy_scale, class_scale and temperature of guidance_loss.
+    """
+    clean = ((noisy_latents - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5).detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = guidance_objective(vae, teacher, clean, class_ids, **objective)
+        return torch.autograd.grad(loss.sum(), clean)[0] / alpha_bar ** 0.5
+
+
+def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
+    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2). Returns (ε̂', finite): a sample whose g is not finite (fp16
+    overflow) is left unguided at this step and marked False in `finite`.
+
+    With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (total_scale = s_E + s_C), so
+    the scales are fractions of the noise prediction; its direction is that of ∇(s_E·E + s_C·CE).
+    """
+    finite = torch.isfinite(grad.flatten(1)).all(dim=1)
+    grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+    if normalize:
+        grad = grad * (total_scale * per_sample_norm(epsilon) / per_sample_norm(grad).clamp_min(1e-12))
+    return epsilon + (1 - alpha_bar) ** 0.5 * grad, finite
 
 
 def guided_step_indices(num_steps, start, end, every):
@@ -489,23 +516,18 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
         if guide:
             alpha_bar = alpha_bar_at(scheduler, t)
             epsilon = to_epsilon(output, noisy, alpha_bar, prediction_type)
-            with torch.enable_grad():
-                if exact_grad:  # ẑ0 is a function of z_t through the UNet too
+            if exact_grad:  # ẑ0 depends on z_t through the UNet's ε̂ as well
+                with torch.enable_grad():
                     clean = (noisy - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
                     loss = guidance_objective(pipe.vae, teacher, clean, class_ids, **objective)
                     grad = torch.autograd.grad(loss.sum(), noisy)[0]
-                else:  # ε̂ constant: ∂ẑ0/∂z_t = 1/sqrt(ᾱ_t)
-                    clean = ((noisy - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5).detach().requires_grad_(True)
-                    loss = guidance_objective(pipe.vae, teacher, clean, class_ids, **objective)
-                    grad = torch.autograd.grad(loss.sum(), clean)[0] / alpha_bar ** 0.5
+            else:
+                grad = approx_guidance_grad(pipe.vae, teacher, noisy, epsilon, alpha_bar, class_ids, **objective)
             epsilon, noisy = epsilon.detach(), noisy.detach()
-            finite = torch.isfinite(grad.flatten(1)).all(dim=1)
+            guided_epsilon, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=energy_scale + class_scale,
+                                                    normalize=normalize_grad)
             skipped += (~finite).long()
-            grad = torch.where(finite.view(-1, 1, 1, 1), grad, torch.zeros_like(grad))
-            if normalize_grad:
-                grad = grad * ((energy_scale + class_scale) * per_sample_norm(epsilon)
-                               / per_sample_norm(grad).clamp_min(1e-12))
-            output = from_epsilon(epsilon + (1 - alpha_bar) ** 0.5 * grad, noisy, alpha_bar, prediction_type)
+            output = from_epsilon(guided_epsilon, noisy, alpha_bar, prediction_type)
         latents = scheduler.step(output.detach(), t, latents, **step_kwargs, return_dict=False)[0]
 
     with torch.no_grad():
@@ -1018,12 +1040,10 @@ def parse_args(argv):
     return args
 
 
-def pick_device(name, smoke):
-    """The torch device for --device; real runs on a CPU get a warning, since they take weeks there."""
+def pick_device(name):
+    """The torch device for --device ("auto": CUDA when there is one)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cpu" and not smoke:
-            print("warning: no CUDA GPU found, running on the CPU (far too slow for a real run)", file=sys.stderr)
     try:
         device = torch.device(name)
     except RuntimeError as error:
@@ -1040,7 +1060,7 @@ def run(args):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    device = pick_device(args.device, args.smoke)
+    device = pick_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     # Models and classes. Everything cheap to check is checked before the diffusion model loads.
@@ -1091,6 +1111,8 @@ def run(args):
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
                                   identity=identity, sample_kwargs=sample_kwargs)
     check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
+    if device.type == "cpu" and not args.smoke:  # said only once every input has passed its checks
+        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
     sd_model = build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed) if args.smoke else args.sd_model
     pipe = load_diffusion_pipeline(sd_model, device, dtype)
     records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,

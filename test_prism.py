@@ -1,0 +1,557 @@
+"""Tests of prism.py with tiny, randomly initialised real components (no download, CPU only).
+
+Run:  python -m pytest -q test_prism.py
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import prism
+
+NAMES = ["mouse", "crane", "kite", "tank"]
+SAMPLE = dict(num_steps=10, guidance_start=0.0, guidance_end=1.0, guidance_every=1)  # guide every step
+
+
+# ── fixtures: tiny real models, built once ──────────────────────────────────────────────────
+@pytest.fixture(scope="session")
+def pipe_dir(tmp_path_factory):
+    """A tiny StableDiffusionPipeline saved with save_pretrained (ε-prediction, DDIM)."""
+    return prism.build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture()
+def pipe(pipe_dir):
+    """Loaded through the same from_pretrained path as a real model, fresh for every test."""
+    return prism.load_diffusion_pipeline(pipe_dir, "cpu")
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """A tiny random CNN teacher whose last layer is scaled up, so its logits (and the energy
+    differences that guidance makes) are well above float noise."""
+    model = prism.build_tiny_classifier(len(NAMES)).eval().requires_grad_(False)
+    with torch.no_grad():
+        model[1][-1].weight.mul_(30)
+    return model
+
+
+def latents(count, seed=0, size=16):
+    return prism.initial_latents(range(seed, seed + count), (4, size, size))
+
+
+PROMPTS = [f"a photo of a {name}" for name in NAMES]
+
+
+# ── §1 energy and §4 KD loss against direct re-computation ──────────────────────────────────
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_teacher_energy_is_minus_tau_log_sum_exp(temperature):
+    logits = torch.randn(6, 10, dtype=torch.float64) * 3
+    direct = -temperature * torch.log(torch.exp(logits / temperature).sum(dim=1))
+    torch.testing.assert_close(prism.teacher_energy(logits, temperature), direct)
+
+
+def test_kd_loss_is_tau_squared_kl_teacher_to_student():
+    student, teacher = torch.randn(5, 7), torch.randn(5, 7)
+    tau = 3.0
+    p_t, p_s = torch.softmax(teacher / tau, 1), torch.softmax(student / tau, 1)
+    direct = tau ** 2 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    torch.testing.assert_close(prism.kd_loss(student, teacher, tau), direct)
+    assert prism.kd_loss(teacher, teacher, tau).abs() < 1e-6
+
+
+def test_guidance_loss_combines_energy_and_cross_entropy():
+    logits, ids = torch.randn(4, 5), torch.tensor([0, 3, 1, 4])
+    ce = -torch.log_softmax(logits, 1)[torch.arange(4), ids]
+    expected = 0.7 * prism.teacher_energy(logits, 2.0) + 0.2 * ce
+    torch.testing.assert_close(prism.guidance_loss(logits, ids, energy_scale=0.7, class_scale=0.2, temperature=2.0),
+                               expected)
+
+
+# ── §2 sampling: equivalence with diffusers, gradient, monotone effects ─────────────────────
+@pytest.mark.parametrize("scheduler", ["ddim", "ddim-v", "pndm", "euler"])
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_no_guidance_equals_diffusers_pipeline(pipe_dir, scheduler, cfg, tmp_path):
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    if scheduler == "ddim-v":
+        pipe = prism.load_diffusion_pipeline(prism.build_tiny_pipeline(tmp_path, prediction_type="v_prediction"), "cpu")
+    else:
+        pipe = prism.load_diffusion_pipeline(pipe_dir, "cpu")
+    if scheduler == "pndm":
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    if scheduler == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    start = latents(2)
+    ours, _ = prism.energy_guided_sample(pipe, prism.build_tiny_classifier(4), PROMPTS[:2], [0, 1], latents=start,
+                                         num_steps=8, cfg_scale=cfg, energy_scale=0.0, class_scale=0.0)
+    theirs = pipe(PROMPTS[:2], latents=start, num_inference_steps=8, guidance_scale=cfg, output_type="pt").images
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
+
+
+def test_approx_gradient_matches_finite_difference_on_clean_latent(pipe, teacher):
+    """g = ∇_{ẑ0} L / sqrt(ᾱ) against a central difference of L(D(ẑ0(z_t))) with ε̂ held constant."""
+    vae, teacher64 = copy.deepcopy(pipe.vae).double(), copy.deepcopy(teacher).double()
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    epsilon = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    direction = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    ids, alpha_bar = torch.tensor([1, 2]), 0.6
+    objective = dict(energy_scale=1.0, class_scale=0.5, temperature=1.0)
+    grad = prism.approx_guidance_grad(vae, teacher64, noisy, epsilon, alpha_bar, ids, **objective)
+
+    def loss(z_t):
+        clean = (z_t - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
+        return prism.guidance_objective(vae, teacher64, clean, ids, **objective).sum()
+
+    h = 1e-6  # kinks (ReLU, clamp) make larger steps less exact
+    finite_difference = (loss(noisy + h * direction) - loss(noisy - h * direction)) / (2 * h)
+    analytic = (grad * direction).sum()
+    assert analytic.abs() > 1e-3  # a gradient that is really there
+    assert torch.isclose(analytic, finite_difference, rtol=1e-6)
+
+
+def test_apply_guidance_scales_and_guards_nan():
+    epsilon = torch.randn(3, 4, 8, 8)
+    grad = torch.randn(3, 4, 8, 8)
+    grad[2, 0, 0, 0] = float("nan")
+    guided, finite = prism.apply_guidance(epsilon, grad, 0.36, total_scale=0.25, normalize=True)
+    assert finite.tolist() == [True, True, False]
+    shift = (guided - epsilon).flatten(1).norm(dim=1)
+    expected = 0.25 * (1 - 0.36) ** 0.5 * epsilon.flatten(1).norm(dim=1)
+    torch.testing.assert_close(shift[:2], expected[:2])
+    assert torch.equal(guided[2], epsilon[2])  # the non-finite sample is left unguided
+    raw, _ = prism.apply_guidance(epsilon, grad, 0.36, total_scale=0.25, normalize=False)
+    torch.testing.assert_close(raw[:2], epsilon[:2] + 0.8 * grad[:2])
+
+
+class OverflowsOnFirstImage(nn.Module):
+    """Multiplies the logits of the first image of every batch by infinity, as an fp16 overflow would."""
+
+    def forward(self, logits):
+        scale = torch.ones(len(logits), 1)
+        scale[0] = float("inf")
+        return logits * scale
+
+
+def test_non_finite_teacher_never_poisons_images(pipe, teacher):
+    """Guidance is skipped (and counted) where the gradient is not finite; other images are still guided."""
+    overflowing = nn.Sequential(teacher, OverflowsOnFirstImage())
+    start = latents(4)
+    images, stats = prism.energy_guided_sample(pipe, overflowing, PROMPTS, [0, 1, 2, 3], latents=start,
+                                               energy_scale=0.5, **SAMPLE)
+    plain, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS, [0, 1, 2, 3], latents=start, energy_scale=0.0,
+                                          class_scale=0.0, **SAMPLE)
+    assert torch.isfinite(images).all()
+    assert stats["guidance_skipped"].tolist() == [10, 0, 0, 0]
+    torch.testing.assert_close(images[0], plain[0])  # left unguided
+    assert not torch.allclose(images[1:], plain[1:])
+
+
+def test_more_energy_guidance_gives_lower_energy(pipe, teacher):
+    start = latents(8)
+    prompts, ids = PROMPTS * 2, [0, 1, 2, 3] * 2
+    energies = [prism.energy_guided_sample(pipe, teacher, prompts, ids, latents=start, energy_scale=scale,
+                                           class_scale=0.0, **SAMPLE)[1]["energy"].mean().item()
+                for scale in (0.0, 0.1, 0.3, 0.6)]
+    assert energies == sorted(energies, reverse=True) and len(set(energies)) == 4
+    assert energies[0] - energies[-1] > 0.3  # a clear effect, not float noise
+
+
+@pytest.mark.parametrize("mode", ["exact", "raw-gradient", "euler"])
+def test_every_guidance_mode_lowers_energy(pipe, teacher, mode):
+    from diffusers import EulerDiscreteScheduler
+
+    if mode == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    options = {"exact": dict(exact_grad=True, energy_scale=0.3), "raw-gradient": dict(normalize_grad=False, energy_scale=300.0),
+               "euler": dict(energy_scale=0.3)}[mode]
+    start = latents(4)
+    base = prism.energy_guided_sample(pipe, teacher, PROMPTS, [0, 1, 2, 3], latents=start, energy_scale=0.0,
+                                      class_scale=0.0, **SAMPLE)[1]["energy"]
+    guided = prism.energy_guided_sample(pipe, teacher, PROMPTS, [0, 1, 2, 3], latents=start, class_scale=0.0,
+                                        **options, **SAMPLE)[1]["energy"]
+    assert guided.mean() < base.mean() - 0.1
+
+
+def test_class_scale_raises_intended_class_probability(pipe, teacher):
+    start = latents(8)
+    prompts, ids = PROMPTS * 2, [0, 1, 2, 3] * 2
+    p = [prism.energy_guided_sample(pipe, teacher, prompts, ids, latents=start, energy_scale=0.0,
+                                    class_scale=scale, **SAMPLE)[1]["p_class"].mean().item() for scale in (0.0, 0.2, 0.5)]
+    assert p[0] < p[1] < p[2]
+
+
+def test_guidance_window():
+    assert prism.guided_step_indices(50, 0.1, 0.7, 2) == set(range(5, 35, 2))
+    assert prism.guided_step_indices(10, 0.0, 1.0, 1) == set(range(10))
+    assert prism.guided_step_indices(10, 0.95, 1.0, 1) == set()
+
+
+def test_guidance_outside_window_changes_nothing(pipe, teacher):
+    """A window that holds no step of the trajectory must leave the unguided sample as it is."""
+    start = latents(2)
+    kwargs = dict(latents=start, num_steps=10, energy_scale=0.5, class_scale=0.5, guidance_every=1)
+    plain, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], guidance_start=0.0, guidance_end=1.0,
+                                          **{**kwargs, "energy_scale": 0.0, "class_scale": 0.0})
+    empty_window, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], guidance_start=0.95,
+                                                 guidance_end=1.0, **kwargs)
+    torch.testing.assert_close(empty_window, plain, atol=0, rtol=0)
+
+
+def test_sampler_rejects_bad_arguments(pipe, teacher):
+    for bad in (dict(num_steps=0), dict(energy_scale=-1.0), dict(guidance_start=0.5, guidance_end=0.4),
+                dict(guidance_end=1.5), dict(guidance_every=0), dict(height=21)):
+        with pytest.raises(prism.UsageError):
+            prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], **bad)
+
+
+# ── §3 prompts ───────────────────────────────────────────────────────────────────────────────
+def test_imagenet_prompts_unique_deterministic_and_named():
+    names, _ = prism.load_class_names("imagenet")
+    assert len(names) == 1000
+    prompts = prism.build_prompts(names, 5, seed=0)
+    assert prompts == prism.build_prompts(names, 5, seed=0)
+    assert prompts != prism.build_prompts(names, 5, seed=1)
+    flat = [p for class_prompts in prompts for p in class_prompts]
+    assert len(flat) == 5000 and len(set(flat)) == 5000
+    assert all(len(class_prompts) == 5 for class_prompts in prompts)
+    assert all(f" {name}" in p for name, class_prompts in zip(names, prompts) for p in class_prompts)
+
+
+def test_photo_share_picks_styles():
+    photos = prism.build_prompts(NAMES, 20, photo_share=1.0)
+    others = prism.build_prompts(NAMES, 20, photo_share=0.0)
+    starts_with = lambda p, styles: any(p.startswith(s + " of ") for s in styles)  # noqa: E731
+    assert all(starts_with(p, prism.PHOTO_STYLES) for ps in photos for p in ps)
+    assert all(starts_with(p, prism.OTHER_STYLES) for ps in others for p in ps)
+
+
+def test_teacher_neighbours_disambiguate_and_descriptions_win():
+    """The teacher's last linear layer decides the context: rows 0 and 2 are nearly parallel."""
+    weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.2, 1.0]])
+    unit = torch.nn.functional.normalize(weight, dim=1)
+    similarity = (unit @ unit.T).fill_diagonal_(-2)
+    assert prism.nearest_classes(weight, 1) == similarity.argmax(1, keepdim=True).tolist()
+    linear = nn.Linear(3, 4)
+    linear.weight.data.copy_(weight)
+    teacher = nn.Sequential(nn.Flatten(), nn.LazyLinear(3), linear)
+    prompts = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1)
+    assert all("mouse, in the context of kite" in p for p in prompts[0])
+    assert all("kite, in the context of mouse" in p for p in prompts[2])
+    described = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1,
+                                    descriptions=["a small rodent", "", "", ""])
+    assert all("mouse, a small rodent," in p and "context" not in p for p in described[0])
+    assert all("crane, in the context of" in p for p in described[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A tiny random GPT-2 with a byte-level tokenizer, saved like a hub model."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    vocab = {ch: n for n, ch in enumerate(prism.byte_level_alphabet())}
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
+                                       bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1))
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def test_llm_prompts_are_sanitised(tiny_llm_dir):
+    """Random LLM output must still give named, non-empty, unique, bounded prompts."""
+    prompts = prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir), scenes_per_class=3)
+    assert prompts == prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir), scenes_per_class=3)
+    flat = [p for ps in prompts for p in ps]
+    assert len(set(flat)) == len(flat) == 24
+    assert all(f" {name}" in p and len(p) < 400 and p.isprintable() for name, ps in zip(NAMES, prompts) for p in ps)
+
+
+def test_sanitize_phrase():
+    assert prism.sanitize_phrase("  1. A dog on a beach at dawn.\nsecond line") == "A dog on a beach at dawn"
+    assert prism.sanitize_phrase("- \"in the rain\"") == "in the rain"
+    assert prism.sanitize_phrase("\x00\x01 ?? 12") == ""
+    assert len(prism.sanitize_phrase("word " * 50).split()) == 12
+
+
+# ── classes and teacher loading ─────────────────────────────────────────────────────────────
+def test_class_list_file(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("mouse\tthe computer pointing device\n\ncrane\n")
+    assert prism.load_class_names(str(path)) == (["mouse", "crane"], ["the computer pointing device", ""])
+    path.write_text("tench\ngoldfish\n")
+    assert prism.load_class_names(str(path), num_classes=2) == (["tench", "goldfish"], None)
+    for text, message in (("", "empty"), ("a\nb\na\n", "twice")):
+        path.write_text(text)
+        with pytest.raises(prism.UsageError, match=message):
+            prism.load_class_names(str(path))
+    path.write_text("a\nb\n")
+    with pytest.raises(prism.UsageError, match="3 outputs"):
+        prism.load_class_names(str(path), num_classes=3)
+    with pytest.raises(prism.UsageError, match="not found"):
+        prism.load_class_names(str(tmp_path / "missing.txt"))
+
+
+@pytest.fixture(scope="session")
+def torchscript_teacher(tmp_path_factory):
+    """A plain CNN (no preprocessing inside) saved as TorchScript, with 4 outputs."""
+    model = prism.build_tiny_classifier(4)[1].eval()
+    path = tmp_path_factory.mktemp("ts") / "teacher.pt"
+    torch.jit.script(model).save(str(path))
+    return path, model
+
+
+def test_torchscript_teacher_folds_in_preprocessing(torchscript_teacher):
+    path, model = torchscript_teacher
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    teacher, names = prism.load_teacher(str(path), "cpu", input_size=24, mean=mean, std=std)
+    assert names is None and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    images = torch.rand(2, 3, 40, 40)
+    resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bilinear", antialias=True)
+    direct = model((resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    torch.testing.assert_close(teacher(images), direct)
+    assert prism.last_linear_weight(teacher).shape == (4, 32)  # neighbours work on TorchScript too
+
+
+def test_unknown_models_and_unloadable_paths_are_usage_errors(tmp_path):
+    with pytest.raises(prism.UsageError, match="unknown teacher"):
+        prism.load_teacher("no_such_net", "cpu")
+    with pytest.raises(prism.UsageError, match="unknown student"):
+        prism.build_student("no_such_net", 10)
+    with pytest.raises(prism.UsageError, match="--sd-model"):
+        prism.load_diffusion_pipeline(str(tmp_path / "no-model"), "cpu")
+    with pytest.raises(prism.UsageError, match="--llm"):
+        prism.load_llm(str(tmp_path / "no-llm"), "cpu")
+
+
+# ── caching: resume, corruption, settings ───────────────────────────────────────────────────
+SYNTH = dict(num_steps=6, energy_scale=0.2, class_scale=0.1, guidance_start=0.0, guidance_end=1.0, guidance_every=2,
+             height=16, width=16, progress=False)
+
+
+def tree(folder):
+    """{relative path: pixels} of every image under folder."""
+    return {str(p.relative_to(folder)): np.asarray(Image.open(p)) for p in sorted(Path(folder).glob("*/*.png"))}
+
+
+def test_resumed_synthesis_equals_uninterrupted_and_repairs_corruption(pipe, teacher, tmp_path):
+    prompts = prism.build_prompts(NAMES[:3], 3)
+    whole = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "whole", per_class=3, batch_size=4, **SYNTH)
+    first = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "resumed", per_class=3, batch_size=4,
+                                     max_new_images=5, **SYNTH)
+    assert len(first) == 5 and len(tree(tmp_path / "resumed")) == 5
+    resumed = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "resumed", per_class=3, batch_size=2, **SYNTH)
+
+    expected, got = tree(tmp_path / "whole"), tree(tmp_path / "resumed")
+    assert list(got) == list(expected) == [f"{c:04d}/{i:05d}.png" for c in range(3) for i in range(3)]
+    for name in expected:  # other batch compositions: equal up to one 8-bit level
+        assert np.abs(got[name].astype(int) - expected[name].astype(int)).max() <= 1
+    manifest = [json.loads(line) for line in (tmp_path / "resumed" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["class"], r["index"]) for r in manifest] == [(c, i) for c in range(3) for i in range(3)]
+    assert manifest == resumed and [r["prompt"] for r in whole] == [r["prompt"] for r in resumed]
+    assert all(r["seed"] == prism.image_seed(0, r["class"], r["index"]) for r in manifest)
+
+    # A corrupted and a truncated image are regenerated; nothing else is touched.
+    folder = tmp_path / "resumed"
+    (folder / "0001/00002.png").write_bytes(b"not a png at all")
+    (folder / "0002/00000.png").write_bytes((folder / "0002/00000.png").read_bytes()[:40])
+    times = {p: p.stat().st_mtime_ns for p in folder.glob("*/*.png")}
+    prism.synthesize_dataset(pipe, teacher, prompts, folder, per_class=3, batch_size=2, **SYNTH)
+    changed = sorted(str(p.relative_to(folder)) for p in folder.glob("*/*.png") if p.stat().st_mtime_ns != times[p])
+    assert changed == ["0001/00002.png", "0002/00000.png"]
+    repaired = tree(folder)
+    for name in expected:
+        assert np.abs(repaired[name].astype(int) - expected[name].astype(int)).max() <= 1
+
+
+def test_synthesis_refuses_other_settings_and_keeps_the_data(pipe, teacher, tmp_path):
+    prompts = prism.build_prompts(NAMES[:2], 2)
+    prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, **SYNTH)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for change in (dict(SYNTH, energy_scale=0.5), dict(SYNTH, num_steps=7)):
+        with pytest.raises(prism.UsageError, match="other settings"):
+            prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, **change)
+    with pytest.raises(prism.UsageError, match="prompts_sha256"):
+        prism.synthesize_dataset(pipe, teacher, prism.build_prompts(NAMES[:2], 2, seed=5), tmp_path, per_class=2, **SYNTH)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # A different batch size is not a different setting: nothing to do, nothing rewritten.
+    prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, batch_size=1, **SYNTH)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # --overwrite replaces the set.
+    prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, overwrite=True, **dict(SYNTH, num_steps=7))
+    assert json.loads((tmp_path / "settings.json").read_text())["settings"]["num_steps"] == 7
+    assert len(tree(tmp_path)) == 4
+
+
+# ── §4 distillation and evaluation ──────────────────────────────────────────────────────────
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory):
+    """An ImageFolder of 24 random 32×32 images in 4 class folders."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for n in range(24):
+        (folder / f"{n % 4:04d}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{n % 4:04d}/{n:05d}.png")
+    return folder
+
+
+def fixed_kd_loss(student, teacher, folder):
+    """KD loss on the un-augmented images, the same batch every time."""
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float() / 255
+                          for p in sorted(folder.glob("*/*.png"))])
+    with torch.no_grad():
+        return prism.kd_loss(student.eval()(images), teacher(images), 4.0).item()
+
+
+DISTILL = dict(batch_size=8, lr=0.05, temperature=4.0, image_size=32, num_workers=0, progress=False)
+
+
+def test_distill_lowers_kd_loss(image_dir, teacher, tmp_path):
+    student = prism.build_tiny_classifier(4, width=8, seed=1)
+    before = fixed_kd_loss(student, teacher, image_dir)
+    history = prism.distill(teacher, student, image_dir, epochs=6, checkpoint_path=tmp_path / "ckpt.pt", **DISTILL)
+    assert len(history) == 6 and all(np.isfinite(history))
+    assert fixed_kd_loss(student, teacher, image_dir) < 0.5 * before
+
+
+def test_distill_resumes_from_checkpoint_exactly(image_dir, teacher, tmp_path):
+    whole = prism.build_tiny_classifier(4, width=8, seed=1)
+    prism.distill(teacher, whole, image_dir, epochs=3, checkpoint_path=tmp_path / "whole.pt", **DISTILL)
+
+    interrupted = prism.build_tiny_classifier(4, width=8, seed=1)
+    first = prism.distill(teacher, interrupted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
+                          epochs_this_run=1, **DISTILL)
+    assert len(first) == 1 and torch.load(tmp_path / "part.pt", weights_only=True)["epoch"] == 1
+    restarted = prism.build_tiny_classifier(4, width=8, seed=1)  # a new process starts from scratch
+    history = prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt", **DISTILL)
+    assert len(history) == 3 and history[0] == first[0]
+    for a, b in zip(whole.state_dict().values(), restarted.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(prism.UsageError, match="lr"):
+        prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
+                      **dict(DISTILL, lr=0.01))
+
+
+class ChannelMeans(nn.Module):
+    """A classifier with a known answer: class = the brightest colour channel (0 red, 1 green, 2 blue)."""
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3)) * 10
+
+
+def test_evaluate_known_answer(tmp_path):
+    colours = {"0_red": [(255, 0, 0), (0, 0, 255)], "1_green": [(0, 255, 0)], "2_blue": [(0, 0, 255)]}
+    for folder, images in colours.items():
+        (tmp_path / folder).mkdir()
+        for n, colour in enumerate(images):
+            Image.new("RGB", (20, 20), colour).save(tmp_path / folder / f"{n}.png")
+    result = prism.evaluate(ChannelMeans(), tmp_path, image_size=16, num_workers=0, progress=False)
+    assert result == {"top1": 75.0, "top5": 100.0, "images": 4}
+    (tmp_path / "3_extra").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "3_extra" / "0.png")
+    with pytest.raises(prism.UsageError, match="4 class folders"):
+        prism.evaluate(ChannelMeans(), tmp_path, image_size=16, num_workers=0, progress=False)
+
+
+# ── main(): smoke run end to end, resume, and every bad input ───────────────────────────────
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    assert prism.main(["--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_smoke_run_end_to_end(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert results["synthetic"]["images"] == 16 == len(list((smoke_run / "synthetic").glob("*/*.png")))
+    assert results["distill"]["epochs_done"] == 2
+    assert set(results["evaluation"]["student"]) == {"top1", "top5", "images"}
+    prompts = json.loads((smoke_run / "prompts.json").read_text())["prompts"]
+    assert [len(p) for p in prompts] == [4] * 4
+    student = prism.build_tiny_classifier(4, width=8)
+    student.load_state_dict(torch.load(smoke_run / "student.pt", weights_only=True))
+
+
+def test_smoke_rerun_skips_finished_stages(smoke_run):
+    files = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file() and "tiny-models" not in str(p)}
+    assert prism.main(["--smoke", "--out", str(smoke_run)]) == 0
+    changed = {p.name for p, t in files.items() if p.stat().st_mtime_ns != t}
+    assert changed <= {"results.json", "manifest.jsonl", "student.pt"}  # no image, prompt or checkpoint redone
+
+
+BAD_CLASS_LISTS = {"empty class list": "\n", "duplicate class": "a\nb\na\nc\n", "class count": "a\nb\nc\n"}
+BAD_FLAGS = {
+        "unknown teacher": ["--teacher", "resnet5000"],
+        "unknown student": ["--student", "not_a_net"],
+        "missing class list": ["--data", "missing-classes.txt"],
+        "zero per class": ["--per-class", "0"],
+        "zero steps": ["--steps", "0"],
+        "negative epochs": ["--epochs", "-1"],
+        "negative energy scale": ["--energy-scale", "-0.1"],
+        "negative class scale": ["--class-scale", "-1"],
+        "negative cfg": ["--cfg", "-2"],
+        "window order": ["--guidance-start", "0.8", "--guidance-end", "0.5"],
+        "window range": ["--guidance-end", "1.5"],
+        "photo share": ["--photo-share", "1.5"],
+        "not a number": ["--steps", "many"],
+        "unknown flag": ["--no-such-flag"],
+        "no gpu": ["--smoke", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"],
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_FLAGS, *BAD_CLASS_LISTS])
+def test_bad_input_exits_2_with_one_line(case, tmp_path, torchscript_teacher, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if case in BAD_CLASS_LISTS:  # a 4-output TorchScript teacher with a broken class list
+        (tmp_path / "classes.txt").write_text(BAD_CLASS_LISTS[case])
+        argv = ["--teacher", str(torchscript_teacher[0]), "--data", "classes.txt"]
+    else:
+        argv = BAD_FLAGS[case]
+    assert prism.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prism: error: ") and err.count("\n") == 1, err
+
+
+def test_out_with_other_settings_exits_2_and_keeps_data(smoke_run, capsys):
+    before = {p: p.read_bytes() for p in (smoke_run / "synthetic").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert prism.main(["--smoke", "--out", str(smoke_run), "--energy-scale", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "energy_scale" in err and err.count("\n") == 1
+    assert prism.main(["--smoke", "--out", str(smoke_run), "--per-class", "5"]) == 2
+    assert {p: p.read_bytes() for p in (smoke_run / "synthetic").rglob("*") if p.is_file()} == before
+
+
+def test_val_dir_with_wrong_classes_and_unwritable_out_exit_2(tmp_path, capsys):
+    for name in ("a", "b", "c"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+    assert prism.main(["--smoke", "--out", str(tmp_path / "out"), "--val-dir", str(tmp_path / "val")]) == 2
+    assert "3 class folders, expected 4" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "synthetic").exists()  # refused before any work
+    (tmp_path / "file").write_text("")
+    assert prism.main(["--smoke", "--out", str(tmp_path / "file" / "out")]) == 2
+    assert capsys.readouterr().err.startswith("prism: error: cannot create --out")
+
+
+def test_command_line_bad_input_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "prism.py", "--per-class", "0", "--out", str(tmp_path)],
+                            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr == "prism: error: --per-class must be positive, got 0\n"
