@@ -46,6 +46,11 @@ class UsageError(ValueError):
     """Bad input from the user: main() prints it as one line on stderr and exits with code 2."""
 
 
+def first_line(error):
+    """The first line of an exception's message, for one-line error reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # 0. Models and classes: the teacher (with its own preprocessing), the student, class names
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -127,6 +132,15 @@ def build_student(name, num_classes, *, input_size=224, mean=IMAGENET_MEAN, std=
         raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. resnet18)")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     return with_preprocessing(model, input_size, mean, std)
+
+
+def file_fingerprint(path):
+    """First 16 hex digits of a file's SHA-256: a model file changed under the same name is another model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def count_outputs(classifier, device):
@@ -247,7 +261,7 @@ def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
                                            add_generation_prompt=True) if chat else text + "\n"
              for text in instructions]
     completions = []
-    for start in range(0, len(texts), batch_size):
+    for start in tqdm(range(0, len(texts), batch_size), desc="llm", unit="batch", disable=len(texts) <= batch_size):
         batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=not chat).to(model.device)
         with torch.no_grad():
@@ -401,6 +415,11 @@ def approx_guidance_grad(vae, teacher, noisy_latents, epsilon, alpha_bar, class_
         return torch.autograd.grad(loss.sum(), clean)[0] / alpha_bar ** 0.5
 
 
+def per_sample_norm(x):
+    """Euclidean norm of each sample of a batch, shaped to broadcast over it."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
 def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
     """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2). Returns (ε̂', finite): a sample whose g is not finite (fp16
     overflow) is left unguided at this step and marked False in `finite`.
@@ -443,11 +462,6 @@ def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
     if prediction_type == "epsilon":
         return epsilon
     return (epsilon - (1 - alpha_bar) ** 0.5 * noisy_latents) / alpha_bar ** 0.5
-
-
-def per_sample_norm(x):
-    """Euclidean norm of each sample of a batch, shaped to broadcast over it."""
-    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
 
 
 def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None, num_steps=50,
@@ -566,11 +580,6 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # 3. Synthetic dataset caching: an ImageFolder tree that resumes and never mixes settings
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def first_line(error):
-    """The first line of an exception's message, for one-line error reports."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def atomic_write(path, write):
     """Calls write(temp_path), then renames the temp file onto `path`: readers never see half a file."""
     path = Path(path)
@@ -773,7 +782,7 @@ def image_folder(data_dir, transform):
 
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4.0, checkpoint_path,
             device="cpu", image_size=224, weight_decay=1e-4, momentum=0.9, num_workers=4, seed=0,
-            epochs_this_run=None, overwrite=False, progress=True):
+            data_settings=None, epochs_this_run=None, overwrite=False, progress=True):
     """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4).
 
     Returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
@@ -782,6 +791,8 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     A checkpoint is written atomically after each epoch; a call with a checkpoint resumes after its
     last epoch, and epoch e always sees the same batches (its RNG is seeded from (seed, e)), so a
     resumed run ends where an uninterrupted one would. `epochs_this_run` stops early (time limits).
+    `data_settings` (JSON-like) identifies how the images were made: a checkpoint trained on other
+    data is not resumed.
     """
     if min(epochs, batch_size, image_size) < 1 or lr <= 0 or temperature <= 0:
         raise UsageError("epochs, batch_size, image_size, lr and temperature must be positive")
@@ -799,7 +810,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
               "image_size": image_size, "weight_decay": weight_decay, "momentum": momentum, "seed": seed,
-              "images": len(dataset), "classes": len(dataset.classes)}
+              "images": len(dataset), "classes": len(dataset.classes), "data": data_settings}
     history, first_epoch = [], 0
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.exists():
@@ -1083,7 +1094,11 @@ def run(args):
         preprocess = teacher[0]
         student = build_student(args.student, len(class_names), input_size=args.image_size,
                                 mean=preprocess.mean.flatten().tolist(), std=preprocess.std.flatten().tolist())
-        identity = {"sd_model": args.sd_model, "teacher": args.teacher, "dtype": str(dtype)}
+        teacher_files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
+        identity = {"sd_model": args.sd_model, "dtype": str(dtype),
+                    "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
+                    "teacher_preprocess": [preprocess.input_size, *preprocess.mean.flatten().tolist(),
+                                           *preprocess.std.flatten().tolist()]}
     if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
         raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
                          f"expected {len(class_names)} (one per class, sorted in label order)")
@@ -1135,7 +1150,8 @@ def run(args):
     history = distill(teacher, student, synthetic, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       temperature=args.kd_temperature, checkpoint_path=out / "checkpoint.pt", device=device,
                       image_size=args.image_size, weight_decay=args.weight_decay, num_workers=args.workers,
-                      seed=args.seed, epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
+                      seed=args.seed, data_settings=json.loads(json.dumps(settings)),
+                      epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
     results["distill"] = {"epochs_done": len(history), "kd_loss": history}
     if len(history) < args.epochs:
         print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")

@@ -273,10 +273,15 @@ def tiny_llm_dir(tmp_path_factory):
     return folder / "model"
 
 
-def test_llm_prompts_are_sanitised(tiny_llm_dir):
-    """Random LLM output must still give named, non-empty, unique, bounded prompts."""
-    prompts = prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir), scenes_per_class=3)
-    assert prompts == prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir), scenes_per_class=3)
+@pytest.mark.parametrize("chat", [False, True])
+def test_llm_prompts_are_sanitised(tiny_llm_dir, chat):
+    """Random LLM output must still give named, non-empty, unique, bounded prompts, with or
+    without a chat template."""
+    llm = prism.load_llm(str(tiny_llm_dir), "cpu")
+    if chat:
+        llm[1].chat_template = "{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}<assistant> "
+    prompts = prism.build_prompts(NAMES, 6, llm=llm, scenes_per_class=3)
+    assert prompts == prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir) if not chat else llm, scenes_per_class=3)
     flat = [p for ps in prompts for p in ps]
     assert len(set(flat)) == len(flat) == 24
     assert all(f" {name}" in p and len(p) < 400 and p.isprintable() for name, ps in zip(NAMES, prompts) for p in ps)
@@ -555,3 +560,33 @@ def test_command_line_bad_input_has_no_traceback(tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert result.stderr == "prism: error: --per-class must be positive, got 0\n"
+
+
+def test_main_with_local_models_refuses_a_changed_teacher_and_retrains_after_overwrite(pipe_dir, tmp_path, capsys):
+    """The real (non-smoke) path with every model local: SD folder, TorchScript teacher, class file."""
+    torch.jit.script(prism.build_tiny_classifier(4, seed=0)[1].eval()).save(str(tmp_path / "teacher.ts"))
+    (tmp_path / "classes.txt").write_text("".join(f"{name}\n" for name in NAMES))
+    argv = ["--teacher", str(tmp_path / "teacher.ts"), "--teacher-input-size", "32", "--data",
+            str(tmp_path / "classes.txt"), "--sd-model", str(pipe_dir), "--student", "resnet18", "--out",
+            str(tmp_path / "out"), "--per-class", "2", "--steps", "4", "--height", "32", "--width", "32",
+            "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu"]
+    assert prism.main(argv) == 0
+    assert "warning: running on the CPU" in capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["synthetic"]["images"] == 8 and results["distill"]["epochs_done"] == 1
+
+    # Another model saved under the same file name is another teacher: refused, nothing touched.
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    old_settings = json.loads((tmp_path / "out" / "synthetic" / "settings.json").read_text())["settings"]
+    torch.jit.script(prism.build_tiny_classifier(4, seed=7)[1].eval()).save(str(tmp_path / "teacher.ts"))
+    assert prism.main(argv) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+
+    # --overwrite remakes prompts and images, and the old checkpoint (other data) is not resumed.
+    assert prism.main(argv + ["--overwrite"]) == 0
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    settings = json.loads((tmp_path / "out" / "synthetic" / "settings.json").read_text())["settings"]
+    assert settings["teacher"] != old_settings["teacher"]  # same file name, new fingerprint
+    assert checkpoint["config"]["data"] == settings  # trained on the new images, not resumed
+    assert checkpoint["student"]["1.fc.weight"].shape == (4, 512)
