@@ -371,6 +371,7 @@ def test_resumed_synthesis_equals_uninterrupted_and_repairs_corruption(pipe, tea
     assert [(r["class"], r["index"]) for r in manifest] == [(c, i) for c in range(3) for i in range(3)]
     assert manifest == resumed and [r["prompt"] for r in whole] == [r["prompt"] for r in resumed]
     assert all(r["seed"] == prism.image_seed(0, r["class"], r["index"]) for r in manifest)
+    assert len({r["seed"] for r in manifest}) == 9  # every image has noise of its own
 
     # A corrupted and a truncated image are regenerated; nothing else is touched.
     folder = tmp_path / "resumed"
@@ -443,7 +444,8 @@ def test_distill_resumes_from_checkpoint_exactly(image_dir, teacher, tmp_path):
     first = prism.distill(teacher, interrupted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
                           epochs_this_run=1, **DISTILL)
     assert len(first) == 1 and torch.load(tmp_path / "part.pt", weights_only=True)["epoch"] == 1
-    restarted = prism.build_tiny_classifier(4, width=8, seed=1)  # a new process starts from scratch
+    restarted = prism.build_tiny_classifier(4, width=8, seed=1)  # a new process starts from scratch,
+    torch.rand(1000)  # with another history of the global RNG
     history = prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt", **DISTILL)
     assert len(history) == 3 and history[0] == first[0]
     for a, b in zip(whole.state_dict().values(), restarted.state_dict().values()):
