@@ -386,6 +386,27 @@ def test_resumed_synthesis_equals_uninterrupted_and_repairs_corruption(pipe, tea
         assert np.abs(repaired[name].astype(int) - expected[name].astype(int)).max() <= 1
 
 
+def test_atomic_writes(tmp_path):
+    image = torch.rand(3, 12, 10)
+    size = prism.save_image_atomic(image, tmp_path / "a.png")
+    assert size == (tmp_path / "a.png").stat().st_size
+    expected = (image * 255 + 0.5).floor().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), expected)  # PNG is lossless
+    prism.save_image_atomic(image, tmp_path / "b.jpg")
+    with Image.open(tmp_path / "b.jpg") as jpeg:
+        assert jpeg.format == "JPEG" and jpeg.size == (10, 12)
+    prism.write_json_atomic({"kept": True}, tmp_path / "c.json")
+
+    def fails_half_way(temp):
+        temp.write_text('{"half": ')
+        raise OSError("No space left on device")
+
+    with pytest.raises(prism.UsageError, match="No space left"):
+        prism.atomic_write(tmp_path / "c.json", fails_half_way)
+    assert json.loads((tmp_path / "c.json").read_text()) == {"kept": True}  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.jpg", "c.json"]  # no temp file left
+
+
 def test_synthesis_refuses_other_settings_and_keeps_the_data(pipe, teacher, tmp_path):
     prompts = prism.build_prompts(NAMES[:2], 2)
     prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, **SYNTH)
