@@ -754,8 +754,9 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
             bar.update(len(batch))
     bar.close()
     final = [records[key] for key in wanted if key in records]
-    atomic_write(manifest_path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in final),
-                                                             encoding="utf-8"))
+    compacted = "".join(json.dumps(r) + "\n" for r in final)
+    if manifest_path.read_text(encoding="utf-8") != compacted:  # a finished set is not rewritten
+        atomic_write(manifest_path, lambda temp: temp.write_text(compacted, encoding="utf-8"))
     return final
 
 

@@ -520,7 +520,7 @@ def test_smoke_rerun_skips_finished_stages(smoke_run):
     files = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file() and "tiny-models" not in str(p)}
     assert prism.main(["--smoke", "--out", str(smoke_run)]) == 0
     changed = {p.name for p, t in files.items() if p.stat().st_mtime_ns != t}
-    assert changed <= {"results.json", "manifest.jsonl", "student.pt"}  # no image, prompt or checkpoint redone
+    assert changed <= {"results.json", "student.pt"}  # no image, manifest, prompt or checkpoint redone
 
 
 BAD_CLASS_LISTS = {"empty class list": "\n", "duplicate class": "a\nb\na\nc\n", "class count": "a\nb\nc\n"}
