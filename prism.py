@@ -17,7 +17,9 @@ but the constant tables, and each docstring names the equation (§ of PRISM_METH
 implements. Where a choice is ours rather than the method's, a comment says so.
 """
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -25,9 +27,11 @@ import random
 import re
 import shutil
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -49,6 +53,43 @@ class UsageError(ValueError):
 def first_line(error):
     """The first line of an exception's message, for one-line error reports."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# Several processes (torchrun). `torchrun --nproc_per_node=N prism.py ...` starts N copies of this
+# program; init_distributed joins them into one process group. These helpers read that group, and
+# in a plain `python prism.py` (no group) they are those of rank 0 of 1, so every function below
+# runs unchanged in one process.
+def rank_and_world():
+    """(rank, world size) of this process in the torch.distributed group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier():
+    """Waits until every rank has reached this point (nothing to wait for in one process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def gather_lists(items):
+    """The lists `items` of every rank, concatenated in rank order, on every rank."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return list(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
+def sum_over_ranks(numbers):
+    """Element-wise sum over the ranks of a list of Python numbers, on every rank."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return list(numbers)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(numbers))
+    return [sum(column) for column in zip(*parts)]
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -581,15 +622,30 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
 # 3. Synthetic dataset caching: an ImageFolder tree that resumes and never mixes settings
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def atomic_write(path, write):
-    """Calls write(temp_path), then renames the temp file onto `path`: readers never see half a file."""
+    """Calls write(temp_path), forces the temp file to disk, then renames it onto `path`: a process
+    killed at any moment (or a full disk) leaves the old file or the new one, never half of one.
+    A failure to write (disk full, no permission) becomes a one-line UsageError."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pid: ranks never share a temp file
     try:
         write(temp)
+        descriptor = os.open(temp, os.O_RDONLY)
+        try:  # without it, a machine that goes down right after the rename may keep an empty file
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {first_line(error)}")
+
+
+def save_torch_atomic(obj, path):
+    """torch.save(obj) to `path` atomically. Serialised in memory first, so that a full disk is an
+    OSError of a plain file write (torch's own file writer reports it as a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda temp: temp.write_bytes(buffer.getbuffer()))
 
 
 def write_json_atomic(obj, path):
@@ -608,11 +664,16 @@ def save_image_atomic(image, path):
     return Path(path).stat().st_size
 
 
+def derived_seed(*parts):
+    """A 63-bit seed hashed from `parts`: independent streams for every (purpose, seed, ...) tuple."""
+    digest = hashlib.sha256("/".join(["prism", *map(str, parts)]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
 def image_seed(seed, class_index, image_index):
     """The seed of image (class, index): a hash of (seed, class, index), so each image can be
-    regenerated alone, whatever the batch size or the point where a run resumed."""
-    digest = hashlib.sha256(f"prism/{seed}/{class_index}/{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+    regenerated alone, whatever the batch size, the number of processes or where a run resumed."""
+    return derived_seed(seed, class_index, image_index)
 
 
 def initial_latents(seeds, shape):
@@ -634,17 +695,37 @@ def image_is_readable(path, expected_bytes):
         return False
 
 
-def read_manifest(path):
-    """Manifest records keyed by (class, index); later lines win, a torn last line is ignored."""
+def read_manifest(folder):
+    """Records of a synthetic set keyed by (class, index): manifest.jsonl, then the journals of the
+    ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a torn line is ignored."""
     records = {}
-    if Path(path).exists():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for path in [Path(folder) / "manifest.jsonl", *sorted(Path(folder).glob("manifest.rank*.jsonl"))]:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
                 records[(record["class"], record["index"])] = record
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     return records
+
+
+def append_to_journal(path, records):
+    """Appends `records` as JSON lines to the journal at `path` and forces them to disk, so a crash
+    loses at most the records of the batch being written (their images are then made again)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    try:
+        with open(path, "ab+") as journal:
+            if journal.seek(0, os.SEEK_END) > 0:
+                journal.seek(-1, os.SEEK_END)
+                if journal.read(1) != b"\n":  # a run killed mid-line: start on a line of our own
+                    text = "\n" + text
+            journal.write(text.encode("utf-8"))
+            journal.flush()
+            os.fsync(journal.fileno())
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {first_line(error)}")
 
 
 def settings_difference(old, new):
@@ -688,16 +769,21 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     """Generates and caches `per_class` images per class; returns the manifest records, sorted.
 
     Writes `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), `manifest.jsonl` (one record per
-    image: file, class, index, prompt, seed, final teacher energy, top-1, p_class, bytes) and
-    `settings.json`. Image (c, i) uses prompts[c][i] and the noise of image_seed(seed, c, i).
-    A rerun skips images that are present and readable and regenerates the others; settings that
-    differ from the recorded ones raise UsageError unless `overwrite` (which deletes the old set).
-    `identity` names the models (they decide the pixels too); `sample_kwargs` go to
-    energy_guided_sample. `max_new_images` stops early, for time-limited jobs; rerun to finish.
+    image: file, class, index, prompt, seed, final teacher energy, top-1, p_class, guidance steps
+    skipped, bytes) and `settings.json`. Image (c, i) uses prompts[c][i] and the noise of
+    image_seed(seed, c, i). A rerun skips images that are present and readable and regenerates the
+    others; settings that differ from the recorded ones raise UsageError unless `overwrite` (which
+    deletes the old set). `identity` names the models (they decide the pixels too); `sample_kwargs`
+    go to energy_guided_sample. `max_new_images` stops early, for time-limited jobs; rerun to finish.
 
-    Every image is written atomically. The manifest is a journal appended after each batch, so a
-    crash loses at most the records of one batch; those images are regenerated (same seed, same
-    pixels) on the next run. At the end it is rewritten atomically without duplicates.
+    Several processes (torchrun): the missing (class, index) pairs are dealt out to the ranks in
+    turn; each rank writes only its own images and its own journal, manifest.rank<r>.jsonl, and at
+    the end rank 0 merges the journals into manifest.jsonl and deletes them. Rank 0 alone writes
+    settings.json. As every image has its own seed, the tree is the one a single process makes.
+
+    Every image is written atomically, and a journal line is appended only after its image is on
+    disk: a process killed at any moment leaves no partial image under a final name, and the
+    images whose lines were lost are made again (same seed, same pixels) by the next run.
     """
     if per_class < 1 or batch_size < 1:
         raise UsageError(f"per_class and batch_size must be positive, got {per_class} and {batch_size}")
@@ -705,6 +791,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         raise UsageError(f"image_format must be png or jpg, got {image_format}")
     if any(len(p) < per_class for p in prompts):
         raise UsageError(f"every class needs at least per_class={per_class} prompts")
+    rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
     settings = synthesis_settings(prompts, per_class=per_class, seed=seed, image_format=image_format,
                                   identity=identity or {}, sample_kwargs=sample_kwargs)
@@ -713,51 +800,68 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create {out_dir}: {first_line(error)}")
-    if not check_settings(settings_path, settings, overwrite=overwrite, what="synthetic images"):
-        for stale in [manifest_path, *(p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit())]:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-        write_json_atomic({"settings": settings}, settings_path)
+    same_settings = check_settings(settings_path, settings, overwrite=overwrite, what="synthetic images")
+    barrier()  # every rank has read the old settings before rank 0 may replace them
+    if rank == 0:
+        if not same_settings:
+            old = [manifest_path, *out_dir.glob("manifest.rank*.jsonl"),
+                   *(p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit())]
+            for stale in old:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+            write_json_atomic({"settings": settings}, settings_path)
+        for temp in [*out_dir.glob(".*.tmp*"), *out_dir.glob("*/.*.tmp*")]:  # left by a killed run; no rank
+            temp.unlink(missing_ok=True)                                   # writes before the barrier below
+    barrier()
 
     def file_of(c, i):
         return f"{class_folder(c, num_classes)}/{str(i).zfill(max(5, len(str(per_class - 1))))}.{image_format}"
 
-    records = read_manifest(manifest_path)
+    # Which images are missing: each rank checks a share, then the missing ones are dealt out again.
+    records = read_manifest(out_dir)
     wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
-    todo = [(c, i) for c, i in wanted
-            if not image_is_readable(out_dir / file_of(c, i), records.get((c, i), {}).get("bytes"))]
-    for temp in out_dir.glob("*/.*.tmp*"):  # left by a run killed mid-write
-        temp.unlink(missing_ok=True)
+    missing = sorted(tuple(key) for key in gather_lists(
+        [key for key in wanted[rank::world]
+         if not image_is_readable(out_dir / file_of(*key), records.get(key, {}).get("bytes"))]))
     if max_new_images is not None:
-        todo = todo[:max_new_images]
+        missing = missing[:max_new_images]
+    todo = missing[rank::world]
 
     height = sample_kwargs.get("height") or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = sample_kwargs.get("width") or pipe.unet.config.sample_size * pipe.vae_scale_factor
     latent_shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="synthesis", unit="img", disable=not progress)
-    with open(manifest_path, "a", encoding="utf-8") as journal:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            seeds = [image_seed(seed, c, i) for c, i in batch]
-            latents = initial_latents(seeds, latent_shape).to(pipe.device, pipe.unet.dtype)
-            images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
-                                                 [c for c, _ in batch], latents=latents, **sample_kwargs)
-            for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
-                (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
-                size = save_image_atomic(images[k], out_dir / file_of(c, i))
-                records[(c, i)] = {"file": file_of(c, i), "class": c, "index": i, "prompt": prompts[c][i],
-                                   "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
-                                   "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
-                                   "guidance_skipped": stats["guidance_skipped"][k].item(), "bytes": size}
-                journal.write(json.dumps(records[(c, i)]) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
-            bar.update(len(batch))
+    journal_path = out_dir / f"manifest.rank{rank}.jsonl"
+    bar = tqdm(total=len(wanted) if world == 1 else len(todo), initial=len(wanted) - len(missing) if world == 1 else 0,
+               desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}", unit="img",
+               disable=not progress or rank != 0)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        seeds = [image_seed(seed, c, i) for c, i in batch]
+        latents = initial_latents(seeds, latent_shape).to(pipe.device, pipe.unet.dtype)
+        images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
+                                             [c for c, _ in batch], latents=latents, **sample_kwargs)
+        new_records = []
+        for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
+            (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
+            size = save_image_atomic(images[k], out_dir / file_of(c, i))
+            new_records.append({"file": file_of(c, i), "class": c, "index": i, "prompt": prompts[c][i],
+                                "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
+                                "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
+                                "guidance_skipped": stats["guidance_skipped"][k].item(), "bytes": size})
+        append_to_journal(journal_path, new_records)
+        bar.update(len(batch))
     bar.close()
-    final = [records[key] for key in wanted if key in records]
-    compacted = "".join(json.dumps(r) + "\n" for r in final)
-    if manifest_path.read_text(encoding="utf-8") != compacted:  # a finished set is not rewritten
-        atomic_write(manifest_path, lambda temp: temp.write_text(compacted, encoding="utf-8"))
-    return final
+
+    barrier()  # every rank's journal is complete
+    if rank == 0:  # merge the journals into one manifest without duplicates (a finished set is not rewritten)
+        records = read_manifest(out_dir)
+        compacted = "".join(json.dumps(records[key]) + "\n" for key in wanted if key in records)
+        if not manifest_path.exists() or manifest_path.read_text(encoding="utf-8") != compacted:
+            atomic_write(manifest_path, lambda temp: temp.write_text(compacted, encoding="utf-8"))
+        for journal in out_dir.glob("manifest.rank*.jsonl"):
+            journal.unlink()
+    barrier()
+    records = read_manifest(out_dir)
+    return [records[key] for key in wanted if key in records]
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -789,23 +893,43 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     Returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
     resized crop, flip) and shown to both the teacher (online, frozen) and the student.
     SGD with Nesterov momentum and a cosine learning rate per step (our choices).
-    A checkpoint is written atomically after each epoch; a call with a checkpoint resumes after its
-    last epoch, and epoch e always sees the same batches (its RNG is seeded from (seed, e)), so a
-    resumed run ends where an uninterrupted one would. `epochs_this_run` stops early (time limits).
-    `data_settings` (JSON-like) identifies how the images were made: a checkpoint trained on other
-    data is not resumed.
+
+    Several processes (torchrun): the student is wrapped in DistributedDataParallel and a
+    DistributedSampler gives each rank its share of every epoch. `batch_size` and `lr` are global:
+    each of N ranks takes batch_size / N images per step, so a run means the same on 1 GPU or 8.
+    Rank 0 writes the checkpoint; at the end every rank holds rank 0's weights.
+
+    Resuming: a checkpoint (model, optimiser, learning-rate schedule, and "epoch": the epochs done,
+    which is the epoch the sampler starts at) is written atomically by rank 0 after each epoch, and a call that finds one resumes
+    after its last epoch. The random state is not stored but derived: epoch e of rank r seeds its
+    augmentations from (seed, e, r) and the sampler shuffles with (seed, e), so a resumed run ends
+    where an uninterrupted one would. `epochs_this_run` stops early (time limits). `data_settings`
+    (JSON-like) identifies how the images were made: a checkpoint trained on other data (or other
+    hyper-parameters) is refused, or restarted from scratch with `overwrite`.
     """
     if min(epochs, batch_size, image_size) < 1 or lr <= 0 or temperature <= 0:
         raise UsageError("epochs, batch_size, image_size, lr and temperature must be positive")
+    rank, world = rank_and_world()
+    if batch_size % world:
+        raise UsageError(f"the batch size {batch_size} is global: it must be a multiple of the {world} processes")
     device = torch.device(device)
     augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
                                   transforms.RandomHorizontalFlip(), transforms.ToTensor()])
     dataset = image_folder(data_dir, augment)
+    # Full batches only (BatchNorm cannot train on a ragged batch of one); a set smaller than one
+    # batch is a single batch. Steps per epoch: len(dataset) // batch_size, whatever the world size.
+    rank_batch = min(batch_size, len(dataset)) // world
+    if rank_batch < 1:
+        raise UsageError(f"{data_dir} has {len(dataset)} images, fewer than the {world} processes")
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                                  drop_last=True)
+    steps_per_epoch = len(sampler) // rank_batch
+    total_steps = epochs * steps_per_epoch
     teacher.to(device).eval()
     student.to(device).train()
-    drop_last = len(dataset) > batch_size  # no ragged last batch (BatchNorm cannot train on one image)
-    steps_per_epoch = len(dataset) // batch_size if drop_last else 1
-    total_steps = epochs * steps_per_epoch
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, nesterov=True,
                                 weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
@@ -814,7 +938,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
               "images": len(dataset), "classes": len(dataset.classes), "data": data_settings}
     history, first_epoch = [], 0
     checkpoint_path = Path(checkpoint_path)
-    if checkpoint_path.exists():
+    if checkpoint_path.exists():  # every rank loads it, so all start from the same state
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if checkpoint["config"] == config:
             student.load_state_dict(checkpoint["student"])
@@ -824,30 +948,39 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
         elif not overwrite:
             raise UsageError(f"{checkpoint_path} was made under other settings "
                              f"({settings_difference(checkpoint['config'], config)}); use --overwrite to restart")
+    barrier()  # no rank may still be reading the checkpoint when rank 0 replaces it
     last_epoch = epochs if epochs_this_run is None else min(epochs, first_epoch + epochs_this_run)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(first_epoch, last_epoch):
+        sampler.set_epoch(epoch)  # the shuffle of epoch e: the same permutation on every rank
+        epoch_seed = derived_seed("distill", seed, epoch, rank)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed * 100_003 + epoch)  # augmentations and dropout of epoch e
+            torch.manual_seed(epoch_seed)  # augmentations of epoch e on this rank (workers: via the generator)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, num_workers=num_workers,
-                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+                dataset, batch_size=rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
+                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(epoch_seed))
             total, count = torch.zeros((), device=device), 0
-            for images, _ in tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch", disable=not progress):
+            for images, _ in tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch",
+                                  disable=not progress or rank != 0):
                 images = images.to(device, non_blocking=True)
                 with amp:
                     with torch.no_grad():
                         teacher_logits = teacher(images)
-                    loss = kd_loss(student(images), teacher_logits, temperature)
+                    loss = kd_loss(model(images), teacher_logits, temperature)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # under DDP: gradients averaged over the ranks here
                 optimizer.step()
                 schedule.step()
                 total, count = total + loss.detach(), count + 1
-        history.append(total.item() / max(count, 1))
-        torch_checkpoint = {"epoch": epoch + 1, "config": config, "history": history, "student": student.state_dict(),
-                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-        atomic_write(checkpoint_path, lambda temp: torch.save(torch_checkpoint, temp))
+        loss_sum, batches = sum_over_ranks([total.item(), count])
+        history.append(loss_sum / max(batches, 1))
+        if rank == 0:
+            save_torch_atomic({"epoch": epoch + 1, "config": config, "history": history,
+                               "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                               "schedule": schedule.state_dict()}, checkpoint_path)
+    if world > 1:  # BatchNorm statistics drift apart on each rank: all take rank 0's (the saved) weights
+        for tensor in student.state_dict().values():
+            dist.broadcast(tensor, src=0)
     return history
 
 
@@ -865,22 +998,26 @@ def folder_classes(data_dir):
 @torch.no_grad()
 def evaluate(model, data_dir, *, batch_size=100, device="cpu", image_size=224, num_workers=4, progress=True):
     """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree whose sorted
-    folder names are its classes. Resize to image_size/0.875, centre crop (the usual protocol)."""
+    folder names are its classes. Resize to image_size/0.875, centre crop (the usual protocol).
+    Several processes: rank r scores images r, r+N, r+2N, ... and the counts are summed, so every
+    rank returns exactly the single-process numbers."""
+    rank, world = rank_and_world()
     preprocess = transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
                                      transforms.ToTensor()])
     dataset = image_folder(data_dir, preprocess)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
     model.to(device).eval()
+    outputs = model(dataset[0][0].unsqueeze(0).to(device)).shape[-1]  # on every rank, even one without a share
+    if outputs != len(dataset.classes):
+        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has {outputs} outputs")
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
     top1 = top5 = 0
-    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-        logits = model(images.to(device))
-        if logits.shape[-1] != len(dataset.classes):
-            raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has "
-                             f"{logits.shape[-1]} outputs")
-        best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0):
+        best = model(images.to(device)).topk(min(5, outputs), dim=-1).indices.cpu()
         top1 += (best[:, 0] == labels).sum().item()
         top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
+    top1, top5 = sum_over_ranks([top1, top5])
     return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset), "images": len(dataset)}
 
 
@@ -1065,14 +1202,49 @@ def pick_device(name):
     return device
 
 
-def run(args):
-    """The pipeline of main(), on parsed and checked arguments. Returns the results dict."""
+def init_distributed(device_name):
+    """Returns this process's torch device. Under torchrun (WORLD_SIZE > 1) it first joins the
+    process group: NCCL with one GPU per process, cuda:LOCAL_RANK (whatever --device names), or gloo
+    when the device is the CPU. A plain `python prism.py` starts no group."""
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"process {local_rank} of this node has no GPU of its own "
+                             f"({torch.cuda.device_count()} visible): use --nproc_per_node <= the GPU count")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    # A long timeout: ranks wait at a barrier while rank 0 alone builds the prompts (an LLM may
+    # take a while) or merges a large manifest.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2),
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Runs the body on rank 0, then on the other ranks: a model download fills the cache once."""
+    rank, world = rank_and_world()
+    if rank != 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()
+
+
+def run(args, device):
+    """The pipeline of main(), on parsed and checked arguments and this process's device. Returns
+    the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
+    the shared files (prompts, merged manifest, checkpoint, results); the ranks split the images
+    to make, the batches to train on and the images to evaluate."""
+    rank = rank_and_world()[0]
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    device = pick_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     # Models and classes. Everything cheap to check is checked before the diffusion model loads.
@@ -1083,10 +1255,11 @@ def run(args):
         identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
     else:
         class_names, descriptions = load_class_names(args.data) if args.data != "imagenet" else (None, None)
-        teacher, teacher_names = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
-                                              num_classes=len(class_names) if class_names else 1000,
-                                              input_size=args.teacher_input_size, mean=args.teacher_mean,
-                                              std=args.teacher_std)
+        with rank_zero_first():
+            teacher, teacher_names = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
+                                                  num_classes=len(class_names) if class_names else 1000,
+                                                  input_size=args.teacher_input_size, mean=args.teacher_mean,
+                                                  std=args.teacher_std)
         if class_names is None:
             class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
         outputs = count_outputs(teacher, device)
@@ -1104,18 +1277,21 @@ def run(args):
         raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
                          f"expected {len(class_names)} (one per class, sorted in label order)")
 
-    # Stage 1: prompts, reused from prompts.json when built under the same settings.
+    # Stage 1: prompts, reused from prompts.json when built under the same settings. Rank 0 alone
+    # builds them (and loads the LLM); the other ranks read the file it writes.
     prompt_settings = {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
                        "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
                        "llm": None if args.smoke else args.llm, "teacher": identity["teacher"]}
     prompts_path = out / "prompts.json"
-    if check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts"):
-        prompts = json.loads(prompts_path.read_text(encoding="utf-8"))["prompts"]
-    else:
+    reuse = check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts")
+    barrier()  # every rank has its verdict before rank 0 may replace the file
+    if rank == 0 and not reuse:
         prompts = build_prompts(class_names, args.per_class, teacher=teacher, descriptions=descriptions,
                                 llm=prompt_settings["llm"], photo_share=args.photo_share, seed=args.seed,
                                 neighbours=args.neighbours, llm_device=device)
         write_json_atomic({"settings": prompt_settings, "prompts": prompts}, prompts_path)
+    barrier()
+    prompts = json.loads(prompts_path.read_text(encoding="utf-8"))["prompts"]
 
     # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
     sample_kwargs = dict(num_steps=args.steps, cfg_scale=args.cfg, energy_scale=args.energy_scale,
@@ -1127,10 +1303,13 @@ def run(args):
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
                                   identity=identity, sample_kwargs=sample_kwargs)
     check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
-    if device.type == "cpu" and not args.smoke:  # said only once every input has passed its checks
+    if device.type == "cpu" and not args.smoke and rank == 0:  # said once every input has passed its checks
         print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
-    sd_model = build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed) if args.smoke else args.sd_model
-    pipe = load_diffusion_pipeline(sd_model, device, dtype)
+    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
+    if args.smoke and rank == 0:
+        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
+    with rank_zero_first():
+        pipe = load_diffusion_pipeline(sd_model, device, dtype)
     records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
                                  batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
                                  overwrite=args.overwrite, max_new_images=args.max_new_images, **sample_kwargs)
@@ -1139,7 +1318,8 @@ def run(args):
         torch.cuda.empty_cache()
     wanted = len(class_names) * args.per_class
     if len(records) < wanted:
-        print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command to continue")
+        if rank == 0:
+            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command to continue")
         return None
     energies = torch.tensor([r["energy"] for r in records])
     results = {"synthetic": {"images": len(records), "mean_energy": energies.mean().item(),
@@ -1155,9 +1335,11 @@ def run(args):
                       epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
     results["distill"] = {"epochs_done": len(history), "kd_loss": history}
     if len(history) < args.epochs:
-        print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
+        if rank == 0:
+            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
         return None
-    atomic_write(out / "student.pt", lambda temp: torch.save(student.state_dict(), temp))
+    if rank == 0:
+        save_torch_atomic(student.state_dict(), out / "student.pt")
 
     # Stage 4: evaluation on real images; the smoke run uses its own synthetic set as a stand-in.
     val_dir = args.val_dir or (synthetic if args.smoke else None)
@@ -1165,10 +1347,11 @@ def run(args):
         evaluation = dict(device=device, image_size=args.image_size, num_workers=args.workers)
         results["evaluation"] = {"data": str(val_dir), "student": evaluate(student, val_dir, **evaluation),
                                  "teacher": evaluate(teacher, val_dir, **evaluation)}
-    write_json_atomic(results, out / "results.json")
-    print(json.dumps(results, indent=1))
-    if args.smoke:
-        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
+    if rank == 0:
+        write_json_atomic(results, out / "results.json")
+        print(json.dumps(results, indent=1))
+        if args.smoke:
+            print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
     return results
 
 
@@ -1181,10 +1364,15 @@ def main(argv=None):
         library.set_verbosity_error()
         library.disable_progress_bar()
     try:
-        run(parse_args(argv))
-    except UsageError as error:
-        print(f"prism: error: {error}", file=sys.stderr)
+        args = parse_args(argv)
+        run(args, init_distributed(args.device))
+    except (UsageError, OSError) as error:  # OSError: a disk or file problem that no stage turned into words
+        rank, world = rank_and_world()
+        print(f"prism: error{f' (rank {rank})' if world > 1 else ''}: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
