@@ -833,23 +833,23 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     bar = tqdm(total=len(wanted) if world == 1 else len(todo), initial=len(wanted) - len(missing) if world == 1 else 0,
                desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}", unit="img",
                disable=not progress or rank != 0)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        seeds = [image_seed(seed, c, i) for c, i in batch]
-        latents = initial_latents(seeds, latent_shape).to(pipe.device, pipe.unet.dtype)
-        images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
-                                             [c for c, _ in batch], latents=latents, **sample_kwargs)
-        new_records = []
-        for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
-            (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
-            size = save_image_atomic(images[k], out_dir / file_of(c, i))
-            new_records.append({"file": file_of(c, i), "class": c, "index": i, "prompt": prompts[c][i],
-                                "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
-                                "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
-                                "guidance_skipped": stats["guidance_skipped"][k].item(), "bytes": size})
-        append_to_journal(journal_path, new_records)
-        bar.update(len(batch))
-    bar.close()
+    with bar:  # closed (its line ended) before an error message is printed
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            seeds = [image_seed(seed, c, i) for c, i in batch]
+            latents = initial_latents(seeds, latent_shape).to(pipe.device, pipe.unet.dtype)
+            images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
+                                                 [c for c, _ in batch], latents=latents, **sample_kwargs)
+            new_records = []
+            for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
+                (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
+                size = save_image_atomic(images[k], out_dir / file_of(c, i))
+                new_records.append({"file": file_of(c, i), "class": c, "index": i, "prompt": prompts[c][i],
+                                    "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
+                                    "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
+                                    "guidance_skipped": stats["guidance_skipped"][k].item(), "bytes": size})
+            append_to_journal(journal_path, new_records)
+            bar.update(len(batch))
 
     barrier()  # every rank's journal is complete
     if rank == 0:  # merge the journals into one manifest without duplicates (a finished set is not rewritten)
@@ -960,18 +960,19 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
                 dataset, batch_size=rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(epoch_seed))
             total, count = torch.zeros((), device=device), 0
-            for images, _ in tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch",
-                                  disable=not progress or rank != 0):
-                images = images.to(device, non_blocking=True)
-                with amp:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                    loss = kd_loss(model(images), teacher_logits, temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # under DDP: gradients averaged over the ranks here
-                optimizer.step()
-                schedule.step()
-                total, count = total + loss.detach(), count + 1
+            with tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch",
+                      disable=not progress or rank != 0) as batches:
+                for images, _ in batches:
+                    images = images.to(device, non_blocking=True)
+                    with amp:
+                        with torch.no_grad():
+                            teacher_logits = teacher(images)
+                        loss = kd_loss(model(images), teacher_logits, temperature)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # under DDP: gradients averaged over the ranks here
+                    optimizer.step()
+                    schedule.step()
+                    total, count = total + loss.detach(), count + 1
         loss_sum, batches = sum_over_ranks([total.item(), count])
         history.append(loss_sum / max(batches, 1))
         if rank == 0:
@@ -1013,10 +1014,11 @@ def evaluate(model, data_dir, *, batch_size=100, device="cpu", image_size=224, n
     loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
     top1 = top5 = 0
-    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0):
-        best = model(images.to(device)).topk(min(5, outputs), dim=-1).indices.cpu()
-        top1 += (best[:, 0] == labels).sum().item()
-        top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
+    with tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0) as batches:
+        for images, labels in batches:
+            best = model(images.to(device)).topk(min(5, outputs), dim=-1).indices.cpu()
+            top1 += (best[:, 0] == labels).sum().item()
+            top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
     top1, top5 = sum_over_ranks([top1, top5])
     return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset), "images": len(dataset)}
 

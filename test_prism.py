@@ -5,8 +5,10 @@ Run:  python -m pytest -q test_prism.py
 import copy
 import json
 import os
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ from PIL import Image
 
 import prism
 
+HERE = Path(__file__).parent
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
 NAMES = ["mouse", "crane", "kite", "tank"]
 SAMPLE = dict(num_steps=10, guidance_start=0.0, guidance_end=1.0, guidance_every=1)  # guide every step
 
@@ -585,14 +589,19 @@ def test_command_line_bad_input_has_no_traceback(tmp_path):
     assert result.stderr == "prism: error: --per-class must be positive, got 0\n"
 
 
-def test_main_with_local_models_refuses_a_changed_teacher_and_retrains_after_overwrite(pipe_dir, tmp_path, capsys):
-    """The real (non-smoke) path with every model local: SD folder, TorchScript teacher, class file."""
+def local_models_argv(tmp_path, pipe_dir):
+    """The real (non-smoke) command line with every model local: SD folder, TorchScript teacher, class file."""
     torch.jit.script(prism.build_tiny_classifier(4, seed=0)[1].eval()).save(str(tmp_path / "teacher.ts"))
     (tmp_path / "classes.txt").write_text("".join(f"{name}\n" for name in NAMES))
-    argv = ["--teacher", str(tmp_path / "teacher.ts"), "--teacher-input-size", "32", "--data",
+    return ["--teacher", str(tmp_path / "teacher.ts"), "--teacher-input-size", "32", "--data",
             str(tmp_path / "classes.txt"), "--sd-model", str(pipe_dir), "--student", "resnet18", "--out",
             str(tmp_path / "out"), "--per-class", "2", "--steps", "4", "--height", "32", "--width", "32",
             "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+def test_main_with_local_models_refuses_a_changed_teacher_and_retrains_after_overwrite(pipe_dir, tmp_path, capsys):
+    """The real (non-smoke) path with every model local."""
+    argv = local_models_argv(tmp_path, pipe_dir)
     assert prism.main(argv) == 0
     assert "warning: running on the CPU" in capsys.readouterr().err
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -613,3 +622,146 @@ def test_main_with_local_models_refuses_a_changed_teacher_and_retrains_after_ove
     assert settings["teacher"] != old_settings["teacher"]  # same file name, new fingerprint
     assert checkpoint["config"]["data"] == settings  # trained on the new images, not resumed
     assert checkpoint["student"]["1.fc.weight"].shape == (4, 512)
+
+
+# ── several processes (torchrun, gloo on CPU) and faults (SIGKILL, full disk) ───────────────
+def same_images(got, expected):
+    """Same file names, and pixels equal up to one 8-bit level (other batch compositions and
+    thread counts round differently)."""
+    assert list(got) == list(expected)
+    for name in expected:
+        assert np.abs(got[name].astype(int) - expected[name].astype(int)).max() <= 1, name
+
+
+def manifest_lines(folder):
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text().splitlines()]
+
+
+def leftovers(folder):
+    """Journals of unfinished runs and temp files: none may remain after a finished run."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if ".tmp" in p.name or p.name.startswith("manifest.rank"))
+
+
+def test_torchrun_two_processes_equal_one_process(smoke_run, tmp_path):
+    out = tmp_path / "torchrun"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "prism.py", "--smoke", "--out", str(out)],
+                            cwd=HERE, capture_output=True, text=True, timeout=600, env=OFFLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "synthesis, rank 0's share of 16: 100%|██████████| 8/8" in result.stderr  # each rank made half
+    same_images(tree(out / "synthetic"), tree(smoke_run / "synthetic"))
+    keys = ("file", "class", "index", "prompt", "seed")
+    assert ([[r[k] for k in keys] for r in manifest_lines(out / "synthetic")]
+            == [[r[k] for k in keys] for r in manifest_lines(smoke_run / "synthetic")])
+    assert leftovers(out) == []
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["distill"]["epochs_done"] == 2 and all(np.isfinite(results["distill"]["kd_loss"]))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    # Top-1/5 reduced over two ranks = the same models evaluated by one process on the same images.
+    student = prism.build_tiny_classifier(4, width=8, seed=1)
+    student.load_state_dict(torch.load(out / "student.pt", weights_only=True))
+    evaluation = dict(image_size=32, num_workers=0, progress=False)
+    assert prism.evaluate(student, out / "synthetic", **evaluation) == results["evaluation"]["student"]
+    teacher = prism.build_tiny_classifier(4, seed=0)
+    assert prism.evaluate(teacher, out / "synthetic", **evaluation) == results["evaluation"]["teacher"]
+
+
+def run_and_kill(argv, ready, timeout=300):
+    """Runs prism.py in a subprocess and kills it with SIGKILL as soon as ready() is true."""
+    process = subprocess.Popen([sys.executable, "prism.py", *argv], cwd=HERE, env=OFFLINE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    finished = process.poll() is not None
+    process.kill()
+    process.wait()
+    assert not finished, "the run ended before it could be killed"
+
+
+@pytest.fixture(scope="module")
+def killed_then_finished(tmp_path_factory):
+    """A smoke run killed (SIGKILL) in the middle of synthesis, then rerun to the end."""
+    out = tmp_path_factory.mktemp("killed")
+    run_and_kill(["--smoke", "--out", str(out), "--gen-batch", "1"],
+                 ready=lambda: len(list(out.glob("synthetic/*/*.png"))) >= 5)
+    images = sorted(out.glob("synthetic/*/*.png"))
+    assert 5 <= len(images) < 16
+    for path in images:  # nothing partial or empty under a final name
+        with Image.open(path) as image:
+            image.load()
+    times = {path: path.stat().st_mtime_ns for path in images}
+    assert prism.main(["--smoke", "--out", str(out)]) == 0
+    # Only the image whose journal line the kill may have cut off (batches of one) is made again.
+    assert sum(path.stat().st_mtime_ns != time for path, time in times.items()) <= 1
+    return out
+
+
+def test_synthesis_killed_mid_way_then_rerun_equals_uninterrupted(killed_then_finished, smoke_run):
+    same_images(tree(killed_then_finished / "synthetic"), tree(smoke_run / "synthetic"))
+    manifest = manifest_lines(killed_then_finished / "synthetic")
+    assert [(r["class"], r["index"]) for r in manifest] == [(c, i) for c in range(4) for i in range(4)]  # no duplicate
+    assert [r["seed"] for r in manifest] == [r["seed"] for r in manifest_lines(smoke_run / "synthetic")]
+    assert leftovers(killed_then_finished) == []
+
+
+def test_distillation_killed_mid_way_resumes_at_its_last_epoch(killed_then_finished, capsys):
+    out, checkpoint = killed_then_finished, killed_then_finished / "checkpoint.pt"
+    argv = ["--smoke", "--out", str(out), "--epochs", "40", "--overwrite"]  # other epochs: a new training run
+
+    def epochs_done():
+        try:
+            return torch.load(checkpoint, weights_only=True)["config"]["epochs"] == 40 and \
+                torch.load(checkpoint, weights_only=True)["epoch"] >= 3
+        except Exception:  # not written yet (never half written: atomic rename)
+            return False
+
+    run_and_kill(argv, ready=epochs_done)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert 3 <= saved["epoch"] < 40 and len(saved["history"]) == saved["epoch"]
+    capsys.readouterr()
+    assert prism.main(argv) == 0
+    bars = capsys.readouterr().err
+    assert f"distill {saved['epoch'] + 1}/40" in bars and "distill 1/40" not in bars and "distill 3/40" not in bars
+    history = json.loads((out / "results.json").read_text())["distill"]["kd_loss"]
+    assert len(history) == 40 and history[:saved["epoch"]] == saved["history"]
+
+    # The same 40 epochs in one uninterrupted call give the same weights.
+    student = prism.build_tiny_classifier(4, width=8, input_size=32, seed=1)
+    whole = prism.distill(prism.build_tiny_classifier(4, seed=0), student, out / "synthetic", epochs=40, batch_size=8,
+                          lr=0.05, image_size=32, num_workers=0, checkpoint_path=out / "uninterrupted.pt",
+                          progress=False)
+    np.testing.assert_allclose(whole, history, rtol=1e-4)
+    resumed = torch.load(out / "student.pt", weights_only=True)
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(value, resumed[name], atol=1e-4, rtol=1e-4)
+
+
+def run_with_file_size_limit(argv, limit_bytes):
+    """prism.py in a subprocess that cannot write more than limit_bytes to any file (as on a full disk)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
+    return subprocess.run([sys.executable, "prism.py", *argv], cwd=HERE, capture_output=True, text=True,
+                          timeout=600, env=OFFLINE, preexec_fn=limit)
+
+
+def test_full_disk_exits_2_and_keeps_what_was_written(pipe_dir, tmp_path):
+    argv = local_models_argv(tmp_path, pipe_dir)
+    out = tmp_path / "out"
+    assert prism.main(argv + ["--max-new-images", "3"]) == 0
+
+    def snapshot():
+        return {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    for step, extra in (("synthesis", []), ("distillation", None)):
+        if extra is None:  # finish synthesis and one epoch, then ask for a second (new run: --overwrite)
+            assert prism.main(argv) == 0
+            before, extra = snapshot(), ["--epochs", "2", "--overwrite"]
+        result = run_with_file_size_limit(argv + extra, limit_bytes=1000)  # an image or a checkpoint is bigger
+        assert result.returncode == 2, (step, result.stderr[-2000:])
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("prism: error: cannot write") and "File too large" in last, (step, last)
+        assert "Traceback" not in result.stderr
+        assert snapshot() == before, step  # nothing written before is lost or changed, no temp file left
