@@ -11,9 +11,11 @@ A teacher classifier is distilled into a student using only images that Stable D
 
     python prism.py --teacher resnet50 --data imagenet     # real run (GPU, internet or local paths)
     python prism.py --smoke --out /tmp/prism-smoke          # offline plumbing check on a CPU
+    torchrun --nproc_per_node=8 prism.py ...                # every stage split over 8 GPUs
 
 Every function below stands alone: inputs and outputs are explicit, nothing reads a global
-but the constant tables, and each docstring names the equation (§ of PRISM_METHOD.md) it
+but the constant tables and, under torchrun, torch.distributed's process group (rank_and_world:
+rank 0 of 1 without one), and each docstring names the equation (§ of PRISM_METHOD.md) it
 implements. Where a choice is ours rather than the method's, a comment says so.
 """
 import argparse
@@ -1107,7 +1109,8 @@ def build_parser():
     g.add_argument("--out", default="runs/prism", help="output folder: prompts, images, checkpoints, results")
     g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random models, a CPU, "
                    "minutes; ignores --teacher/--student/--data/--sd-model/--llm (no accuracy meaning)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...; "
+                   "under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
     g.add_argument("--overwrite", action="store_true", help="replace data in --out made under other settings")
     g = p.add_argument_group("models and classes")
@@ -1137,17 +1140,17 @@ def build_parser():
     g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to (s_E+s_C)·‖ε̂‖")
     g.add_argument("--height", type=int, help="image height (default: the model's)")
     g.add_argument("--width", type=int, help="image width (default: the model's)")
-    g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch")
+    g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch (per torchrun process)")
     g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format")
     g.add_argument("--max-new-images", type=int, help="generate at most this many images now (job time limits)")
     g = p.add_argument_group("distillation (§4) and evaluation")
     g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set")
-    g.add_argument("--batch-size", type=int, default=256, help="KD batch size")
-    g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine decay)")
+    g.add_argument("--batch-size", type=int, default=256, help="global KD batch size (split over torchrun processes)")
+    g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate for the global batch (cosine decay)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     g.add_argument("--kd-temperature", type=float, default=4.0, help="τ_kd of the KD loss")
     g.add_argument("--image-size", type=int, default=224, help="student (and KD crop) input size")
-    g.add_argument("--workers", type=int, default=8, help="data loading processes")
+    g.add_argument("--workers", type=int, default=8, help="data loading processes (per torchrun process)")
     g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
     g.add_argument("--val-dir", help="real labelled images, one folder per class in label order (ImageNet val)")
     return p

@@ -390,6 +390,22 @@ def test_resumed_synthesis_equals_uninterrupted_and_repairs_corruption(pipe, tea
         assert np.abs(repaired[name].astype(int) - expected[name].astype(int)).max() <= 1
 
 
+def test_non_finite_guidance_is_skipped_and_counted_in_the_manifest(pipe, teacher, tmp_path):
+    """The teacher overflows on the first image of every batch (batches of 2: index 0 of each class)."""
+    prompts = prism.build_prompts(NAMES[:2], 2)
+    records = prism.synthesize_dataset(pipe, nn.Sequential(teacher, OverflowsOnFirstImage()), prompts,
+                                       tmp_path / "overflow", per_class=2, batch_size=2, **SYNTH)
+    prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "unguided", per_class=2, batch_size=2,
+                             **dict(SYNTH, energy_scale=0.0, class_scale=0.0))
+    guided_steps = len(prism.guided_step_indices(6, 0.0, 1.0, 2))
+    assert [r["guidance_skipped"] for r in records] == [guided_steps, 0, guided_steps, 0]
+    overflow, unguided = tree(tmp_path / "overflow"), tree(tmp_path / "unguided")
+    for name, pixels in overflow.items():  # readable, not black: the overflowing ones are simply unguided
+        assert pixels.std() > 5
+        difference = np.abs(pixels.astype(int) - unguided[name].astype(int)).max()
+        assert difference <= 1 if name.endswith("00000.png") else difference > 1
+
+
 def test_atomic_writes(tmp_path):
     image = torch.rand(3, 12, 10)
     size = prism.save_image_atomic(image, tmp_path / "a.png")
