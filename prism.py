@@ -74,24 +74,19 @@ def barrier():
         dist.barrier()
 
 
-def gather_lists(items):
-    """The lists `items` of every rank, concatenated in rank order, on every rank."""
+def gather_from_ranks(items):
+    """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every rank."""
     rank, world = rank_and_world()
     if world == 1:
-        return list(items)
+        return [list(items)]
     parts = [None] * world
     dist.all_gather_object(parts, list(items))
-    return [item for part in parts for item in part]
+    return parts
 
 
 def sum_over_ranks(numbers):
     """Element-wise sum over the ranks of a list of Python numbers, on every rank."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return list(numbers)
-    parts = [None] * world
-    dist.all_gather_object(parts, list(numbers))
-    return [sum(column) for column in zip(*parts)]
+    return [sum(column) for column in zip(*gather_from_ranks(numbers))]
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -821,9 +816,9 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     # Which images are missing: each rank checks a share, then the missing ones are dealt out again.
     records = read_manifest(out_dir)
     wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
-    missing = sorted(tuple(key) for key in gather_lists(
-        [key for key in wanted[rank::world]
-         if not image_is_readable(out_dir / file_of(*key), records.get(key, {}).get("bytes"))]))
+    mine = [key for key in wanted[rank::world]
+            if not image_is_readable(out_dir / file_of(*key), records.get(key, {}).get("bytes"))]
+    missing = sorted(tuple(key) for part in gather_from_ranks(mine) for key in part)
     if max_new_images is not None:
         missing = missing[:max_new_images]
     todo = missing[rank::world]
@@ -1244,7 +1239,9 @@ def run(args, device):
     the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
     the shared files (prompts, merged manifest, checkpoint, results); the ranks split the images
     to make, the batches to train on and the images to evaluate."""
-    rank = rank_and_world()[0]
+    rank, world = rank_and_world()
+    if args.batch_size % world:  # checked by distill too, but say it now rather than after hours of synthesis
+        raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1373,7 +1370,8 @@ def main(argv=None):
         run(args, init_distributed(args.device))
     except (UsageError, OSError) as error:  # OSError: a disk or file problem that no stage turned into words
         rank, world = rank_and_world()
-        print(f"prism: error{f' (rank {rank})' if world > 1 else ''}: {error}", file=sys.stderr)
+        sys.stderr.write(f"prism: error{f' (rank {rank})' if world > 1 else ''}: {error}\n")  # one write: ranks
+        sys.stderr.flush()                                                                    # do not interleave
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():

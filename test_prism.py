@@ -658,11 +658,14 @@ def leftovers(folder):
     return sorted(str(p) for p in Path(folder).rglob("*") if ".tmp" in p.name or p.name.startswith("manifest.rank"))
 
 
+def torchrun_two_processes(argv):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "prism.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=600, env=OFFLINE)
+
+
 def test_torchrun_two_processes_equal_one_process(smoke_run, tmp_path):
     out = tmp_path / "torchrun"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "prism.py", "--smoke", "--out", str(out)],
-                            cwd=HERE, capture_output=True, text=True, timeout=600, env=OFFLINE)
+    result = torchrun_two_processes(["--smoke", "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "synthesis, rank 0's share of 16: 100%|██████████| 8/8" in result.stderr  # each rank made half
     same_images(tree(out / "synthetic"), tree(smoke_run / "synthetic"))
@@ -781,3 +784,12 @@ def test_full_disk_exits_2_and_keeps_what_was_written(pipe_dir, tmp_path):
         assert last.startswith("prism: error: cannot write") and "File too large" in last, (step, last)
         assert "Traceback" not in result.stderr
         assert snapshot() == before, step  # nothing written before is lost or changed, no temp file left
+
+
+def test_torchrun_global_batch_must_split_over_the_processes(tmp_path):
+    result = torchrun_two_processes(["--smoke", "--out", str(tmp_path / "out"), "--batch-size", "7"])
+    assert result.returncode != 0  # torchrun's own code: a worker failed
+    for rank in (0, 1):  # every rank says it in one line of its own, before any work
+        assert f"prism: error (rank {rank}): --batch-size 7 is global: it must be a multiple of the 2 processes\n" \
+            in result.stderr
+    assert not (tmp_path / "out" / "synthetic").exists()
