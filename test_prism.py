@@ -793,3 +793,47 @@ def test_torchrun_global_batch_must_split_over_the_processes(tmp_path):
         assert f"prism: error (rank {rank}): --batch-size 7 is global: it must be a multiple of the 2 processes\n" \
             in result.stderr
     assert not (tmp_path / "out" / "synthetic").exists()
+
+
+def linear_student():
+    """A student without BatchNorm: its gradient over a batch is the mean of per-image gradients."""
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        return prism.with_preprocessing(nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 4)), 32)
+
+
+def distill_and_evaluate(rank, world, folder, teacher, results):
+    """One rank of a gloo group (torch.multiprocessing): distill and evaluate, rank 0 saves the outcome."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{results}.rendezvous", rank=rank,
+                                         world_size=world)
+    student = linear_student()
+    history = prism.distill(teacher, student, folder, epochs=3, checkpoint_path=Path(results).with_suffix(".pt"),
+                            **dict(DISTILL, lr=0.5))
+    outcome = {"history": history, "student": student.state_dict(), "rank": rank,
+               "evaluation": prism.evaluate(ChannelMeans(), folder, image_size=16, num_workers=0, progress=False)}
+    torch.save(outcome, f"{results}.rank{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_with_global_batch_equals_one_process(teacher, tmp_path):
+    """Plain-colour images are unchanged by crops and flips, so with a BatchNorm-free student two
+    DDP ranks (each half of every global batch) must follow exactly the one-process trajectory."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "colours"
+    for n in range(17):  # 17: evaluation shares of 9 and 8; 3 folders for ChannelMeans (the teacher has 4 outputs)
+        (folder / f"{n % 3:04d}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 24), tuple(int(v) for v in rng.integers(0, 256, 3))).save(folder / f"{n % 3:04d}/{n}.png")
+    torch.multiprocessing.spawn(distill_and_evaluate, args=(2, folder, teacher, str(tmp_path / "two")), nprocs=2)
+    two = [torch.load(f"{tmp_path / 'two'}.rank{rank}", weights_only=True) for rank in (0, 1)]
+
+    student = linear_student()
+    history = prism.distill(teacher, student, folder, epochs=3, checkpoint_path=tmp_path / "one.pt",
+                            **dict(DISTILL, lr=0.5))
+    for outcome in two:  # both ranks end with the same weights and the same loss history
+        np.testing.assert_allclose(outcome["history"], history, rtol=1e-5)
+        for name, value in student.state_dict().items():
+            torch.testing.assert_close(outcome["student"][name], value, atol=1e-5, rtol=1e-5)
+        assert outcome["evaluation"] == prism.evaluate(ChannelMeans(), folder, image_size=16, num_workers=0,
+                                                       progress=False)
+    assert student.state_dict()["1.2.weight"].sub(linear_student().state_dict()["1.2.weight"]).abs().max() > 1e-2
