@@ -249,13 +249,14 @@ SCENE_LIGHTS = ("in daylight", "at sunset", "at night", "in soft light", "in har
                 "on an overcast day", "under studio lights", "in fog")
 
 
-def last_linear_weight(model):
-    """Weight (C, D) of the last nn.Linear met walking `model.modules()` (TorchScript too), or None."""
-    weight = None
+def last_linear_module(model):
+    """The last nn.Linear met walking `model.modules()` (a scripted one in TorchScript too), or None:
+    a classifier's head. Its weight (C, D) has one row per class, its input is the penultimate layer."""
+    linear = None
     for module in model.modules():
         if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
-            weight = module.weight
-    return weight
+            linear = module
+    return linear
 
 
 def nearest_classes(weight, k):
@@ -335,7 +336,8 @@ def builtin_scene(rng):
 
 
 def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None, photo_share=0.8,
-                  seed=0, neighbours=2, scenes_per_class=12, llm_device="cpu"):
+                  seed=0, neighbours=2, scenes_per_class=12, llm_device="cpu", disambiguate=True,
+                  vary_content=True, vary_style=True):
     """Returns one list of `per_class` prompts per class, deterministic for a seed (§3).
 
         prompt(c, i) = "{style} of {disambiguated name of c}, {content}"
@@ -346,17 +348,24 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
     (model, tokenizer)) is given, then built-in scenes. Style: a photo style with probability
     `photo_share`, another style otherwise. The class name is in every prompt by construction;
     prompts are unique across the whole list (a repeat is redrawn).
+
+    Ablations (§5): `disambiguate=False` uses the bare name, `vary_content=False` drops the scene
+    ("{style} of {name}"), `vary_style=False` makes every style "a photo". Without content,
+    prompts repeat (each image still has noise of its own).
     """
     if per_class < 1:
         raise UsageError(f"per_class must be positive, got {per_class}")
     if not 0.0 <= photo_share <= 1.0:
         raise UsageError(f"photo_share must be in [0, 1], got {photo_share}")
     num_classes = len(class_names)
-    if isinstance(llm, (str, os.PathLike)):
+    if not disambiguate:
+        descriptions, neighbours = None, 0
+    if isinstance(llm, (str, os.PathLike)) and (disambiguate or vary_content):
         llm = load_llm(llm, llm_device)
 
     neighbour_ids = None
-    weight = last_linear_weight(teacher) if teacher is not None and neighbours > 0 else None
+    head = last_linear_module(teacher) if teacher is not None and neighbours > 0 else None
+    weight = head.weight if head is not None else None
     if weight is not None and weight.shape[0] == num_classes and num_classes > 1:
         neighbour_ids = nearest_classes(weight, neighbours)
 
@@ -364,7 +373,7 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
         return [class_names[j] for j in neighbour_ids[c]] if neighbour_ids else []
 
     contexts = [descriptions[c] if descriptions and descriptions[c] else "" for c in range(num_classes)]
-    if llm is not None:
+    if llm is not None and disambiguate:
         todo = [c for c in range(num_classes) if not contexts[c]]
         asks = [f"In at most 8 words, describe what the image class '{class_names[c]}' looks like"
                 + (f" (related classes: {', '.join(neighbour_names(c))})" if neighbour_names(c) else "") + "."
@@ -381,7 +390,7 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
             names.append(name)
 
     llm_scenes = [[] for _ in range(num_classes)]
-    if llm is not None:
+    if llm is not None and vary_content:
         asks = [f"List {scenes_per_class} short, varied scenes for a photo of {with_article(names[c])}. "
                 f"Vary the place, companions, viewpoint, lighting and scale. One per line, at most 12 words "
                 f"each, no numbering." for c in range(num_classes)]
@@ -396,9 +405,11 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
         for i in range(per_class):
             for attempt in range(1000):  # a repeat is redrawn: first another style, then a built-in scene
                 styles = PHOTO_STYLES if rng.random() < photo_share else OTHER_STYLES
-                scene = llm_scenes[c][i % len(llm_scenes[c])] if llm_scenes[c] and attempt < 10 else builtin_scene(rng)
-                prompt = f"{rng.choice(styles)} of {with_article(names[c])}, {scene}"
-                if prompt not in used:
+                scene = "" if not vary_content else (
+                    llm_scenes[c][i % len(llm_scenes[c])] if llm_scenes[c] and attempt < 10 else builtin_scene(rng))
+                style = rng.choice(styles) if vary_style else "a photo"
+                prompt = f"{style} of {with_article(names[c])}" + (f", {scene}" if scene else "")
+                if prompt not in used or not vary_content:
                     break
             else:
                 raise UsageError(f"cannot make {per_class} distinct prompts for class '{class_names[c]}'")
@@ -983,7 +994,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 5. Evaluation on real images
+# 5. Measuring the synthetic set (§5: precision and recall) and evaluating the student
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def folder_classes(data_dir):
     """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as is)."""
@@ -993,16 +1004,173 @@ def folder_classes(data_dir):
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
 
 
+def eval_transform(image_size):
+    """The usual evaluation protocol: resize to image_size/0.875, centre crop, [0, 1] tensor."""
+    return transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
+                               transforms.ToTensor()])
+
+
+def knn_radii(features, k, batch_size=1024):
+    """Distance from every row of `features` to its k-th nearest other row: the radius of its
+    k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
+    if len(features) <= k:
+        raise UsageError(f"k-NN radii need more than k={k} points, got {len(features)}")
+    radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values  # k + 1: each
+             for start in range(0, len(features), batch_size)]                                        # point is its own 1st
+    return torch.cat(radii)
+
+
+def precision_recall(real_features, fake_features, k=3, batch_size=1024):
+    """Precision and recall (Kynkäänniemi et al., NeurIPS 2019) and density and coverage (Naeem et
+    al., ICML 2020) of fake features against real ones (§5), with Euclidean k-NN balls B(x, r_k(x))
+    whose radius r_k is the distance to the k-th nearest neighbour within the point's own set:
+
+        precision = 1/M · Σ_j 1[ ∃ i: ‖y_j − x_i‖ < r_k(x_i) ]       fakes inside the real manifold
+        recall    = 1/N · Σ_i 1[ ∃ j: ‖x_i − y_j‖ < r_k(y_j) ]       reals inside the fake manifold
+        density   = 1/(kM) · Σ_j Σ_i 1[ ‖y_j − x_i‖ < r_k(x_i) ]     how many real balls hold each fake
+        coverage  = 1/N · Σ_i 1[ min_j ‖x_i − y_j‖ < r_k(x_i) ]      real balls that hold any fake
+
+    x: the N real rows, y: the M fake rows. Strict "<" as in the authors' code. Distances are
+    computed in blocks of `batch_size` fake rows against all real rows, so 100,000 × 50,000
+    features never need the full distance matrix; the dtype and device are those of the inputs.
+    """
+    real_radii, fake_radii = knn_radii(real_features, k, batch_size), knn_radii(fake_features, k, batch_size)
+    inside_real = 0             # fakes inside at least one real ball (precision)
+    real_ball_hits = 0          # (fake, real ball) pairs (density)
+    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)  # recall
+    nearest_fake = torch.full((len(real_features),), float("inf"), dtype=real_features.dtype,
+                              device=real_features.device)                                          # coverage
+    for start in range(0, len(fake_features), batch_size):
+        distances = torch.cdist(fake_features[start:start + batch_size], real_features)  # (block, N)
+        in_real_ball = distances < real_radii.unsqueeze(0)
+        inside_real += in_real_ball.any(dim=1).sum().item()
+        real_ball_hits += in_real_ball.sum().item()
+        real_in_fake |= (distances < fake_radii[start:start + batch_size].unsqueeze(1)).any(dim=0)
+        nearest_fake = torch.minimum(nearest_fake, distances.min(dim=0).values)
+    return {"precision": inside_real / len(fake_features), "recall": real_in_fake.float().mean().item(),
+            "density": real_ball_hits / (k * len(fake_features)),
+            "coverage": (nearest_fake < real_radii).float().mean().item()}
+
+
+@torch.no_grad()
+def extract_features(teacher, data_dir, *, image_size=224, batch_size=100, device="cpu", num_workers=4, progress=True):
+    """Teacher features of every image of an ImageFolder tree, in its order: (features (N, D),
+    logits (N, C), labels (N,)), float32 on the CPU. The features are the input of the teacher's
+    last nn.Linear: the global-pooled penultimate layer of a CNN (§5). A TorchScript teacher (no
+    hooks) gives its logits as features instead; the caller can tell by D == C."""
+    dataset = image_folder(data_dir, eval_transform(image_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    teacher.to(device).eval()
+    head, captured = last_linear_module(teacher), []
+    hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+            if isinstance(head, nn.Linear) else None)  # TorchScript modules take no hooks
+    features, logits, labels = [], [], []
+    try:
+        with tqdm(loader, desc=f"features of {Path(data_dir).name}", unit="batch", disable=not progress) as batches:
+            for images, targets in batches:
+                captured.clear()
+                batch_logits = teacher(images.to(device)).float()
+                features.append((captured[-1] if captured else batch_logits).flatten(1).float().cpu())
+                logits.append(batch_logits.cpu())
+                labels.append(targets)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return torch.cat(features), torch.cat(logits), torch.cat(labels)
+
+
+def mean_pairwise_distance(features):
+    """Mean Euclidean distance over all pairs of rows: the diversity of one class's images (0 for < 2)."""
+    return torch.pdist(features).mean().item() if len(features) > 1 else 0.0
+
+
+def lowest(entries, key, count):
+    """Names of the `count` entries with the lowest `key` (ties: class order), skipping missing values."""
+    scored = [entry for entry in entries if entry.get(key) is not None]
+    return [entry["name"] for entry in sorted(scored, key=lambda entry: entry[key])[:count]]
+
+
+def synthetic_set_report(records, features, class_names, *, worst=10):
+    """What can be measured without real data (§2, §5), overall and per class, from the manifest
+    `records` (sorted by class, index) and the teacher `features` of the same images in that order:
+    agreement (share of images whose teacher top-1 is the intended class), the mean and spread of
+    the final teacher energy, and diversity (mean pairwise feature distance within a class). The
+    `worst` classes by agreement and by diversity are named: there prompts or guidance fail."""
+    labels = torch.tensor([r["class"] for r in records])
+    energies = torch.tensor([float(r["energy"]) for r in records], dtype=torch.float64)
+    agree = torch.tensor([r["top1"] == r["class"] for r in records], dtype=torch.float64)
+    per_class = []
+    for c, name in enumerate(class_names):
+        mine = labels == c
+        per_class.append({"class": c, "name": name, "images": int(mine.sum()),
+                          "agreement": agree[mine].mean().item() if mine.any() else None,
+                          "mean_energy": energies[mine].mean().item() if mine.any() else None,
+                          "std_energy": energies[mine].std().item() if mine.sum() > 1 else None,
+                          "diversity": mean_pairwise_distance(features[mine])})
+    return {"images": len(records), "agreement": agree.mean().item(), "mean_energy": energies.mean().item(),
+            "std_energy": energies.std().item() if len(records) > 1 else 0.0,
+            "mean_p_class": sum(r["p_class"] for r in records) / len(records),
+            "guidance_skipped_images": sum(r.get("guidance_skipped", 0) > 0 for r in records),
+            "diversity": sum(entry["diversity"] for entry in per_class) / len(per_class),
+            "lowest_agreement": lowest(per_class, "agreement", worst),
+            "lowest_diversity": lowest(per_class, "diversity", worst), "per_class": per_class}
+
+
+def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names, *, k=3,
+                            batch_size=1024, worst=10):
+    """precision_recall of the synthetic set against real images (§5): overall, and per class
+    (class-conditional: synthetic class c against real class c). A class with k or fewer images
+    on either side has no per-class numbers (None). The `worst` classes by precision and by recall
+    are named."""
+    per_class = []
+    for c, name in enumerate(class_names):
+        real, fake = real_features[real_labels == c], fake_features[fake_labels == c]
+        entry = {"class": c, "name": name, "real_images": len(real), "synthetic_images": len(fake)}
+        enough = min(len(real), len(fake)) > k
+        for metric, value in (precision_recall(real, fake, k, batch_size) if enough else
+                              dict.fromkeys(("precision", "recall", "density", "coverage"))).items():
+            entry[metric] = value
+        per_class.append(entry)
+    return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
+            **precision_recall(real_features, fake_features, k, batch_size),
+            "lowest_precision": lowest(per_class, "precision", worst),
+            "lowest_recall": lowest(per_class, "recall", worst), "per_class": per_class}
+
+
+def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, tile=96, label_width=160):
+    """Writes a PNG of the cached set for a person to look at: one row per class (all classes when
+    at most `max_classes`, else that many spread evenly), its name on the left, then up to
+    `per_row` of its images. Returns the number of image tiles drawn."""
+    from PIL import Image, ImageDraw
+
+    folders = sorted(entry for entry in Path(data_dir).iterdir() if entry.is_dir() and entry.name.isdigit())
+    rows = (range(len(class_names)) if len(class_names) <= max_classes else
+            [round(n * (len(class_names) - 1) / max(max_classes - 1, 1)) for n in range(max_classes)])
+    shown = [sorted(p for p in folders[c].iterdir() if p.suffix in (".png", ".jpg"))[:per_row]
+             if c < len(folders) else [] for c in rows]
+    columns = max([len(images) for images in shown] + [1])
+    sheet = Image.new("RGB", (label_width + columns * tile, len(rows) * tile), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (c, images) in enumerate(zip(rows, shown)):
+        draw.text((4, row * tile + tile // 2 - 6), f"{c}: {class_names[c]}"[:label_width // 6], fill="black")
+        for column, image_path in enumerate(images):
+            with Image.open(image_path) as image:
+                sheet.paste(image.convert("RGB").resize((tile, tile)), (label_width + column * tile, row * tile))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    atomic_write(path, lambda temp: temp.write_bytes(buffer.getvalue()))
+    return sum(len(images) for images in shown)
+
+
 @torch.no_grad()
 def evaluate(model, data_dir, *, batch_size=100, device="cpu", image_size=224, num_workers=4, progress=True):
     """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree whose sorted
-    folder names are its classes. Resize to image_size/0.875, centre crop (the usual protocol).
+    folder names are its classes, under eval_transform (the usual protocol).
     Several processes: rank r scores images r, r+N, r+2N, ... and the counts are summed, so every
     rank returns exactly the single-process numbers."""
     rank, world = rank_and_world()
-    preprocess = transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
-                                     transforms.ToTensor()])
-    dataset = image_folder(data_dir, preprocess)
+    dataset = image_folder(data_dir, eval_transform(image_size))
     model.to(device).eval()
     outputs = model(dataset[0][0].unsqueeze(0).to(device)).shape[-1]  # on every rank, even one without a share
     if outputs != len(dataset.classes):
@@ -1139,7 +1307,7 @@ def build_parser():
     g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format")
     g.add_argument("--max-new-images", type=int, help="generate at most this many images now (job time limits)")
     g = p.add_argument_group("distillation (§4) and evaluation")
-    g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set")
+    g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set (0: no distillation)")
     g.add_argument("--batch-size", type=int, default=256, help="global KD batch size (split over torchrun processes)")
     g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate for the global batch (cosine decay)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
@@ -1148,18 +1316,24 @@ def build_parser():
     g.add_argument("--workers", type=int, default=8, help="data loading processes (per torchrun process)")
     g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
     g.add_argument("--val-dir", help="real labelled images, one folder per class in label order (ImageNet val)")
+    g = p.add_argument_group("measuring the synthetic set (§5) and ablations")
+    g.add_argument("--pr-k", type=int, default=3, help="k of the k-NN balls of precision, recall, density, coverage")
+    g.add_argument("--sheet-classes", type=int, default=32, help="classes shown in contact_sheet.png (spread evenly)")
+    g.add_argument("--ablate", nargs="+", default=[], choices=("guidance", "disambiguation", "content", "style"),
+                   help="turn parts of the method off (one --out per variant), then compare precision and recall "
+                   "in results.json; with --epochs 0 only the synthetic set is made and measured")
     return p
 
 
 def check_args(args):
     """Rejects impossible flag values with a UsageError before any model is loaded."""
-    positive = ("per_class", "steps", "gen_batch", "epochs", "batch_size", "image_size", "guidance_every",
-                "teacher_input_size")
+    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every",
+                "teacher_input_size", "pr_k", "sheet_classes")
     for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay"):
+    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("lr", "kd_temperature", "energy_temperature"):
@@ -1281,23 +1455,28 @@ def run(args, device):
 
     # Stage 1: prompts, reused from prompts.json when built under the same settings. Rank 0 alone
     # builds them (and loads the LLM); the other ranks read the file it writes.
+    prompt_ablations = sorted(set(args.ablate) - {"guidance"})
     prompt_settings = {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
                        "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
-                       "llm": None if args.smoke else args.llm, "teacher": identity["teacher"]}
+                       "llm": None if args.smoke else args.llm, "teacher": identity["teacher"],
+                       **({"ablate": prompt_ablations} if prompt_ablations else {})}
     prompts_path = out / "prompts.json"
     reuse = check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts")
     barrier()  # every rank has its verdict before rank 0 may replace the file
     if rank == 0 and not reuse:
         prompts = build_prompts(class_names, args.per_class, teacher=teacher, descriptions=descriptions,
                                 llm=prompt_settings["llm"], photo_share=args.photo_share, seed=args.seed,
-                                neighbours=args.neighbours, llm_device=device)
+                                neighbours=args.neighbours, llm_device=device,
+                                disambiguate="disambiguation" not in args.ablate,
+                                vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
         write_json_atomic({"settings": prompt_settings, "prompts": prompts}, prompts_path)
     barrier()
     prompts = json.loads(prompts_path.read_text(encoding="utf-8"))["prompts"]
 
     # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
-    sample_kwargs = dict(num_steps=args.steps, cfg_scale=args.cfg, energy_scale=args.energy_scale,
-                         class_scale=args.class_scale, temperature=args.energy_temperature,
+    guided = "guidance" not in args.ablate
+    sample_kwargs = dict(num_steps=args.steps, cfg_scale=args.cfg, energy_scale=args.energy_scale if guided else 0.0,
+                         class_scale=args.class_scale if guided else 0.0, temperature=args.energy_temperature,
                          guidance_start=args.guidance_start, guidance_end=args.guidance_end,
                          guidance_every=args.guidance_every, exact_grad=args.exact_grad,
                          normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
@@ -1323,38 +1502,59 @@ def run(args, device):
         if rank == 0:
             print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command to continue")
         return None
-    energies = torch.tensor([r["energy"] for r in records])
-    results = {"synthetic": {"images": len(records), "mean_energy": energies.mean().item(),
-                             "std_energy": energies.std().item() if len(records) > 1 else 0.0,
-                             "teacher_agreement": sum(r["top1"] == r["class"] for r in records) / len(records),
-                             "mean_p_class": sum(r["p_class"] for r in records) / len(records)}}
+    if rank == 0:  # a fresh sheet whenever the set changed (the manifest is rewritten when it does)
+        sheet = out / "contact_sheet.png"
+        if not sheet.exists() or sheet.stat().st_mtime_ns < (synthetic / "manifest.jsonl").stat().st_mtime_ns:
+            contact_sheet(synthetic, class_names, sheet, max_classes=args.sheet_classes)
+    results = {"ablate": args.ablate}
 
-    # Stage 3: distillation, resumed from out/checkpoint.pt.
-    history = distill(teacher, student, synthetic, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      temperature=args.kd_temperature, checkpoint_path=out / "checkpoint.pt", device=device,
-                      image_size=args.image_size, weight_decay=args.weight_decay, num_workers=args.workers,
-                      seed=args.seed, data_settings=json.loads(json.dumps(settings)),
-                      epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
-    results["distill"] = {"epochs_done": len(history), "kd_loss": history}
-    if len(history) < args.epochs:
+    # Stage 3: distillation, resumed from out/checkpoint.pt (--epochs 0: none, measure the set only).
+    if args.epochs > 0:
+        history = distill(teacher, student, synthetic, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          temperature=args.kd_temperature, checkpoint_path=out / "checkpoint.pt", device=device,
+                          image_size=args.image_size, weight_decay=args.weight_decay, num_workers=args.workers,
+                          seed=args.seed, data_settings=json.loads(json.dumps(settings)),
+                          epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
+        results["distill"] = {"epochs_done": len(history), "kd_loss": history}
+        if len(history) < args.epochs:
+            if rank == 0:
+                print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
+            return None
         if rank == 0:
-            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
-        return None
-    if rank == 0:
-        save_torch_atomic(student.state_dict(), out / "student.pt")
+            save_torch_atomic(student.state_dict(), out / "student.pt")
 
-    # Stage 4: evaluation on real images; the smoke run uses its own synthetic set as a stand-in.
+    # Stage 4: measure the synthetic set (§5) in the teacher's feature space, against real images
+    # when there are some (the smoke run uses its own synthetic set as a stand-in), then evaluate.
     val_dir = args.val_dir or (synthetic if args.smoke else None)
+    if rank == 0:  # one process measures; the others wait at the barrier below
+        features = dict(image_size=teacher[0].input_size, device=device, num_workers=args.workers)
+        fake_features, _, fake_labels = extract_features(teacher, synthetic, **features)
+        results["synthetic"] = synthetic_set_report(records, fake_features, class_names)
+        if val_dir:
+            real_features, _, real_labels = extract_features(teacher, val_dir, **features)
+            results["precision_recall"] = {"data": str(val_dir), **precision_recall_report(
+                real_features.to(device), real_labels.to(device), fake_features.to(device), fake_labels.to(device),
+                class_names, k=args.pr_k)}
+    barrier()
     if val_dir:
         evaluation = dict(device=device, image_size=args.image_size, num_workers=args.workers)
-        results["evaluation"] = {"data": str(val_dir), "student": evaluate(student, val_dir, **evaluation),
-                                 "teacher": evaluate(teacher, val_dir, **evaluation)}
+        results["evaluation"] = {"data": str(val_dir), "teacher": evaluate(teacher, val_dir, **evaluation)}
+        if args.epochs > 0:
+            results["evaluation"]["student"] = evaluate(student, val_dir, **evaluation)
     if rank == 0:
         write_json_atomic(results, out / "results.json")
-        print(json.dumps(results, indent=1))
+        print(json.dumps(without_per_class(results), indent=1))
+        print(f"per-class reports: {out / 'results.json'}; what was generated: {out / 'contact_sheet.png'}")
         if args.smoke:
             print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
     return results
+
+
+def without_per_class(report):
+    """`report` without its "per_class" lists (at any depth): the summary that main() prints."""
+    if isinstance(report, dict):
+        return {key: without_per_class(value) for key, value in report.items() if key != "per_class"}
+    return report
 
 
 def main(argv=None):

@@ -335,7 +335,7 @@ def test_torchscript_teacher_folds_in_preprocessing(torchscript_teacher):
     resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bilinear", antialias=True)
     direct = model((resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
     torch.testing.assert_close(teacher(images), direct)
-    assert prism.last_linear_weight(teacher).shape == (4, 32)  # neighbours work on TorchScript too
+    assert prism.last_linear_module(teacher).weight.shape == (4, 32)  # neighbours work on TorchScript too
 
 
 def test_unknown_models_and_unloadable_paths_are_usage_errors(tmp_path):
