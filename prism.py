@@ -1047,9 +1047,9 @@ def precision_recall(real_features, fake_features, k=3, batch_size=1024):
         real_ball_hits += in_real_ball.sum().item()
         real_in_fake |= (distances < fake_radii[start:start + batch_size].unsqueeze(1)).any(dim=0)
         nearest_fake = torch.minimum(nearest_fake, distances.min(dim=0).values)
-    return {"precision": inside_real / len(fake_features), "recall": real_in_fake.float().mean().item(),
+    return {"precision": inside_real / len(fake_features), "recall": real_in_fake.sum().item() / len(real_features),
             "density": real_ball_hits / (k * len(fake_features)),
-            "coverage": (nearest_fake < real_radii).float().mean().item()}
+            "coverage": (nearest_fake < real_radii).sum().item() / len(real_features)}
 
 
 @torch.no_grad()

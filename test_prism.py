@@ -837,3 +837,150 @@ def test_ddp_with_global_batch_equals_one_process(teacher, tmp_path):
         assert outcome["evaluation"] == prism.evaluate(ChannelMeans(), folder, image_size=16, num_workers=0,
                                                        progress=False)
     assert student.state_dict()["1.2.weight"].sub(linear_student().state_dict()["1.2.weight"]).abs().max() > 1e-2
+
+
+# ── §5 measuring the synthetic set: precision, recall, density, coverage; reports; contact sheet ──
+def direct_prdc(real, fake, k):
+    """The four metrics straight from their definitions, with the full distance matrices (float64)."""
+    def distances(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1).sqrt()
+
+    real_radii = distances(real, real).sort(dim=1).values[:, k]  # column 0 is the point itself
+    fake_radii = distances(fake, fake).sort(dim=1).values[:, k]
+    d = distances(real, fake)  # (N real, M fake)
+    return {"precision": (d < real_radii[:, None]).any(dim=0).double().mean().item(),
+            "recall": (d < fake_radii[None, :]).any(dim=1).double().mean().item(),
+            "density": (d < real_radii[:, None]).double().sum().item() / (k * len(fake)),
+            "coverage": (d.min(dim=1).values < real_radii).double().mean().item()}
+
+
+def test_precision_recall_equals_direct_computation_and_batching_changes_nothing():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(120, 16, generator=generator, dtype=torch.float64)
+    fake = 0.8 * torch.randn(90, 16, generator=generator, dtype=torch.float64) + 0.3
+    for k in (1, 3, 5):
+        whole = prism.precision_recall(real, fake, k=k, batch_size=10 ** 6)
+        for metric, value in direct_prdc(real, fake, k).items():
+            assert whole[metric] == pytest.approx(value, abs=1e-12), (k, metric)
+        assert 0 < whole["precision"] < 1 and 0 < whole["recall"] < 1  # a case that can tell them apart
+        assert prism.precision_recall(real, fake, k=k, batch_size=7) == whole
+
+
+def test_precision_recall_constructed_cases():
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(200, 8, generator=generator)
+    same = prism.precision_recall(points, points.clone(), k=3)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    far = prism.precision_recall(points, points + 1000.0, k=3)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+    # Ten well separated modes. A fake set on all of them vs one of the same size on half of them.
+    centres = 50.0 * torch.eye(10, 8 + 2)
+
+    def sample(modes, count):
+        picks = torch.tensor(modes).repeat(count // len(modes))
+        return centres[picks] + torch.randn(len(picks), 10, generator=generator)
+
+    real = sample(range(10), 600)
+    on_all, on_half = (prism.precision_recall(real, sample(modes, 600), k=3) for modes in (range(10), range(5)))
+    assert on_half["recall"] == pytest.approx(on_all["recall"] / 2, rel=0.15)
+    assert on_half["precision"] == pytest.approx(on_all["precision"], abs=0.1)
+    assert on_half["coverage"] == pytest.approx(on_all["coverage"] / 2, rel=0.15)
+
+
+def test_extract_features_are_the_input_of_the_teachers_last_linear(image_dir, teacher, torchscript_teacher):
+    features, logits, labels = prism.extract_features(teacher, image_dir, image_size=32, num_workers=0, progress=False)
+    dataset = prism.image_folder(image_dir, prism.eval_transform(32))
+    images = torch.stack([image for image, _ in dataset])
+    with torch.no_grad():
+        torch.testing.assert_close(features, teacher[1][:-1](teacher[0](images)))  # pooled penultimate layer
+        torch.testing.assert_close(logits, teacher(images))
+    assert labels.tolist() == [label for _, label in dataset.samples] and features.shape == (24, 32)
+    scripted = prism.load_teacher(str(torchscript_teacher[0]), "cpu", input_size=32)[0]
+    features, logits, _ = prism.extract_features(scripted, image_dir, image_size=32, num_workers=0, progress=False)
+    assert torch.equal(features, logits)  # no hooks in TorchScript: logits stand in
+
+
+def test_synthetic_set_report_per_class_and_worst_classes():
+    names = ["mouse", "crane", "kite"]
+    generator = torch.Generator().manual_seed(2)
+    records, features = [], []
+    for c, (spread, agreeing) in enumerate([(1.0, 3), (0.1, 1), (3.0, 2)]):  # crane: least diverse, least agreeing
+        for i in range(3):
+            records.append({"class": c, "index": i, "top1": c if i < agreeing else (c + 1) % 3,
+                            "energy": -5.0 - c - i, "p_class": 0.5, "guidance_skipped": int(c == 2 and i == 0)})
+            features.append(spread * torch.randn(4, generator=generator))
+    features = torch.stack(features)
+    report = prism.synthetic_set_report(records, features, names, worst=2)
+    assert [entry["name"] for entry in report["per_class"]] == names
+    assert [entry["agreement"] for entry in report["per_class"]] == pytest.approx([1.0, 1 / 3, 2 / 3])
+    assert report["agreement"] == pytest.approx(6 / 9) and report["guidance_skipped_images"] == 1
+    assert report["per_class"][1]["mean_energy"] == pytest.approx(-7.0)
+    kite = features[6:9]
+    direct = np.mean([(kite[a] - kite[b]).norm().item() for a in range(3) for b in range(a + 1, 3)])
+    assert report["per_class"][2]["diversity"] == pytest.approx(direct)
+    assert report["lowest_agreement"] == ["crane", "kite"] and report["lowest_diversity"][0] == "crane"
+
+
+def test_precision_recall_report_is_class_conditional():
+    generator = torch.Generator().manual_seed(3)
+    real = torch.randn(60, 6, generator=generator, dtype=torch.float64)
+    fake = torch.randn(45, 6, generator=generator, dtype=torch.float64)
+    real_labels, fake_labels = torch.arange(60) % 3, torch.arange(45) % 3
+    fake[fake_labels == 2] += 100.0  # class 2's synthetic images are nowhere near its real ones
+    report = prism.precision_recall_report(real, real_labels, fake, fake_labels, ["a", "b", "c"], k=3, worst=1)
+    assert len(report["per_class"]) == 3 and report["lowest_precision"] == ["c"] == report["lowest_recall"]
+    for c, entry in enumerate(report["per_class"]):
+        expected = prism.precision_recall(real[real_labels == c], fake[fake_labels == c], k=3)
+        assert {m: entry[m] for m in expected} == expected
+    assert {m: report[m] for m in ("precision", "recall")} == {
+        m: prism.precision_recall(real, fake, k=3)[m] for m in ("precision", "recall")}
+    tiny = prism.precision_recall_report(real[:6], real_labels[:6], fake, fake_labels, ["a", "b", "c"], k=3)
+    assert all(entry["precision"] is None for entry in tiny["per_class"])  # 2 real images a class: no k-NN ball
+
+
+def test_contact_sheet_has_a_row_per_class_and_a_tile_per_image(image_dir, tmp_path):
+    names = ["mouse", "crane", "kite", "tank"]
+    tiles = prism.contact_sheet(image_dir, names, tmp_path / "sheet.png", per_row=4, tile=20, label_width=60)
+    assert tiles == 16  # 6 images a class, 4 a row
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.format == "PNG" and sheet.size == (60 + 4 * 20, 4 * 20)
+        pixels = np.asarray(sheet.convert("RGB"))
+    first = sorted((image_dir / "0001").iterdir())[0]  # row 1, column 0
+    expected = np.asarray(Image.open(first).convert("RGB").resize((20, 20)))
+    assert np.array_equal(pixels[20:40, 60:80], expected)
+    assert (pixels[:, :60] < 128).any()  # the class names are written
+    assert prism.contact_sheet(image_dir, names, tmp_path / "two.png", max_classes=2, per_row=8, tile=20) == 12
+
+
+def test_ablations_turn_each_part_of_the_prompts_off():
+    teacher_head = prism.build_tiny_classifier(4)
+    full = prism.build_prompts(NAMES, 6, teacher=teacher_head)
+    assert all("in the context of" in p for c in full for p in c)
+    plain = prism.build_prompts(NAMES, 6, teacher=teacher_head, disambiguate=False)
+    assert not any("in the context of" in p for c in plain for p in c)
+    no_content = prism.build_prompts(NAMES, 6, teacher=teacher_head, vary_content=False)
+    for name, with_scene, without in zip(NAMES, full, no_content):  # "{style} of a {name}, in the context of ..."
+        assert len({p.split(" of ", 1)[1] for p in without}) == 1  # styles vary, the rest is the name
+        assert without[0].split(" of ", 1)[1].startswith(f"a {name}, in the context of ")
+        assert len({p.split(" of ", 1)[1] for p in with_scene}) == 6  # the scenes that are gone
+    no_style = prism.build_prompts(NAMES, 6, teacher=teacher_head, vary_style=False)
+    assert all(p.startswith("a photo of ") for c in no_style for p in c)
+    bare = prism.build_prompts(NAMES, 6, disambiguate=False, vary_content=False, vary_style=False)
+    assert bare == [[f"a photo of a {name}"] * 6 for name in NAMES]
+
+
+def test_ablation_run_measures_without_distilling(tmp_path):
+    out = tmp_path / "no-guidance"
+    assert prism.main(["--smoke", "--out", str(out), "--ablate", "guidance", "style", "--epochs", "0"]) == 0
+    settings = json.loads((out / "synthetic" / "settings.json").read_text())["settings"]
+    assert settings["energy_scale"] == settings["class_scale"] == 0.0
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts["settings"]["ablate"] == ["style"] and all(p.startswith("a photo of ") for c in prompts["prompts"]
+                                                                for p in c)
+    results = json.loads((out / "results.json").read_text())
+    assert results["ablate"] == ["guidance", "style"] and "distill" not in results
+    assert not (out / "checkpoint.pt").exists() and not (out / "student.pt").exists()
+    assert len(results["synthetic"]["per_class"]) == 4 == len(results["precision_recall"]["per_class"])
+    assert set(results["evaluation"]) == {"data", "teacher"}
+    assert (out / "contact_sheet.png").exists()
