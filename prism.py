@@ -445,8 +445,15 @@ def decode_to_unit(vae, latents):
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def guidance_objective(vae, teacher, clean_latents, class_ids, *, energy_scale, class_scale, temperature=1.0):
-    """L(D(ẑ0), y) per sample (§2): decode ẑ0, let the teacher (with its preprocessing) score it."""
+def guidance_objective(vae, teacher, clean_latents, class_ids, *, energy_scale, class_scale, temperature=1.0,
+                       downsample=1):
+    """L(D(ẑ0), y) per sample (§2): decode ẑ0, let the teacher (with its preprocessing) score it.
+
+    `downsample` > 1 average-pools ẑ0 by that factor before decoding (our cheap decode): the VAE
+    decoder, the dominant cost of a guided step, then runs on 1/downsample² of the pixels, and the
+    teacher, which resizes to its ~224 px input anyway, sees a smaller but similar image."""
+    if downsample > 1:
+        clean_latents = F.avg_pool2d(clean_latents, downsample)
     logits = teacher(decode_to_unit(vae, clean_latents))
     return guidance_loss(logits, class_ids, energy_scale=energy_scale, class_scale=class_scale,
                          temperature=temperature)
@@ -516,7 +523,7 @@ def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
 def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None, num_steps=50,
                          cfg_scale=3.0, energy_scale=0.1, class_scale=0.1, guidance_start=0.1, guidance_end=0.7,
                          guidance_every=2, exact_grad=False, normalize_grad=True, temperature=1.0,
-                         height=None, width=None):
+                         height=None, width=None, guidance_downsample=2, guidance_vae=None):
     """Samples one image per prompt with a diffusers StableDiffusionPipeline, steered by the teacher (§2).
 
     Returns (images, stats): images in [0, 1], float, (B, 3, H, W); stats holds per image the final
@@ -534,6 +541,11 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     fraction of the noise prediction and the same value works across models. With both scales 0
     this is exactly `pipe(prompts, latents=latents, num_inference_steps=num_steps,
     guidance_scale=cfg_scale, output_type="pt")`.
+
+    Cost (our choices, measured by benchmark()): D in the guidance pass decodes ẑ0 average-pooled
+    by `guidance_downsample` (2: a quarter of the decoder's work; 1: the full-size decode), with
+    `guidance_vae` if given (e.g. a diffusers AutoencoderTiny, TAESD) instead of pipe.vae. The
+    final images are always decoded by pipe.vae at full size.
     """
     if num_steps < 1:
         raise UsageError(f"num_steps must be positive, got {num_steps}")
@@ -541,13 +553,16 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
         raise UsageError("cfg_scale, energy_scale and class_scale must be non-negative")
     if not 0.0 <= guidance_start < guidance_end <= 1.0:
         raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, got [{guidance_start}, {guidance_end}]")
-    if guidance_every < 1:
-        raise UsageError(f"guidance_every must be positive, got {guidance_every}")
+    if guidance_every < 1 or guidance_downsample < 1:
+        raise UsageError(f"guidance_every and guidance_downsample must be positive, got {guidance_every} "
+                         f"and {guidance_downsample}")
     device, unet, scheduler = pipe.device, pipe.unet, pipe.scheduler
     height = height or unet.config.sample_size * pipe.vae_scale_factor
     width = width or unet.config.sample_size * pipe.vae_scale_factor
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise UsageError(f"height and width must be multiples of {pipe.vae_scale_factor}, got {height}x{width}")
+    multiple = pipe.vae_scale_factor * guidance_downsample
+    if height % multiple or width % multiple:
+        raise UsageError(f"height and width must be multiples of {multiple} (VAE factor × guidance downsample), "
+                         f"got {height}x{width}")
     batch = len(prompts)
     class_ids = torch.as_tensor(class_ids, device=device)
 
@@ -564,7 +579,9 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     guide_any = energy_scale > 0 or class_scale > 0
     guided = guided_step_indices(len(scheduler.timesteps), guidance_start, guidance_end, guidance_every)
     skipped = torch.zeros(batch, dtype=torch.long, device=device)
-    objective = dict(energy_scale=energy_scale, class_scale=class_scale, temperature=temperature)
+    objective = dict(energy_scale=energy_scale, class_scale=class_scale, temperature=temperature,
+                     downsample=guidance_downsample)
+    guidance_vae = guidance_vae or pipe.vae
 
     for i, t in enumerate(scheduler.timesteps):
         guide = guide_any and i in guided
@@ -582,10 +599,10 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
             if exact_grad:  # ẑ0 depends on z_t through the UNet's ε̂ as well
                 with torch.enable_grad():
                     clean = (noisy - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
-                    loss = guidance_objective(pipe.vae, teacher, clean, class_ids, **objective)
+                    loss = guidance_objective(guidance_vae, teacher, clean, class_ids, **objective)
                     grad = torch.autograd.grad(loss.sum(), noisy)[0]
             else:
-                grad = approx_guidance_grad(pipe.vae, teacher, noisy, epsilon, alpha_bar, class_ids, **objective)
+                grad = approx_guidance_grad(guidance_vae, teacher, noisy, epsilon, alpha_bar, class_ids, **objective)
             epsilon, noisy = epsilon.detach(), noisy.detach()
             guided_epsilon, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=energy_scale + class_scale,
                                                     normalize=normalize_grad)
@@ -606,6 +623,18 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     return images, stats
 
 
+def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
+    """Speed options that leave the images within rounding of the plain computation (tested):
+    channels_last memory format for the UNet and VAE convolutions (faster with fp16 on GPUs), and
+    torch.compile of the UNet (a one-off compile, then faster steps). Returns `pipe`."""
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile_unet:
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
     """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
 
@@ -624,6 +653,19 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
         part.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_guidance_vae(name_or_path, device, dtype=torch.float32):
+    """A diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) from a hub id or local
+    folder, frozen, for the guidance decode only: its decoder costs a few percent of SD's."""
+    from diffusers import AutoencoderTiny
+
+    try:
+        vae = AutoencoderTiny.from_pretrained(name_or_path, dtype=dtype)
+    except Exception as error:  # hub, network and format failures all mean "cannot use this model"
+        raise UsageError(f"could not load tiny autoencoder '{name_or_path}' ({first_line(error)}); offline, "
+                         f"download it elsewhere and pass its local folder: --guidance-vae /path/to/taesd")
+    return vae.requires_grad_(False).eval().to(device)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -773,7 +815,8 @@ def class_folder(class_index, num_classes):
 
 
 def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8, image_format="png",
-                       identity=None, overwrite=False, max_new_images=None, progress=True, **sample_kwargs):
+                       identity=None, overwrite=False, max_new_images=None, progress=True, guidance_vae=None,
+                       **sample_kwargs):
     """Generates and caches `per_class` images per class; returns the manifest records, sorted.
 
     Writes `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), `manifest.jsonl` (one record per
@@ -781,8 +824,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     skipped, bytes) and `settings.json`. Image (c, i) uses prompts[c][i] and the noise of
     image_seed(seed, c, i). A rerun skips images that are present and readable and regenerates the
     others; settings that differ from the recorded ones raise UsageError unless `overwrite` (which
-    deletes the old set). `identity` names the models (they decide the pixels too); `sample_kwargs`
-    go to energy_guided_sample. `max_new_images` stops early, for time-limited jobs; rerun to finish.
+    deletes the old set). `identity` names the models (they decide the pixels too, `guidance_vae`
+    included when given); `sample_kwargs` go to energy_guided_sample. `max_new_images` stops early, for time-limited jobs; rerun to finish.
 
     Several processes (torchrun): the missing (class, index) pairs are dealt out to the ranks in
     turn; each rank writes only its own images and its own journal, manifest.rank<r>.jsonl, and at
@@ -847,7 +890,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
             seeds = [image_seed(seed, c, i) for c, i in batch]
             latents = initial_latents(seeds, latent_shape).to(pipe.device, pipe.unet.dtype)
             images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
-                                                 [c for c, _ in batch], latents=latents, **sample_kwargs)
+                                                 [c for c, _ in batch], latents=latents, guidance_vae=guidance_vae,
+                                                 **sample_kwargs)
             new_records = []
             for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
                 (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
@@ -885,6 +929,46 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0):
                     log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nullcontext()):
+    """One KD step (§4) on a batch already on its device: the teacher's logits (no gradient), the
+    student's forward and backward pass on the same images, an optimiser step. Returns the loss."""
+    with amp:
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        loss = kd_loss(student(images), teacher_logits, temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP: gradients averaged over the ranks here
+    optimizer.step()
+    return loss.detach()
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Item epoch·N + i of an N-image dataset, augmented with a seed of its own, derived from
+    (seed, epoch, i): image i gets the same crop and flip in epoch e whichever process, worker or
+    run loads it. So data-loading workers can persist across epochs, and a resumed or multi-GPU
+    run still sees the augmentations of an uninterrupted single-process one."""
+
+    def __init__(self, images, augment, seed):
+        self.images, self.augment, self.seed = images, augment, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, tagged_index):
+        epoch, index = divmod(tagged_index, len(self.images))
+        image, label = self.images[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed("augment", self.seed, epoch, index))
+            return self.augment(image), label
+
+
+class EpochTaggedSampler(torch.utils.data.DistributedSampler):
+    """A DistributedSampler whose indices carry their epoch (epoch·N + i) for SeededAugmentation."""
+
+    def __iter__(self):
+        return (self.epoch * len(self.dataset) + index for index in super().__iter__())
+
+
 def image_folder(data_dir, transform):
     """torchvision ImageFolder whose sorted folder names are the classes; a UsageError if unusable."""
     try:
@@ -895,7 +979,7 @@ def image_folder(data_dir, transform):
 
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4.0, checkpoint_path,
             device="cpu", image_size=224, weight_decay=1e-4, momentum=0.9, num_workers=4, seed=0,
-            data_settings=None, epochs_this_run=None, overwrite=False, progress=True):
+            data_settings=None, epochs_this_run=None, overwrite=False, progress=True, channels_last=False):
     """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4).
 
     Returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
@@ -907,11 +991,16 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     each of N ranks takes batch_size / N images per step, so a run means the same on 1 GPU or 8.
     Rank 0 writes the checkpoint; at the end every rank holds rank 0's weights.
 
+    Throughput (measured by benchmark()): `num_workers` processes decode and augment while the
+    GPU computes; they persist across epochs, batches go through pinned memory, the step runs in
+    bf16 autocast on CUDA, and `channels_last` stores activations channels-last (faster convs).
+
     Resuming: a checkpoint (model, optimiser, learning-rate schedule, and "epoch": the epochs done,
-    which is the epoch the sampler starts at) is written atomically by rank 0 after each epoch, and a call that finds one resumes
-    after its last epoch. The random state is not stored but derived: epoch e of rank r seeds its
-    augmentations from (seed, e, r) and the sampler shuffles with (seed, e), so a resumed run ends
-    where an uninterrupted one would. `epochs_this_run` stops early (time limits). `data_settings`
+    which is the epoch the sampler starts at) is written atomically by rank 0 after each epoch, and
+    a call that finds one resumes after its last epoch. The random state is not stored but derived:
+    the sampler shuffles epoch e with (seed, e), image i is augmented with (seed, e, i)
+    (SeededAugmentation) and rank r's other randomness is seeded with (seed, e, r), so a resumed
+    run ends where an uninterrupted one would. `epochs_this_run` stops early (time limits). `data_settings`
     (JSON-like) identifies how the images were made: a checkpoint trained on other data (or other
     hyper-parameters) is refused, or restarted from scratch with `overwrite`.
     """
@@ -923,18 +1012,22 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     device = torch.device(device)
     augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
                                   transforms.RandomHorizontalFlip(), transforms.ToTensor()])
-    dataset = image_folder(data_dir, augment)
+    images = image_folder(data_dir, transform=None)
+    dataset = SeededAugmentation(images, augment, seed)
     # Full batches only (BatchNorm cannot train on a ragged batch of one); a set smaller than one
     # batch is a single batch. Steps per epoch: len(dataset) // batch_size, whatever the world size.
     rank_batch = min(batch_size, len(dataset)) // world
     if rank_batch < 1:
         raise UsageError(f"{data_dir} has {len(dataset)} images, fewer than the {world} processes")
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                                  drop_last=True)
+    sampler = EpochTaggedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=rank_batch, sampler=sampler, drop_last=True,
+                                         num_workers=num_workers, persistent_workers=num_workers > 0,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
     steps_per_epoch = len(sampler) // rank_batch
     total_steps = epochs * steps_per_epoch
-    teacher.to(device).eval()
-    student.to(device).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    teacher.to(device, memory_format=memory_format).eval()
+    student.to(device, memory_format=memory_format).train()
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
@@ -943,7 +1036,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
               "image_size": image_size, "weight_decay": weight_decay, "momentum": momentum, "seed": seed,
-              "images": len(dataset), "classes": len(dataset.classes), "data": data_settings}
+              "images": len(dataset), "classes": len(images.classes), "data": data_settings}
     history, first_epoch = [], 0
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.exists():  # every rank loads it, so all start from the same state
@@ -961,26 +1054,16 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(first_epoch, last_epoch):
         sampler.set_epoch(epoch)  # the shuffle of epoch e: the same permutation on every rank
-        epoch_seed = derived_seed("distill", seed, epoch, rank)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(epoch_seed)  # augmentations of epoch e on this rank (workers: via the generator)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=rank_batch, sampler=sampler, drop_last=True, num_workers=num_workers,
-                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(epoch_seed))
+            torch.manual_seed(derived_seed("distill", seed, epoch, rank))  # any randomness of the models (dropout)
             total, count = torch.zeros((), device=device), 0
             with tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch",
                       disable=not progress or rank != 0) as batches:
-                for images, _ in batches:
-                    images = images.to(device, non_blocking=True)
-                    with amp:
-                        with torch.no_grad():
-                            teacher_logits = teacher(images)
-                        loss = kd_loss(model(images), teacher_logits, temperature)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()  # under DDP: gradients averaged over the ranks here
-                    optimizer.step()
+                for batch, _ in batches:
+                    batch = batch.to(device, memory_format=memory_format, non_blocking=True)
+                    total = total + kd_step(teacher, model, optimizer, batch, temperature, amp)
                     schedule.step()
-                    total, count = total + loss.detach(), count + 1
+                    count += 1
         loss_sum, batches = sum_over_ranks([total.item(), count])
         history.append(loss_sum / max(batches, 1))
         if rank == 0:
@@ -1301,6 +1384,12 @@ def build_parser():
     g.add_argument("--guidance-every", type=int, default=2, help="guide every k-th step inside the window")
     g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet (slower)")
     g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to (s_E+s_C)·‖ε̂‖")
+    g.add_argument("--guidance-downsample", type=int, default=2, help="average-pool ẑ0 by this factor before the "
+                   "guidance decode (cheap decode; 1: full size); the saved images are always full size")
+    g.add_argument("--guidance-vae", help="AutoencoderTiny id or folder (TAESD: madebyollin/taesd) for the guidance "
+                   "decode only; default: the SD VAE")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compile, faster steps)")
     g.add_argument("--height", type=int, help="image height (default: the model's)")
     g.add_argument("--width", type=int, help="image width (default: the model's)")
     g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch (per torchrun process)")
@@ -1327,7 +1416,7 @@ def build_parser():
 
 def check_args(args):
     """Rejects impossible flag values with a UsageError before any model is loaded."""
-    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every",
+    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every", "guidance_downsample",
                 "teacher_input_size", "pr_k", "sheet_classes")
     for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
         value = getattr(args, name)
@@ -1449,6 +1538,8 @@ def run(args, device):
                     "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
                     "teacher_preprocess": [preprocess.input_size, *preprocess.mean.flatten().tolist(),
                                            *preprocess.std.flatten().tolist()]}
+    if args.guidance_vae:
+        identity["guidance_vae"] = args.guidance_vae
     if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
         raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
                          f"expected {len(class_names)} (one per class, sorted in label order)")
@@ -1479,7 +1570,8 @@ def run(args, device):
                          class_scale=args.class_scale if guided else 0.0, temperature=args.energy_temperature,
                          guidance_start=args.guidance_start, guidance_end=args.guidance_end,
                          guidance_every=args.guidance_every, exact_grad=args.exact_grad,
-                         normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
+                         normalize_grad=not args.no_grad_norm, height=args.height, width=args.width,
+                         guidance_downsample=args.guidance_downsample)
     synthetic = out / "synthetic"
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
                                   identity=identity, sample_kwargs=sample_kwargs)
@@ -1490,11 +1582,14 @@ def run(args, device):
     if args.smoke and rank == 0:
         build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
     with rank_zero_first():
-        pipe = load_diffusion_pipeline(sd_model, device, dtype)
+        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype), channels_last=args.channels_last,
+                                 compile_unet=args.compile)
+        guidance_vae = load_guidance_vae(args.guidance_vae, device, dtype) if args.guidance_vae else None
     records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
                                  batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
-                                 overwrite=args.overwrite, max_new_images=args.max_new_images, **sample_kwargs)
-    del pipe
+                                 overwrite=args.overwrite, max_new_images=args.max_new_images,
+                                 guidance_vae=guidance_vae, **sample_kwargs)
+    del pipe, guidance_vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
     wanted = len(class_names) * args.per_class

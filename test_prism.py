@@ -22,7 +22,8 @@ import prism
 HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
 NAMES = ["mouse", "crane", "kite", "tank"]
-SAMPLE = dict(num_steps=10, guidance_start=0.0, guidance_end=1.0, guidance_every=1)  # guide every step
+SAMPLE = dict(num_steps=10, guidance_start=0.0, guidance_end=1.0, guidance_every=1,  # guide every step, with
+              guidance_downsample=1)                                                  # the full-size decode
 
 
 # ── fixtures: tiny real models, built once ──────────────────────────────────────────────────
@@ -169,6 +170,32 @@ def test_more_energy_guidance_gives_lower_energy(pipe, teacher):
                 for scale in (0.0, 0.1, 0.3, 0.6)]
     assert energies == sorted(energies, reverse=True) and len(set(energies)) == 4
     assert energies[0] - energies[-1] > 0.3  # a clear effect, not float noise
+
+
+def test_cheap_decode_still_lowers_energy(pipe, teacher):
+    """ẑ0 average-pooled 2× before the guidance decode (the default). On this random VAE, whose
+    latents have no image structure, it keeps only a small part of the full decode's effect, but
+    the energy still falls steadily with the scale."""
+    start = latents(8)
+    prompts, ids = PROMPTS * 2, [0, 1, 2, 3] * 2
+    energies = [prism.energy_guided_sample(pipe, teacher, prompts, ids, latents=start, energy_scale=scale,
+                                           class_scale=0.0, **dict(SAMPLE, guidance_downsample=2))[1]["energy"]
+                .mean().item() for scale in (0.0, 0.3, 0.6, 1.0)]
+    assert energies == sorted(energies, reverse=True) and energies[0] - energies[-1] > 0.02
+    with pytest.raises(prism.UsageError, match="multiples of 4"):
+        prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], height=34, width=32, **dict(SAMPLE, guidance_downsample=2))
+
+
+def test_channels_last_and_compile_leave_images_unchanged(pipe_dir, teacher):
+    """The speed options of speed_up_pipeline, against the plain computation (same latents)."""
+    start = latents(2)
+    images = {}
+    for name, options in {"plain": {}, "channels_last": dict(channels_last=True), "compile": dict(compile_unet=True)}.items():
+        pipe = prism.speed_up_pipeline(prism.load_diffusion_pipeline(pipe_dir, "cpu"), **options)
+        images[name] = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], latents=start,
+                                                  energy_scale=0.3, num_steps=4)[0]
+    for name in ("channels_last", "compile"):
+        torch.testing.assert_close(images[name], images["plain"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["exact", "raw-gradient", "euler"])
@@ -494,6 +521,34 @@ def test_distill_resumes_from_checkpoint_exactly(image_dir, teacher, tmp_path):
     with pytest.raises(prism.UsageError, match="lr"):
         prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
                       **dict(DISTILL, lr=0.01))
+
+
+def test_persistent_workers_and_channels_last_train_the_same_student(image_dir, teacher, tmp_path):
+    """Augmentations are seeded per (epoch, image), so two persistent worker processes give the
+    batches of the main process; channels_last changes the memory layout, not the result."""
+    results = {}
+    for name, options in {"plain": {}, "workers": dict(num_workers=2), "channels_last": dict(channels_last=True)}.items():
+        student = prism.build_tiny_classifier(4, width=8, seed=1)
+        history = prism.distill(teacher, student, image_dir, epochs=2, checkpoint_path=tmp_path / f"{name}.pt",
+                                **dict(DISTILL, **options))
+        results[name] = history, student.state_dict()
+    for name in ("workers", "channels_last"):
+        np.testing.assert_allclose(results[name][0], results["plain"][0], rtol=1e-5)
+        for key, value in results["plain"][1].items():
+            torch.testing.assert_close(results[name][1][key].contiguous(), value, atol=1e-5, rtol=1e-4)
+
+
+def test_seeded_augmentation_depends_on_epoch_and_image_only(image_dir):
+    augment = prism.transforms.Compose([prism.transforms.RandomResizedCrop(16), prism.transforms.ToTensor()])
+    dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), augment, seed=0)
+    n = len(dataset)
+    first = dataset[3][0]
+    torch.rand(100)  # whatever happened to the global RNG in between
+    assert torch.equal(dataset[3][0], first)
+    assert not torch.equal(dataset[n + 3][0], first)  # the same image in the next epoch: another crop
+    sampler = prism.EpochTaggedSampler(dataset, num_replicas=1, rank=0, seed=0)
+    sampler.set_epoch(2)
+    assert sorted(i - 2 * n for i in sampler) == list(range(n))
 
 
 class ChannelMeans(nn.Module):
