@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -1284,15 +1285,36 @@ def byte_level_alphabet():
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
 
 
-def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", seed=0):
-    """Builds a tiny randomly initialised StableDiffusionPipeline (UNet, VAE, CLIP text encoder,
-    character-level CLIP tokenizer, DDIM), saves it to `model_dir` and returns that folder, which
-    load_diffusion_pipeline opens exactly as it opens a real model."""
+# Architectures of random pipelines: "tiny" for tests and the smoke run; "sd15" is Stable Diffusion
+# 1.5's UNet (860M parameters) and VAE (84M) and CLIP ViT-L/14's text encoder (123M), for the
+# benchmark: the same FLOPs as the trained models, with no download.
+RANDOM_PIPELINES = {
+    "tiny": dict(
+        unet=dict(layers_per_block=1, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=32),
+        vae=dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)),
+    "sd15": dict(
+        unet=dict(layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                  attention_head_dim=8),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  vocab_size=49408, hidden_act="quick_gelu")),
+}
+
+
+def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon", seed=0):
+    """A randomly initialised StableDiffusionPipeline of one of RANDOM_PIPELINES (UNet, VAE, CLIP text
+    encoder, DDIM with SD's schedule) and a character-level CLIP tokenizer whose files go to `vocab_dir`."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    model_dir = Path(model_dir)
-    vocab_dir = model_dir / "vocab"
+    vocab_dir, config = Path(vocab_dir), RANDOM_PIPELINES[architecture]
     vocab_dir.mkdir(parents=True, exist_ok=True)
     alphabet = byte_level_alphabet()
     vocab = {token: n for n, token in enumerate(alphabet + [a + "</w>" for a in alphabet]
@@ -1300,25 +1322,28 @@ def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", 
     (vocab_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (vocab_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), model_max_length=77)
+    vae_factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            **{"vocab_size": len(vocab), **config["text"]}, max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"]))
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=32, sample_size=image_size)
+        unet = UNet2DConditionModel(sample_size=image_size // vae_factor, in_channels=4, out_channels=4, **config["unet"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, **config["vae"])
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", seed=0):
+    """Builds a tiny randomly initialised StableDiffusionPipeline (random_pipeline "tiny"), saves it
+    to `model_dir` and returns that folder, which load_diffusion_pipeline opens exactly as it opens
+    a real model."""
+    model_dir = Path(model_dir)
+    pipe = random_pipeline(model_dir / "vocab", image_size=image_size, prediction_type=prediction_type, seed=seed)
     pipe.save_pretrained(model_dir / "pipeline")
     return model_dir / "pipeline"
 
@@ -1335,7 +1360,140 @@ def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 7. Command line: prompts → synthesis → distillation → evaluation, each stage resumable
+# 7. Benchmark: real architectures with random weights (same FLOPs as the trained models)
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def peak_memory_gib(device):
+    """Peak memory since the last reset_peak_memory (GiB): GPU memory allocated by torch on CUDA;
+    on the CPU the process's peak resident set size so far (it never goes down)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def reset_peak_memory(device):
+    """Starts a new peak-memory measurement (GPU only; the CPU peak RSS cannot be reset)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed(device, function):
+    """(result, seconds) of function(), waiting for the GPU's queued work before each clock read."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def write_benchmark_images(folder, count, size, *, classes=10, seed=0):
+    """`count` PNGs of `size`² in `classes` folders: smooth random colour fields with mild pixel
+    noise, so that PNG sizes and decode times are near those of generated images."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    for n in range(count):
+        coarse = torch.rand(1, 3, 8, 8, generator=generator)
+        image = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
+        image = (image + 0.03 * torch.randn(image.shape, generator=generator)).clamp(0, 1)
+        (Path(folder) / f"{n % classes:04d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(
+            Path(folder) / f"{n % classes:04d}/{n:05d}.png")
+
+
+def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8, kd_batch=256, image_size=224,
+              num_workers=8, channels_last=False, compile_unet=False, progress=True):
+    """Times synthesis and distillation at real model size with random weights (issue: guidance
+    must be nearly free, KD must not wait for data). Returns {"sampling": rows, "distill": row}.
+
+    Sampling: Stable Diffusion 1.5's UNet and VAE and CLIP ViT-L's text encoder (fp16 on CUDA), a
+    resnet50 teacher; `gen_batch` images, `steps` DDIM steps, the default guidance window and
+    scales; one row per mode: seconds per image, its ratio to unguided sampling on the same
+    latents, peak memory, and the mean final teacher energy (guidance should lower it).
+    Distillation: resnet50 → resnet18 on PNGs written to `work_dir`: images per second of the full
+    distill() loop (decode, augment, copy, compute; 2 epochs of 8 steps) against the same number
+    of kd_step calls on batches already on the device; their ratio shows whether loading is the
+    bottleneck.
+    """
+    from diffusers import AutoencoderTiny
+
+    device, work_dir = torch.device(device), Path(work_dir)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = speed_up_pipeline(random_pipeline(work_dir / "vocab", architecture="sd15", image_size=height)
+                             .to(device, dtype), channels_last=channels_last, compile_unet=compile_unet)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    names = load_class_names("imagenet")[0]
+    teacher = with_preprocessing(torchvision.models.resnet50(), 224).to(device).eval().requires_grad_(False)
+    class_ids = list(range(gen_batch))
+    prompts = [row[0] for row in build_prompts([names[c] for c in class_ids], 1)]
+    start = initial_latents(range(gen_batch), (4, height // 8, width // 8)).to(device, dtype)
+    tiny_vae = AutoencoderTiny().to(device, dtype).requires_grad_(False)  # TAESD's architecture
+    modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0),
+             "guided, default (approx, ẑ0 pooled 2×)": {},
+             "guided, full-size decode": dict(guidance_downsample=1),
+             "guided, tiny autoencoder decode": dict(guidance_vae=tiny_vae),
+             "guided, exact (UNet backward)": dict(exact_grad=True)}
+    energy_guided_sample(pipe, teacher, prompts, class_ids, latents=start, num_steps=2, height=height, width=width,
+                         guidance_start=0.0, guidance_every=1)  # first touch of every weight and buffer
+    rows = []
+    for mode, options in tqdm(modes.items(), desc="benchmark: sampling", disable=not progress):
+        sample = dict(latents=start, num_steps=steps, height=height, width=width, **options)
+        energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))  # warm-up
+        reset_peak_memory(device)
+        (images, stats), seconds = timed(device, lambda: energy_guided_sample(pipe, teacher, prompts, class_ids,
+                                                                              **sample))
+        rows.append({"mode": mode, "s_per_image": seconds / gen_batch, "peak_memory_gib": peak_memory_gib(device),
+                     "mean_energy": stats["energy"].mean().item()})
+    for row in rows:
+        row["vs_unguided"] = row["s_per_image"] / rows[0]["s_per_image"]
+    del pipe, tiny_vae
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # Distillation: the full loop from disk against pure compute on the same number of batches.
+    write_benchmark_images(work_dir / "images", 8 * kd_batch, height)
+    student = with_preprocessing(torchvision.models.resnet18(), image_size)
+    teacher.float()
+    _, loop_seconds = timed(device, lambda: distill(
+        teacher, student, work_dir / "images", epochs=2, batch_size=kd_batch, lr=0.1, image_size=image_size,
+        checkpoint_path=work_dir / "checkpoint.pt", device=device, num_workers=num_workers, progress=progress,
+        channels_last=channels_last))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    student = with_preprocessing(torchvision.models.resnet18(), image_size).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    batches = [torch.rand(kd_batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+               for _ in range(2)]
+    kd_step(teacher, student, optimizer, batches[0], 4.0, amp)  # warm-up
+    _, compute_seconds = timed(device, lambda: [kd_step(teacher, student, optimizer, batches[n % 2], 4.0, amp)
+                                                for n in range(16)])
+    loop, compute = 16 * kd_batch / loop_seconds, 16 * kd_batch / compute_seconds
+    return {"sampling": rows, "distill": {"loop_images_per_s": loop, "compute_images_per_s": compute,
+                                          "loop_vs_compute": loop / compute}}
+
+
+def benchmark_table(result, machine):
+    """The benchmark result as a Markdown table (the README keeps these)."""
+    lines = [f"Machine: {machine}", "", "| sampling mode | s / image | × unguided | peak memory (GiB) | final energy |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | {r['peak_memory_gib']:.1f} | "
+              f"{r['mean_energy']:.3f} |" for r in result["sampling"]]
+    kd = result["distill"]
+    lines += ["", "| distillation | images / s |", "| --- | --- |",
+              f"| full KD loop (disk, decode, augment, copy, compute) | {kd['loop_images_per_s']:.1f} |",
+              f"| pure compute (batches already on the device) | {kd['compute_images_per_s']:.1f} |",
+              f"| loop / compute | {kd['loop_vs_compute']:.2f} |"]
+    return "\n".join(lines)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# 8. Command line: prompts → synthesis → distillation → evaluation, each stage resumable
 # ──────────────────────────────────────────────────────────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit."""
@@ -1348,6 +1506,9 @@ SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, e
                       image_size=32, workers=0, lr=0.05, guidance_start=0.0, guidance_end=1.0, guidance_every=1)
 
 
+BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8, workers=2)
+
+
 def build_parser():
     """Every flag of the program, with its default and what it controls."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1355,6 +1516,10 @@ def build_parser():
     g.add_argument("--out", default="runs/prism", help="output folder: prompts, images, checkpoints, results")
     g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random models, a CPU, "
                    "minutes; ignores --teacher/--student/--data/--sd-model/--llm (no accuracy meaning)")
+    g.add_argument("--benchmark", action="store_true", help="time synthesis (each guidance mode) and distillation "
+                   "with SD 1.5 / resnet50 / resnet18 architectures and random weights, no download; writes "
+                   "OUT/benchmark.md and .json. Uses --height --width --steps --gen-batch --batch-size --image-size "
+                   "--workers --channels-last --compile; on a CPU their defaults shrink to a few minutes' work")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...; "
                    "under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
@@ -1447,6 +1612,8 @@ def parse_args(argv):
     known, _ = parser.parse_known_args(argv)
     if known.smoke:
         parser.set_defaults(**SMOKE_DEFAULTS)
+    if known.benchmark and (known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())):
+        parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -1495,6 +1662,34 @@ def rank_zero_first():
     yield
     if rank == 0:
         barrier()
+
+
+def run_benchmark(args, device):
+    """--benchmark: runs benchmark() with the command line's sizes, prints its table and keeps it
+    in OUT/benchmark.md and OUT/benchmark.json. Returns the result dict."""
+    if rank_and_world()[1] > 1:
+        raise UsageError("--benchmark times one process: run it without torchrun")
+    out = Path(args.out)
+    try:
+        (out / "benchmark").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
+    height, width = args.height or 512, args.width or 512
+    if height % 16 or width % 16:
+        raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got {height}x{width}")
+    result = benchmark(device, out / "benchmark", height=height, width=width, steps=args.steps,
+                       gen_batch=args.gen_batch, kd_batch=args.batch_size, image_size=args.image_size,
+                       num_workers=args.workers, channels_last=args.channels_last, compile_unet=args.compile)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    settings = (f"{height}×{width}, {args.steps} steps, {args.gen_batch} images per sampling batch, "
+                f"{'fp16' if device.type == 'cuda' else 'fp32'}; KD batch {args.batch_size} at {args.image_size} px, "
+                f"{args.workers} workers{', channels_last' if args.channels_last else ''}"
+                f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}")
+    table = benchmark_table(result, f"{name} ({settings})")
+    (out / "benchmark.md").write_text(table + "\n", encoding="utf-8")
+    write_json_atomic({"machine": name, "settings": settings, **result}, out / "benchmark.json")
+    print(table)
+    return result
 
 
 def run(args, device):
@@ -1662,7 +1857,7 @@ def main(argv=None):
         library.disable_progress_bar()
     try:
         args = parse_args(argv)
-        run(args, init_distributed(args.device))
+        (run_benchmark if args.benchmark else run)(args, init_distributed(args.device))
     except (UsageError, OSError) as error:  # OSError: a disk or file problem that no stage turned into words
         rank, world = rank_and_world()
         sys.stderr.write(f"prism: error{f' (rank {rank})' if world > 1 else ''}: {error}\n")  # one write: ranks
