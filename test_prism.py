@@ -1039,3 +1039,20 @@ def test_ablation_run_measures_without_distilling(tmp_path):
     assert len(results["synthetic"]["per_class"]) == 4 == len(results["precision_recall"]["per_class"])
     assert set(results["evaluation"]) == {"data", "teacher"}
     assert (out / "contact_sheet.png").exists()
+
+
+# ── benchmark (plumbing only: timings are machine-dependent and never asserted) ─────────────
+def test_benchmark_reports_every_mode_and_the_kd_ratio(tmp_path):
+    result = prism.benchmark("cpu", tmp_path, architecture="tiny", height=32, width=32, steps=3, gen_batch=2,
+                             kd_batch=4, image_size=32, num_workers=0, progress=False, repeats=1)
+    rows = result["sampling"]
+    assert [row["mode"] for row in rows][:3] == ["unguided", "guided, default (approx, ẑ0 pooled 2×)",
+                                                 "guided, full-size decode"] and len(rows) == 5
+    assert rows[0]["vs_unguided"] == 1.0
+    for row in rows:
+        assert row["s_per_image"] > 0 and row["peak_memory_gib"] > 0 and np.isfinite(row["mean_energy"])
+        assert row["vs_unguided"] == pytest.approx(row["s_per_image"] / rows[0]["s_per_image"])
+    kd = result["distill"]
+    assert kd["loop_vs_compute"] == pytest.approx(kd["loop_images_per_s"] / kd["compute_images_per_s"])
+    table = prism.benchmark_table(result, "test machine")
+    assert table.count("\n| guided") == 4 and "| loop / compute |" in table
