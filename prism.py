@@ -826,7 +826,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     image_seed(seed, c, i). A rerun skips images that are present and readable and regenerates the
     others; settings that differ from the recorded ones raise UsageError unless `overwrite` (which
     deletes the old set). `identity` names the models (they decide the pixels too, `guidance_vae`
-    included when given); `sample_kwargs` go to energy_guided_sample. `max_new_images` stops early, for time-limited jobs; rerun to finish.
+    included when given); `sample_kwargs` go to energy_guided_sample. `max_new_images` stops
+    early, for time-limited jobs; rerun to finish.
 
     Several processes (torchrun): the missing (class, index) pairs are dealt out to the ranks in
     turn; each rank writes only its own images and its own journal, manifest.rank<r>.jsonl, and at

@@ -186,6 +186,25 @@ def test_cheap_decode_still_lowers_energy(pipe, teacher):
         prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], height=34, width=32, **dict(SAMPLE, guidance_downsample=2))
 
 
+def test_tiny_autoencoder_decodes_for_guidance_only(pipe, teacher, tmp_path):
+    """--guidance-vae: an AutoencoderTiny (TAESD's architecture, here tiny and random) loaded like
+    a real one, used in the guidance pass only: the final decode stays the pipeline's VAE."""
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    tiny = prism.load_guidance_vae(tmp_path / "taesd", "cpu")
+    start = latents(2)
+    sample = dict(latents=start, energy_scale=0.5, class_scale=0.0, **SAMPLE)
+    with_tiny, stats = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], guidance_vae=tiny, **sample)
+    with_own, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], **sample)
+    unguided, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], **dict(sample, energy_scale=0.0))
+    assert torch.isfinite(with_tiny).all() and stats["guidance_skipped"].sum() == 0
+    assert not torch.allclose(with_tiny, with_own) and not torch.allclose(with_tiny, unguided)
+    with pytest.raises(prism.UsageError, match="--guidance-vae"):
+        prism.load_guidance_vae(tmp_path / "missing", "cpu")
+
+
 def test_channels_last_and_compile_leave_images_unchanged(pipe_dir, teacher):
     """The speed options of speed_up_pipeline, against the plain computation (same latents)."""
     start = latents(2)
