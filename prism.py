@@ -77,7 +77,7 @@ def barrier():
 
 def gather_from_ranks(items):
     """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every rank."""
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     if world == 1:
         return [list(items)]
     parts = [None] * world
@@ -1702,7 +1702,7 @@ def run_benchmark(args, device):
                 f"{args.workers} workers{', channels_last' if args.channels_last else ''}"
                 f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}")
     table = benchmark_table(result, f"{name} ({settings})")
-    (out / "benchmark.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write(out / "benchmark.md", lambda temp: temp.write_text(table + "\n", encoding="utf-8"))
     write_json_atomic({"machine": name, "settings": settings, **result}, out / "benchmark.json")
     print(table)
     return result
