@@ -20,7 +20,9 @@ implements. Where a choice is ours rather than the method's, a comment says so.
 """
 import argparse
 import contextlib
+import copy
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -446,30 +448,86 @@ def decode_to_unit(vae, latents):
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def guidance_objective(vae, teacher, clean_latents, class_ids, *, energy_scale, class_scale, temperature=1.0,
-                       downsample=1):
-    """L(D(ẑ0), y) per sample (§2): decode ẑ0, let the teacher (with its preprocessing) score it.
-
-    `downsample` > 1 average-pools ẑ0 by that factor before decoding (our cheap decode): the VAE
-    decoder, the dominant cost of a guided step, then runs on 1/downsample² of the pixels, and the
-    teacher, which resizes to its ~224 px input anyway, sees a smaller but similar image."""
-    if downsample > 1:
-        clean_latents = F.avg_pool2d(clean_latents, downsample)
-    logits = teacher(decode_to_unit(vae, clean_latents))
-    return guidance_loss(logits, class_ids, energy_scale=energy_scale, class_scale=class_scale,
-                         temperature=temperature)
+def tweedie_clean_latent(noisy_latents, epsilon, alpha_bar):
+    """Tweedie estimate of the clean latent from z_t and the noise prediction (§2)."""
+    # ẑ0 = (z_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t)
+    return (noisy_latents - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
 
 
-def approx_guidance_grad(vae, teacher, noisy_latents, epsilon, alpha_bar, class_ids, **objective):
-    """g ≈ ∇_{z_t} L(D(ẑ0), y) with ε̂ held constant (§2, "approx"): no backward pass through the UNet.
+def at_least_float32(x):
+    """x in float32 if its dtype is narrower (float16, bfloat16); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
-    ẑ0 = (z_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t), so ∂ẑ0/∂z_t = 1/sqrt(ᾱ_t) and g = ∇_{ẑ0} L / sqrt(ᾱ_t).
-    `objective` holds energy_scale, class_scale and temperature of guidance_loss.
+
+def scaled_vjp(outputs, inputs, vectors):
+    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, returned in float32 (or wider).
+
+    Guidance gradients are tiny per value (a scale of 0.1 spread over 10⁵-10⁶ pixels), below
+    float16's normal range: a float16 VAE or UNet backward pass would flush them to zero. So each
+    sample's v is first scaled by a power of two to max|v| in [0.5, 1) and the result scaled
+    back (loss scaling, per sample). Powers of two are exact: in float32 this is autograd.grad.
+    A sample whose v is zero or not finite keeps scale 1, so 0 stays 0 and NaN stays NaN.
     """
-    clean = ((noisy_latents - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5).detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = guidance_objective(vae, teacher, clean, class_ids, **objective)
-        return torch.autograd.grad(loss.sum(), clean)[0] / alpha_bar ** 0.5
+    vectors = at_least_float32(vectors.detach())
+    peak = vectors.flatten(1).abs().amax(dim=1)
+    exponent = torch.frexp(peak)[1].view(-1, *([1] * (vectors.dim() - 1)))  # peak = m·2^e, m ∈ [½, 1)
+    scaled = torch.ldexp(vectors, -exponent).to(outputs.dtype)
+    grad = torch.autograd.grad(outputs, inputs, grad_outputs=scaled)[0]
+    return torch.ldexp(at_least_float32(grad), exponent)
+
+
+def clean_latent_grad(vae, teacher, clean_latents, class_ids, *, batch_size=4, **objective):
+    """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32. `objective`: the scales and τ of guidance_loss.
+
+    D is the pipeline's own VAE decoder on the full-size ẑ0 (the method's gradient); the teacher,
+    preprocessing included, scores the decoded image in float32. The backward pass is split at
+    the image: ∇_x L first (float32), then through the decoder by scaled_vjp, so that a float16
+    decoder keeps the gradient's direction. `batch_size` samples at a time bound the memory of
+    the decode with its backward pass (about 3 GiB per 512² image in float16); samples are
+    independent, so the micro-batch size does not change the result.
+    """
+    grads = []
+    for start in range(0, len(clean_latents), batch_size):
+        latents = clean_latents[start:start + batch_size].detach().requires_grad_(True)
+        with torch.enable_grad():
+            images = decode_to_unit(vae, latents)
+            pixels = at_least_float32(images.detach()).requires_grad_(True)
+            logits = at_least_float32(teacher(pixels))
+            loss = guidance_loss(logits, class_ids[start:start + batch_size], **objective)
+            pixel_grad = torch.autograd.grad(loss.sum(), pixels)[0]
+            grads.append(scaled_vjp(images, latents, pixel_grad))
+    return torch.cat(grads)
+
+
+def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
+                      exact=False, batch_size=4, **objective):
+    """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32.
+
+    predict_epsilon(z, rows) returns ε̂ for the samples `rows` of the batch, at z.
+    approx (default): ε̂ held constant, so ∂ẑ0/∂z_t = I / sqrt(ᾱ_t): no backward pass through the UNet.
+    exact: the UNet is differentiated too, `batch_size` samples at a time (its activations are
+    kept for the backward pass, so this bounds them with the decoder's).
+    """
+    if not exact:
+        with torch.no_grad():
+            epsilon = predict_epsilon(noisy_latents, slice(None))
+        clean = tweedie_clean_latent(noisy_latents, epsilon, alpha_bar)
+        grad = clean_latent_grad(vae, teacher, clean, class_ids, batch_size=batch_size, **objective)
+        # g = ∇_{ẑ0} L · ∂ẑ0/∂z_t = ∇_{ẑ0} L / sqrt(ᾱ_t)
+        return epsilon, grad / alpha_bar ** 0.5
+    epsilons, grads = [], []
+    for start in range(0, len(noisy_latents), batch_size):
+        rows = slice(start, start + batch_size)
+        noisy = noisy_latents[rows].detach().requires_grad_(True)
+        with torch.enable_grad():
+            epsilon = predict_epsilon(noisy, rows)
+            clean = tweedie_clean_latent(noisy, epsilon, alpha_bar)
+            clean_grad = clean_latent_grad(vae, teacher, clean, class_ids[rows],
+                                           batch_size=batch_size, **objective)
+            # g = (∂ẑ0/∂z_t)ᵀ · ∇_{ẑ0} L, through the UNet's ε̂(z_t)
+            grads.append(scaled_vjp(clean, noisy, clean_grad))
+        epsilons.append(epsilon.detach())
+    return torch.cat(epsilons), torch.cat(grads)
 
 
 def per_sample_norm(x):
@@ -478,21 +536,31 @@ def per_sample_norm(x):
 
 
 def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
-    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2). Returns (ε̂', finite): a sample whose g is not finite (fp16
-    overflow) is left unguided at this step and marked False in `finite`.
+    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2). Returns (ε̂', finite): a sample whose g is not finite is left
+    unguided at this step and marked False in `finite`.
 
-    With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (total_scale = s_E + s_C), so
-    the scales are fractions of the noise prediction; its direction is that of ∇(s_E·E + s_C·CE).
+    With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (total_scale = s_E + s_C),
+    so the scales are fractions of the noise prediction; its direction is that of
+    ∇(s_E·E + s_C·CE). The arithmetic is float32 whatever the dtype of ε̂: in float16, norms of
+    tiny gradients underflow and their ratios overflow.
     """
-    finite = torch.isfinite(grad.flatten(1)).all(dim=1)
-    grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+    epsilon32, grad32 = at_least_float32(epsilon), at_least_float32(grad)
+    finite = torch.isfinite(grad32.flatten(1)).all(dim=1)
+    grad32 = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad32, 0.0)
     if normalize:
-        grad = grad * (total_scale * per_sample_norm(epsilon) / per_sample_norm(grad).clamp_min(1e-12))
-    return epsilon + (1 - alpha_bar) ** 0.5 * grad, finite
+        # g/‖g‖ computed as u/‖u‖ with u = g/max|g|, which cannot underflow; a zero g stays zero
+        peak = grad32.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(grad32.dtype).tiny)
+        unit = grad32 / peak.view(-1, *([1] * (grad.dim() - 1)))
+        unit = unit / per_sample_norm(unit).clamp_min(1.0)  # ‖u‖ ≥ 1 unless u = 0
+        # g ← (s_E + s_C)·‖ε̂‖·g/‖g‖
+        grad32 = total_scale * per_sample_norm(epsilon32) * unit
+    # ε̂' = ε̂ + sqrt(1-ᾱ_t)·g
+    return (epsilon32 + (1 - alpha_bar) ** 0.5 * grad32).to(epsilon.dtype), finite
 
 
 def guided_step_indices(num_steps, start, end, every):
-    """Indices i of the sampling steps that get guidance: start ≤ i / num_steps < end, every k-th."""
+    """Indices i of the sampling steps that get guidance: start ≤ i / num_steps < end, every k-th.
+    `num_steps` is the scheduler's own count of timesteps (PNDM makes one more than asked)."""
     return set(range(math.ceil(start * num_steps), min(num_steps, math.ceil(end * num_steps)), every))
 
 
@@ -511,7 +579,8 @@ def to_epsilon(model_output, noisy_latents, alpha_bar, prediction_type):
         return model_output
     if prediction_type == "v_prediction":
         return alpha_bar ** 0.5 * model_output + (1 - alpha_bar) ** 0.5 * noisy_latents
-    raise UsageError(f"energy guidance supports epsilon and v_prediction schedulers, not '{prediction_type}'")
+    raise UsageError(f"energy guidance supports epsilon and v_prediction schedulers, "
+                     f"not '{prediction_type}'")
 
 
 def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
@@ -521,106 +590,179 @@ def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
     return (epsilon - (1 - alpha_bar) ** 0.5 * noisy_latents) / alpha_bar ** 0.5
 
 
-def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None, num_steps=50,
-                         cfg_scale=3.0, energy_scale=0.1, class_scale=0.1, guidance_start=0.1, guidance_end=0.7,
-                         guidance_every=2, exact_grad=False, normalize_grad=True, temperature=1.0,
-                         height=None, width=None, guidance_downsample=2, guidance_vae=None):
+def cfg_prediction(unet, noisy_latents, timestep, text, uncond, cfg_scale):
+    """The UNet's prediction with classifier-free guidance (§2), CFG pair in one UNet batch;
+    without `uncond` (CFG off) the text-conditioned prediction alone."""
+    if uncond is None:
+        return unet(noisy_latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+    both = unet(torch.cat([noisy_latents] * 2), timestep, encoder_hidden_states=torch.cat([uncond, text]),
+                return_dict=False)[0]
+    output_uncond, output_text = both.chunk(2)
+    # ε̂ = ε_uncond + w·(ε_text - ε_uncond)
+    return output_uncond + cfg_scale * (output_text - output_uncond)
+
+
+def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, prediction_type):
+    """predict(z, rows): the CFG prediction as ε̂ for the samples `rows` of the batch at step t."""
+    def predict(noisy_latents, rows):
+        output = cfg_prediction(unet, noisy_latents, timestep, text[rows],
+                                None if uncond is None else uncond[rows], cfg_scale)
+        return to_epsilon(output, noisy_latents, alpha_bar, prediction_type)
+    return predict
+
+
+# Schedulers whose steps cannot be read as z_t = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε with alpha_bar_at's ᾱ:
+# KDPM2's second-order stage scales the model input by interpolated sigmas (an oracle with a
+# fixed x0 and ε drifts by 30 there, against ≤ 4e-5 for DDIM, PNDM, Euler, LMS, Heun, DPM++,
+# UniPC, DEIS and v-prediction).
+UNGUIDABLE_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+
+def check_sampler_arguments(scheduler, *, num_steps, cfg_scale, energy_scale, class_scale,
+                            guidance_start, guidance_end, guidance_every, guidance_batch):
+    """Raises UsageError for sampler arguments that cannot mean what they say."""
+    if num_steps < 1 or guidance_every < 1 or guidance_batch < 1:
+        raise UsageError(f"num_steps, guidance_every and guidance_batch must be positive, got "
+                         f"{num_steps}, {guidance_every} and {guidance_batch}")
+    scales = (cfg_scale, energy_scale, class_scale)
+    if not all(math.isfinite(s) and s >= 0 for s in scales):
+        raise UsageError(f"cfg_scale, energy_scale and class_scale must be finite and non-negative, "
+                         f"got {scales}")
+    if not 0.0 <= guidance_start < guidance_end <= 1.0:
+        raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, "
+                         f"got [{guidance_start}, {guidance_end}]")
+    if (energy_scale or class_scale) and type(scheduler).__name__ in UNGUIDABLE_SCHEDULERS:
+        raise UsageError(f"energy guidance cannot use {type(scheduler).__name__} (its second-order "
+                         f"stage has no ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
+
+
+def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_scale, guided_steps,
+            exact_grad, normalize_grad, guidance_batch, guidance_vae, trace, **objective):
+    """The sampling loop (§2): from initial latents to final latents, guidance on `guided_steps`.
+    Returns (latents, skipped): per sample, the guided steps whose gradient was not finite."""
+    scheduler, unet = pipe.scheduler, pipe.unet
+    prediction_type = scheduler.config.prediction_type
+    step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    skipped = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
+    total_scale = objective["energy_scale"] + objective["class_scale"]
+    for i, t in enumerate(scheduler.timesteps):
+        # The UNet sees scale_model_input(latents): the variance-preserving z_t for every scheduler.
+        noisy = scheduler.scale_model_input(latents, t)
+        if i in guided_steps:
+            alpha_bar = alpha_bar_at(scheduler, t)
+            predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar, prediction_type)
+            epsilon, grad = guidance_gradient(predict, guidance_vae, teacher, noisy, alpha_bar, class_ids,
+                                              exact=exact_grad, batch_size=guidance_batch, **objective)
+            guided, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=total_scale,
+                                            normalize=normalize_grad)
+            skipped += (~finite).long()
+            output = from_epsilon(guided, noisy, alpha_bar, prediction_type)
+            if trace is not None:  # for check_guidance: the states where g was taken
+                trace.append({"step": i, "timestep": t, "alpha_bar": alpha_bar,
+                              "noisy": noisy.detach().clone(), "grad": grad.detach().clone()})
+        else:
+            with torch.no_grad():
+                output = cfg_prediction(unet, noisy, t, text, uncond, cfg_scale)
+        latents = scheduler.step(output.detach(), t, latents, **step_kwargs, return_dict=False)[0]
+    return latents, skipped
+
+
+def fresh_generators(generator):
+    """A function of rows giving generators in the state `generator` has now: a list (one per
+    image) is copied per row; a single generator or None is passed on as it is."""
+    if not isinstance(generator, list):
+        return lambda rows: generator
+    states = [g.get_state() for g in generator]
+    return lambda rows: [torch.Generator(generator[k].device).set_state(states[k]) for k in rows]
+
+
+def encode_prompts(pipe, prompts, cfg_scale):
+    """(text, uncond) CLIP embeddings of the prompts and of the empty prompt; uncond is None when
+    classifier-free guidance is off (w ≤ 1, or a UNet distilled to take w as an input)."""
+    do_cfg = cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    with torch.no_grad():
+        text, uncond = pipe.encode_prompt(prompts, pipe.device, 1, do_cfg)
+    return text, uncond if do_cfg else None
+
+
+def latent_shape(pipe, height=None, width=None):
+    """(channels, h, w) of one latent for images of height × width (default: the model's size)."""
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+
+
+def decode_images(pipe, latents):
+    """The pipeline's own final decode: images in [0, 1], float32, (B, 3, H, W)."""
+    with torch.no_grad():
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type="pt").float()
+
+
+def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None,
+                         num_steps=50, cfg_scale=3.0, energy_scale=0.25, class_scale=0.25,
+                         guidance_start=0.1, guidance_end=0.7, guidance_every=2, exact_grad=False,
+                         normalize_grad=True, temperature=1.0, height=None, width=None,
+                         guidance_batch=4, guidance_vae=None, trace=None):
     """Samples one image per prompt with a diffusers StableDiffusionPipeline, steered by the teacher (§2).
 
-    Returns (images, stats): images in [0, 1], float, (B, 3, H, W); stats holds per image the final
-    teacher "energy", "top1", "p_class" (probability of the intended class) and "guidance_skipped"
-    (guided steps whose gradient was not finite and so were left unguided for that image).
+    Returns (images, stats): images in [0, 1], float32, (B, 3, H, W); stats holds per image the
+    final teacher "energy", "top1", "p_class" (probability of the intended class),
+    "guidance_skipped" (guided steps whose gradient was not finite, left unguided for that image)
+    and "resampled_unguided" (True where guidance drove the latents to non-finite values, so the
+    image was made again without guidance: no NaN or black image is ever returned).
 
-    At every step:  ε̂ = ε_uncond + w·(ε_text - ε_uncond)                       (CFG, w = cfg_scale)
-    and on guided steps (window [guidance_start, guidance_end), every `guidance_every`-th):
-        ẑ0 = (z_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t)                                (Tweedie)
-        g  = ∇_{z_t} L(D(ẑ0), y),  L = s_E·E + s_C·CE                           (guidance_loss)
-             approx (default): ε̂ held constant, g = ∇_{ẑ0} L / sqrt(ᾱ_t), no UNet backward;
-             exact_grad: differentiate through the UNet as well.
-        ε̂' = ε̂ + sqrt(1-ᾱ_t)·g                                                  (ε̂ - sqrt(1-ᾱ)·∇log p)
-    With normalize_grad (our default), g is rescaled per sample to (s_E + s_C)·‖ε̂‖, so a scale is a
-    fraction of the noise prediction and the same value works across models. With both scales 0
-    this is exactly `pipe(prompts, latents=latents, num_inference_steps=num_steps,
-    guidance_scale=cfg_scale, output_type="pt")`.
-
-    Cost (our choices, measured by benchmark()): D in the guidance pass decodes ẑ0 average-pooled
-    by `guidance_downsample` (2: a quarter of the decoder's work; 1: the full-size decode), with
-    `guidance_vae` if given (e.g. a diffusers AutoencoderTiny, TAESD) instead of pipe.vae. The
-    final images are always decoded by pipe.vae at full size.
+    At every step ε̂ = ε_uncond + w·(ε_text - ε_uncond) (w = cfg_scale); on guided steps (window
+    [guidance_start, guidance_end) of the trajectory, every `guidance_every`-th step) ε̂ is
+    shifted by the teacher's gradient g (guidance_gradient, apply_guidance), then the scheduler
+    steps as usual. g decodes ẑ0 at full size with the pipeline's VAE (or `guidance_vae`, e.g. a
+    diffusers AutoencoderTiny: an approximation to measure with check_guidance before trusting
+    it), `guidance_batch` images at a time. `generator`: a list of one torch.Generator per image
+    makes stochastic schedulers' step noise a function of each image's own generator. `trace`, a
+    list, receives the state and g of every guided step. With both scales 0 this is exactly
+    `pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=cfg_scale,
+    output_type="pt")`.
     """
-    if num_steps < 1:
-        raise UsageError(f"num_steps must be positive, got {num_steps}")
-    if min(cfg_scale, energy_scale, class_scale) < 0:
-        raise UsageError("cfg_scale, energy_scale and class_scale must be non-negative")
-    if not 0.0 <= guidance_start < guidance_end <= 1.0:
-        raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, got [{guidance_start}, {guidance_end}]")
-    if guidance_every < 1 or guidance_downsample < 1:
-        raise UsageError(f"guidance_every and guidance_downsample must be positive, got {guidance_every} "
-                         f"and {guidance_downsample}")
-    device, unet, scheduler = pipe.device, pipe.unet, pipe.scheduler
+    scheduler, unet, device = pipe.scheduler, pipe.unet, pipe.device
+    check_sampler_arguments(scheduler, num_steps=num_steps, cfg_scale=cfg_scale, energy_scale=energy_scale,
+                            class_scale=class_scale, guidance_start=guidance_start, guidance_end=guidance_end,
+                            guidance_every=guidance_every, guidance_batch=guidance_batch)
     height = height or unet.config.sample_size * pipe.vae_scale_factor
     width = width or unet.config.sample_size * pipe.vae_scale_factor
-    multiple = pipe.vae_scale_factor * guidance_downsample
-    if height % multiple or width % multiple:
-        raise UsageError(f"height and width must be multiples of {multiple} (VAE factor × guidance downsample), "
-                         f"got {height}x{width}")
-    batch = len(prompts)
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise UsageError(f"height and width must be multiples of {pipe.vae_scale_factor}, got {height}x{width}")
     class_ids = torch.as_tensor(class_ids, device=device)
 
     # The same preparation as StableDiffusionPipeline.__call__, through its own methods.
-    do_cfg = cfg_scale > 1 and unet.config.time_cond_proj_dim is None
-    with torch.no_grad():
-        text, uncond = pipe.encode_prompt(prompts, device, 1, do_cfg)
-    embeddings = torch.cat([uncond, text]) if do_cfg else text
+    text, uncond = encode_prompts(pipe, prompts, cfg_scale)
     scheduler.set_timesteps(num_steps, device=device)
-    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, embeddings.dtype, device,
-                                   generator, latents)
-    step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
-    prediction_type = scheduler.config.prediction_type
-    guide_any = energy_scale > 0 or class_scale > 0
-    guided = guided_step_indices(len(scheduler.timesteps), guidance_start, guidance_end, guidance_every)
-    skipped = torch.zeros(batch, dtype=torch.long, device=device)
-    objective = dict(energy_scale=energy_scale, class_scale=class_scale, temperature=temperature,
-                     downsample=guidance_downsample)
-    guidance_vae = guidance_vae or pipe.vae
+    start = pipe.prepare_latents(len(prompts), unet.config.in_channels, height, width, text.dtype, device,
+                                 generator, latents)
+    generators = fresh_generators(generator)  # the step noise's state, for a resample
+    guided_steps = guided_step_indices(len(scheduler.timesteps), guidance_start, guidance_end,
+                                       guidance_every) if energy_scale or class_scale else set()
+    loop = dict(cfg_scale=cfg_scale, exact_grad=exact_grad, normalize_grad=normalize_grad,
+                guidance_batch=guidance_batch, guidance_vae=guidance_vae or pipe.vae, trace=trace,
+                energy_scale=energy_scale, class_scale=class_scale, temperature=temperature)
+    final, skipped = denoise(pipe, teacher, start, text, uncond, class_ids, generator=generator,
+                             guided_steps=guided_steps, **loop)
+    images = decode_images(pipe, final)
 
-    for i, t in enumerate(scheduler.timesteps):
-        guide = guide_any and i in guided
-        # The UNet sees scale_model_input(latents): the variance-preserving z_t for every scheduler.
-        noisy = scheduler.scale_model_input(latents, t).detach().requires_grad_(guide and exact_grad)
-        with torch.set_grad_enabled(guide and exact_grad):
-            model_input = torch.cat([noisy] * 2) if do_cfg else noisy
-            output = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
-            if do_cfg:
-                output_uncond, output_text = output.chunk(2)
-                output = output_uncond + cfg_scale * (output_text - output_uncond)
-        if guide:
-            alpha_bar = alpha_bar_at(scheduler, t)
-            epsilon = to_epsilon(output, noisy, alpha_bar, prediction_type)
-            if exact_grad:  # ẑ0 depends on z_t through the UNet's ε̂ as well
-                with torch.enable_grad():
-                    clean = (noisy - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
-                    loss = guidance_objective(guidance_vae, teacher, clean, class_ids, **objective)
-                    grad = torch.autograd.grad(loss.sum(), noisy)[0]
-            else:
-                grad = approx_guidance_grad(guidance_vae, teacher, noisy, epsilon, alpha_bar, class_ids, **objective)
-            epsilon, noisy = epsilon.detach(), noisy.detach()
-            guided_epsilon, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=energy_scale + class_scale,
-                                                    normalize=normalize_grad)
-            skipped += (~finite).long()
-            output = from_epsilon(guided_epsilon, noisy, alpha_bar, prediction_type)
-        latents = scheduler.step(output.detach(), t, latents, **step_kwargs, return_dict=False)[0]
-
+    resampled = ~torch.isfinite(images.flatten(1)).all(dim=1)
+    if resampled.any() and guided_steps:  # guidance overflowed (e.g. float16): redo those unguided
+        rows = resampled.nonzero().flatten().tolist()
+        scheduler.set_timesteps(num_steps, device=device)
+        redone, _ = denoise(pipe, teacher, start[rows], text[rows], None if uncond is None else uncond[rows],
+                            class_ids[rows], generator=generators(rows), guided_steps=set(), **loop)
+        images[rows] = decode_images(pipe, redone)
+    for k in (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist():
+        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[k]}' even without "
+                         f"guidance, in {text.dtype}: it overflows; run it in float32 (--dtype float32)")
     with torch.no_grad():
-        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        images = pipe.image_processor.postprocess(images, output_type="pt").float()
         logits = teacher(images).float()
-        stats = {
-            "energy": teacher_energy(logits, temperature),
-            "top1": logits.argmax(dim=-1),
-            "p_class": logits.softmax(dim=-1).gather(1, class_ids.view(-1, 1)).squeeze(1),
-            "guidance_skipped": skipped,
-        }
+    stats = {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
+             "p_class": logits.softmax(dim=-1).gather(1, class_ids.view(-1, 1)).squeeze(1),
+             "guidance_skipped": skipped, "resampled_unguided": resampled}
     return images, stats
 
 
@@ -705,9 +847,12 @@ def write_json_atomic(obj, path):
 
 
 def save_image_atomic(image, path):
-    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns its size in bytes."""
+    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns its
+    size in bytes. A non-finite image is refused: NaN pixels would be written as a black image."""
     from PIL import Image
 
+    if not torch.isfinite(image).all():
+        raise ValueError(f"refusing to save non-finite pixels as {path}")
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
     atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, format="JPEG" if jpeg else "PNG",
@@ -817,7 +962,7 @@ def class_folder(class_index, num_classes):
 
 def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8, image_format="png",
                        identity=None, overwrite=False, max_new_images=None, progress=True, guidance_vae=None,
-                       **sample_kwargs):
+                       guidance_batch=4, **sample_kwargs):
     """Generates and caches `per_class` images per class; returns the manifest records, sorted.
 
     Writes `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), `manifest.jsonl` (one record per
@@ -826,7 +971,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     image_seed(seed, c, i). A rerun skips images that are present and readable and regenerates the
     others; settings that differ from the recorded ones raise UsageError unless `overwrite` (which
     deletes the old set). `identity` names the models (they decide the pixels too, `guidance_vae`
-    included when given); `sample_kwargs` go to energy_guided_sample. `max_new_images` stops
+    included when given); `sample_kwargs` go to energy_guided_sample, and are recorded in the
+    settings with the rest; `guidance_batch`, a memory bound like `batch_size`, is not. `max_new_images` stops
     early, for time-limited jobs; rerun to finish.
 
     Several processes (torchrun): the missing (class, index) pairs are dealt out to the ranks in
@@ -879,9 +1025,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         missing = missing[:max_new_images]
     todo = missing[rank::world]
 
-    height = sample_kwargs.get("height") or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = sample_kwargs.get("width") or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latent_shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
     journal_path = out_dir / f"manifest.rank{rank}.jsonl"
     bar = tqdm(total=len(wanted) if world == 1 else len(todo), initial=len(wanted) - len(missing) if world == 1 else 0,
                desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}", unit="img",
@@ -890,9 +1034,13 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             seeds = [image_seed(seed, c, i) for c, i in batch]
-            latents = initial_latents(seeds, latent_shape).to(pipe.device, pipe.unet.dtype)
+            latents = initial_latents(seeds, shape).to(pipe.device, pipe.unet.dtype)
+            # stochastic schedulers' step noise: one generator per image, so an image is a function
+            # of its own seed whatever batch it is made in
+            step_noise = [torch.Generator().manual_seed(derived_seed("step-noise", s)) for s in seeds]
             images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
-                                                 [c for c, _ in batch], latents=latents, guidance_vae=guidance_vae,
+                                                 [c for c, _ in batch], latents=latents, generator=step_noise,
+                                                 guidance_vae=guidance_vae, guidance_batch=guidance_batch,
                                                  **sample_kwargs)
             new_records = []
             for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
@@ -901,7 +1049,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                 new_records.append({"file": file_of(c, i), "class": c, "index": i, "prompt": prompts[c][i],
                                     "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
                                     "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
-                                    "guidance_skipped": stats["guidance_skipped"][k].item(), "bytes": size})
+                                    "guidance_skipped": stats["guidance_skipped"][k].item(),
+                                    "resampled_unguided": bool(stats["resampled_unguided"][k]), "bytes": size})
             append_to_journal(journal_path, new_records)
             bar.update(len(batch))
 
@@ -1409,19 +1558,78 @@ def write_benchmark_images(folder, count, size, *, classes=10, seed=0):
             Path(folder) / f"{n % classes:04d}/{n:05d}.png")
 
 
+def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, repeats=1, progress=True,
+                        **sample_kwargs):
+    """Runs energy_guided_sample once per mode and round from the same latents; returns one row per
+    mode: seconds per image (the fastest round), its ratio to the first mode, peak memory (GiB)
+    and the stats of the images. Rounds visit the modes in turn, so drifts of the machine (clock,
+    caches, other load) hit every mode alike; a 2-step run per mode first warms every kernel."""
+    device = pipe.device
+    rows = {mode: {"mode": mode, "s_per_image": float("inf"), "peak_memory_gib": 0.0} for mode in modes}
+    rounds = [(round_index, mode) for round_index in range(repeats) for mode in modes]
+    for round_index, mode in tqdm(rounds, desc="timing sampling modes", disable=not progress):
+        sample = dict(sample_kwargs, latents=latents, **modes[mode])
+        if round_index == 0:
+            energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
+        reset_peak_memory(device)
+        (_, stats), seconds = timed(device, lambda: energy_guided_sample(pipe, teacher, prompts, class_ids,
+                                                                         **sample))
+        row = rows[mode]
+        row["s_per_image"] = min(row["s_per_image"], seconds / len(prompts))
+        row["peak_memory_gib"] = max(row["peak_memory_gib"], peak_memory_gib(device))
+        row["stats"] = stats
+    rows = list(rows.values())
+    for row in rows:
+        row["vs_unguided"] = row["s_per_image"] / rows[0]["s_per_image"]
+    return rows
+
+
+def time_guidance_parts(pipe, teacher, latents, class_ids, *, guidance_batch=4, repeats=2, **objective):
+    """Seconds per image of the parts of a sampling step, the fastest of `repeats`: one UNet call
+    (the CFG pair, no gradient), one guidance gradient (decode of ẑ0 with its backward pass and
+    the teacher's, approx mode), the teacher alone (forward and backward on the decoded images),
+    and the final decode. A guided step costs unet + guidance; an unguided one, unet."""
+    device, batch = pipe.device, len(latents)
+    with torch.no_grad():
+        text, uncond = pipe.encode_prompt([""] * batch, device, 1, True)
+    pipe.scheduler.set_timesteps(50, device=device)
+    t = pipe.scheduler.timesteps[10]
+    alpha_bar = alpha_bar_at(pipe.scheduler, t)
+    predict = epsilon_predictor(pipe.unet, t, text, uncond, 3.0, alpha_bar, pipe.scheduler.config.prediction_type)
+    images = decode_images(pipe, latents).requires_grad_(True)
+    class_ids = torch.as_tensor(class_ids, device=device)
+
+    def teacher_alone():
+        loss = guidance_loss(teacher(images), class_ids, **objective)
+        return torch.autograd.grad(loss.sum(), images)
+
+    parts = {"UNet step (CFG pair)": lambda: predict(latents, slice(None)).sum().item(),
+             "guidance gradient (decode + backward + teacher)": lambda: clean_latent_grad(
+                 pipe.vae, teacher, latents, class_ids, batch_size=guidance_batch, **objective),
+             "teacher alone (forward + backward)": teacher_alone,
+             "final decode": lambda: decode_images(pipe, latents)}
+    seconds = {}
+    for name, part in parts.items():
+        with torch.no_grad() if name.startswith(("UNet", "final")) else contextlib.nullcontext():
+            part()  # warm-up
+            seconds[name] = min(timed(device, part)[1] for _ in range(repeats)) / batch
+    return seconds
+
+
 def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8, kd_batch=256, image_size=224,
-              num_workers=8, channels_last=False, compile_unet=False, progress=True, architecture="sd15", repeats=2):
-    """Times synthesis and distillation at real model size with random weights (issue: guidance
-    must be nearly free, KD must not wait for data). Returns {"sampling": rows, "distill": row}.
+              num_workers=8, channels_last=False, compile_unet=False, progress=True, architecture="sd15", repeats=2,
+              guidance_batch=4):
+    """Times synthesis and distillation at real model size with random weights (the same FLOPs as
+    the trained models). Returns {"sampling": rows, "parts": seconds, "distill": row}.
 
     Sampling: Stable Diffusion 1.5's UNet and VAE and CLIP ViT-L's text encoder (fp16 on CUDA), a
     resnet50 teacher; `gen_batch` images, `steps` DDIM steps, the default guidance window and
-    scales; one row per mode: seconds per image (the fastest of `repeats` rounds), its ratio to
-    unguided sampling on the same latents, peak memory, and the mean final teacher energy.
-    Distillation: resnet50 → resnet18 on PNGs written to `work_dir`: images per second of the full
-    distill() loop (decode, augment, copy, compute) in its last of 3 epochs of 8 steps (steady
-    state: workers started, persistent), against 8 kd_step calls on batches already on the
-    device; their ratio shows whether loading is the bottleneck. `architecture` "tiny" swaps in the tiny pipeline (for the tests).
+    scales; one row per mode (time_sampling_modes), and the cost of each part of a step
+    (time_guidance_parts). Distillation: resnet50 → resnet18 on PNGs written to `work_dir`:
+    images per second of the full distill() loop (decode, augment, copy, compute) in its last of 3
+    epochs of 8 steps (steady state: workers started, persistent), against 8 kd_step calls on
+    batches already on the device; their ratio shows whether loading is the bottleneck.
+    `architecture` "tiny" swaps in the tiny pipeline (for the tests).
     """
     from diffusers import AutoencoderTiny
 
@@ -1441,33 +1649,22 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
     prompts = [row[0] for row in build_prompts([names[c] for c in class_ids], 1)]
     start = initial_latents(range(gen_batch), (4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
     start = start.to(device, dtype)
-    tiny_vae = AutoencoderTiny().to(device, dtype).requires_grad_(False)  # TAESD's architecture
+    checkpointed_vae = copy.deepcopy(pipe.vae)
+    checkpointed_vae.enable_gradient_checkpointing()
     modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0),
-             "guided, default (approx, ẑ0 pooled 2×)": {},
-             "guided, full-size decode": dict(guidance_downsample=1),
-             "guided, tiny autoencoder decode": dict(guidance_vae=tiny_vae),
+             "guided, default (approx, full-size decode)": {},
+             "guided, VAE gradient checkpointing": dict(guidance_vae=checkpointed_vae),
+             "guided, guidance batch 1": dict(guidance_batch=1),
+             "guided, tiny autoencoder decode (approximation)": dict(
+                 guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),  # TAESD's architecture
              "guided, exact (UNet backward)": dict(exact_grad=True)}
-    energy_guided_sample(pipe, teacher, prompts, class_ids, latents=start, num_steps=2, height=height, width=width,
-                         guidance_start=0.0, guidance_every=1)  # first touch of every weight and buffer
-    rows = {mode: {"mode": mode, "s_per_image": float("inf"), "peak_memory_gib": 0.0} for mode in modes}
-    rounds = [(round_index, mode) for round_index in range(repeats) for mode in modes]
-    for round_index, mode in tqdm(rounds, desc="benchmark: sampling", disable=not progress):
-        # Rounds visit the modes in turn and each keeps its fastest time: drifts of the machine
-        # (clock, caches, other load) then hit every mode alike.
-        sample = dict(latents=start, num_steps=steps, height=height, width=width, **modes[mode])
-        if round_index == 0:
-            energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))  # warm-up
-        reset_peak_memory(device)
-        (images, stats), seconds = timed(device, lambda: energy_guided_sample(pipe, teacher, prompts, class_ids,
-                                                                              **sample))
-        row = rows[mode]
-        row["s_per_image"] = min(row["s_per_image"], seconds / gen_batch)
-        row["peak_memory_gib"] = max(row["peak_memory_gib"], peak_memory_gib(device))
-        row["mean_energy"] = stats["energy"].mean().item()
-    rows = list(rows.values())
+    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, start, modes, repeats=repeats, progress=progress,
+                               num_steps=steps, height=height, width=width, guidance_batch=guidance_batch)
     for row in rows:
-        row["vs_unguided"] = row["s_per_image"] / rows[0]["s_per_image"]
-    del pipe, tiny_vae
+        row["mean_energy"] = row.pop("stats")["energy"].mean().item()
+    parts = time_guidance_parts(pipe, teacher, start, class_ids, guidance_batch=guidance_batch,
+                                energy_scale=0.25, class_scale=0.25)
+    del pipe, modes, checkpointed_vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -1490,16 +1687,107 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
                                                 for n in range(8)])
     loop, compute = 8 * kd_batch / loop_seconds, 8 * kd_batch / compute_seconds
     memory = "peak GPU memory (GiB)" if device.type == "cuda" else "peak RSS of the process so far (GiB)"
-    return {"sampling": rows, "memory": memory, "distill": {"loop_images_per_s": loop, "compute_images_per_s": compute,
+    return {"sampling": rows, "parts": parts, "memory": memory, "distill": {"loop_images_per_s": loop, "compute_images_per_s": compute,
                                                             "loop_vs_compute": loop / compute}}
 
 
-def benchmark_table(result, machine):
-    """The benchmark result as a Markdown table (the README keeps these)."""
-    lines = [f"Machine: {machine}", "", f"| sampling mode | s / image | × unguided | {result['memory']} | final energy |",
-             "| --- | --- | --- | --- | --- |"]
+def sampler_defaults():
+    """The default keyword arguments of energy_guided_sample (written once, in its signature)."""
+    parameters = inspect.signature(energy_guided_sample).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def teacher_scores(stats, class_ids):
+    """Mean final energy, p(y) and top-1 accuracy (%) of a set of sampled images."""
+    class_ids = torch.as_tensor(class_ids, device=stats["top1"].device)
+    return {"energy": stats["energy"].mean().item(), "p_class": stats["p_class"].mean().item(),
+            "top1": 100.0 * (stats["top1"] == class_ids).float().mean().item()}
+
+
+def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=None, class_names=None,
+                   progress=True, **sample_kwargs):
+    """Measures on these weights whether energy guidance does what §2 says: the first thing to run
+    with real weights on a new GPU. Returns {"fidelity", "modes", "per_class"} rows.
+
+    fidelity: at the first, middle and last guided steps of the default trajectory, the cosine
+    between the gradient of each other mode a user can pick (exact; approx with `guidance_vae`)
+    and the method's gradient g = ∇_{z_t} L(D(ẑ0), y) (approx, the pipeline's VAE at full size).
+    modes: from the same initial noise, seconds per image and its ratio to unguided, then the
+    mean final teacher energy, p(y) and top-1 accuracy. per_class: those three, unguided and
+    with the default guidance, for each class.
+    """
+    options = {**sampler_defaults(), **sample_kwargs}
+    modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0), "approx (default)": {},
+             "exact": dict(exact_grad=True)}
+    if guidance_vae is not None:
+        modes["approx, --guidance-vae decode"] = dict(guidance_vae=guidance_vae)
+    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, progress=progress,
+                               **sample_kwargs)
+    trace = []
+    energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace, **sample_kwargs)
+    text, uncond = encode_prompts(pipe, prompts, options["cfg_scale"])
+    objective = {key: options[key] for key in ("energy_scale", "class_scale", "temperature")}
+    ids = torch.as_tensor(class_ids, device=pipe.device)
+    fidelity = []
+    early_middle_late = sorted({0, len(trace) // 2, len(trace) - 1}) if trace else []
+    for entry in [trace[k] for k in early_middle_late]:
+        predict = epsilon_predictor(pipe.unet, entry["timestep"], text, uncond, options["cfg_scale"],
+                                    entry["alpha_bar"], pipe.scheduler.config.prediction_type)
+        for mode in list(modes)[2:]:
+            vae = modes[mode].get("guidance_vae", pipe.vae)
+            _, grad = guidance_gradient(predict, vae, teacher, entry["noisy"], entry["alpha_bar"], ids,
+                                        exact=mode == "exact", batch_size=options["guidance_batch"], **objective)
+            cosine = F.cosine_similarity(grad.flatten(1).double(), entry["grad"].flatten(1).double(), dim=1)
+            fidelity.append({"mode": mode, "step": entry["step"], "steps": len(pipe.scheduler.timesteps),
+                             "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
+    per_class = []
+    for c in dict.fromkeys(class_ids):
+        rows_c = [k for k, class_id in enumerate(class_ids) if class_id == c]
+        picked = {row["mode"]: {key: value[rows_c] for key, value in row["stats"].items()} for row in rows[:2]}
+        per_class.append({"class": c, "name": class_names[c] if class_names else str(c), "images": len(rows_c),
+                          **{mode: teacher_scores(stats, [c] * len(rows_c)) for mode, stats in picked.items()}})
+    for row in rows:
+        row.update(teacher_scores(row.pop("stats"), class_ids))
+    return {"fidelity": fidelity, "modes": rows, "per_class": per_class}
+
+
+def check_guidance_table(result):
+    """check_guidance's result as Markdown tables."""
+    lines = ["| gradient mode | step | cosine with the method's g (mean) | (min) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['step']} of {r['steps']} | {r['cosine_mean']:.3f} | {r['cosine_min']:.3f} |"
+              for r in result["fidelity"]]
+    lines += ["", "| sampling mode | s / image | × unguided | energy | p(y) | top-1 % |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | {r['energy']:.3f} | "
+              f"{r['p_class']:.4f} | {r['top1']:.1f} |" for r in result["modes"]]
+    lines += ["", "| class | images | energy: unguided → guided | p(y) | top-1 % |", "| --- | --- | --- | --- | --- |"]
+    for r in result["per_class"]:
+        before, after = r["unguided"], r["approx (default)"]
+        lines.append(f"| {r['class']} {r['name']} | {r['images']} | {before['energy']:.3f} → {after['energy']:.3f} | "
+                     f"{before['p_class']:.4f} → {after['p_class']:.4f} | {before['top1']:.0f} → {after['top1']:.0f} |")
+    return "\n".join(lines)
+
+
+def guided_cost_ratio(parts, num_steps, guided_steps):
+    """Estimated cost of a guided image over an unguided one from the parts of a step:
+    (N·unet + G·guidance + decode) / (N·unet + decode), N steps of which G are guided."""
+    unet, guide = parts["UNet step (CFG pair)"], parts["guidance gradient (decode + backward + teacher)"]
+    decode = parts["final decode"]
+    return (num_steps * unet + guided_steps * guide + decode) / (num_steps * unet + decode)
+
+
+def benchmark_table(result, machine, *, num_steps=50, guided_steps=15):
+    """The benchmark result as Markdown tables (the README keeps these); the guided/unguided cost
+    is also extrapolated from the parts to `num_steps` steps of which `guided_steps` are guided."""
+    lines = [f"Machine: {machine}", "", f"| sampling mode | s / image | × unguided | {result['memory']} | "
+             f"final energy |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | {r['peak_memory_gib']:.1f} | "
               f"{r['mean_energy']:.3f} |" for r in result["sampling"]]
+    lines += ["", "| part of a sampling step | s / image |", "| --- | --- |"]
+    lines += [f"| {name} | {seconds:.3f} |" for name, seconds in result["parts"].items()]
+    ratio = guided_cost_ratio(result["parts"], num_steps, guided_steps)
+    lines += [f"| guided / unguided image at {num_steps} steps, {guided_steps} guided (from the parts) | "
+              f"{ratio:.2f} |"]
     kd = result["distill"]
     lines += ["", "| distillation | images / s |", "| --- | --- |",
               f"| full KD loop (disk, decode, augment, copy, compute) | {kd['loop_images_per_s']:.1f} |",
@@ -1536,6 +1824,11 @@ def build_parser():
                    "with SD 1.5 / resnet50 / resnet18 architectures and random weights, no download; writes "
                    "OUT/benchmark.md and .json. Uses --height --width --steps --gen-batch --batch-size --image-size "
                    "--workers --channels-last --compile; on a CPU their defaults shrink to a few minutes' work")
+    g.add_argument("--check-guidance", action="store_true", help="measure energy guidance on these weights "
+                   "(minutes): cosine of each gradient mode with the method's, effect on energy, p(y) and "
+                   "top-1 vs unguided from the same noise, s/img; writes OUT/check_guidance.md and .json")
+    g.add_argument("--check-classes", type=int, default=4, help="classes (spread evenly) for --check-guidance")
+    g.add_argument("--check-seeds", type=int, default=2, help="images per class for --check-guidance")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...; "
                    "under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
@@ -1557,18 +1850,24 @@ def build_parser():
     g = p.add_argument_group("energy-guided sampling (§1-2)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours diversity)")
-    g.add_argument("--energy-scale", type=float, default=0.1, help="s_E, weight of the teacher energy E")
-    g.add_argument("--class-scale", type=float, default=0.1, help="s_C, weight of the class cross-entropy")
+    g.add_argument("--energy-scale", type=float, default=0.25, help="s_E, weight of the teacher energy E")
+    g.add_argument("--class-scale", type=float, default=0.25, help="s_C, weight of the class cross-entropy")
     g.add_argument("--energy-temperature", type=float, default=1.0, help="τ of the energy E = -τ logsumexp(f/τ)")
     g.add_argument("--guidance-start", type=float, default=0.1, help="guidance window start, fraction of steps")
     g.add_argument("--guidance-end", type=float, default=0.7, help="guidance window end, fraction of steps")
     g.add_argument("--guidance-every", type=int, default=2, help="guide every k-th step inside the window")
     g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet (slower)")
     g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to (s_E+s_C)·‖ε̂‖")
-    g.add_argument("--guidance-downsample", type=int, default=2, help="average-pool ẑ0 by this factor before the "
-                   "guidance decode (cheap decode; 1: full size); the saved images are always full size")
+    g.add_argument("--guidance-batch", type=int, default=4, help="images per guidance decode with its "
+                   "backward pass (about 3 GiB each at 512² in float16): bounds guidance memory whatever "
+                   "--gen-batch is; the result does not depend on it")
+    g.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the guidance "
+                   "decoder: about a sixth of its activation memory, one more decoder forward per guided step")
     g.add_argument("--guidance-vae", help="AutoencoderTiny id or folder (TAESD: madebyollin/taesd) for the guidance "
-                   "decode only; default: the SD VAE")
+                   "decode only (default: the SD VAE). An approximation of the method's gradient: measure it "
+                   "with --check-guidance before trusting it")
+    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="diffusion model precision (auto: float16 on CUDA, float32 on a CPU)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compile, faster steps)")
     g.add_argument("--height", type=int, help="image height (default: the model's)")
@@ -1597,8 +1896,9 @@ def build_parser():
 
 def check_args(args):
     """Rejects impossible flag values with a UsageError before any model is loaded."""
-    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every", "guidance_downsample",
-                "teacher_input_size", "pr_k", "sheet_classes")
+    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every", "guidance_batch",
+                "teacher_input_size", "pr_k", "sheet_classes",
+                "check_classes", "check_seeds")
     for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -1695,35 +1995,62 @@ def run_benchmark(args, device):
         raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got {height}x{width}")
     result = benchmark(device, out / "benchmark", height=height, width=width, steps=args.steps,
                        gen_batch=args.gen_batch, kd_batch=args.batch_size, image_size=args.image_size,
-                       num_workers=args.workers, channels_last=args.channels_last, compile_unet=args.compile)
+                       num_workers=args.workers, channels_last=args.channels_last, compile_unet=args.compile,
+                       guidance_batch=args.guidance_batch)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     settings = (f"{height}×{width}, {args.steps} steps, {args.gen_batch} images per sampling batch, "
                 f"{'fp16' if device.type == 'cuda' else 'fp32'}; KD batch {args.batch_size} at {args.image_size} px, "
-                f"{args.workers} workers{', channels_last' if args.channels_last else ''}"
+                f"{args.workers} workers, guidance batch {args.guidance_batch}"
+                f"{', channels_last' if args.channels_last else ''}"
                 f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}")
-    table = benchmark_table(result, f"{name} ({settings})")
+    real = build_parser().parse_args([])  # the real run's defaults, for the extrapolated cost
+    guided = guided_step_indices(real.steps, real.guidance_start, real.guidance_end, real.guidance_every)
+    table = benchmark_table(result, f"{name} ({settings})", num_steps=real.steps, guided_steps=len(guided))
     atomic_write(out / "benchmark.md", lambda temp: temp.write_text(table + "\n", encoding="utf-8"))
     write_json_atomic({"machine": name, "settings": settings, **result}, out / "benchmark.json")
     print(table)
     return result
 
 
-def run(args, device):
-    """The pipeline of main(), on parsed and checked arguments and this process's device. Returns
-    the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
-    the shared files (prompts, merged manifest, checkpoint, results); the ranks split the images
-    to make, the batches to train on and the images to evaluate."""
-    rank, world = rank_and_world()
-    if args.batch_size % world:  # checked by distill too, but say it now rather than after hours of synthesis
-        raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+def run_check_guidance(args, device):
+    """--check-guidance: check_guidance() on the command line's models and sampling flags, for
+    --check-classes classes spread evenly over the class list, --check-seeds images each (the
+    built-in prompts, no LLM). Prints the tables and keeps them in OUT/check_guidance.md and
+    .json. Returns the result dict."""
+    if rank_and_world()[1] > 1:
+        raise UsageError("--check-guidance measures one process: run it without torchrun")
+    out = make_out(args.out)
+    class_names, descriptions, teacher, _, _ = load_models(args, device)
+    count = min(args.check_classes, len(class_names))
+    chosen = [round(k * (len(class_names) - 1) / max(count - 1, 1)) for k in range(count)]
+    prompts = build_prompts(class_names, args.check_seeds, teacher=teacher, descriptions=descriptions,
+                            photo_share=args.photo_share, seed=args.seed, neighbours=args.neighbours)
+    pipe, guidance_vae = load_sampler(args, device, out)
+    pairs = [(c, i) for c in chosen for i in range(args.check_seeds)]
+    shape = latent_shape(pipe, args.height, args.width)
+    latents = initial_latents([image_seed(args.seed, c, i) for c, i in pairs], shape).to(device, pipe.unet.dtype)
+    result = check_guidance(pipe, teacher, [prompts[c][i] for c, i in pairs], [c for c, _ in pairs], latents,
+                            guidance_vae=guidance_vae, class_names=class_names, guidance_batch=args.guidance_batch,
+                            **sampling_options(args))
+    table = check_guidance_table(result)
+    atomic_write(out / "check_guidance.md", lambda temp: temp.write_text(table + "\n", encoding="utf-8"))
+    write_json_atomic(result, out / "check_guidance.json")
+    print(table)
+    return result
 
-    # Models and classes. Everything cheap to check is checked before the diffusion model loads.
+
+def model_dtype(name, device):
+    """The diffusion model's dtype for --dtype ("auto": float16 on CUDA, float32 on a CPU)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_models(args, device):
+    """The teacher, the student, the class names (and descriptions) and `identity`, the names and
+    fingerprints of everything that decides the pixels. Cheap checks all come before any large
+    model loads; with --smoke, tiny random models."""
+    dtype = model_dtype(args.dtype, device)
     if args.smoke:
         class_names, descriptions = list(SMOKE_CLASSES), None
         teacher = build_tiny_classifier(len(class_names), seed=args.seed).to(device).eval().requires_grad_(False)
@@ -1751,6 +2078,56 @@ def run(args, device):
                                            *preprocess.std.flatten().tolist()]}
     if args.guidance_vae:
         identity["guidance_vae"] = args.guidance_vae
+    return class_names, descriptions, teacher, student, identity
+
+
+def sampling_options(args):
+    """The keyword arguments of energy_guided_sample that the command line sets (all of them
+    decide the pixels, so they are recorded in the synthetic set's settings)."""
+    guided = "guidance" not in args.ablate
+    return dict(num_steps=args.steps, cfg_scale=args.cfg, energy_scale=args.energy_scale if guided else 0.0,
+                class_scale=args.class_scale if guided else 0.0, temperature=args.energy_temperature,
+                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
+                guidance_every=args.guidance_every, exact_grad=args.exact_grad,
+                normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
+
+
+def load_sampler(args, device, out):
+    """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
+    the command line (with --smoke, a tiny random one saved under OUT/tiny-models first)."""
+    dtype = model_dtype(args.dtype, device)
+    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
+    if args.smoke and rank_and_world()[0] == 0:
+        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
+    with rank_zero_first():
+        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype), channels_last=args.channels_last,
+                                 compile_unet=args.compile)
+        guidance_vae = load_guidance_vae(args.guidance_vae, device, dtype) if args.guidance_vae else None
+    if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
+        (guidance_vae or pipe.vae).enable_gradient_checkpointing()
+    return pipe, guidance_vae
+
+
+def make_out(out):
+    """Creates the output folder --out; a UsageError if it cannot be."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
+    return out
+
+
+def run(args, device):
+    """The pipeline of main(), on parsed and checked arguments and this process's device. Returns
+    the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
+    the shared files (prompts, merged manifest, checkpoint, results); the ranks split the images
+    to make, the batches to train on and the images to evaluate."""
+    rank, world = rank_and_world()
+    if args.batch_size % world:  # checked by distill too, but say it now rather than after hours of synthesis
+        raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
+    out = make_out(args.out)
+    class_names, descriptions, teacher, student, identity = load_models(args, device)
     if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
         raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
                          f"expected {len(class_names)} (one per class, sorted in label order)")
@@ -1776,30 +2153,18 @@ def run(args, device):
     prompts = json.loads(prompts_path.read_text(encoding="utf-8"))["prompts"]
 
     # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
-    guided = "guidance" not in args.ablate
-    sample_kwargs = dict(num_steps=args.steps, cfg_scale=args.cfg, energy_scale=args.energy_scale if guided else 0.0,
-                         class_scale=args.class_scale if guided else 0.0, temperature=args.energy_temperature,
-                         guidance_start=args.guidance_start, guidance_end=args.guidance_end,
-                         guidance_every=args.guidance_every, exact_grad=args.exact_grad,
-                         normalize_grad=not args.no_grad_norm, height=args.height, width=args.width,
-                         guidance_downsample=args.guidance_downsample)
+    sample_kwargs = sampling_options(args)
     synthetic = out / "synthetic"
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
                                   identity=identity, sample_kwargs=sample_kwargs)
     check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
     if device.type == "cpu" and not args.smoke and rank == 0:  # said once every input has passed its checks
         print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
-    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
-    if args.smoke and rank == 0:
-        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
-    with rank_zero_first():
-        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype), channels_last=args.channels_last,
-                                 compile_unet=args.compile)
-        guidance_vae = load_guidance_vae(args.guidance_vae, device, dtype) if args.guidance_vae else None
+    pipe, guidance_vae = load_sampler(args, device, out)
     records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
                                  batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
                                  overwrite=args.overwrite, max_new_images=args.max_new_images,
-                                 guidance_vae=guidance_vae, **sample_kwargs)
+                                 guidance_vae=guidance_vae, guidance_batch=args.guidance_batch, **sample_kwargs)
     del pipe, guidance_vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1873,7 +2238,8 @@ def main(argv=None):
         library.disable_progress_bar()
     try:
         args = parse_args(argv)
-        (run_benchmark if args.benchmark else run)(args, init_distributed(args.device))
+        command = run_benchmark if args.benchmark else run_check_guidance if args.check_guidance else run
+        command(args, init_distributed(args.device))
     except (UsageError, OSError) as error:  # OSError: a disk or file problem that no stage turned into words
         rank, world = rank_and_world()
         sys.stderr.write(f"prism: error{f' (rank {rank})' if world > 1 else ''}: {error}\n")  # one write: ranks
