@@ -755,9 +755,12 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
         redone, _ = denoise(pipe, teacher, start[rows], text[rows], None if uncond is None else uncond[rows],
                             class_ids[rows], generator=generators(rows), guided_steps=set(), **loop)
         images[rows] = decode_images(pipe, redone)
-    for k in (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist():
-        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[k]}' even without "
-                         f"guidance, in {text.dtype}: it overflows; run it in float32 (--dtype float32)")
+    failed = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+    if failed:
+        way_out = ("check its weights" if text.dtype == torch.float32
+                   else f"it overflows in {text.dtype}; run it in float32 (--dtype float32)")
+        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[failed[0]]}' even "
+                         f"without guidance: {way_out}")
     with torch.no_grad():
         logits = teacher(images).float()
     stats = {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
@@ -1903,6 +1906,9 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")

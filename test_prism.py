@@ -258,6 +258,285 @@ def test_sampler_rejects_bad_arguments(pipe, teacher):
             prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], **bad)
 
 
+# ── §2 the guidance gradient: the method's own, in float32 and float16, at bounded memory ────
+def state_on_a_trajectory(pipe, teacher, step=3):
+    """(z_t, t, ᾱ_t) of a guided trajectory at `step`, read from the sampler's trace."""
+    trace = []
+    prism.energy_guided_sample(pipe, teacher, PROMPTS, [0, 1, 2, 3], latents=latents(4), trace=trace, **SAMPLE)
+    entry = trace[step]
+    return entry["noisy"], entry["timestep"], entry["alpha_bar"]
+
+
+def direct_gradient(pipe, teacher, noisy, t, alpha_bar, *, exact, objective, cfg=3.0, ids=(0, 1, 2, 3)):
+    """g = ∇_{z_t} L(D(ẑ0(z_t)), y) written out with autograd: CFG ε̂ (held constant unless `exact`),
+    Tweedie ẑ0, the full-size decode, the teacher."""
+    text, uncond = pipe.encode_prompt(PROMPTS[:len(noisy)], "cpu", 1, True)
+    z = noisy.detach().clone().requires_grad_(True)
+    out_uncond, out_text = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, text])
+                                     ).sample.chunk(2)
+    epsilon = out_uncond + cfg * (out_text - out_uncond)
+    epsilon = epsilon if exact else epsilon.detach()
+    clean = (z - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
+    loss = direct_objective(pipe.vae, teacher, clean, torch.tensor(ids[:len(noisy)]), objective)
+    return torch.autograd.grad(loss.sum(), z)[0]
+
+
+def prism_gradient(pipe, teacher, noisy, t, alpha_bar, *, exact, objective, batch_size=4, vae=None):
+    text, uncond = prism.encode_prompts(pipe, PROMPTS[:len(noisy)], 3.0)
+    predict = prism.epsilon_predictor(pipe.unet, t, text, uncond, 3.0, alpha_bar, "epsilon")
+    return prism.guidance_gradient(predict, vae or pipe.vae, teacher, noisy.to(pipe.unet.dtype), alpha_bar,
+                                   torch.tensor([0, 1, 2, 3][:len(noisy)]), exact=exact, batch_size=batch_size,
+                                   **objective)[1]
+
+
+def cosines(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_guidance_gradient_is_the_full_size_decode_gradient(pipe, teacher, exact):
+    """The sampler's g equals a direct autograd computation of the method's gradient (§2)."""
+    noisy, t, alpha_bar = state_on_a_trajectory(pipe, teacher)
+    objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
+    expected = direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=exact, objective=objective)
+    got = prism_gradient(pipe, teacher, noisy, t, alpha_bar, exact=exact, objective=objective)
+    assert got.dtype == torch.float32 and expected.abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    if not exact:
+        assert cosines(got, direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=True,
+                                            objective=objective)).min() < 0.9999  # the modes differ
+
+
+@pytest.mark.parametrize("scale", [0.25, 1e-5])
+def test_float16_guidance_keeps_the_gradient_direction(pipe, teacher, scale):
+    """In float16 the pixel gradient (a scale spread over all pixels) is near float16's smallest
+    numbers; loss scaling per sample keeps g's direction (cosine ≥ 0.99 with float32). At 1e-5
+    (per-pixel values like 0.25 spread over a 512² image) plain autograd in float16 gives zeros."""
+    noisy, t, alpha_bar = state_on_a_trajectory(pipe, teacher)
+    objective = dict(energy_scale=scale, class_scale=scale, temperature=1.0)
+    reference = direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=False, objective=objective)
+    half = copy.deepcopy(pipe).to(torch.float16)
+    got = prism_gradient(half, teacher, noisy, t, alpha_bar, exact=False, objective=objective)
+    assert torch.isfinite(got).all() and cosines(got, reference).min() >= 0.99
+    if scale < 1e-3:
+        naive = direct_gradient(half, teacher, noisy.half(), t, alpha_bar, exact=False, objective=objective)
+        assert (naive == 0).float().mean() > 0.5  # what the scaling prevents
+
+
+def test_apply_guidance_in_float16_never_makes_nan():
+    """A zeroed (non-finite) g and a tiny g in float16: the arithmetic runs in float32."""
+    epsilon = torch.randn(3, 4, 64, 64).half()
+    grad = torch.randn(3, 4, 64, 64) * 1e-6  # ‖g‖ ≈ 3e-4: its square underflows float16
+    grad[2, 0, 0, 0] = float("nan")
+    guided, finite = prism.apply_guidance(epsilon, grad.half(), 0.36, total_scale=0.25, normalize=True)
+    expected, _ = prism.apply_guidance(epsilon.float(), grad.half().float(), 0.36, total_scale=0.25, normalize=True)
+    assert guided.dtype == torch.float16 and torch.isfinite(guided).all() and finite.tolist() == [True, True, False]
+    assert torch.equal(guided[2], epsilon[2])
+    torch.testing.assert_close(guided.float(), expected, atol=2e-3, rtol=1e-3)
+    shift = (guided.float() - epsilon.float()).flatten(1).norm(dim=1)
+    torch.testing.assert_close(shift[:2], 0.25 * 0.8 * epsilon.float().flatten(1).norm(dim=1)[:2], rtol=2e-2, atol=0)
+
+
+class BatchSizes:
+    """Records the batch size of every call of a module (a forward pre-hook)."""
+
+    def __init__(self, module):
+        self.sizes = []
+        module.register_forward_pre_hook(lambda _, inputs: self.sizes.append(len(inputs[0])))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_guidance_batch_bounds_the_decode_and_changes_nothing(pipe, teacher, exact):
+    noisy, t, alpha_bar = state_on_a_trajectory(pipe, teacher)
+    objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
+    whole = prism_gradient(pipe, teacher, noisy, t, alpha_bar, exact=exact, objective=objective, batch_size=4)
+    decoder = BatchSizes(pipe.vae.decoder)
+    unet = BatchSizes(pipe.unet)
+    small = prism_gradient(pipe, teacher, noisy, t, alpha_bar, exact=exact, objective=objective, batch_size=1)
+    assert decoder.sizes == [1, 1, 1, 1] and max(unet.sizes) == (2 if exact else 8)  # CFG pairs
+    torch.testing.assert_close(small, whole, rtol=1e-4, atol=1e-6 * whole.abs().max().item())
+
+
+def saved_tensor_bytes(function):
+    """Bytes of the tensors autograd keeps for the backward pass while `function` runs forward."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = function()
+    return result, total[0]
+
+
+def test_vae_gradient_checkpointing_keeps_the_gradient_and_saves_memory(pipe, teacher):
+    clean = latents(2)
+    objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
+    ids = torch.tensor([0, 1])
+    plain, plain_bytes = saved_tensor_bytes(lambda: prism.clean_latent_grad(pipe.vae, teacher, clean, ids,
+                                                                            **objective))
+    vae = copy.deepcopy(pipe.vae)
+    vae.enable_gradient_checkpointing()
+    checkpointed, checkpointed_bytes = saved_tensor_bytes(lambda: prism.clean_latent_grad(vae, teacher, clean, ids,
+                                                                                          **objective))
+    torch.testing.assert_close(checkpointed, plain)
+    assert checkpointed_bytes < 0.5 * plain_bytes
+
+
+def test_default_scales_lower_energy_and_raise_class_probability(pipe, teacher):
+    """At the defaults (50 steps, 15 guided, s_E = s_C = 0.25 with the ‖ε̂‖ rescale) guidance has
+    an effect well above float noise, and it grows with the scales."""
+    defaults = prism.sampler_defaults()
+    assert len(prism.guided_step_indices(50, defaults["guidance_start"], defaults["guidance_end"],
+                                         defaults["guidance_every"])) == 15
+    start, prompts, ids = latents(8), PROMPTS * 2, [0, 1, 2, 3] * 2
+    runs = {factor: prism.energy_guided_sample(pipe, teacher, prompts, ids, latents=start,
+                                               energy_scale=factor * defaults["energy_scale"],
+                                               class_scale=factor * defaults["class_scale"])[1]
+            for factor in (0.0, 0.5, 1.0, 2.0)}
+    energy = [runs[f]["energy"].mean().item() for f in runs]
+    p_class = [runs[f]["p_class"].mean().item() for f in runs]
+    assert energy[0] - energy[2] > 0.04 and p_class[2] - p_class[0] > 0.005  # the defaults do something
+    assert energy == sorted(energy, reverse=True) and p_class == sorted(p_class)
+    objective = {f: runs[f]["energy"] - runs[f]["p_class"].log() for f in runs}  # E + CE, what is guided
+    assert (objective[1.0] < objective[0.0]).all()  # for every image, not just on average
+
+
+class HugeLogits(nn.Module):
+    """Logits times 1e30: with unnormalised gradients, guidance drives the latents to overflow."""
+
+    def forward(self, logits):
+        return logits * 1e30
+
+
+def test_non_finite_latents_are_resampled_unguided_and_never_saved(pipe, teacher, tmp_path):
+    wild = nn.Sequential(teacher, HugeLogits())
+    start = latents(2)
+    sample = dict(latents=start, normalize_grad=False, energy_scale=1e5, class_scale=0.0, **SAMPLE)
+    images, stats = prism.energy_guided_sample(pipe, wild, PROMPTS[:2], [0, 1], **sample)
+    plain, _ = prism.energy_guided_sample(pipe, wild, PROMPTS[:2], [0, 1], **dict(sample, energy_scale=0.0))
+    assert stats["resampled_unguided"].tolist() == [True, True] and torch.isfinite(images).all()
+    torch.testing.assert_close(images, plain)
+    records = prism.synthesize_dataset(pipe, wild, prism.build_prompts(NAMES[:1], 2), tmp_path / "set",
+                                       per_class=2, **dict(SYNTH, normalize_grad=False, energy_scale=1e5))
+    assert [r["resampled_unguided"] for r in records] == [True, True]
+    assert all(pixels.std() > 5 for pixels in tree(tmp_path / "set").values())  # not black
+    with pytest.raises(ValueError, match="non-finite"):
+        prism.save_image_atomic(torch.full((3, 4, 4), float("nan")), tmp_path / "nan.png")
+    assert not (tmp_path / "nan.png").exists()
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")  # a model that fails even unguided
+    with pytest.raises(prism.UsageError, match="non-finite pixels for 'a photo of a mouse' even without guidance"):
+        prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], latents=latents(1), **SAMPLE)
+
+
+# ── schedulers: which ones guidance can read, and per-image step noise ──────────────────────
+SCHEDULERS = ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",  # (LMS needs scipy)
+              "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+              "DEISMultistepScheduler", "KDPM2DiscreteScheduler"]
+
+
+def oracle_drift(scheduler, prediction_type="epsilon", steps=20):
+    """Samples with an oracle that knows x0: it predicts ε = (z_t - sqrt(ᾱ_t)·x0) / sqrt(1-ᾱ_t) with
+    alpha_bar_at's ᾱ_t. If ᾱ_t is the scheduler's, z_t stays sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε0 and every
+    recovered ε equals ε0; returns the largest deviation."""
+    generator = torch.Generator().manual_seed(0)
+    x0, epsilon0 = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    scheduler.set_timesteps(steps)
+    latents_t = scheduler.add_noise(x0, epsilon0, scheduler.timesteps[:1])
+    drift = 0.0
+    for t in scheduler.timesteps:
+        noisy = scheduler.scale_model_input(latents_t, t)
+        alpha_bar = prism.alpha_bar_at(scheduler, t)
+        epsilon = (noisy - alpha_bar ** 0.5 * x0) / (1 - alpha_bar) ** 0.5
+        drift = max(drift, (epsilon - epsilon0).abs().max().item())
+        output = prism.from_epsilon(epsilon, noisy, alpha_bar, prediction_type)
+        latents_t = scheduler.step(output, t, latents_t, return_dict=False)[0]
+    return drift
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_alpha_bar_at_follows_each_scheduler_and_kdpm2_is_refused(pipe, teacher, name):
+    import diffusers
+
+    scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    drift = oracle_drift(scheduler)
+    if name.startswith("KDPM2"):
+        assert drift > 1.0  # why it is refused
+        pipe.scheduler = scheduler
+        with pytest.raises(prism.UsageError, match="cannot use KDPM2DiscreteScheduler"):
+            prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], latents=latents(1), **SAMPLE)
+        prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], latents=latents(1),  # unguided is fine
+                                   **dict(SAMPLE, energy_scale=0.0, class_scale=0.0))
+    else:
+        assert drift < 1e-4
+    if name == "DDIMScheduler":
+        v_scheduler = scheduler.from_config(scheduler.config, prediction_type="v_prediction")
+        assert oracle_drift(v_scheduler, "v_prediction") < 1e-4
+
+
+def test_stochastic_scheduler_noise_is_per_image(pipe, teacher):
+    """With one generator per image, an ancestral sampler's image does not depend on its batch."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    start = latents(3)
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    sample = dict(num_steps=6, energy_scale=0.25, class_scale=0.25, guidance_start=0.0, guidance_every=1)
+    batch, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:3], [0, 1, 2], latents=start,
+                                          generator=generators([7, 8, 9]), **sample)
+    alone, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[1:2], [1], latents=start[1:2],
+                                          generator=generators([8]), **sample)
+    torch.testing.assert_close(alone[0], batch[1], atol=1e-5, rtol=0)
+    shared, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:3], [0, 1, 2], latents=start,
+                                           generator=torch.Generator().manual_seed(8), **sample)
+    assert (shared[1] - alone[0]).abs().max() > 1e-3  # one generator for the batch: not per image
+
+
+# ── --check-guidance: the measurement a user runs on real weights ────────────────────────────
+def test_check_guidance_numbers_equal_a_direct_computation(pipe, teacher, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    tiny = prism.load_guidance_vae(tmp_path / "taesd", "cpu")
+    start, ids = latents(4), [0, 1, 2, 3]
+    result = prism.check_guidance(pipe, teacher, PROMPTS, ids, start, guidance_vae=tiny, class_names=NAMES,
+                                  progress=False, **SAMPLE)
+    modes = {row["mode"]: row for row in result["modes"]}
+    assert list(modes) == ["unguided", "approx (default)", "exact", "approx, --guidance-vae decode"]
+    _, unguided = prism.energy_guided_sample(pipe, teacher, PROMPTS, ids, latents=start,
+                                             **dict(SAMPLE, energy_scale=0.0, class_scale=0.0))
+    assert modes["unguided"]["energy"] == pytest.approx(unguided["energy"].mean().item(), rel=1e-5)
+    assert modes["unguided"]["top1"] == pytest.approx(100 * (unguided["top1"] == torch.tensor(ids)).float().mean())
+    assert modes["approx (default)"]["energy"] < modes["unguided"]["energy"]
+    assert [r["step"] for r in result["fidelity"]] == [0, 0, 5, 5, 9, 9]  # early, middle, late × two modes
+    exact_row = next(r for r in result["fidelity"] if r["mode"] == "exact" and r["step"] == 5)
+    noisy, t, alpha_bar = state_on_a_trajectory(pipe, teacher, step=5)
+    objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
+    direct = cosines(direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=True, objective=objective),
+                     direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=False, objective=objective))
+    assert exact_row["cosine_mean"] == pytest.approx(direct.mean().item(), abs=1e-4)
+    assert exact_row["cosine_min"] == pytest.approx(direct.min().item(), abs=1e-4)
+    per_class = {row["name"]: row for row in result["per_class"]}
+    assert per_class["kite"]["unguided"]["energy"] == pytest.approx(unguided["energy"][2].item(), rel=1e-5)
+
+
+def test_check_guidance_command_writes_its_tables(tmp_path, capsys):
+    out = tmp_path / "check"
+    assert prism.main(["--smoke", "--check-guidance", "--out", str(out)]) == 0
+    result = json.loads((out / "check_guidance.json").read_text())
+    assert [row["mode"] for row in result["modes"]] == ["unguided", "approx (default)", "exact"]
+    assert len(result["per_class"]) == 4 and all(row["images"] == 2 for row in result["per_class"])
+    table = (out / "check_guidance.md").read_text()
+    assert table.count("| exact |") == 4 and "| 3 tank | 2 |" in table
+    assert "cosine with the method's g" in capsys.readouterr().out
+
+
 # ── §3 prompts ───────────────────────────────────────────────────────────────────────────────
 def test_imagenet_prompts_unique_deterministic_and_named():
     names, _ = prism.load_class_names("imagenet")
@@ -621,6 +900,9 @@ BAD_FLAGS = {
         "negative energy scale": ["--energy-scale", "-0.1"],
         "negative class scale": ["--class-scale", "-1"],
         "negative cfg": ["--cfg", "-2"],
+        "not finite": ["--energy-scale", "nan"],
+        "zero guidance batch": ["--guidance-batch", "0"],
+        "removed cheap decode": ["--guidance-downsample", "2"],
         "window order": ["--guidance-start", "0.8", "--guidance-end", "0.5"],
         "window range": ["--guidance-end", "1.5"],
         "photo share": ["--photo-share", "1.5"],
