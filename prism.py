@@ -21,6 +21,7 @@ implements. Where a choice is ours rather than the method's, a comment says so.
 import argparse
 import contextlib
 import copy
+import fcntl
 import hashlib
 import inspect
 import io
@@ -32,6 +33,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,7 +54,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UsageError(ValueError):
-    """Bad input from the user: main() prints it as one line on stderr and exits with code 2."""
+    """Bad input from the user, or damaged state in --out: main() prints it as one line on
+    stderr and exits with code 2."""
+
+
+class RunFailure(RuntimeError):
+    """A run that cannot go on (training diverged): main() prints one line and exits with code 1."""
 
 
 def first_line(error):
@@ -460,7 +467,7 @@ def at_least_float32(x):
 
 
 def scaled_vjp(outputs, inputs, vectors):
-    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, returned in float32 (or wider).
+    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, in float32 (or wider).
 
     Guidance gradients are tiny per value (a scale of 0.1 spread over 10⁵-10⁶ pixels), below
     float16's normal range: a float16 VAE or UNet backward pass would flush them to zero. So each
@@ -470,14 +477,15 @@ def scaled_vjp(outputs, inputs, vectors):
     """
     vectors = at_least_float32(vectors.detach())
     peak = vectors.flatten(1).abs().amax(dim=1)
-    exponent = torch.frexp(peak)[1].view(-1, *([1] * (vectors.dim() - 1)))  # peak = m·2^e, m ∈ [½, 1)
+    # peak = m·2^e with m in [½, 1); v·2^-e has its largest value in [½, 1)
+    exponent = torch.frexp(peak)[1].view(-1, *([1] * (vectors.dim() - 1)))
     scaled = torch.ldexp(vectors, -exponent).to(outputs.dtype)
     grad = torch.autograd.grad(outputs, inputs, grad_outputs=scaled)[0]
     return torch.ldexp(at_least_float32(grad), exponent)
 
 
 def clean_latent_grad(vae, teacher, clean_latents, class_ids, *, batch_size=4, **objective):
-    """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32. `objective`: the scales and τ of guidance_loss.
+    """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
 
     D is the pipeline's own VAE decoder on the full-size ẑ0 (the method's gradient); the teacher,
     preprocessing included, scores the decoded image in float32. The backward pass is split at
@@ -504,7 +512,7 @@ def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, c
     """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32.
 
     predict_epsilon(z, rows) returns ε̂ for the samples `rows` of the batch, at z.
-    approx (default): ε̂ held constant, so ∂ẑ0/∂z_t = I / sqrt(ᾱ_t): no backward pass through the UNet.
+    approx (default): ε̂ held constant, so ∂ẑ0/∂z_t = I / sqrt(ᾱ_t): no UNet backward pass.
     exact: the UNet is differentiated too, `batch_size` samples at a time (its activations are
     kept for the backward pass, so this bounds them with the decoder's).
     """
@@ -591,12 +599,12 @@ def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
 
 
 def cfg_prediction(unet, noisy_latents, timestep, text, uncond, cfg_scale):
-    """The UNet's prediction with classifier-free guidance (§2), CFG pair in one UNet batch;
+    """The UNet's prediction with classifier-free guidance (§2), the CFG pair in one UNet batch;
     without `uncond` (CFG off) the text-conditioned prediction alone."""
     if uncond is None:
         return unet(noisy_latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
-    both = unet(torch.cat([noisy_latents] * 2), timestep, encoder_hidden_states=torch.cat([uncond, text]),
-                return_dict=False)[0]
+    both = unet(torch.cat([noisy_latents] * 2), timestep,
+                encoder_hidden_states=torch.cat([uncond, text]), return_dict=False)[0]
     output_uncond, output_text = both.chunk(2)
     # ε̂ = ε_uncond + w·(ε_text - ε_uncond)
     return output_uncond + cfg_scale * (output_text - output_uncond)
@@ -618,27 +626,36 @@ def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, predic
 UNGUIDABLE_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 
-def check_sampler_arguments(scheduler, *, num_steps, cfg_scale, energy_scale, class_scale,
-                            guidance_start, guidance_end, guidance_every, guidance_batch):
-    """Raises UsageError for sampler arguments that cannot mean what they say."""
+def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_scale,
+                            guidance_start, guidance_end, guidance_every, guidance_batch, height,
+                            width, **other_options):
+    """Raises UsageError for sampler arguments that cannot mean what they say; returns the image
+    (height, width), the model's own size where not given. `other_options` are not checked."""
     if num_steps < 1 or guidance_every < 1 or guidance_batch < 1:
         raise UsageError(f"num_steps, guidance_every and guidance_batch must be positive, got "
                          f"{num_steps}, {guidance_every} and {guidance_batch}")
     scales = (cfg_scale, energy_scale, class_scale)
     if not all(math.isfinite(s) and s >= 0 for s in scales):
-        raise UsageError(f"cfg_scale, energy_scale and class_scale must be finite and non-negative, "
-                         f"got {scales}")
+        raise UsageError(f"cfg_scale, energy_scale and class_scale must be finite and "
+                         f"non-negative, got {scales}")
     if not 0.0 <= guidance_start < guidance_end <= 1.0:
         raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, "
                          f"got [{guidance_start}, {guidance_end}]")
-    if (energy_scale or class_scale) and type(scheduler).__name__ in UNGUIDABLE_SCHEDULERS:
-        raise UsageError(f"energy guidance cannot use {type(scheduler).__name__} (its second-order "
-                         f"stage has no ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
+    scheduler = type(pipe.scheduler).__name__
+    if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
+        raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "
+                         f"ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
+    factor = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    if height % factor or width % factor:
+        raise UsageError(f"height and width must be multiples of {factor}, got {height}x{width}")
+    return height, width
 
 
 def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_scale, guided_steps,
             exact_grad, normalize_grad, guidance_batch, guidance_vae, trace, **objective):
-    """The sampling loop (§2): from initial latents to final latents, guidance on `guided_steps`.
+    """The sampling loop (§2): initial latents to final latents, guidance on `guided_steps`.
     Returns (latents, skipped): per sample, the guided steps whose gradient was not finite."""
     scheduler, unet = pipe.scheduler, pipe.unet
     prediction_type = scheduler.config.prediction_type
@@ -650,9 +667,11 @@ def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_s
         noisy = scheduler.scale_model_input(latents, t)
         if i in guided_steps:
             alpha_bar = alpha_bar_at(scheduler, t)
-            predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar, prediction_type)
-            epsilon, grad = guidance_gradient(predict, guidance_vae, teacher, noisy, alpha_bar, class_ids,
-                                              exact=exact_grad, batch_size=guidance_batch, **objective)
+            predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar,
+                                        prediction_type)
+            epsilon, grad = guidance_gradient(predict, guidance_vae, teacher, noisy, alpha_bar,
+                                              class_ids, exact=exact_grad,
+                                              batch_size=guidance_batch, **objective)
             guided, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=total_scale,
                                             normalize=normalize_grad)
             skipped += (~finite).long()
@@ -687,9 +706,30 @@ def encode_prompts(pipe, prompts, cfg_scale):
 
 def latent_shape(pipe, height=None, width=None):
     """(channels, h, w) of one latent for images of height × width (default: the model's size)."""
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+    factor = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    return pipe.unet.config.in_channels, height // factor, width // factor
+
+
+def final_stats(teacher, images, class_ids, temperature=1.0):
+    """What every saved image keeps (§2): the teacher's final "energy" E(x), its "top1" class and
+    "p_class", the probability of the intended class, so that precision can be filtered later."""
+    with torch.no_grad():
+        logits = at_least_float32(teacher(images))
+    return {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
+            "p_class": logits.softmax(dim=-1).gather(1, class_ids.view(-1, 1)).squeeze(1)}
+
+
+def refuse_non_finite(images, prompts, dtype):
+    """Raises UsageError if an image is still not finite after an unguided resample: the model
+    itself fails (an overflow in float16, or broken weights)."""
+    failed = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+    if failed:
+        way_out = ("check its weights" if dtype == torch.float32
+                   else f"it overflows in {dtype}; run it in float32 (--dtype float32)")
+        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[failed[0]]}' "
+                         f"even without guidance: {way_out}")
 
 
 def decode_images(pipe, latents):
@@ -704,43 +744,38 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
                          guidance_start=0.1, guidance_end=0.7, guidance_every=2, exact_grad=False,
                          normalize_grad=True, temperature=1.0, height=None, width=None,
                          guidance_batch=4, guidance_vae=None, trace=None):
-    """Samples one image per prompt with a diffusers StableDiffusionPipeline, steered by the teacher (§2).
+    """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2).
 
-    Returns (images, stats): images in [0, 1], float32, (B, 3, H, W); stats holds per image the
-    final teacher "energy", "top1", "p_class" (probability of the intended class),
-    "guidance_skipped" (guided steps whose gradient was not finite, left unguided for that image)
-    and "resampled_unguided" (True where guidance drove the latents to non-finite values, so the
-    image was made again without guidance: no NaN or black image is ever returned).
+    Returns (images, stats): images in [0, 1], float32, (B, 3, H, W); stats as final_stats, plus
+    "guidance_skipped" (guided steps whose g was not finite, left unguided for that image) and
+    "resampled_unguided" (True where guidance drove the latents to non-finite values and the
+    image was made again unguided: no NaN or black image is ever returned).
 
-    At every step ε̂ = ε_uncond + w·(ε_text - ε_uncond) (w = cfg_scale); on guided steps (window
-    [guidance_start, guidance_end) of the trajectory, every `guidance_every`-th step) ε̂ is
-    shifted by the teacher's gradient g (guidance_gradient, apply_guidance), then the scheduler
-    steps as usual. g decodes ẑ0 at full size with the pipeline's VAE (or `guidance_vae`, e.g. a
-    diffusers AutoencoderTiny: an approximation to measure with check_guidance before trusting
-    it), `guidance_batch` images at a time. `generator`: a list of one torch.Generator per image
-    makes stochastic schedulers' step noise a function of each image's own generator. `trace`, a
-    list, receives the state and g of every guided step. With both scales 0 this is exactly
-    `pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=cfg_scale,
-    output_type="pt")`.
+    On guided steps (window [guidance_start, guidance_end) of the trajectory, every
+    `guidance_every`-th) ε̂ is shifted by the teacher's gradient g (guidance_gradient,
+    apply_guidance), then the scheduler steps as usual. g decodes ẑ0 at full size with the
+    pipeline's VAE, `guidance_batch` images at a time, or with `guidance_vae` (e.g. a diffusers
+    AutoencoderTiny: an approximation, to measure with check_guidance before trusting it).
+    `generator`: a list of one torch.Generator per image makes a stochastic scheduler's step
+    noise a function of each image's own generator. `trace`, a list, receives the state and g of
+    every guided step. With both scales 0 this is exactly `pipe(prompts, latents=latents,
+    num_inference_steps=num_steps, guidance_scale=cfg_scale, output_type="pt")`.
     """
-    scheduler, unet, device = pipe.scheduler, pipe.unet, pipe.device
-    check_sampler_arguments(scheduler, num_steps=num_steps, cfg_scale=cfg_scale, energy_scale=energy_scale,
-                            class_scale=class_scale, guidance_start=guidance_start, guidance_end=guidance_end,
-                            guidance_every=guidance_every, guidance_batch=guidance_batch)
-    height = height or unet.config.sample_size * pipe.vae_scale_factor
-    width = width or unet.config.sample_size * pipe.vae_scale_factor
-    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
-        raise UsageError(f"height and width must be multiples of {pipe.vae_scale_factor}, got {height}x{width}")
+    scheduler, device = pipe.scheduler, pipe.device
+    height, width = check_sampler_arguments(
+        pipe, num_steps=num_steps, cfg_scale=cfg_scale, energy_scale=energy_scale,
+        class_scale=class_scale, guidance_start=guidance_start, guidance_end=guidance_end,
+        guidance_every=guidance_every, guidance_batch=guidance_batch, height=height, width=width)
     class_ids = torch.as_tensor(class_ids, device=device)
 
     # The same preparation as StableDiffusionPipeline.__call__, through its own methods.
     text, uncond = encode_prompts(pipe, prompts, cfg_scale)
     scheduler.set_timesteps(num_steps, device=device)
-    start = pipe.prepare_latents(len(prompts), unet.config.in_channels, height, width, text.dtype, device,
-                                 generator, latents)
-    generators = fresh_generators(generator)  # the step noise's state, for a resample
-    guided_steps = guided_step_indices(len(scheduler.timesteps), guidance_start, guidance_end,
-                                       guidance_every) if energy_scale or class_scale else set()
+    start = pipe.prepare_latents(len(prompts), pipe.unet.config.in_channels, height, width,
+                                 text.dtype, device, generator, latents)
+    generators = fresh_generators(generator)  # the step noise's state now, for a resample
+    guided_steps = set() if not (energy_scale or class_scale) else guided_step_indices(
+        len(scheduler.timesteps), guidance_start, guidance_end, guidance_every)
     loop = dict(cfg_scale=cfg_scale, exact_grad=exact_grad, normalize_grad=normalize_grad,
                 guidance_batch=guidance_batch, guidance_vae=guidance_vae or pipe.vae, trace=trace,
                 energy_scale=energy_scale, class_scale=class_scale, temperature=temperature)
@@ -749,24 +784,22 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     images = decode_images(pipe, final)
 
     resampled = ~torch.isfinite(images.flatten(1)).all(dim=1)
-    if resampled.any() and guided_steps:  # guidance overflowed (e.g. float16): redo those unguided
+    if resampled.any() and guided_steps:  # guidance overflowed (e.g. in float16): redo unguided
         rows = resampled.nonzero().flatten().tolist()
         scheduler.set_timesteps(num_steps, device=device)
-        redone, _ = denoise(pipe, teacher, start[rows], text[rows], None if uncond is None else uncond[rows],
-                            class_ids[rows], generator=generators(rows), guided_steps=set(), **loop)
+        redone, _ = denoise(pipe, teacher, start[rows], text[rows],
+                            None if uncond is None else uncond[rows], class_ids[rows],
+                            generator=generators(rows), guided_steps=set(), **loop)
         images[rows] = decode_images(pipe, redone)
-    failed = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
-    if failed:
-        way_out = ("check its weights" if text.dtype == torch.float32
-                   else f"it overflows in {text.dtype}; run it in float32 (--dtype float32)")
-        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[failed[0]]}' even "
-                         f"without guidance: {way_out}")
-    with torch.no_grad():
-        logits = teacher(images).float()
-    stats = {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
-             "p_class": logits.softmax(dim=-1).gather(1, class_ids.view(-1, 1)).squeeze(1),
-             "guidance_skipped": skipped, "resampled_unguided": resampled}
-    return images, stats
+    refuse_non_finite(images, prompts, text.dtype)
+    stats = final_stats(teacher, images, class_ids, temperature)
+    return images, dict(stats, guidance_skipped=skipped, resampled_unguided=resampled)
+
+
+def sampler_defaults():
+    """The default keyword arguments of energy_guided_sample (written once, in its signature)."""
+    parameters = inspect.signature(energy_guided_sample).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
@@ -844,9 +877,38 @@ def save_torch_atomic(obj, path):
     atomic_write(path, lambda temp: temp.write_bytes(buffer.getbuffer()))
 
 
+def finite_or_none(obj):
+    """`obj` with every non-finite float (NaN, ±inf) replaced by None, at any depth: strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(value) for value in obj]
+    return obj
+
+
 def write_json_atomic(obj, path):
-    """Writes `obj` as indented JSON to `path` atomically."""
-    atomic_write(path, lambda temp: temp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
+    """Writes `obj` as indented, strict JSON (no NaN or Infinity tokens) to `path` atomically."""
+    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def damaged(path, error, way_out):
+    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way out."""
+    return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
+
+
+def read_json(path, way_out):
+    """The JSON object stored at `path`; a file that is not UTF-8, not JSON or not an object is
+    damaged: a UsageError that names it and `way_out`."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise damaged(path, error, way_out)
+    if not isinstance(data, dict):
+        raise damaged(path, f"a JSON {type(data).__name__}, not an object", way_out)
+    return data
 
 
 def save_image_atomic(image, path):
@@ -894,18 +956,39 @@ def image_is_readable(path, expected_bytes):
         return False
 
 
+def check_images_load(data_dir, what):
+    """Decodes every image of the ImageFolder tree `data_dir` (the ranks share the work); the
+    first one that does not load is a UsageError naming the file."""
+    from PIL import Image
+
+    rank, world = rank_and_world()
+    paths = [path for path, _ in image_folder(data_dir, None).samples][rank::world]
+    problem = ""
+    for path in tqdm(paths, desc=f"checking {what}", unit="img", disable=rank != 0 or len(paths) < 1000):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # whatever PIL says, the file is not a usable image
+            problem = f"{what}: {path} is not a readable image ({first_line(error)}); fix or remove it"
+            break
+    problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
+    if problem:
+        raise UsageError(problem)
+
+
 def read_manifest(folder):
     """Records of a synthetic set keyed by (class, index): manifest.jsonl, then the journals of the
-    ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a torn line is ignored."""
+    ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a damaged line (torn,
+    not UTF-8, not JSON) is ignored, so its image is checked and made again."""
     records = {}
     for path in [Path(folder) / "manifest.jsonl", *sorted(Path(folder).glob("manifest.rank*.jsonl"))]:
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
+        for line in path.read_bytes().splitlines():
+            try:  # a damaged line (torn by a kill, a bad byte) loses one record: that image is remade
+                record = json.loads(line.decode("utf-8"))
                 records[(record["class"], record["index"])] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 continue
     return records
 
@@ -927,22 +1010,30 @@ def append_to_journal(path, records):
         raise UsageError(f"cannot write {path}: {first_line(error)}")
 
 
-def settings_difference(old, new):
-    """A short text of the keys whose values differ between two settings dicts ('' if none)."""
-    keys = sorted(set(old) | set(new), key=str)
-    return ", ".join(f"{k}: {str(old.get(k))[:40]} -> {str(new.get(k))[:40]}" for k in keys if old.get(k) != new.get(k))
+def settings_difference(old, new, shown=3):
+    """A short text of the keys whose values differ between two settings dicts ('' if none):
+    the first `shown` of them, then how many more."""
+    keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+    text = ", ".join(f"{k}: {str(old.get(k))[:40]} -> {str(new.get(k))[:40]}" for k in keys[:shown])
+    return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def check_settings(path, settings, *, overwrite, what):
     """Compares `settings` with those recorded at `path` (JSON). Returns True if they match,
-    False if none are recorded, and raises UsageError on a difference unless `overwrite`."""
+    False if none are recorded, and raises UsageError on a difference or a damaged file unless
+    `overwrite`."""
     path, settings = Path(path), json.loads(json.dumps(settings))  # compare as stored: tuples become lists
     if not path.exists():
         return False
+    way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
     try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        recorded = {"unreadable": str(path)}
+        recorded = read_json(path, way_out).get("settings")
+        if not isinstance(recorded, dict):
+            raise damaged(path, "no settings in it", way_out)
+    except UsageError:
+        if overwrite:
+            return False
+        raise
     if recorded == settings:
         return True
     if overwrite:
@@ -956,6 +1047,30 @@ def synthesis_settings(prompts, *, per_class, seed, image_format, identity, samp
     prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {"per_class": per_class, "seed": seed, "image_format": image_format, "prompts_sha256": prompts_hash,
             **identity, **sample_kwargs}
+
+
+def settings_digest(settings):
+    """16 hex digits naming a settings dict; every manifest record carries the digest of the
+    settings its image was made under, so an image can be trusted without settings.json."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_new_set(out_dir, settings):
+    """Records new synthesis settings in `out_dir` (rank 0; the recorded ones differ or are
+    damaged, and --overwrite was given). Images whose manifest record carries these settings'
+    digest are kept; the rest of the old set is deleted. Killed half way, it leaves either the
+    old settings (the next run refuses again) or the new ones with only images made under them."""
+    digest, manifest_path = settings_digest(settings), out_dir / "manifest.jsonl"
+    keep = {r["file"]: r for r in read_manifest(out_dir).values() if r.get("settings") == digest}
+    kept = "".join(json.dumps(record) + "\n" for record in keep.values())
+    atomic_write(manifest_path, lambda temp: temp.write_text(kept, encoding="utf-8"))
+    for journal in out_dir.glob("manifest.rank*.jsonl"):
+        journal.unlink()
+    for folder in [p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()]:
+        for image in folder.iterdir():
+            if f"{folder.name}/{image.name}" not in keep:
+                image.unlink()
+    write_json_atomic({"settings": settings}, out_dir / "settings.json")
 
 
 def class_folder(class_index, num_classes):
@@ -972,8 +1087,10 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     image: file, class, index, prompt, seed, final teacher energy, top-1, p_class, guidance steps
     skipped, bytes) and `settings.json`. Image (c, i) uses prompts[c][i] and the noise of
     image_seed(seed, c, i). A rerun skips images that are present and readable and regenerates the
-    others; settings that differ from the recorded ones raise UsageError unless `overwrite` (which
-    deletes the old set). `identity` names the models (they decide the pixels too, `guidance_vae`
+    others; settings that differ from the recorded ones (or a damaged settings.json) raise
+    UsageError unless `overwrite`, which starts a new set and keeps the images whose record
+    carries the new settings' digest (start_new_set). Every argument is checked before anything
+    is recorded. `identity` names the models (they decide the pixels too, `guidance_vae`
     included when given); `sample_kwargs` go to energy_guided_sample, and are recorded in the
     settings with the rest; `guidance_batch`, a memory bound like `batch_size`, is not. `max_new_images` stops
     early, for time-limited jobs; rerun to finish.
@@ -993,6 +1110,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         raise UsageError(f"image_format must be png or jpg, got {image_format}")
     if any(len(p) < per_class for p in prompts):
         raise UsageError(f"every class needs at least per_class={per_class} prompts")
+    check_sampler_arguments(pipe, **{**sampler_defaults(), **sample_kwargs, "guidance_batch": guidance_batch})
     rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
     settings = synthesis_settings(prompts, per_class=per_class, seed=seed, image_format=image_format,
@@ -1004,16 +1122,10 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         raise UsageError(f"cannot create {out_dir}: {first_line(error)}")
     same_settings = check_settings(settings_path, settings, overwrite=overwrite, what="synthetic images")
     barrier()  # every rank has read the old settings before rank 0 may replace them
-    if rank == 0:
-        if not same_settings:
-            old = [manifest_path, *out_dir.glob("manifest.rank*.jsonl"),
-                   *(p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit())]
-            for stale in old:
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-            write_json_atomic({"settings": settings}, settings_path)
-        for temp in [*out_dir.glob(".*.tmp*"), *out_dir.glob("*/.*.tmp*")]:  # left by a killed run; no rank
-            temp.unlink(missing_ok=True)                                   # writes before the barrier below
+    if rank == 0 and not same_settings:
+        start_new_set(out_dir, settings)
     barrier()
+    digest = settings_digest(settings)
 
     def file_of(c, i):
         return f"{class_folder(c, num_classes)}/{str(i).zfill(max(5, len(str(per_class - 1))))}.{image_format}"
@@ -1053,7 +1165,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                                     "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
                                     "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
                                     "guidance_skipped": stats["guidance_skipped"][k].item(),
-                                    "resampled_unguided": bool(stats["resampled_unguided"][k]), "bytes": size})
+                                    "resampled_unguided": bool(stats["resampled_unguided"][k]), "bytes": size,
+                                    "settings": digest})
             append_to_journal(journal_path, new_records)
             bar.update(len(batch))
 
@@ -1061,7 +1174,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     if rank == 0:  # merge the journals into one manifest without duplicates (a finished set is not rewritten)
         records = read_manifest(out_dir)
         compacted = "".join(json.dumps(records[key]) + "\n" for key in wanted if key in records)
-        if not manifest_path.exists() or manifest_path.read_text(encoding="utf-8") != compacted:
+        if not manifest_path.exists() or manifest_path.read_bytes() != compacted.encode("utf-8"):
             atomic_write(manifest_path, lambda temp: temp.write_text(compacted, encoding="utf-8"))
         for journal in out_dir.glob("manifest.rank*.jsonl"):
             journal.unlink()
@@ -1121,6 +1234,27 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
 
     def __iter__(self):
         return (self.epoch * len(self.dataset) + index for index in super().__iter__())
+
+
+CHECKPOINT_KEYS = ("epoch", "config", "history", "student", "optimizer", "schedule")
+
+
+def load_checkpoint(path, device, *, overwrite=False):
+    """distill's checkpoint at `path`, or None if there is none. One that does not load (empty,
+    truncated, garbage, another kind of file) is damaged: a UsageError naming it, or None (start
+    again) with `overwrite`."""
+    if not Path(path).exists():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+            raise ValueError("not a PRISM distillation checkpoint")
+        return checkpoint
+    except Exception as error:  # any failure to load it means: damaged
+        if overwrite:
+            return None
+        raise damaged(path, error, "rerun with --overwrite to restart distillation (the synthetic "
+                                   "images are kept), or delete it")
 
 
 def image_folder(data_dir, transform):
@@ -1193,8 +1327,8 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
               "images": len(dataset), "classes": len(images.classes), "data": data_settings}
     history, first_epoch, epoch_seconds = [], 0, []
     checkpoint_path = Path(checkpoint_path)
-    if checkpoint_path.exists():  # every rank loads it, so all start from the same state
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path, device, overwrite=overwrite)  # every rank: same start
+    if checkpoint is not None:
         if checkpoint["config"] == config:
             student.load_state_dict(checkpoint["student"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1221,6 +1355,10 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
                     schedule.step()
                     count += 1
         loss_sum, batches = sum_over_ranks([total.item(), count])  # .item() waits for the GPU
+        if not math.isfinite(loss_sum):  # the weights are lost: keep the last good checkpoint
+            raise RunFailure(f"distillation diverged in epoch {epoch + 1}: the KD loss is {loss_sum}; "
+                             f"{checkpoint_path} keeps epoch {epoch}. The learning rate {lr} is likely "
+                             f"too high: lower --lr and rerun with --overwrite (the images are kept)")
         history.append(loss_sum / max(batches, 1))
         epoch_seconds.append(time.perf_counter() - started)
         if rank == 0:
@@ -1352,6 +1490,7 @@ def synthetic_set_report(records, features, class_names, *, worst=10):
             "std_energy": energies.std().item() if len(records) > 1 else 0.0,
             "mean_p_class": sum(r["p_class"] for r in records) / len(records),
             "guidance_skipped_images": sum(r.get("guidance_skipped", 0) > 0 for r in records),
+            "resampled_unguided_images": sum(bool(r.get("resampled_unguided")) for r in records),
             "diversity": sum(entry["diversity"] for entry in per_class) / len(per_class),
             "lowest_agreement": lowest(per_class, "agreement", worst),
             "lowest_diversity": lowest(per_class, "diversity", worst), "per_class": per_class}
@@ -1561,25 +1700,24 @@ def write_benchmark_images(folder, count, size, *, classes=10, seed=0):
             Path(folder) / f"{n % classes:04d}/{n:05d}.png")
 
 
-def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, repeats=1, progress=True,
-                        **sample_kwargs):
-    """Runs energy_guided_sample once per mode and round from the same latents; returns one row per
-    mode: seconds per image (the fastest round), its ratio to the first mode, peak memory (GiB)
-    and the stats of the images. Rounds visit the modes in turn, so drifts of the machine (clock,
-    caches, other load) hit every mode alike; a 2-step run per mode first warms every kernel."""
-    device = pipe.device
-    rows = {mode: {"mode": mode, "s_per_image": float("inf"), "peak_memory_gib": 0.0} for mode in modes}
+def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, repeats=1,
+                        progress=True, **sample_kwargs):
+    """Runs energy_guided_sample once per mode and round from the same latents; returns one row
+    per mode: seconds per image (the fastest round), its ratio to the first mode's, peak memory
+    (GiB) and the stats of the images. Rounds visit the modes in turn, so drifts of the machine
+    (clock, caches, other load) hit every mode alike; a 2-step run per mode warms it up first."""
+    rows = {mode: {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0.0} for mode in modes}
     rounds = [(round_index, mode) for round_index in range(repeats) for mode in modes]
     for round_index, mode in tqdm(rounds, desc="timing sampling modes", disable=not progress):
         sample = dict(sample_kwargs, latents=latents, **modes[mode])
         if round_index == 0:
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
-        reset_peak_memory(device)
-        (_, stats), seconds = timed(device, lambda: energy_guided_sample(pipe, teacher, prompts, class_ids,
-                                                                         **sample))
+        reset_peak_memory(pipe.device)
+        (_, stats), seconds = timed(pipe.device, lambda: energy_guided_sample(
+            pipe, teacher, prompts, class_ids, **sample))
         row = rows[mode]
         row["s_per_image"] = min(row["s_per_image"], seconds / len(prompts))
-        row["peak_memory_gib"] = max(row["peak_memory_gib"], peak_memory_gib(device))
+        row["peak_memory_gib"] = max(row["peak_memory_gib"], peak_memory_gib(pipe.device))
         row["stats"] = stats
     rows = list(rows.values())
     for row in rows:
@@ -1587,26 +1725,26 @@ def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, re
     return rows
 
 
-def time_guidance_parts(pipe, teacher, latents, class_ids, *, guidance_batch=4, repeats=2, **objective):
+def time_guidance_parts(pipe, teacher, latents, class_ids, *, guidance_batch=4, repeats=2,
+                        **objective):
     """Seconds per image of the parts of a sampling step, the fastest of `repeats`: one UNet call
-    (the CFG pair, no gradient), one guidance gradient (decode of ẑ0 with its backward pass and
-    the teacher's, approx mode), the teacher alone (forward and backward on the decoded images),
-    and the final decode. A guided step costs unet + guidance; an unguided one, unet."""
+    (the CFG pair, no gradient); one guidance gradient (clean_latent_grad: the decode of ẑ0 with
+    its backward pass and the teacher's, what approx mode adds to a step); the teacher alone
+    (forward and backward on decoded images); the final decode. A guided step costs the UNet
+    call plus the guidance gradient, an unguided one the UNet call."""
     device, batch = pipe.device, len(latents)
-    with torch.no_grad():
-        text, uncond = pipe.encode_prompt([""] * batch, device, 1, True)
+    text, uncond = encode_prompts(pipe, [""] * batch, cfg_scale=3.0)
     pipe.scheduler.set_timesteps(50, device=device)
     t = pipe.scheduler.timesteps[10]
-    alpha_bar = alpha_bar_at(pipe.scheduler, t)
-    predict = epsilon_predictor(pipe.unet, t, text, uncond, 3.0, alpha_bar, pipe.scheduler.config.prediction_type)
-    images = decode_images(pipe, latents).requires_grad_(True)
     class_ids = torch.as_tensor(class_ids, device=device)
+    images = decode_images(pipe, latents).requires_grad_(True)
 
     def teacher_alone():
         loss = guidance_loss(teacher(images), class_ids, **objective)
         return torch.autograd.grad(loss.sum(), images)
 
-    parts = {"UNet step (CFG pair)": lambda: predict(latents, slice(None)).sum().item(),
+    parts = {"UNet step (CFG pair)": lambda: cfg_prediction(pipe.unet, latents, t, text, uncond,
+                                                            cfg_scale=3.0),
              "guidance gradient (decode + backward + teacher)": lambda: clean_latent_grad(
                  pipe.vae, teacher, latents, class_ids, batch_size=guidance_batch, **objective),
              "teacher alone (forward + backward)": teacher_alone,
@@ -1694,12 +1832,6 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
                                                             "loop_vs_compute": loop / compute}}
 
 
-def sampler_defaults():
-    """The default keyword arguments of energy_guided_sample (written once, in its signature)."""
-    parameters = inspect.signature(energy_guided_sample).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-
-
 def teacher_scores(stats, class_ids):
     """Mean final energy, p(y) and top-1 accuracy (%) of a set of sampled images."""
     class_ids = torch.as_tensor(class_ids, device=stats["top1"].device)
@@ -1707,14 +1839,14 @@ def teacher_scores(stats, class_ids):
             "top1": 100.0 * (stats["top1"] == class_ids).float().mean().item()}
 
 
-def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=None, class_names=None,
-                   progress=True, **sample_kwargs):
-    """Measures on these weights whether energy guidance does what §2 says: the first thing to run
-    with real weights on a new GPU. Returns {"fidelity", "modes", "per_class"} rows.
+def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=None,
+                   class_names=None, progress=True, **sample_kwargs):
+    """Measures on these weights whether energy guidance does what §2 says: the first thing to
+    run with real weights on a new GPU. Returns {"fidelity", "modes", "per_class"} rows.
 
     fidelity: at the first, middle and last guided steps of the default trajectory, the cosine
     between the gradient of each other mode a user can pick (exact; approx with `guidance_vae`)
-    and the method's gradient g = ∇_{z_t} L(D(ẑ0), y) (approx, the pipeline's VAE at full size).
+    and the method's g = ∇_{z_t} L(D(ẑ0), y) (approx, the pipeline's VAE at full size).
     modes: from the same initial noise, seconds per image and its ratio to unguided, then the
     mean final teacher energy, p(y) and top-1 accuracy. per_class: those three, unguided and
     with the default guidance, for each class.
@@ -1724,76 +1856,85 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
              "exact": dict(exact_grad=True)}
     if guidance_vae is not None:
         modes["approx, --guidance-vae decode"] = dict(guidance_vae=guidance_vae)
-    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, progress=progress,
-                               **sample_kwargs)
+    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes,
+                               progress=progress, **sample_kwargs)
     trace = []
-    energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace, **sample_kwargs)
+    energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace,
+                         **sample_kwargs)
     text, uncond = encode_prompts(pipe, prompts, options["cfg_scale"])
     objective = {key: options[key] for key in ("energy_scale", "class_scale", "temperature")}
     ids = torch.as_tensor(class_ids, device=pipe.device)
     fidelity = []
     early_middle_late = sorted({0, len(trace) // 2, len(trace) - 1}) if trace else []
     for entry in [trace[k] for k in early_middle_late]:
+        alpha_bar, method_grad = entry["alpha_bar"], entry["grad"].flatten(1).double()
         predict = epsilon_predictor(pipe.unet, entry["timestep"], text, uncond, options["cfg_scale"],
-                                    entry["alpha_bar"], pipe.scheduler.config.prediction_type)
+                                    alpha_bar, pipe.scheduler.config.prediction_type)
         for mode in list(modes)[2:]:
             vae = modes[mode].get("guidance_vae", pipe.vae)
-            _, grad = guidance_gradient(predict, vae, teacher, entry["noisy"], entry["alpha_bar"], ids,
-                                        exact=mode == "exact", batch_size=options["guidance_batch"], **objective)
-            cosine = F.cosine_similarity(grad.flatten(1).double(), entry["grad"].flatten(1).double(), dim=1)
-            fidelity.append({"mode": mode, "step": entry["step"], "steps": len(pipe.scheduler.timesteps),
-                             "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
+            _, grad = guidance_gradient(predict, vae, teacher, entry["noisy"], alpha_bar, ids,
+                                        exact=mode == "exact", batch_size=options["guidance_batch"],
+                                        **objective)
+            cosine = F.cosine_similarity(grad.flatten(1).double(), method_grad)
+            fidelity.append({"mode": mode, "step": entry["step"], "cosine_mean": cosine.mean().item(),
+                             "steps": len(pipe.scheduler.timesteps), "cosine_min": cosine.min().item()})
     per_class = []
     for c in dict.fromkeys(class_ids):
-        rows_c = [k for k, class_id in enumerate(class_ids) if class_id == c]
-        picked = {row["mode"]: {key: value[rows_c] for key, value in row["stats"].items()} for row in rows[:2]}
-        per_class.append({"class": c, "name": class_names[c] if class_names else str(c), "images": len(rows_c),
-                          **{mode: teacher_scores(stats, [c] * len(rows_c)) for mode, stats in picked.items()}})
+        mine = [k for k, class_id in enumerate(class_ids) if class_id == c]
+        scores = {row["mode"]: teacher_scores({key: v[mine] for key, v in row["stats"].items()},
+                                              [c] * len(mine)) for row in rows[:2]}
+        name = class_names[c] if class_names else str(c)
+        per_class.append({"class": c, "name": name, "images": len(mine), **scores})
     for row in rows:
         row.update(teacher_scores(row.pop("stats"), class_ids))
     return {"fidelity": fidelity, "modes": rows, "per_class": per_class}
 
 
 def check_guidance_table(result):
-    """check_guidance's result as Markdown tables."""
-    lines = ["| gradient mode | step | cosine with the method's g (mean) | (min) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['mode']} | {r['step']} of {r['steps']} | {r['cosine_mean']:.3f} | {r['cosine_min']:.3f} |"
-              for r in result["fidelity"]]
+    """check_guidance's result as three Markdown tables: fidelity, modes, per class."""
+    lines = ["| gradient mode | step | cosine with the method's g (mean) | (min) |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['step']} of {r['steps']} | {r['cosine_mean']:.3f} | "
+              f"{r['cosine_min']:.3f} |" for r in result["fidelity"]]
     lines += ["", "| sampling mode | s / image | × unguided | energy | p(y) | top-1 % |",
               "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | {r['energy']:.3f} | "
-              f"{r['p_class']:.4f} | {r['top1']:.1f} |" for r in result["modes"]]
-    lines += ["", "| class | images | energy: unguided → guided | p(y) | top-1 % |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | "
+              f"{r['energy']:.3f} | {r['p_class']:.4f} | {r['top1']:.1f} |" for r in result["modes"]]
+    lines += ["", "| class | images | energy: unguided → guided | p(y) | top-1 % |",
+              "| --- | --- | --- | --- | --- |"]
     for r in result["per_class"]:
         before, after = r["unguided"], r["approx (default)"]
-        lines.append(f"| {r['class']} {r['name']} | {r['images']} | {before['energy']:.3f} → {after['energy']:.3f} | "
-                     f"{before['p_class']:.4f} → {after['p_class']:.4f} | {before['top1']:.0f} → {after['top1']:.0f} |")
+        lines.append(f"| {r['class']} {r['name']} | {r['images']} | {before['energy']:.3f} → "
+                     f"{after['energy']:.3f} | {before['p_class']:.4f} → {after['p_class']:.4f} | "
+                     f"{before['top1']:.0f} → {after['top1']:.0f} |")
     return "\n".join(lines)
 
 
 def guided_cost_ratio(parts, num_steps, guided_steps):
-    """Estimated cost of a guided image over an unguided one from the parts of a step:
-    (N·unet + G·guidance + decode) / (N·unet + decode), N steps of which G are guided."""
-    unet, guide = parts["UNet step (CFG pair)"], parts["guidance gradient (decode + backward + teacher)"]
-    decode = parts["final decode"]
-    return (num_steps * unet + guided_steps * guide + decode) / (num_steps * unet + decode)
+    """Estimated cost of a guided image over an unguided one from the parts of a step, for
+    N = num_steps steps of which G = guided_steps are guided."""
+    unet, decode = parts["UNet step (CFG pair)"], parts["final decode"]
+    guidance = parts["guidance gradient (decode + backward + teacher)"]
+    # (N·unet + G·guidance + decode) / (N·unet + decode)
+    return (num_steps * unet + guided_steps * guidance + decode) / (num_steps * unet + decode)
 
 
 def benchmark_table(result, machine, *, num_steps=50, guided_steps=15):
     """The benchmark result as Markdown tables (the README keeps these); the guided/unguided cost
     is also extrapolated from the parts to `num_steps` steps of which `guided_steps` are guided."""
-    lines = [f"Machine: {machine}", "", f"| sampling mode | s / image | × unguided | {result['memory']} | "
-             f"final energy |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | {r['peak_memory_gib']:.1f} | "
-              f"{r['mean_energy']:.3f} |" for r in result["sampling"]]
+    lines = [f"Machine: {machine}", "", f"| sampling mode | s / image | × unguided | "
+             f"{result['memory']} | final energy |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | "
+              f"{r['peak_memory_gib']:.1f} | {r['mean_energy']:.3f} |" for r in result["sampling"]]
     lines += ["", "| part of a sampling step | s / image |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.3f} |" for name, seconds in result["parts"].items()]
     ratio = guided_cost_ratio(result["parts"], num_steps, guided_steps)
-    lines += [f"| guided / unguided image at {num_steps} steps, {guided_steps} guided (from the parts) | "
-              f"{ratio:.2f} |"]
+    lines += [f"| guided / unguided image at {num_steps} steps, {guided_steps} guided (from the "
+              f"parts) | {ratio:.2f} |"]
     kd = result["distill"]
     lines += ["", "| distillation | images / s |", "| --- | --- |",
-              f"| full KD loop (disk, decode, augment, copy, compute) | {kd['loop_images_per_s']:.1f} |",
+              "| full KD loop (disk, decode, augment, copy, compute) | "
+              f"{kd['loop_images_per_s']:.1f} |",
               f"| pure compute (batches already on the device) | {kd['compute_images_per_s']:.1f} |",
               f"| loop / compute | {kd['loop_vs_compute']:.2f} |"]
     return "\n".join(lines)
@@ -1835,7 +1976,9 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...; "
                    "under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
-    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under other settings")
+    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under other settings "
+                   "or damaged (what is still valid is kept)")
+    g.add_argument("--debug", action="store_true", help="print the traceback of an error")
     g = p.add_argument_group("models and classes")
     g.add_argument("--teacher", default="resnet50", help="torchvision classifier name or TorchScript file")
     g.add_argument("--teacher-weights", help="state dict for a torchvision --teacher instead of downloading")
@@ -1852,11 +1995,13 @@ def build_parser():
     g.add_argument("--neighbours", type=int, default=2, help="teacher-nearest classes used as context (0: off)")
     g = p.add_argument_group("energy-guided sampling (§1-2)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours diversity)")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours "
+                   "diversity; <= 1 turns classifier-free guidance off)")
     g.add_argument("--energy-scale", type=float, default=0.25, help="s_E, weight of the teacher energy E")
     g.add_argument("--class-scale", type=float, default=0.25, help="s_C, weight of the class cross-entropy")
     g.add_argument("--energy-temperature", type=float, default=1.0, help="τ of the energy E = -τ logsumexp(f/τ)")
-    g.add_argument("--guidance-start", type=float, default=0.1, help="guidance window start, fraction of steps")
+    g.add_argument("--guidance-start", type=float, default=0.1, help="guidance window start, fraction of steps "
+                   "(a window holding no step is refused)")
     g.add_argument("--guidance-end", type=float, default=0.7, help="guidance window end, fraction of steps")
     g.add_argument("--guidance-every", type=int, default=2, help="guide every k-th step inside the window")
     g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet (slower)")
@@ -1920,6 +2065,15 @@ def check_args(args):
                          f"got {args.guidance_start} and {args.guidance_end}")
     if not 0.0 <= args.photo_share <= 1.0:
         raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
+    guided = (args.energy_scale or args.class_scale) and "guidance" not in args.ablate
+    if guided and not guided_step_indices(args.steps, args.guidance_start, args.guidance_end,
+                                          args.guidance_every):
+        raise UsageError(f"the guidance window [{args.guidance_start}, {args.guidance_end}) every "
+                         f"{args.guidance_every} holds none of the {args.steps} steps, so guidance would do "
+                         f"nothing: widen it, or --ablate guidance")
+    if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
+        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images follow "
+                          f"the prompts weakly")
     if not args.smoke:
         for role in ("teacher", "student"):
             name = getattr(args, role)
@@ -1986,6 +2140,43 @@ def rank_zero_first():
         barrier()
 
 
+TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.tmp<pid>
+
+
+def remove_stale_temps(out):
+    """Deletes the temp files of atomic writes that a killed run left anywhere under `out` (only
+    files of atomic_write's naming pattern: never a user's file). Call it holding the lock."""
+    for path in Path(out).rglob(".*.tmp*"):
+        if TEMP_FILE.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive_out(out):
+    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock for the
+    whole run (the other torchrun ranks of the run share it) and, holding it, removes stale temp
+    files. A second run is refused in one line. The lock dies with its holder, even on SIGKILL."""
+    rank, _ = rank_and_world()
+    handle, problem = None, ""
+    if rank == 0:
+        try:
+            handle = open(make_out(out) / ".prism.lock", "a")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            remove_stale_temps(out)
+        except BlockingIOError:
+            problem = f"{out} is in use by another prism run; wait for it to end, or use another --out"
+        except (UsageError, OSError) as error:
+            problem = str(error) if isinstance(error, UsageError) else f"cannot lock {out}: {first_line(error)}"
+    problem = gather_from_ranks([problem])[0][0]  # every rank learns rank 0's verdict
+    try:
+        if problem:
+            raise UsageError(problem)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 def run_benchmark(args, device):
     """--benchmark: runs benchmark() with the command line's sizes, prints its table and keeps it
     in OUT/benchmark.md and OUT/benchmark.json. Returns the result dict."""
@@ -2029,17 +2220,19 @@ def run_check_guidance(args, device):
     class_names, descriptions, teacher, _, _ = load_models(args, device)
     count = min(args.check_classes, len(class_names))
     chosen = [round(k * (len(class_names) - 1) / max(count - 1, 1)) for k in range(count)]
-    prompts = build_prompts(class_names, args.check_seeds, teacher=teacher, descriptions=descriptions,
-                            photo_share=args.photo_share, seed=args.seed, neighbours=args.neighbours)
+    prompts = build_prompts(class_names, args.check_seeds, teacher=teacher, seed=args.seed,
+                            descriptions=descriptions, photo_share=args.photo_share,
+                            neighbours=args.neighbours)
     pipe, guidance_vae = load_sampler(args, device, out)
     pairs = [(c, i) for c in chosen for i in range(args.check_seeds)]
-    shape = latent_shape(pipe, args.height, args.width)
-    latents = initial_latents([image_seed(args.seed, c, i) for c, i in pairs], shape).to(device, pipe.unet.dtype)
-    result = check_guidance(pipe, teacher, [prompts[c][i] for c, i in pairs], [c for c, _ in pairs], latents,
-                            guidance_vae=guidance_vae, class_names=class_names, guidance_batch=args.guidance_batch,
+    seeds = [image_seed(args.seed, c, i) for c, i in pairs]
+    latents = initial_latents(seeds, latent_shape(pipe, args.height, args.width))
+    result = check_guidance(pipe, teacher, [prompts[c][i] for c, i in pairs], [c for c, _ in pairs],
+                            latents.to(device, pipe.unet.dtype), guidance_vae=guidance_vae,
+                            class_names=class_names, guidance_batch=args.guidance_batch,
                             **sampling_options(args))
     table = check_guidance_table(result)
-    atomic_write(out / "check_guidance.md", lambda temp: temp.write_text(table + "\n", encoding="utf-8"))
+    atomic_write(out / "check_guidance.md", lambda temp: temp.write_text(table + "\n", "utf-8"))
     write_json_atomic(result, out / "check_guidance.json")
     print(table)
     return result
@@ -2091,8 +2284,9 @@ def sampling_options(args):
     """The keyword arguments of energy_guided_sample that the command line sets (all of them
     decide the pixels, so they are recorded in the synthetic set's settings)."""
     guided = "guidance" not in args.ablate
-    return dict(num_steps=args.steps, cfg_scale=args.cfg, energy_scale=args.energy_scale if guided else 0.0,
-                class_scale=args.class_scale if guided else 0.0, temperature=args.energy_temperature,
+    return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
+                energy_scale=args.energy_scale if guided else 0.0,
+                class_scale=args.class_scale if guided else 0.0,
                 guidance_start=args.guidance_start, guidance_end=args.guidance_end,
                 guidance_every=args.guidance_every, exact_grad=args.exact_grad,
                 normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
@@ -2106,9 +2300,9 @@ def load_sampler(args, device, out):
     if args.smoke and rank_and_world()[0] == 0:
         build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
     with rank_zero_first():
-        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype), channels_last=args.channels_last,
-                                 compile_unet=args.compile)
-        guidance_vae = load_guidance_vae(args.guidance_vae, device, dtype) if args.guidance_vae else None
+        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype),
+                                 channels_last=args.channels_last, compile_unet=args.compile)
+        guidance_vae = args.guidance_vae and load_guidance_vae(args.guidance_vae, device, dtype)
     if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
         (guidance_vae or pipe.vae).enable_gradient_checkpointing()
     return pipe, guidance_vae
@@ -2124,6 +2318,36 @@ def make_out(out):
     return out
 
 
+def prompts_stage(args, out, class_names, descriptions, teacher, teacher_identity, device):
+    """Stage 1: the prompts of every class, reused from OUT/prompts.json when it was built under
+    the same settings. Rank 0 alone builds them (and loads the LLM); the other ranks read the
+    file it writes."""
+    rank, _ = rank_and_world()
+    prompt_ablations = sorted(set(args.ablate) - {"guidance"})
+    prompt_settings = {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
+                       "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
+                       "llm": None if args.smoke else args.llm, "teacher": teacher_identity,
+                       **({"ablate": prompt_ablations} if prompt_ablations else {})}
+    prompts_path = out / "prompts.json"
+    reuse = check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts")
+    barrier()  # every rank has its verdict before rank 0 may replace the file
+    if rank == 0 and not reuse:
+        prompts = build_prompts(class_names, args.per_class, teacher=teacher, descriptions=descriptions,
+                                llm=prompt_settings["llm"], photo_share=args.photo_share, seed=args.seed,
+                                neighbours=args.neighbours, llm_device=device,
+                                disambiguate="disambiguation" not in args.ablate,
+                                vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
+        write_json_atomic({"settings": prompt_settings, "prompts": prompts}, prompts_path)
+    barrier()
+    way_out = "rerun with --overwrite to remake the prompts"
+    prompts = read_json(prompts_path, way_out).get("prompts")
+    if not (isinstance(prompts, list) and len(prompts) == len(class_names)
+            and all(isinstance(p, list) and len(p) >= args.per_class and all(isinstance(s, str) for s in p)
+                    for p in prompts)):
+        raise damaged(prompts_path, "no list of prompts for every class", way_out)
+    return prompts
+
+
 def run(args, device):
     """The pipeline of main(), on parsed and checked arguments and this process's device. Returns
     the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
@@ -2137,36 +2361,23 @@ def run(args, device):
     if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
         raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
                          f"expected {len(class_names)} (one per class, sorted in label order)")
+    if args.val_dir:  # read late (evaluation), so checked now, before hours of synthesis
+        check_images_load(args.val_dir, "--val-dir")
 
-    # Stage 1: prompts, reused from prompts.json when built under the same settings. Rank 0 alone
-    # builds them (and loads the LLM); the other ranks read the file it writes.
-    prompt_ablations = sorted(set(args.ablate) - {"guidance"})
-    prompt_settings = {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
-                       "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
-                       "llm": None if args.smoke else args.llm, "teacher": identity["teacher"],
-                       **({"ablate": prompt_ablations} if prompt_ablations else {})}
-    prompts_path = out / "prompts.json"
-    reuse = check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts")
-    barrier()  # every rank has its verdict before rank 0 may replace the file
-    if rank == 0 and not reuse:
-        prompts = build_prompts(class_names, args.per_class, teacher=teacher, descriptions=descriptions,
-                                llm=prompt_settings["llm"], photo_share=args.photo_share, seed=args.seed,
-                                neighbours=args.neighbours, llm_device=device,
-                                disambiguate="disambiguation" not in args.ablate,
-                                vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-        write_json_atomic({"settings": prompt_settings, "prompts": prompts}, prompts_path)
-    barrier()
-    prompts = json.loads(prompts_path.read_text(encoding="utf-8"))["prompts"]
+    pipe, guidance_vae = load_sampler(args, device, out)
+    sample_kwargs = sampling_options(args)  # checked against the model before anything is recorded
+    check_sampler_arguments(pipe, **{**sample_kwargs, "guidance_batch": args.guidance_batch})
+
+    # Stage 1: prompts (rank 0 builds them; reused from prompts.json under the same settings).
+    prompts = prompts_stage(args, out, class_names, descriptions, teacher, identity["teacher"], device)
 
     # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
-    sample_kwargs = sampling_options(args)
     synthetic = out / "synthetic"
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
                                   identity=identity, sample_kwargs=sample_kwargs)
     check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
     if device.type == "cpu" and not args.smoke and rank == 0:  # said once every input has passed its checks
         print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
-    pipe, guidance_vae = load_sampler(args, device, out)
     records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
                                  batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
                                  overwrite=args.overwrite, max_new_images=args.max_new_images,
@@ -2234,27 +2445,48 @@ def without_per_class(report):
     return report
 
 
+def report(kind, message):
+    """Prints `prism: <kind>: <message>` on stderr in one write, so that ranks do not interleave;
+    under torchrun the rank is named (read from torchrun's variables: the group may be gone)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    sys.stderr.write(f"prism: {kind}{f' (rank {rank})' if world > 1 else ''}: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv=None):
-    """Command-line entry point. Returns the exit code: 0, or 2 for bad input (one line on stderr)."""
+    """Command-line entry point. Returns the exit code: 0; 2 for bad input or damaged state in
+    --out; 1 for a run that failed; 130 when interrupted. Each is one line on stderr; --debug
+    adds the traceback."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
+    code, failure = 0, None
     try:
         args = parse_args(argv)
-        command = run_benchmark if args.benchmark else run_check_guidance if args.check_guidance else run
-        command(args, init_distributed(args.device))
-    except (UsageError, OSError) as error:  # OSError: a disk or file problem that no stage turned into words
-        rank, world = rank_and_world()
-        sys.stderr.write(f"prism: error{f' (rank {rank})' if world > 1 else ''}: {error}\n")  # one write: ranks
-        sys.stderr.flush()                                                                    # do not interleave
-        return 2
+        device = init_distributed(args.device)
+        with exclusive_out(args.out):
+            command = run_benchmark if args.benchmark else run_check_guidance if args.check_guidance else run
+            command(args, device)
+    except KeyboardInterrupt as error:
+        code, kind, message, failure = 130, "interrupted", "rerun the same command to resume", error
+    except (UsageError, OSError) as error:  # OSError: a disk or file problem no stage put into words
+        code, kind, message, failure = 2, "error", str(error), error
+    except Exception as error:  # a failure: say what, in one line; --debug shows where
+        code, kind, failure = 1, "failed", error
+        message = str(error) if isinstance(error, RunFailure) else (
+            f"{type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    if code:
+        if "--debug" in argv:
+            traceback.print_exception(failure)
+        report(kind, message)
+    return code
 
 
 if __name__ == "__main__":

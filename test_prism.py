@@ -5,7 +5,10 @@ Run:  python -m pytest -q test_prism.py
 import copy
 import json
 import os
+import random
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1106,6 +1109,208 @@ def test_distillation_killed_mid_way_resumes_at_its_last_epoch(killed_then_finis
         torch.testing.assert_close(value, resumed[name], atol=1e-4, rtol=1e-4)
 
 
+# ── faults a user or a crash leaves behind: one line, the right exit code, and a way back ────
+def run_main(argv, capsys):
+    """(exit code, stderr) of prism.main(argv)."""
+    capsys.readouterr()
+    code = prism.main(argv)
+    return code, capsys.readouterr().err
+
+
+def one_line(err, start):
+    """The error is the last line of stderr (progress bars may come before it), and only one."""
+    lines = err.rstrip("\n").split("\n")
+    assert lines[-1].startswith(start) and "Traceback" not in err, err
+    assert not any(line.startswith("prism:") for line in lines[:-1]), err
+    return lines[-1]
+
+
+@pytest.fixture()
+def finished_run(smoke_run, tmp_path):
+    """A private copy of the finished smoke run, to damage."""
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    return out
+
+
+def image_times(out):
+    return {p: p.stat().st_mtime_ns for p in (out / "synthetic").glob("*/*.png")}
+
+
+def test_diverging_training_stops_with_one_line_and_no_nan_model(tmp_path, capsys):
+    out = tmp_path / "diverge"
+    code, err = run_main(["--smoke", "--out", str(out), "--lr", "1e9"], capsys)
+    assert code == 1
+    one_line(err, "prism: failed: distillation diverged in epoch ")
+    assert "--lr" in err and not (out / "student.pt").exists() and not (out / "results.json").exists()
+    if (out / "checkpoint.pt").exists():  # only a good epoch is ever checkpointed
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert all(np.isfinite(saved["history"])) and all(torch.isfinite(v).all() for v in saved["student"].values())
+    code, _ = run_main(["--smoke", "--out", str(out), "--overwrite"], capsys)  # the way out in the message
+    assert code == 0 and (out / "student.pt").exists()
+
+
+def test_every_json_written_is_strict(tmp_path):
+    prism.write_json_atomic({"a": [1.0, float("nan")], "b": {"c": float("inf")}}, tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=lambda token: pytest.fail(token)) == \
+        {"a": [1.0, None], "b": {"c": None}}
+
+
+@pytest.mark.parametrize("damage", ["non-UTF-8 byte", "garbage"])
+def test_damaged_manifest_redoes_only_its_images(finished_run, capsys, damage):
+    manifest = finished_run / "synthetic" / "manifest.jsonl"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    lines[5] = lines[5][:20] + b"\xff\xfe" + lines[5][20:] if damage == "non-UTF-8 byte" else b"{{{ garbage\n"
+    manifest.write_bytes(b"".join(lines))
+    times = image_times(finished_run)
+    code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
+    assert code == 0, err
+    changed = [p for p, t in times.items() if p.stat().st_mtime_ns != t]
+    assert [p.name for p in changed] == ["00001.png"] and changed[0].parent.name == "0001"  # line 5: (1, 1)
+    assert [json.loads(line)["index"] for line in manifest.read_text().splitlines()] == list(range(4)) * 4
+
+
+@pytest.mark.parametrize("name", ["prompts.json", "synthetic/settings.json"])
+@pytest.mark.parametrize("damage", [b"\xff\xfe{", b"", b"[1, 2]", b'{"settings": "x"'])
+def test_damaged_json_state_is_named_and_overwrite_keeps_the_images(finished_run, capsys, name, damage):
+    (finished_run / name).write_bytes(damage)
+    times = image_times(finished_run)
+    code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
+    assert code == 2
+    one_line(err, f"prism: error: {finished_run / name} is damaged (")
+    assert "--overwrite" in err and "other settings" not in err
+    code, err = run_main(["--smoke", "--out", str(finished_run), "--overwrite"], capsys)
+    assert code == 0, err
+    assert image_times(finished_run) == times  # intact images made under these settings are kept
+    assert json.loads((finished_run / name).read_text())["settings"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a checkpoint"])
+def test_damaged_checkpoint_is_named_and_overwrite_retrains(finished_run, capsys, damage):
+    checkpoint = finished_run / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": os.urandom(500)}.get(damage, b""))
+    if damage == "not a checkpoint":
+        torch.save({"weights": torch.zeros(3)}, checkpoint)
+    times = image_times(finished_run)
+    code, err = run_main(["--smoke", "--out", str(finished_run), "--epochs", "3"], capsys)
+    assert code == 2
+    one_line(err, f"prism: error: {checkpoint} is damaged (")
+    assert "--overwrite" in err
+    code, err = run_main(["--smoke", "--out", str(finished_run), "--epochs", "3", "--overwrite"], capsys)
+    assert code == 0, err
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 3 and image_times(finished_run) == times
+
+
+def test_stale_temp_files_anywhere_are_removed_and_nothing_else(finished_run, capsys):
+    stale = [finished_run / ".checkpoint.pt.tmp123", finished_run / ".results.json.tmp77",
+             finished_run / "synthetic" / ".settings.json.tmp5", finished_run / "synthetic" / "0002" / ".00001.png.tmp9"]
+    users = [finished_run / "notes.tmp", finished_run / ".my.tmp.txt", finished_run / "synthetic" / "0002" / "x.tmp1"]
+    for path in stale + users:
+        path.write_text("x")
+    assert run_main(["--smoke", "--out", str(finished_run)], capsys)[0] == 0
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in users)
+
+
+def test_rejected_height_records_nothing_and_the_fixed_rerun_works(tmp_path, capsys):
+    out = tmp_path / "height"
+    code, err = run_main(["--smoke", "--out", str(out), "--height", "25"], capsys)
+    assert code == 2
+    one_line(err, "prism: error: height and width must be multiples of 2")
+    assert not (out / "synthetic" / "settings.json").exists()
+    assert run_main(["--smoke", "--out", str(out), "--height", "24", "--epochs", "0"], capsys)[0] == 0
+
+
+def test_settings_that_do_nothing_are_refused_or_warned(tmp_path, capsys):
+    code, err = run_main(["--smoke", "--out", str(tmp_path / "a"), "--guidance-start", "0.95",
+                          "--guidance-end", "0.99"], capsys)
+    assert code == 2
+    one_line(err, "prism: error: the guidance window [0.95, 0.99) every 1 holds none of the 10 steps")
+    code, err = run_main(["--smoke", "--out", str(tmp_path / "b"), "--cfg", "1", "--epochs", "0"], capsys)
+    assert code == 0 and err.startswith("prism: warning: --cfg 1.0 <= 1 turns classifier-free guidance off")
+
+
+def test_corrupt_validation_image_is_found_before_synthesis(tmp_path, capsys):
+    val = tmp_path / "val"
+    for c in range(4):
+        (val / f"c{c}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(val / f"c{c}" / "ok.png")
+    (val / "c2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    code, err = run_main(["--smoke", "--out", str(out), "--val-dir", str(val)], capsys)
+    assert code == 2
+    one_line(err, f"prism: error: --val-dir: {val / 'c2' / 'broken.png'} is not a readable image")
+    assert not (out / "synthetic").exists() and not (out / "prompts.json").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".prism.lock", "a") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (out / ".results.json.tmp4242").write_text("the other run's live temp file")
+        code, err = run_main(["--smoke", "--out", str(out)], capsys)
+        assert code == 2
+        one_line(err, f"prism: error: {out} is in use by another prism run")
+        assert (out / ".results.json.tmp4242").exists() and not (out / "synthetic").exists()
+    assert run_main(["--smoke", "--out", str(out), "--epochs", "0"], capsys)[0] == 0  # released: it runs
+
+
+def test_unexpected_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("something inside broke")
+
+    monkeypatch.setattr(prism, "build_prompts", broken)
+    code, err = run_main(["--smoke", "--out", str(tmp_path / "a")], capsys)
+    assert code == 1
+    one_line(err, "prism: failed: ZeroDivisionError: something inside broke (rerun with --debug")
+    code, err = run_main(["--smoke", "--out", str(tmp_path / "a"), "--debug"], capsys)
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("prism: failed:")
+
+
+def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "prism.py", "--smoke", "--out", str(out), "--gen-batch", "1"],
+                               cwd=HERE, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("synthetic/*/*.png"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "prism: interrupted: rerun the same command to resume"
+    assert "Traceback" not in err
+    assert prism.main(["--smoke", "--out", str(out)]) == 0 and leftovers(out) == []
+
+
+def test_random_kills_then_a_rerun_give_the_uninterrupted_result(smoke_run, tmp_path):
+    """SIGKILL at seeded random moments, again and again, then run to the end: the same images,
+    manifest, student and results as one uninterrupted run, and no temp file left."""
+    out, rng = tmp_path / "killed", random.Random(7)
+    argv = [sys.executable, "prism.py", "--smoke", "--out", str(out), "--gen-batch", "3"]
+    for _ in range(6):
+        process = subprocess.Popen(argv, cwd=HERE, env=OFFLINE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=rng.uniform(2.0, 9.0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert prism.main(["--smoke", "--out", str(out)]) == 0
+    same_images(tree(out / "synthetic"), tree(smoke_run / "synthetic"))
+    keys = ("file", "class", "index", "prompt", "seed", "settings")
+    assert ([[r[k] for k in keys] for r in manifest_lines(out / "synthetic")]
+            == [[r[k] for k in keys] for r in manifest_lines(smoke_run / "synthetic")])
+    got, expected = (torch.load(d / "student.pt", weights_only=True) for d in (out, smoke_run))
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-4, rtol=1e-4)
+    results = [json.loads((d / "results.json").read_text()) for d in (out, smoke_run)]
+    np.testing.assert_allclose(results[0]["distill"]["kd_loss"], results[1]["distill"]["kd_loss"], rtol=1e-4)
+    assert leftovers(out) == []
+
+
 def run_with_file_size_limit(argv, limit_bytes):
     """prism.py in a subprocess that cannot write more than limit_bytes to any file (as on a full disk)."""
     def limit():
@@ -1257,13 +1462,15 @@ def test_synthetic_set_report_per_class_and_worst_classes():
     for c, (spread, agreeing) in enumerate([(1.0, 3), (0.1, 1), (3.0, 2)]):  # crane: least diverse, least agreeing
         for i in range(3):
             records.append({"class": c, "index": i, "top1": c if i < agreeing else (c + 1) % 3,
-                            "energy": -5.0 - c - i, "p_class": 0.5, "guidance_skipped": int(c == 2 and i == 0)})
+                            "energy": -5.0 - c - i, "p_class": 0.5, "guidance_skipped": int(c == 2 and i == 0),
+                            "resampled_unguided": c == 1 and i > 0})
             features.append(spread * torch.randn(4, generator=generator))
     features = torch.stack(features)
     report = prism.synthetic_set_report(records, features, names, worst=2)
     assert [entry["name"] for entry in report["per_class"]] == names
     assert [entry["agreement"] for entry in report["per_class"]] == pytest.approx([1.0, 1 / 3, 2 / 3])
     assert report["agreement"] == pytest.approx(6 / 9) and report["guidance_skipped_images"] == 1
+    assert report["resampled_unguided_images"] == 2
     assert report["per_class"][1]["mean_energy"] == pytest.approx(-7.0)
     kite = features[6:9]
     direct = np.mean([(kite[a] - kite[b]).norm().item() for a in range(3) for b in range(a + 1, 3)])
