@@ -2052,8 +2052,9 @@ def check_args(args):
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+            raise UsageError(f"--{name.replace('_', '-')} must be finite, got {value}")
     for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
@@ -2479,6 +2480,9 @@ def main(argv=None):
         code, kind, failure = 1, "failed", error
         message = str(error) if isinstance(error, RunFailure) else (
             f"{type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)")
+        if isinstance(error, torch.OutOfMemoryError):
+            message = ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
+                       "--guidance-batch (or --vae-checkpointing): nothing done is redone")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -84,6 +84,7 @@ def test_guidance_loss_combines_energy_and_cross_entropy():
 
 
 # ── §2 sampling: equivalence with diffusers, gradient, monotone effects ─────────────────────
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' schedulers
 @pytest.mark.parametrize("scheduler", ["ddim", "ddim-v", "pndm", "euler"])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_no_guidance_equals_diffusers_pipeline(pipe_dir, scheduler, cfg, tmp_path):
@@ -213,6 +214,7 @@ def test_channels_last_and_compile_leave_images_unchanged(pipe_dir, teacher):
         torch.testing.assert_close(images[name], images["plain"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' schedulers
 @pytest.mark.parametrize("mode", ["exact", "raw-gradient", "euler"])
 def test_every_guidance_mode_lowers_energy(pipe, teacher, mode):
     from diffusers import EulerDiscreteScheduler
@@ -327,9 +329,10 @@ def test_float16_guidance_keeps_the_gradient_direction(pipe, teacher, scale):
 
 
 def test_apply_guidance_in_float16_never_makes_nan():
-    """A zeroed (non-finite) g and a tiny g in float16: the arithmetic runs in float32."""
-    epsilon = torch.randn(3, 4, 64, 64).half()
-    grad = torch.randn(3, 4, 64, 64) * 1e-6  # ‖g‖ ≈ 3e-4: its square underflows float16
+    """A zeroed (non-finite) g, a tiny g and the ε̂ of a 1024² image in float16: the arithmetic runs
+    in float32 (in float16, ‖ε̂‖² = 65536 overflows and ‖g‖² underflows)."""
+    epsilon = torch.randn(3, 4, 128, 128, generator=torch.Generator().manual_seed(0)).half()
+    grad = torch.randn(3, 4, 128, 128, generator=torch.Generator().manual_seed(1)) * 1e-6
     grad[2, 0, 0, 0] = float("nan")
     guided, finite = prism.apply_guidance(epsilon, grad.half(), 0.36, total_scale=0.25, normalize=True)
     expected, _ = prism.apply_guidance(epsilon.float(), grad.half().float(), 0.36, total_scale=0.25, normalize=True)
@@ -459,6 +462,7 @@ def oracle_drift(scheduler, prediction_type="epsilon", steps=20):
     return drift
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' schedulers
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_alpha_bar_at_follows_each_scheduler_and_kdpm2_is_refused(pipe, teacher, name):
     import diffusers
@@ -479,7 +483,8 @@ def test_alpha_bar_at_follows_each_scheduler_and_kdpm2_is_refused(pipe, teacher,
         assert oracle_drift(v_scheduler, "v_prediction") < 1e-4
 
 
-def test_stochastic_scheduler_noise_is_per_image(pipe, teacher):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' schedulers
+def test_stochastic_scheduler_noise_is_per_image(pipe, teacher, tmp_path):
     """With one generator per image, an ancestral sampler's image does not depend on its batch."""
     from diffusers import EulerAncestralDiscreteScheduler
 
@@ -498,6 +503,11 @@ def test_stochastic_scheduler_noise_is_per_image(pipe, teacher):
     shared, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:3], [0, 1, 2], latents=start,
                                            generator=torch.Generator().manual_seed(8), **sample)
     assert (shared[1] - alone[0]).abs().max() > 1e-3  # one generator for the batch: not per image
+    prompts = prism.build_prompts(NAMES[:2], 2)  # and so a cached set does not depend on the batch size
+    for batch_size in (1, 3):
+        prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / f"batch{batch_size}", per_class=2,
+                                 batch_size=batch_size, **SYNTH)
+    same_images(tree(tmp_path / "batch3"), tree(tmp_path / "batch1"))
 
 
 # ── --check-guidance: the measurement a user runs on real weights ────────────────────────────
@@ -904,6 +914,7 @@ BAD_FLAGS = {
         "negative class scale": ["--class-scale", "-1"],
         "negative cfg": ["--cfg", "-2"],
         "not finite": ["--energy-scale", "nan"],
+        "not finite in a list": ["--teacher-mean", "0.5", "inf", "0.5"],
         "zero guidance batch": ["--guidance-batch", "0"],
         "removed cheap decode": ["--guidance-downsample", "2"],
         "window order": ["--guidance-start", "0.8", "--guidance-end", "0.5"],
@@ -1268,6 +1279,16 @@ def test_unexpected_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, 
     one_line(err, "prism: failed: ZeroDivisionError: something inside broke (rerun with --debug")
     code, err = run_main(["--smoke", "--out", str(tmp_path / "a"), "--debug"], capsys)
     assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("prism: failed:")
+
+
+def test_out_of_memory_names_the_batch_flags(tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(prism, "decode_images", out_of_memory)
+    code, err = run_main(["--smoke", "--out", str(tmp_path / "a")], capsys)
+    assert code == 1
+    one_line(err, "prism: failed: out of GPU memory; rerun the same command with a smaller --gen-batch")
 
 
 def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
