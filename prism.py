@@ -1042,11 +1042,23 @@ def check_settings(path, settings, *, overwrite, what):
                      f"use another --out, or --overwrite to replace them")
 
 
-def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs):
+def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs, store_size=None):
     """Everything that decides the pixels of the cached images (not the batch size, which does not)."""
     prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {"per_class": per_class, "seed": seed, "image_format": image_format, "prompts_sha256": prompts_hash,
-            **identity, **sample_kwargs}
+            "store_size": store_size, **identity, **sample_kwargs}
+
+
+def resize_for_storage(images, store_size):
+    """Images with their shorter side brought down to `store_size` (antialiased bilinear; aspect
+    kept), or unchanged when None or already that small: the distillation copy at training scale,
+    a fraction of the bytes to store and decode."""
+    height, width = images.shape[-2:]
+    if not store_size or min(height, width) <= store_size:
+        return images
+    size = (store_size, round(width * store_size / height)) if height <= width else \
+        (round(height * store_size / width), store_size)
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
 def settings_digest(settings):
@@ -1079,13 +1091,16 @@ def class_folder(class_index, num_classes):
 
 
 def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8, image_format="png",
+                       store_size=None,
                        identity=None, overwrite=False, max_new_images=None, progress=True, guidance_vae=None,
                        guidance_batch=4, **sample_kwargs):
     """Generates and caches `per_class` images per class; returns the manifest records, sorted.
 
     Writes `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), `manifest.jsonl` (one record per
     image: file, class, index, prompt, seed, final teacher energy, top-1, p_class, guidance steps
-    skipped, bytes) and `settings.json`. Image (c, i) uses prompts[c][i] and the noise of
+    skipped, bytes) and `settings.json`. Images are stored with their shorter side at
+    `store_size` (resize_for_storage; None: as generated); the teacher's numbers are of the
+    full-size image. Image (c, i) uses prompts[c][i] and the noise of
     image_seed(seed, c, i). A rerun skips images that are present and readable and regenerates the
     others; settings that differ from the recorded ones (or a damaged settings.json) raise
     UsageError unless `overwrite`, which starts a new set and keeps the images whose record
@@ -1114,7 +1129,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
     settings = synthesis_settings(prompts, per_class=per_class, seed=seed, image_format=image_format,
-                                  identity=identity or {}, sample_kwargs=sample_kwargs)
+                                  identity=identity or {}, sample_kwargs=sample_kwargs, store_size=store_size)
     settings_path, manifest_path = out_dir / "settings.json", out_dir / "manifest.jsonl"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1157,6 +1172,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                                                  [c for c, _ in batch], latents=latents, generator=step_noise,
                                                  guidance_vae=guidance_vae, guidance_batch=guidance_batch,
                                                  **sample_kwargs)
+            images = resize_for_storage(images, store_size)  # the teacher's stats are of the full size
             new_records = []
             for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
                 (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
@@ -1257,6 +1273,35 @@ def load_checkpoint(path, device, *, overwrite=False):
                                    "images are kept), or delete it")
 
 
+def kd_loader(data_dir, batch_size, *, image_size=224, num_workers=4, seed=0, pin_memory=False):
+    """(loader, sampler) of KD batches from the ImageFolder tree `data_dir`, this rank's share.
+
+    Each image is augmented once (random resized crop, flip: SeededAugmentation) and travels as
+    uint8 (a quarter of float32's bytes through worker queues, pinned memory and the copy to the
+    GPU); to_unit_images makes it float [0, 1] on the device. `batch_size` is global: each of N
+    ranks takes batch_size / N. Full batches only (BatchNorm cannot train on a ragged batch of
+    one); a set smaller than one batch is a single batch. Workers persist across epochs."""
+    rank, world = rank_and_world()
+    augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
+                                  transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+    dataset = SeededAugmentation(image_folder(data_dir, transform=None), augment, seed)
+    rank_batch = min(batch_size, len(dataset)) // world
+    if rank_batch < 1:
+        raise UsageError(f"{data_dir} has {len(dataset)} images, fewer than the {world} processes")
+    sampler = EpochTaggedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=rank_batch, sampler=sampler, drop_last=True,
+                                         num_workers=num_workers, persistent_workers=num_workers > 0,
+                                         pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
+    return loader, sampler
+
+
+def to_unit_images(batch, device, memory_format=torch.contiguous_format):
+    """A uint8 batch from kd_loader as float images in [0, 1] on `device`: x / 255, computed there."""
+    batch = batch.to(device, non_blocking=True).to(memory_format=memory_format)
+    return batch.float().div_(255)
+
+
 def image_folder(data_dir, transform):
     """torchvision ImageFolder whose sorted folder names are the classes; a UsageError if unusable."""
     try:
@@ -1298,20 +1343,10 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
     if batch_size % world:
         raise UsageError(f"the batch size {batch_size} is global: it must be a multiple of the {world} processes")
     device = torch.device(device)
-    augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
-                                  transforms.RandomHorizontalFlip(), transforms.ToTensor()])
-    images = image_folder(data_dir, transform=None)
-    dataset = SeededAugmentation(images, augment, seed)
-    # Full batches only (BatchNorm cannot train on a ragged batch of one); a set smaller than one
-    # batch is a single batch. Steps per epoch: len(dataset) // batch_size, whatever the world size.
-    rank_batch = min(batch_size, len(dataset)) // world
-    if rank_batch < 1:
-        raise UsageError(f"{data_dir} has {len(dataset)} images, fewer than the {world} processes")
-    sampler = EpochTaggedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=rank_batch, sampler=sampler, drop_last=True,
-                                         num_workers=num_workers, persistent_workers=num_workers > 0,
-                                         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
-    steps_per_epoch = len(sampler) // rank_batch
+    loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, num_workers=num_workers,
+                                seed=seed, pin_memory=device.type == "cuda")
+    dataset, images = loader.dataset, loader.dataset.images
+    steps_per_epoch = len(sampler) // loader.batch_size
     total_steps = epochs * steps_per_epoch
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher.to(device, memory_format=memory_format).eval()
@@ -1350,7 +1385,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
             with tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch",
                       disable=not progress or rank != 0) as batches:
                 for batch, _ in batches:
-                    batch = batch.to(device, memory_format=memory_format, non_blocking=True)
+                    batch = to_unit_images(batch, device, memory_format)
                     total = total + kd_step(teacher, model, optimizer, batch, temperature, amp)
                     schedule.step()
                     count += 1
@@ -1685,19 +1720,16 @@ def timed(device, function):
     return result, time.perf_counter() - start
 
 
-def write_benchmark_images(folder, count, size, *, classes=10, seed=0):
-    """`count` PNGs of `size`² in `classes` folders: smooth random colour fields with mild pixel
-    noise, so that PNG sizes and decode times are near those of generated images."""
-    from PIL import Image
-
+def write_benchmark_images(folder, count, size, *, classes=10, seed=0, image_format="png"):
+    """`count` images of `size`² in `classes` folders: smooth random colour fields with mild pixel
+    noise, so that file sizes and decode times are near those of generated images."""
     generator = torch.Generator().manual_seed(seed)
     for n in range(count):
         coarse = torch.rand(1, 3, 8, 8, generator=generator)
         image = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
         image = (image + 0.03 * torch.randn(image.shape, generator=generator)).clamp(0, 1)
         (Path(folder) / f"{n % classes:04d}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(
-            Path(folder) / f"{n % classes:04d}/{n:05d}.png")
+        save_image_atomic(image, Path(folder) / f"{n % classes:04d}/{n:05d}.{image_format}")
 
 
 def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, repeats=1,
@@ -1759,17 +1791,16 @@ def time_guidance_parts(pipe, teacher, latents, class_ids, *, guidance_batch=4, 
 
 def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8, kd_batch=256, image_size=224,
               num_workers=8, channels_last=False, compile_unet=False, progress=True, architecture="sd15", repeats=2,
-              guidance_batch=4):
+              guidance_batch=4, store_size=320, image_format="png"):
     """Times synthesis and distillation at real model size with random weights (the same FLOPs as
     the trained models). Returns {"sampling": rows, "parts": seconds, "distill": row}.
 
     Sampling: Stable Diffusion 1.5's UNet and VAE and CLIP ViT-L's text encoder (fp16 on CUDA), a
     resnet50 teacher; `gen_batch` images, `steps` DDIM steps, the default guidance window and
     scales; one row per mode (time_sampling_modes), and the cost of each part of a step
-    (time_guidance_parts). Distillation: resnet50 → resnet18 on PNGs written to `work_dir`:
-    images per second of the full distill() loop (decode, augment, copy, compute) in its last of 3
-    epochs of 8 steps (steady state: workers started, persistent), against 8 kd_step calls on
-    batches already on the device; their ratio shows whether loading is the bottleneck.
+    (time_guidance_parts). Distillation: resnet50 → resnet18 on images written to `work_dir` at
+    the stored size and format (benchmark_distillation): the loader alone, pure compute and the
+    whole loop; their ratios show whether loading is the bottleneck.
     `architecture` "tiny" swaps in the tiny pipeline (for the tests).
     """
     from diffusers import AutoencoderTiny
@@ -1809,27 +1840,46 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # Distillation: the full loop from disk against pure compute on the same number of batches.
-    shutil.rmtree(work_dir / "images", ignore_errors=True)  # a fresh set and no checkpoint to resume from
+    kd = benchmark_distillation(teacher, students, work_dir, device, kd_batch=kd_batch, image_size=image_size,
+                                num_workers=num_workers, channels_last=channels_last, progress=progress,
+                                stored_size=min(height, store_size or height), image_format=image_format)
+    memory = "peak GPU memory (GiB)" if device.type == "cuda" else "peak RSS of the process so far (GiB)"
+    return {"sampling": rows, "parts": parts, "memory": memory, "distill": kd}
+
+
+def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, image_size, num_workers,
+                           channels_last, progress, stored_size, image_format):
+    """Images per second, measured in one run on `kd_batch`·8 cached images of `stored_size`²: the
+    loader alone (kd_loader: read, decode, augment, collate, in its second epoch, workers
+    started), pure compute (kd_step on batches already on the device), and the whole distill()
+    loop (its steady-state last of 3 epochs). Returns them and their ratios."""
+    folder = work_dir / "images"
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh set and no checkpoint to resume from
     (work_dir / "checkpoint.pt").unlink(missing_ok=True)
-    write_benchmark_images(work_dir / "images", 8 * kd_batch, height)
-    distill(teacher, students[0], work_dir / "images", epochs=3, batch_size=kd_batch, lr=0.1, image_size=image_size,
-            checkpoint_path=work_dir / "checkpoint.pt", device=device, num_workers=num_workers, progress=progress,
-            channels_last=channels_last)
+    write_benchmark_images(folder, 8 * kd_batch, stored_size, image_format=image_format)
+    loader, sampler = kd_loader(folder, kd_batch, image_size=image_size, num_workers=num_workers,
+                                pin_memory=device.type == "cuda")
+    for epoch in range(2):  # the first epoch starts the workers
+        sampler.set_epoch(epoch)
+        _, loader_seconds = timed(device, lambda: [batch for batch, _ in loader])
+    distill(teacher, students[0], folder, epochs=3, batch_size=kd_batch, lr=0.1, image_size=image_size,
+            checkpoint_path=work_dir / "checkpoint.pt", device=device, num_workers=num_workers,
+            progress=progress, channels_last=channels_last)
     loop_seconds = torch.load(work_dir / "checkpoint.pt", weights_only=True)["epoch_seconds"][-1]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     student = students[1].to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    batches = [torch.rand(kd_batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
-               for _ in range(2)]
+    batches = [torch.rand(kd_batch, 3, image_size, image_size, device=device).contiguous(
+        memory_format=memory_format) for _ in range(2)]
     kd_step(teacher, student, optimizer, batches[0], 4.0, amp)  # warm-up
     _, compute_seconds = timed(device, lambda: [kd_step(teacher, student, optimizer, batches[n % 2], 4.0, amp)
                                                 for n in range(8)])
-    loop, compute = 8 * kd_batch / loop_seconds, 8 * kd_batch / compute_seconds
-    memory = "peak GPU memory (GiB)" if device.type == "cuda" else "peak RSS of the process so far (GiB)"
-    return {"sampling": rows, "parts": parts, "memory": memory, "distill": {"loop_images_per_s": loop, "compute_images_per_s": compute,
-                                                            "loop_vs_compute": loop / compute}}
+    images = 8 * kd_batch
+    loader, compute, loop = images / loader_seconds, images / compute_seconds, images / loop_seconds
+    return {"loader_images_per_s": loader, "loader_images_per_s_per_worker": loader / max(num_workers, 1),
+            "workers": num_workers, "compute_images_per_s": compute, "loop_images_per_s": loop,
+            "loop_vs_compute": loop / compute, "loader_vs_compute": loader / compute}
 
 
 def teacher_scores(stats, class_ids):
@@ -1932,11 +1982,13 @@ def benchmark_table(result, machine, *, num_steps=50, guided_steps=15):
     lines += [f"| guided / unguided image at {num_steps} steps, {guided_steps} guided (from the "
               f"parts) | {ratio:.2f} |"]
     kd = result["distill"]
-    lines += ["", "| distillation | images / s |", "| --- | --- |",
-              "| full KD loop (disk, decode, augment, copy, compute) | "
-              f"{kd['loop_images_per_s']:.1f} |",
-              f"| pure compute (batches already on the device) | {kd['compute_images_per_s']:.1f} |",
-              f"| loop / compute | {kd['loop_vs_compute']:.2f} |"]
+    lines += ["", "| distillation | images / s | / pure compute |", "| --- | --- | --- |",
+              f"| loader alone ({kd['workers']} workers: read, decode, augment, collate) | "
+              f"{kd['loader_images_per_s']:.1f} ({kd['loader_images_per_s_per_worker']:.1f} per worker) | "
+              f"{kd['loader_vs_compute']:.2f} |",
+              f"| pure compute (batches already on the device) | {kd['compute_images_per_s']:.1f} | 1.00 |",
+              f"| full KD loop (loader + copy + compute) | {kd['loop_images_per_s']:.1f} | "
+              f"{kd['loop_vs_compute']:.2f} |"]
     return "\n".join(lines)
 
 
@@ -2016,12 +2068,16 @@ def build_parser():
                    "with --check-guidance before trusting it")
     g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
                    help="diffusion model precision (auto: float16 on CUDA, float32 on a CPU)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPUs)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory "
+                   "format for the convolutions (default: on with CUDA, where it is faster, off on a CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compile, faster steps)")
     g.add_argument("--height", type=int, help="image height (default: the model's)")
     g.add_argument("--width", type=int, help="image width (default: the model's)")
     g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch (per torchrun process)")
-    g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format")
+    g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format (jpg: "
+                   "quality 95, smaller and faster to decode, lossy)")
+    g.add_argument("--store-size", type=int, default=320, help="cache images with their shorter side at this "
+                   "size (0: as generated); the teacher's energy and p(y) are recorded at full size")
     g.add_argument("--max-new-images", type=int, help="generate at most this many images now (job time limits)")
     g = p.add_argument_group("distillation (§4) and evaluation")
     g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set (0: no distillation)")
@@ -2030,7 +2086,8 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     g.add_argument("--kd-temperature", type=float, default=4.0, help="τ_kd of the KD loss")
     g.add_argument("--image-size", type=int, default=224, help="student (and KD crop) input size")
-    g.add_argument("--workers", type=int, default=8, help="data loading processes (per torchrun process)")
+    g.add_argument("--workers", type=int, help="data loading processes per torchrun process (default: the "
+                   "cores this process may use, shared by the node's processes, minus one)")
     g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
     g.add_argument("--val-dir", help="real labelled images, one folder per class in label order (ImageNet val)")
     g = p.add_argument_group("measuring the synthetic set (§5) and ablations")
@@ -2055,7 +2112,8 @@ def check_args(args):
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
             raise UsageError(f"--{name.replace('_', '-')} must be finite, got {value}")
-    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs"):
+    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs",
+                 "store_size"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("lr", "kd_temperature", "energy_temperature"):
@@ -2092,6 +2150,10 @@ def parse_args(argv):
     if known.benchmark and (known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())):
         parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = default_workers()
+    if args.channels_last is None:
+        args.channels_last = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     check_args(args)
     return args
 
@@ -2109,25 +2171,43 @@ def pick_device(name):
     return device
 
 
+def process_gpu(local_rank, visible_gpus):
+    """The CUDA device index of the process with LOCAL_RANK `local_rank` on a node where it sees
+    `visible_gpus` GPUs: its own index when it sees them all; 0 when a launcher gave each process
+    one GPU of its own (CUDA_VISIBLE_DEVICES per process, so it sees exactly one)."""
+    if visible_gpus == 1:
+        return 0
+    if local_rank >= visible_gpus:
+        raise UsageError(f"process {local_rank} of this node has no GPU of its own ({visible_gpus} "
+                         f"visible): use --nproc_per_node <= the GPU count")
+    return local_rank
+
+
 def init_distributed(device_name):
     """Returns this process's torch device. Under torchrun (WORLD_SIZE > 1) it first joins the
-    process group: NCCL with one GPU per process, cuda:LOCAL_RANK (whatever --device names), or gloo
+    process group: NCCL with one GPU per process (process_gpu), whatever --device names, or gloo
     when the device is the CPU. A plain `python prism.py` starts no group."""
     device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {local_rank} of this node has no GPU of its own "
-                             f"({torch.cuda.device_count()} visible): use --nproc_per_node <= the GPU count")
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", process_gpu(int(os.environ.get("LOCAL_RANK", "0")),
+                                                  torch.cuda.device_count()))
         torch.cuda.set_device(device)
     # A long timeout: ranks wait at a barrier while rank 0 alone builds the prompts (an LLM may
     # take a while) or merges a large manifest.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     return device
+
+
+def default_workers():
+    """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
+    the processes of its node, leaving one for the training process itself (at least 0)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
 
 
 @contextlib.contextmanager
@@ -2194,11 +2274,13 @@ def run_benchmark(args, device):
     result = benchmark(device, out / "benchmark", height=height, width=width, steps=args.steps,
                        gen_batch=args.gen_batch, kd_batch=args.batch_size, image_size=args.image_size,
                        num_workers=args.workers, channels_last=args.channels_last, compile_unet=args.compile,
-                       guidance_batch=args.guidance_batch)
+                       guidance_batch=args.guidance_batch, store_size=args.store_size,
+                       image_format=args.image_format)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     settings = (f"{height}×{width}, {args.steps} steps, {args.gen_batch} images per sampling batch, "
                 f"{'fp16' if device.type == 'cuda' else 'fp32'}; KD batch {args.batch_size} at {args.image_size} px, "
-                f"{args.workers} workers, guidance batch {args.guidance_batch}"
+                f"{args.workers} workers, guidance batch {args.guidance_batch}, stored "
+                f"{min(height, args.store_size or height)}² {args.image_format}"
                 f"{', channels_last' if args.channels_last else ''}"
                 f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}")
     real = build_parser().parse_args([])  # the real run's defaults, for the extrapolated cost
@@ -2375,12 +2457,14 @@ def run(args, device):
     # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
     synthetic = out / "synthetic"
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
+                                  store_size=args.store_size or None,
                                   identity=identity, sample_kwargs=sample_kwargs)
     check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
     if device.type == "cpu" and not args.smoke and rank == 0:  # said once every input has passed its checks
         print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
     records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
                                  batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
+                                 store_size=args.store_size or None,
                                  overwrite=args.overwrite, max_new_images=args.max_new_images,
                                  guidance_vae=guidance_vae, guidance_batch=args.guidance_batch, **sample_kwargs)
     del pipe, guidance_vae

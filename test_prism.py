@@ -862,6 +862,61 @@ class ChannelMeans(nn.Module):
         return images.mean(dim=(2, 3)) * 10
 
 
+# ── the KD input path and the processes of a cluster ─────────────────────────────────────────
+def test_kd_batches_travel_as_uint8_and_equal_the_float_pipeline(image_dir):
+    """kd_loader's uint8 batches, made float on the device, are exactly the batches of the
+    float32 ToTensor pipeline (same crops and flips: the augmentation's random draws are kept)."""
+    from torchvision import transforms
+
+    loader, sampler = prism.kd_loader(image_dir, 8, image_size=32, num_workers=0, seed=3)
+    sampler.set_epoch(1)
+    got = [prism.to_unit_images(batch, "cpu") for batch, _ in loader]
+    assert next(iter(loader))[0].dtype == torch.uint8
+    float_augment = transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.25, 1.0)),
+                                        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), float_augment, 3)
+    tagged = list(sampler)  # epoch·N + i, as the loader's workers receive them
+    expected = [torch.stack([dataset[t][0] for t in tagged[k:k + 8]]) for k in range(0, len(tagged) - 7, 8)]
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_stored_size_is_recorded_and_a_stale_cache_is_refused(pipe, teacher, tmp_path):
+    prompts = prism.build_prompts(NAMES[:2], 2)
+    full = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "full", per_class=2, **SYNTH)
+    small = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=8, **SYNTH)
+    for path in (tmp_path / "small").glob("*/*.png"):
+        assert Image.open(path).size == (8, 8)
+    for path in (tmp_path / "full").glob("*/*.png"):
+        assert Image.open(path).size == (16, 16)
+    # the teacher's numbers are those of the full-size images
+    assert [r["energy"] for r in small] == [r["energy"] for r in full]
+    stored = np.asarray(Image.open(tmp_path / "small" / small[0]["file"]), dtype=np.float64)
+    resized = prism.resize_for_storage(torch.tensor(np.asarray(Image.open(tmp_path / "full" / full[0]["file"]),
+                                                                dtype=np.float32) / 255).permute(2, 0, 1)[None], 8)
+    assert np.abs(stored - resized[0].permute(1, 2, 0).numpy() * 255).max() <= 1.0
+    assert json.loads((tmp_path / "small" / "settings.json").read_text())["settings"]["store_size"] == 8
+    with pytest.raises(prism.UsageError, match="other settings .*store_size: 8 -> 12"):
+        prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=12, **SYNTH)
+
+
+def test_a_process_sees_its_own_gpu_or_the_one_it_was_given():
+    assert prism.process_gpu(0, 8) == 0 and prism.process_gpu(5, 8) == 5
+    assert prism.process_gpu(5, 1) == 0  # a launcher gave each process one GPU (CUDA_VISIBLE_DEVICES)
+    with pytest.raises(prism.UsageError, match="process 8 of this node has no GPU of its own"):
+        prism.process_gpu(8, 8)
+
+
+def test_default_workers_share_the_cores_of_the_node(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert prism.default_workers() == max(0, cores - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert prism.default_workers() == 0
+    assert prism.parse_args(["--out", "x"]).workers == prism.default_workers()
+
+
 def test_evaluate_known_answer(tmp_path):
     colours = {"0_red": [(255, 0, 0), (0, 0, 255)], "1_green": [(0, 255, 0)], "2_blue": [(0, 0, 255)]}
     for folder, images in colours.items():
@@ -1566,7 +1621,7 @@ def test_ablation_run_measures_without_distilling(tmp_path):
 # ── benchmark (plumbing only: timings are machine-dependent and never asserted) ─────────────
 def test_benchmark_reports_every_mode_the_parts_and_the_kd_ratio(tmp_path):
     result = prism.benchmark("cpu", tmp_path, architecture="tiny", height=32, width=32, steps=3, gen_batch=2,
-                             kd_batch=4, image_size=32, num_workers=0, progress=False, repeats=1)
+                             kd_batch=4, image_size=32, num_workers=0, progress=False, repeats=1, image_format="jpg")
     rows = result["sampling"]
     assert [row["mode"] for row in rows][:2] == ["unguided", "guided, default (approx, full-size decode)"]
     assert len(rows) == 6 and rows[0]["vs_unguided"] == 1.0
@@ -1580,5 +1635,9 @@ def test_benchmark_reports_every_mode_the_parts_and_the_kd_ratio(tmp_path):
         (50 * unet + 15 * guide + parts["final decode"]) / (50 * unet + parts["final decode"]))
     kd = result["distill"]
     assert kd["loop_vs_compute"] == pytest.approx(kd["loop_images_per_s"] / kd["compute_images_per_s"])
+    assert kd["loader_vs_compute"] == pytest.approx(kd["loader_images_per_s"] / kd["compute_images_per_s"])
+    assert kd["loader_images_per_s_per_worker"] == kd["loader_images_per_s"] and kd["workers"] == 0
+    assert len(list((tmp_path / "images").glob("*/*.jpg"))) == 32  # the stored format, at 8 batches
     table = prism.benchmark_table(result, "test machine")
-    assert table.count("\n| guided") == 6 and "| loop / compute |" in table and "| final decode |" in table
+    assert table.count("\n| guided") == 6 and "| final decode |" in table
+    assert "| loader alone (0 workers" in table and "| full KD loop (loader + copy + compute) |" in table
