@@ -996,7 +996,7 @@ def read_manifest(folder):
 def append_to_journal(path, records):
     """Appends `records` as JSON lines to the journal at `path` and forces them to disk, so a crash
     loses at most the records of the batch being written (their images are then made again)."""
-    text = "".join(json.dumps(record) + "\n" for record in records)
+    text = "".join(json.dumps(finite_or_none(record), allow_nan=False) + "\n" for record in records)
     try:
         with open(path, "ab+") as journal:
             if journal.seek(0, os.SEEK_END) > 0:
@@ -1252,19 +1252,38 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
         return (self.epoch * len(self.dataset) + index for index in super().__iter__())
 
 
+def student_is_finite(student, batch, amp=contextlib.nullcontext()):
+    """True if every weight of the student and its outputs on `batch` (as it will be used: eval
+    mode) are finite. Weights can be finite yet so large that every output overflows."""
+    if not all(torch.isfinite(t).all() for t in student.state_dict().values() if t.is_floating_point()):
+        return False
+    student.eval()
+    with torch.no_grad(), amp:
+        finite = bool(torch.isfinite(student(batch)).all())
+    student.train()
+    return finite
+
+
 CHECKPOINT_KEYS = ("epoch", "config", "history", "student", "optimizer", "schedule")
 
 
-def load_checkpoint(path, device, *, overwrite=False):
+def tensor_shapes(state):
+    """{name: shape} of a state dict: what a checkpoint must match to load into a model."""
+    return {name: tuple(value.shape) for name, value in state.items()}
+
+
+def load_checkpoint(path, device, student, *, overwrite=False):
     """distill's checkpoint at `path`, or None if there is none. One that does not load (empty,
-    truncated, garbage, another kind of file) is damaged: a UsageError naming it, or None (start
-    again) with `overwrite`."""
+    truncated, garbage, another kind of file, or weights that do not fit `student`) is damaged:
+    a UsageError naming it, or None (start again) with `overwrite`."""
     if not Path(path).exists():
         return None
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
             raise ValueError("not a PRISM distillation checkpoint")
+        if tensor_shapes(checkpoint["student"]) != tensor_shapes(student.state_dict()):
+            raise ValueError("its weights do not fit this student")
         return checkpoint
     except Exception as error:  # any failure to load it means: damaged
         if overwrite:
@@ -1362,7 +1381,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
               "images": len(dataset), "classes": len(images.classes), "data": data_settings}
     history, first_epoch, epoch_seconds = [], 0, []
     checkpoint_path = Path(checkpoint_path)
-    checkpoint = load_checkpoint(checkpoint_path, device, overwrite=overwrite)  # every rank: same start
+    checkpoint = load_checkpoint(checkpoint_path, device, student, overwrite=overwrite)  # all ranks alike
     if checkpoint is not None:
         if checkpoint["config"] == config:
             student.load_state_dict(checkpoint["student"])
@@ -1390,8 +1409,10 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
                     schedule.step()
                     count += 1
         loss_sum, batches = sum_over_ranks([total.item(), count])  # .item() waits for the GPU
-        if not math.isfinite(loss_sum):  # the weights are lost: keep the last good checkpoint
-            raise RunFailure(f"distillation diverged in epoch {epoch + 1}: the KD loss is {loss_sum}; "
+        weights_finite = student_is_finite(student, batch, amp)  # the loss is from before the last step
+        if not math.isfinite(loss_sum) or sum_over_ranks([not weights_finite])[0]:  # keep the last good one
+            raise RunFailure(f"distillation diverged in epoch {epoch + 1}: the KD loss is {loss_sum} and "
+                             f"the weights are{'' if weights_finite else ' not'} finite; "
                              f"{checkpoint_path} keeps epoch {epoch}. The learning rate {lr} is likely "
                              f"too high: lower --lr and rerun with --overwrite (the images are kept)")
         history.append(loss_sum / max(batches, 1))
@@ -1511,7 +1532,8 @@ def synthetic_set_report(records, features, class_names, *, worst=10):
     the final teacher energy, and diversity (mean pairwise feature distance within a class). The
     `worst` classes by agreement and by diversity are named: there prompts or guidance fail."""
     labels = torch.tensor([r["class"] for r in records])
-    energies = torch.tensor([float(r["energy"]) for r in records], dtype=torch.float64)
+    energies = torch.tensor([math.nan if r["energy"] is None else r["energy"] for r in records],
+                            dtype=torch.float64)  # None: a teacher that gave NaN (strict JSON)
     agree = torch.tensor([r["top1"] == r["class"] for r in records], dtype=torch.float64)
     per_class = []
     for c, name in enumerate(class_names):
@@ -1523,7 +1545,7 @@ def synthetic_set_report(records, features, class_names, *, worst=10):
                           "diversity": mean_pairwise_distance(features[mine])})
     return {"images": len(records), "agreement": agree.mean().item(), "mean_energy": energies.mean().item(),
             "std_energy": energies.std().item() if len(records) > 1 else 0.0,
-            "mean_p_class": sum(r["p_class"] for r in records) / len(records),
+            "mean_p_class": sum(math.nan if r["p_class"] is None else r["p_class"] for r in records) / len(records),
             "guidance_skipped_images": sum(r.get("guidance_skipped", 0) > 0 for r in records),
             "resampled_unguided_images": sum(bool(r.get("resampled_unguided")) for r in records),
             "diversity": sum(entry["diversity"] for entry in per_class) / len(per_class),
@@ -2122,14 +2144,10 @@ def check_args(args):
     if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
         raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= 1, "
                          f"got {args.guidance_start} and {args.guidance_end}")
+    if min(args.teacher_std) <= 0:
+        raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
     if not 0.0 <= args.photo_share <= 1.0:
         raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
-    guided = (args.energy_scale or args.class_scale) and "guidance" not in args.ablate
-    if guided and not guided_step_indices(args.steps, args.guidance_start, args.guidance_end,
-                                          args.guidance_every):
-        raise UsageError(f"the guidance window [{args.guidance_start}, {args.guidance_end}) every "
-                         f"{args.guidance_every} holds none of the {args.steps} steps, so guidance would do "
-                         f"nothing: widen it, or --ablate guidance")
     if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
         report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images follow "
                           f"the prompts weakly")
@@ -2307,6 +2325,7 @@ def run_check_guidance(args, device):
                             descriptions=descriptions, photo_share=args.photo_share,
                             neighbours=args.neighbours)
     pipe, guidance_vae = load_sampler(args, device, out)
+    check_guidance_window(pipe, sampling_options(args))
     pairs = [(c, i) for c in chosen for i in range(args.check_seeds)]
     seeds = [image_seed(args.seed, c, i) for c, i in pairs]
     latents = initial_latents(seeds, latent_shape(pipe, args.height, args.width))
@@ -2401,6 +2420,18 @@ def make_out(out):
     return out
 
 
+def check_guidance_window(pipe, sample_kwargs):
+    """Refuses a guidance window that holds none of the scheduler's own timesteps (PNDM makes one
+    more than asked) while a guidance scale is on: guidance would silently do nothing."""
+    options = {**sampler_defaults(), **sample_kwargs}
+    pipe.scheduler.set_timesteps(options["num_steps"])
+    steps = len(pipe.scheduler.timesteps)
+    start, end, every = options["guidance_start"], options["guidance_end"], options["guidance_every"]
+    if (options["energy_scale"] or options["class_scale"]) and not guided_step_indices(steps, start, end, every):
+        raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the {steps} "
+                         f"sampling steps, so guidance would do nothing: widen it, or --ablate guidance")
+
+
 def prompts_stage(args, out, class_names, descriptions, teacher, teacher_identity, device):
     """Stage 1: the prompts of every class, reused from OUT/prompts.json when it was built under
     the same settings. Rank 0 alone builds them (and loads the LLM); the other ranks read the
@@ -2413,6 +2444,13 @@ def prompts_stage(args, out, class_names, descriptions, teacher, teacher_identit
                        **({"ablate": prompt_ablations} if prompt_ablations else {})}
     prompts_path = out / "prompts.json"
     reuse = check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts")
+    if reuse:  # the settings are intact; the prompts themselves may not be
+        try:
+            read_prompts(prompts_path, len(class_names), args.per_class)
+        except UsageError:
+            if not args.overwrite:
+                raise
+            reuse = False
     barrier()  # every rank has its verdict before rank 0 may replace the file
     if rank == 0 and not reuse:
         prompts = build_prompts(class_names, args.per_class, teacher=teacher, descriptions=descriptions,
@@ -2422,12 +2460,18 @@ def prompts_stage(args, out, class_names, descriptions, teacher, teacher_identit
                                 vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
         write_json_atomic({"settings": prompt_settings, "prompts": prompts}, prompts_path)
     barrier()
+    return read_prompts(prompts_path, len(class_names), args.per_class)
+
+
+def read_prompts(path, num_classes, per_class):
+    """The prompts stored in prompts.json: a list of at least `per_class` strings per class, or a
+    UsageError naming the file as damaged."""
     way_out = "rerun with --overwrite to remake the prompts"
-    prompts = read_json(prompts_path, way_out).get("prompts")
-    if not (isinstance(prompts, list) and len(prompts) == len(class_names)
-            and all(isinstance(p, list) and len(p) >= args.per_class and all(isinstance(s, str) for s in p)
+    prompts = read_json(path, way_out).get("prompts")
+    if not (isinstance(prompts, list) and len(prompts) == num_classes
+            and all(isinstance(p, list) and len(p) >= per_class and all(isinstance(s, str) for s in p)
                     for p in prompts)):
-        raise damaged(prompts_path, "no list of prompts for every class", way_out)
+        raise damaged(path, "no list of prompts for every class", way_out)
     return prompts
 
 
@@ -2450,6 +2494,7 @@ def run(args, device):
     pipe, guidance_vae = load_sampler(args, device, out)
     sample_kwargs = sampling_options(args)  # checked against the model before anything is recorded
     check_sampler_arguments(pipe, **{**sample_kwargs, "guidance_batch": args.guidance_batch})
+    check_guidance_window(pipe, sample_kwargs)
 
     # Stage 1: prompts (rank 0 builds them; reused from prompts.json under the same settings).
     prompts = prompts_stage(args, out, class_names, descriptions, teacher, identity["teacher"], device)

@@ -3,6 +3,7 @@
 Run:  python -m pytest -q test_prism.py
 """
 import copy
+import io
 import json
 import os
 import random
@@ -435,6 +436,25 @@ def test_non_finite_latents_are_resampled_unguided_and_never_saved(pipe, teacher
         pipe.vae.decoder.conv_out.bias[0] = float("nan")  # a model that fails even unguided
     with pytest.raises(prism.UsageError, match="non-finite pixels for 'a photo of a mouse' even without guidance"):
         prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], latents=latents(1), **SAMPLE)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' schedulers
+def test_resample_with_a_stochastic_scheduler_equals_unguided_sampling(pipe, teacher):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    wild, start = nn.Sequential(teacher, HugeLogits()), latents(2)
+
+    def generators():
+        return [torch.Generator().manual_seed(s) for s in (11, 12)]
+
+    sample = dict(latents=start, normalize_grad=False, class_scale=0.0, **SAMPLE)
+    images, stats = prism.energy_guided_sample(pipe, wild, PROMPTS[:2], [0, 1], generator=generators(),
+                                               energy_scale=1e5, **sample)
+    plain, _ = prism.energy_guided_sample(pipe, wild, PROMPTS[:2], [0, 1], generator=generators(),
+                                          energy_scale=0.0, **sample)
+    assert stats["resampled_unguided"].all()
+    torch.testing.assert_close(images, plain)
 
 
 # ── schedulers: which ones guidance can read, and per-image step noise ──────────────────────
@@ -1203,16 +1223,18 @@ def image_times(out):
     return {p: p.stat().st_mtime_ns for p in (out / "synthetic").glob("*/*.png")}
 
 
-def test_diverging_training_stops_with_one_line_and_no_nan_model(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--lr", "1e9"],  # diverges within an epoch
+                                   ["--lr", "3e37", "--epochs", "1", "--batch-size", "16"]])  # at its last step
+def test_diverging_training_stops_with_one_line_and_no_nan_model(tmp_path, capsys, flags):
     out = tmp_path / "diverge"
-    code, err = run_main(["--smoke", "--out", str(out), "--lr", "1e9"], capsys)
+    code, err = run_main(["--smoke", "--out", str(out), *flags], capsys)
     assert code == 1
     one_line(err, "prism: failed: distillation diverged in epoch ")
     assert "--lr" in err and not (out / "student.pt").exists() and not (out / "results.json").exists()
     if (out / "checkpoint.pt").exists():  # only a good epoch is ever checkpointed
         saved = torch.load(out / "checkpoint.pt", weights_only=True)
         assert all(np.isfinite(saved["history"])) and all(torch.isfinite(v).all() for v in saved["student"].values())
-    code, _ = run_main(["--smoke", "--out", str(out), "--overwrite"], capsys)  # the way out in the message
+    code, _ = run_main(["--smoke", "--out", str(out), "--overwrite", *flags[2:]], capsys)  # the way out
     assert code == 0 and (out / "student.pt").exists()
 
 
@@ -1251,13 +1273,29 @@ def test_damaged_json_state_is_named_and_overwrite_keeps_the_images(finished_run
     assert json.loads((finished_run / name).read_text())["settings"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a checkpoint"])
+def test_prompts_with_intact_settings_but_no_prompts_are_damaged_and_overwrite_rebuilds(finished_run, capsys):
+    path = finished_run / "prompts.json"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({"settings": stored["settings"], "prompts": "lost"}))
+    code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
+    assert code == 2
+    one_line(err, f"prism: error: {path} is damaged (no list of prompts for every class)")
+    times = image_times(finished_run)
+    assert run_main(["--smoke", "--out", str(finished_run), "--overwrite"], capsys)[0] == 0
+    assert json.loads(path.read_text()) == stored and image_times(finished_run) == times
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a checkpoint", "another student"])
 def test_damaged_checkpoint_is_named_and_overwrite_retrains(finished_run, capsys, damage):
     checkpoint = finished_run / "checkpoint.pt"
     data = checkpoint.read_bytes()
     checkpoint.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": os.urandom(500)}.get(damage, b""))
     if damage == "not a checkpoint":
         torch.save({"weights": torch.zeros(3)}, checkpoint)
+    if damage == "another student":  # loads, has every key, but its weights do not fit
+        saved = torch.load(io.BytesIO(data), weights_only=True)
+        saved["student"] = prism.build_tiny_classifier(4, width=4).state_dict()
+        torch.save(saved, checkpoint)
     times = image_times(finished_run)
     code, err = run_main(["--smoke", "--out", str(finished_run), "--epochs", "3"], capsys)
     assert code == 2
@@ -1288,10 +1326,20 @@ def test_rejected_height_records_nothing_and_the_fixed_rerun_works(tmp_path, cap
 
 
 def test_settings_that_do_nothing_are_refused_or_warned(tmp_path, capsys):
+    from diffusers import PNDMScheduler
+
     code, err = run_main(["--smoke", "--out", str(tmp_path / "a"), "--guidance-start", "0.95",
                           "--guidance-end", "0.99"], capsys)
     assert code == 2
-    one_line(err, "prism: error: the guidance window [0.95, 0.99) every 1 holds none of the 10 steps")
+    one_line(err, "prism: error: the guidance window [0.95, 0.99) every 1 holds none of the 10 sampling steps")
+    assert not (tmp_path / "a" / "prompts.json").exists()
+    pipe = prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu")
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    window = dict(num_steps=10, guidance_start=0.81, guidance_end=0.9, guidance_every=1)
+    prism.check_guidance_window(pipe, window)  # PNDM's 11 timesteps: step 9 is in the window
+    with pytest.raises(prism.UsageError, match="none of the 10 sampling"):  # DDIM's 10: none is
+        prism.check_guidance_window(prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu"),
+                                    window)
     code, err = run_main(["--smoke", "--out", str(tmp_path / "b"), "--cfg", "1", "--epochs", "0"], capsys)
     assert code == 0 and err.startswith("prism: warning: --cfg 1.0 <= 1 turns classifier-free guidance off")
 
@@ -1361,28 +1409,52 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     assert prism.main(["--smoke", "--out", str(out)]) == 0 and leftovers(out) == []
 
 
-def test_random_kills_then_a_rerun_give_the_uninterrupted_result(smoke_run, tmp_path):
-    """SIGKILL at seeded random moments, again and again, then run to the end: the same images,
-    manifest, student and results as one uninterrupted run, and no temp file left."""
+def test_random_kills_then_a_rerun_give_the_uninterrupted_result(tmp_path):
+    """SIGKILL at seeded random points, again and again, then run to the end: the same images,
+    manifest, student and results as one uninterrupted run, and no temp file left. A point is a
+    random moment after the start, or the moment the k-th image (k random) or the first
+    checkpoint appears; kills land during synthesis and during distillation."""
     out, rng = tmp_path / "killed", random.Random(7)
-    argv = [sys.executable, "prism.py", "--smoke", "--out", str(out), "--gen-batch", "3"]
-    for _ in range(6):
+    argv = [sys.executable, "prism.py", "--smoke", "--out", str(out), "--gen-batch", "3", "--epochs", "3"]
+    points = [("image", k) for k in sorted(rng.sample(range(1, 15), 3))]  # in the order a run meets them
+    for _ in range(3):
+        points.insert(rng.randint(0, len(points)), ("seconds", rng.uniform(0.5, 4.0)))
+    points += [("checkpoint", 1), ("checkpoint", 2)]
+    phases = set()
+
+    def reached(kind, value, started):
+        if kind == "seconds":
+            return time.monotonic() - started > value
+        if kind == "image":
+            return len(list(out.glob("synthetic/*/*.png"))) >= value
+        try:
+            return torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] >= value
+        except Exception:  # none yet
+            return False
+
+    for kind, value in points:
         process = subprocess.Popen(argv, cwd=HERE, env=OFFLINE, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=rng.uniform(2.0, 9.0))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert prism.main(["--smoke", "--out", str(out)]) == 0
-    same_images(tree(out / "synthetic"), tree(smoke_run / "synthetic"))
+        started = time.monotonic()
+        while process.poll() is None and not reached(kind, value, started):
+            time.sleep(0.005)
+        process.kill()
+        process.wait()
+        images = len(list(out.glob("synthetic/*/*.png")))
+        phases.add("synthesis" if 0 < images < 16 else "distillation" if (out / "checkpoint.pt").exists()
+                   and not (out / "student.pt").exists() else "other")
+    assert {"synthesis", "distillation"} <= phases
+    assert prism.main(["--smoke", "--out", str(out), "--epochs", "3"]) == 0
+    reference = tmp_path / "uninterrupted"
+    assert prism.main(["--smoke", "--out", str(reference), "--epochs", "3"]) == 0
+    same_images(tree(out / "synthetic"), tree(reference / "synthetic"))
     keys = ("file", "class", "index", "prompt", "seed", "settings")
     assert ([[r[k] for k in keys] for r in manifest_lines(out / "synthetic")]
-            == [[r[k] for k in keys] for r in manifest_lines(smoke_run / "synthetic")])
-    got, expected = (torch.load(d / "student.pt", weights_only=True) for d in (out, smoke_run))
+            == [[r[k] for k in keys] for r in manifest_lines(reference / "synthetic")])
+    got, expected = (torch.load(d / "student.pt", weights_only=True) for d in (out, reference))
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=1e-4, rtol=1e-4)
-    results = [json.loads((d / "results.json").read_text()) for d in (out, smoke_run)]
+    results = [json.loads((d / "results.json").read_text()) for d in (out, reference)]
     np.testing.assert_allclose(results[0]["distill"]["kd_loss"], results[1]["distill"]["kd_loss"], rtol=1e-4)
     assert leftovers(out) == []
 
