@@ -928,13 +928,18 @@ def test_a_process_sees_its_own_gpu_or_the_one_it_was_given():
         prism.process_gpu(8, 8)
 
 
-def test_default_workers_share_the_cores_of_the_node(monkeypatch):
+def test_default_workers_and_channels_last_follow_the_machine(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert prism.default_workers() == max(0, cores - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
     assert prism.default_workers() == 0
     assert prism.parse_args(["--out", "x"]).workers == prism.default_workers()
+    # channels_last: on with CUDA (faster convolutions there), off on a CPU, unless a flag says
+    assert prism.parse_args(["--device", "cuda:1"]).channels_last is True
+    assert prism.parse_args(["--device", "cpu"]).channels_last is False
+    assert prism.parse_args(["--device", "cpu", "--channels-last"]).channels_last is True
+    assert prism.parse_args(["--device", "cuda", "--no-channels-last"]).channels_last is False
 
 
 def test_evaluate_known_answer(tmp_path):
