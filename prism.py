@@ -210,9 +210,16 @@ def load_class_names(data, num_classes=None):
     else:
         path = Path(data)
         if not path.is_file():
-            raise UsageError(f"class list {data} not found: give 'imagenet' or a text file, one class per line")
-        rows = [line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise UsageError(f"class list {data} is not a file: give 'imagenet' or a text file, one class per line")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"class list {data} is not UTF-8 text ({first_line(error)}): save it as UTF-8")
+        rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
         names = [row[0].strip() for row in rows]
+        if not all(names):
+            raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no name "
+                             f"before its tab")
         descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
         if not names:
             raise UsageError(f"class list {data} is empty")
@@ -641,6 +648,10 @@ def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_s
     if not 0.0 <= guidance_start < guidance_end <= 1.0:
         raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, "
                          f"got [{guidance_start}, {guidance_end}]")
+    trained_steps = pipe.scheduler.config.num_train_timesteps
+    if num_steps > trained_steps:
+        raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model was "
+                         f"trained with")
     scheduler = type(pipe.scheduler).__name__
     if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
         raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "

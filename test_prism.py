@@ -663,7 +663,7 @@ def test_class_list_file(tmp_path):
     path.write_text("a\nb\n")
     with pytest.raises(prism.UsageError, match="3 outputs"):
         prism.load_class_names(str(path), num_classes=3)
-    with pytest.raises(prism.UsageError, match="not found"):
+    with pytest.raises(prism.UsageError, match="is not a file"):
         prism.load_class_names(str(tmp_path / "missing.txt"))
 
 
@@ -982,7 +982,8 @@ def test_smoke_rerun_skips_finished_stages(smoke_run):
     assert changed <= {"results.json", "student.pt"}  # no image, manifest, prompt or checkpoint redone
 
 
-BAD_CLASS_LISTS = {"empty class list": "\n", "duplicate class": "a\nb\na\nc\n", "class count": "a\nb\nc\n"}
+BAD_CLASS_LISTS = {"empty class list": "\n", "duplicate class": "a\nb\na\nc\n", "class count": "a\nb\nc\n",
+                   "not UTF-8": "caf\xe9\nb\nc\nd\n", "tab without a name": "a\n\tthe second\nc\nd\n"}
 BAD_FLAGS = {
         "unknown teacher": ["--teacher", "resnet5000"],
         "unknown student": ["--student", "not_a_net"],
@@ -996,6 +997,7 @@ BAD_FLAGS = {
         "not finite": ["--energy-scale", "nan"],
         "not finite in a list": ["--teacher-mean", "0.5", "inf", "0.5"],
         "zero guidance batch": ["--guidance-batch", "0"],
+        "more steps than trained": ["--smoke", "--steps", "2000"],
         "removed cheap decode": ["--guidance-downsample", "2"],
         "window order": ["--guidance-start", "0.8", "--guidance-end", "0.5"],
         "window range": ["--guidance-end", "1.5"],
@@ -1010,7 +1012,7 @@ BAD_FLAGS = {
 def test_bad_input_exits_2_with_one_line(case, tmp_path, torchscript_teacher, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if case in BAD_CLASS_LISTS:  # a 4-output TorchScript teacher with a broken class list
-        (tmp_path / "classes.txt").write_text(BAD_CLASS_LISTS[case])
+        (tmp_path / "classes.txt").write_bytes(BAD_CLASS_LISTS[case].encode("latin-1"))
         argv = ["--teacher", str(torchscript_teacher[0]), "--data", "classes.txt"]
     else:
         argv = BAD_FLAGS[case]
