@@ -37,6 +37,11 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): one line, not a traceback
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("prism: interrupted: rerun the same "
+                                                              "command to resume\n"), os._exit(130)))
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -2255,10 +2260,13 @@ TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.
 
 def remove_stale_temps(out):
     """Deletes the temp files of atomic writes that a killed run left anywhere under `out` (only
-    files of atomic_write's naming pattern: never a user's file). Call it holding the lock."""
-    for path in Path(out).rglob(".*.tmp*"):
-        if TEMP_FILE.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
+    files of atomic_write's naming pattern: never a user's file). Call it holding the lock. A
+    folder below with a lock file of its own is another run's --out: it is left alone."""
+    for folder, subfolders, files in os.walk(out):
+        subfolders[:] = [s for s in subfolders if not (Path(folder) / s / ".prism.lock").exists()]
+        for name in files:
+            if TEMP_FILE.match(name):
+                (Path(folder) / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -2634,4 +2642,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, main() reports it
     sys.exit(main())

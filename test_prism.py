@@ -1317,6 +1317,9 @@ def test_stale_temp_files_anywhere_are_removed_and_nothing_else(finished_run, ca
     stale = [finished_run / ".checkpoint.pt.tmp123", finished_run / ".results.json.tmp77",
              finished_run / "synthetic" / ".settings.json.tmp5", finished_run / "synthetic" / "0002" / ".00001.png.tmp9"]
     users = [finished_run / "notes.tmp", finished_run / ".my.tmp.txt", finished_run / "synthetic" / "0002" / "x.tmp1"]
+    (finished_run / "inner").mkdir()  # another run's --out inside this one: its live temp files stay
+    (finished_run / "inner" / ".prism.lock").write_text("")
+    users.append(finished_run / "inner" / ".checkpoint.pt.tmp55")
     for path in stale + users:
         path.write_text("x")
     assert run_main(["--smoke", "--out", str(finished_run)], capsys)[0] == 0
@@ -1414,6 +1417,13 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
     assert err.strip().splitlines()[-1] == "prism: interrupted: rerun the same command to resume"
     assert "Traceback" not in err
     assert prism.main(["--smoke", "--out", str(out)]) == 0 and leftovers(out) == []
+    early = subprocess.Popen([sys.executable, "prism.py", "--smoke", "--out", str(out)], cwd=HERE, env=OFFLINE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # most likely still importing torch (or, on a fast machine, just past it)
+    early.send_signal(signal.SIGINT)
+    _, err = early.communicate(timeout=120)
+    assert early.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "prism: interrupted: rerun the same command to resume"
 
 
 def test_random_kills_then_a_rerun_give_the_uninterrupted_result(tmp_path):
