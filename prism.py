@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -152,7 +153,9 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, i
     class_names = None
     if os.path.isfile(name_or_path):
         try:
-            model = torch.jit.load(name_or_path, map_location="cpu")
+            with warnings.catch_warnings():  # TorchScript works; its deprecation notice is not news
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(name_or_path, map_location="cpu")
         except Exception as error:  # any failure here means the file is not a TorchScript model
             raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: {first_line(error)}")
     elif not is_torchvision_classifier(name_or_path):
@@ -992,6 +995,15 @@ def check_images_load(data_dir, what):
         raise UsageError(problem)
 
 
+def valid_record(record):
+    """True if a manifest record has its keys with values of the right kind (finite numbers)."""
+    def number(x):
+        return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
+    return (isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("class", "index", "bytes"))
+            and isinstance(record.get("file"), str) and number(record.get("energy"))
+            and number(record.get("p_class")) and isinstance(record.get("top1"), int))
+
+
 def read_manifest(folder):
     """Records of a synthetic set keyed by (class, index): manifest.jsonl, then the journals of the
     ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a damaged line (torn,
@@ -1003,8 +1015,9 @@ def read_manifest(folder):
         for line in path.read_bytes().splitlines():
             try:  # a damaged line (torn by a kill, a bad byte) loses one record: that image is remade
                 record = json.loads(line.decode("utf-8"))
-                records[(record["class"], record["index"])] = record
-            except (ValueError, KeyError, TypeError):
+                if valid_record(record):
+                    records[(record["class"], record["index"])] = record
+            except ValueError:
                 continue
     return records
 
@@ -1151,6 +1164,11 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create {out_dir}: {first_line(error)}")
+    expected = {class_folder(c, num_classes) for c in range(num_classes)}
+    stray = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in expected)
+    if stray:  # distillation would read them as classes
+        raise UsageError(f"{out_dir} holds folders that are not classes of this set "
+                         f"({', '.join(stray[:3])}): move them out of it")
     same_settings = check_settings(settings_path, settings, overwrite=overwrite, what="synthetic images")
     barrier()  # every rank has read the old settings before rank 0 may replace them
     if rank == 0 and not same_settings:
@@ -1295,15 +1313,24 @@ def load_checkpoint(path, device, student, *, overwrite=False):
     if not Path(path).exists():
         return None
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # a damaged file is said in one line, without torch's warnings
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
             raise ValueError("not a PRISM distillation checkpoint")
         if tensor_shapes(checkpoint["student"]) != tensor_shapes(student.state_dict()):
             raise ValueError("its weights do not fit this student")
+        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values() if t.is_floating_point()):
+            raise ValueError("its student weights are not finite")
+        if not (isinstance(checkpoint["epoch"], int) and isinstance(checkpoint["history"], list)
+                and len(checkpoint["history"]) == checkpoint["epoch"]):
+            raise ValueError("its epoch count and loss history disagree")
         return checkpoint
     except Exception as error:  # any failure to load it means: damaged
         if overwrite:
             return None
+        if "weights_only" in str(error):  # torch's advice to unpickle anything does not apply here
+            error = "it holds objects other than tensors"
         raise damaged(path, error, "rerun with --overwrite to restart distillation (the synthetic "
                                    "images are kept), or delete it")
 
@@ -2142,14 +2169,21 @@ def check_args(args):
     positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every", "guidance_batch",
                 "teacher_input_size", "pr_k", "sheet_classes",
                 "check_classes", "check_seeds")
+    if not args.out.strip():
+        raise UsageError("--out must name a folder")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.workers > cores:
+        raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this process may use")
     for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for name, value in vars(args).items():
         numbers = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
-            raise UsageError(f"--{name.replace('_', '-')} must be finite, got {value}")
+        if any(isinstance(x, float) and not (math.isfinite(x) and abs(x) <= 1e30) for x in numbers):
+            raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got {value}")
     for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs",
                  "store_size"):
         if getattr(args, name) < 0:
@@ -2259,14 +2293,17 @@ TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.
 
 
 def remove_stale_temps(out):
-    """Deletes the temp files of atomic writes that a killed run left anywhere under `out` (only
-    files of atomic_write's naming pattern: never a user's file). Call it holding the lock. A
-    folder below with a lock file of its own is another run's --out: it is left alone."""
-    for folder, subfolders, files in os.walk(out):
-        subfolders[:] = [s for s in subfolders if not (Path(folder) / s / ".prism.lock").exists()]
-        for name in files:
-            if TEMP_FILE.match(name):
-                (Path(folder) / name).unlink(missing_ok=True)
+    """Deletes the temp files of atomic writes that a killed run left in the folders prism writes
+    under `out` (--out, synthetic/ and benchmark/ with their class folders), and only files of
+    atomic_write's naming pattern: never a user's file. Call it holding the lock."""
+    out = Path(out)
+    folders = [out, out / "synthetic", out / "benchmark", out / "benchmark" / "images"]
+    folders += [f for parent in (out / "synthetic", out / "benchmark" / "images") if parent.is_dir()
+                for f in parent.iterdir() if f.name.isdigit() and f.is_dir() and not f.is_symlink()]
+    for folder in folders:
+        for path in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            if TEMP_FILE.match(path.name):
+                path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -2398,7 +2435,12 @@ def load_models(args, device):
                                            *preprocess.std.flatten().tolist()]}
     if args.guidance_vae:
         identity["guidance_vae"] = args.guidance_vae
-    return class_names, descriptions, teacher, student, identity
+    try:  # a size the student cannot take fails now, not after hours of synthesis
+        with torch.no_grad():
+            student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
+    except RuntimeError as error:
+        raise UsageError(f"--image-size {args.image_size} does not fit the student: {first_line(error)}")
+    return class_names, descriptions, teacher, student.train(), identity
 
 
 def sampling_options(args):
@@ -2509,6 +2551,11 @@ def run(args, device):
                          f"expected {len(class_names)} (one per class, sorted in label order)")
     if args.val_dir:  # read late (evaluation), so checked now, before hours of synthesis
         check_images_load(args.val_dir, "--val-dir")
+    smallest = min(len(class_names) * args.per_class,
+                   len(image_folder(args.val_dir, None)) if args.val_dir else math.inf)
+    if args.pr_k >= smallest:
+        raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; the smaller "
+                         f"set has {smallest}")
 
     pipe, guidance_vae = load_sampler(args, device, out)
     sample_kwargs = sampling_options(args)  # checked against the model before anything is recorded

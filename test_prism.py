@@ -5,6 +5,7 @@ Run:  python -m pytest -q test_prism.py
 import copy
 import io
 import json
+import math
 import os
 import random
 import resource
@@ -998,6 +999,12 @@ BAD_FLAGS = {
         "not finite in a list": ["--teacher-mean", "0.5", "inf", "0.5"],
         "zero guidance batch": ["--guidance-batch", "0"],
         "more steps than trained": ["--smoke", "--steps", "2000"],
+        "empty out": ["--out", ""],
+        "huge seed": ["--seed", "99999999999999999999999"],
+        "huge lr": ["--lr", "1e308"],
+        "too many workers": ["--workers", "100000"],
+        "student input too small": ["--smoke", "--image-size", "1"],
+        "pr-k above the set": ["--smoke", "--pr-k", "100"],
         "removed cheap decode": ["--guidance-downsample", "2"],
         "window order": ["--guidance-start", "0.8", "--guidance-end", "0.5"],
         "window range": ["--guidance-end", "1.5"],
@@ -1016,7 +1023,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, torchscript_teacher, ca
         argv = ["--teacher", str(torchscript_teacher[0]), "--data", "classes.txt"]
     else:
         argv = BAD_FLAGS[case]
-    assert prism.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    assert prism.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "out")])) == 2
     err = capsys.readouterr().err
     assert err.startswith("prism: error: ") and err.count("\n") == 1, err
 
@@ -1231,7 +1238,7 @@ def image_times(out):
 
 
 @pytest.mark.parametrize("flags", [["--lr", "1e9"],  # diverges within an epoch
-                                   ["--lr", "3e37", "--epochs", "1", "--batch-size", "16"]])  # at its last step
+                                   ["--lr", "1e29", "--epochs", "1", "--batch-size", "16"]])  # at its last step
 def test_diverging_training_stops_with_one_line_and_no_nan_model(tmp_path, capsys, flags):
     out = tmp_path / "diverge"
     code, err = run_main(["--smoke", "--out", str(out), *flags], capsys)
@@ -1251,11 +1258,14 @@ def test_every_json_written_is_strict(tmp_path):
         {"a": [1.0, None], "b": {"c": None}}
 
 
-@pytest.mark.parametrize("damage", ["non-UTF-8 byte", "garbage"])
+@pytest.mark.parametrize("damage", ["non-UTF-8 byte", "garbage", "infinite energy", "text p_class"])
 def test_damaged_manifest_redoes_only_its_images(finished_run, capsys, damage):
     manifest = finished_run / "synthetic" / "manifest.jsonl"
     lines = manifest.read_bytes().splitlines(keepends=True)
-    lines[5] = lines[5][:20] + b"\xff\xfe" + lines[5][20:] if damage == "non-UTF-8 byte" else b"{{{ garbage\n"
+    record = json.loads(lines[5])
+    lines[5] = {"non-UTF-8 byte": lines[5][:20] + b"\xff\xfe" + lines[5][20:], "garbage": b"{{{ garbage\n",
+                "infinite energy": json.dumps({**record, "energy": 1e999}).encode() + b"\n",
+                "text p_class": json.dumps({**record, "p_class": "zz"}).encode() + b"\n"}[damage]
     manifest.write_bytes(b"".join(lines))
     times = image_times(finished_run)
     code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
@@ -1263,6 +1273,7 @@ def test_damaged_manifest_redoes_only_its_images(finished_run, capsys, damage):
     changed = [p for p, t in times.items() if p.stat().st_mtime_ns != t]
     assert [p.name for p in changed] == ["00001.png"] and changed[0].parent.name == "0001"  # line 5: (1, 1)
     assert [json.loads(line)["index"] for line in manifest.read_text().splitlines()] == list(range(4)) * 4
+    assert "Infinity" not in manifest.read_text() and "NaN" not in manifest.read_text()
 
 
 @pytest.mark.parametrize("name", ["prompts.json", "synthetic/settings.json"])
@@ -1292,16 +1303,23 @@ def test_prompts_with_intact_settings_but_no_prompts_are_damaged_and_overwrite_r
     assert json.loads(path.read_text()) == stored and image_times(finished_run) == times
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a checkpoint", "another student"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a checkpoint", "another student",
+                                    "NaN weights", "epoch not a number"])
 def test_damaged_checkpoint_is_named_and_overwrite_retrains(finished_run, capsys, damage):
     checkpoint = finished_run / "checkpoint.pt"
     data = checkpoint.read_bytes()
     checkpoint.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": os.urandom(500)}.get(damage, b""))
     if damage == "not a checkpoint":
         torch.save({"weights": torch.zeros(3)}, checkpoint)
+    saved = torch.load(io.BytesIO(data), weights_only=True)
     if damage == "another student":  # loads, has every key, but its weights do not fit
-        saved = torch.load(io.BytesIO(data), weights_only=True)
         saved["student"] = prism.build_tiny_classifier(4, width=4).state_dict()
+    if damage == "NaN weights":
+        saved["student"] = {k: v.float().fill_(math.nan) if v.is_floating_point() else v
+                            for k, v in saved["student"].items()}
+    if damage == "epoch not a number":
+        saved["epoch"] = "x"
+    if damage in ("another student", "NaN weights", "epoch not a number"):
         torch.save(saved, checkpoint)
     times = image_times(finished_run)
     code, err = run_main(["--smoke", "--out", str(finished_run), "--epochs", "3"], capsys)
@@ -1318,12 +1336,23 @@ def test_stale_temp_files_anywhere_are_removed_and_nothing_else(finished_run, ca
              finished_run / "synthetic" / ".settings.json.tmp5", finished_run / "synthetic" / "0002" / ".00001.png.tmp9"]
     users = [finished_run / "notes.tmp", finished_run / ".my.tmp.txt", finished_run / "synthetic" / "0002" / "x.tmp1"]
     (finished_run / "inner").mkdir()  # another run's --out inside this one: its live temp files stay
-    (finished_run / "inner" / ".prism.lock").write_text("")
-    users.append(finished_run / "inner" / ".checkpoint.pt.tmp55")
+    (finished_run / "notes").mkdir()
+    users += [finished_run / "inner" / ".checkpoint.pt.tmp55", finished_run / "notes" / ".draft.txt.tmp42"]
     for path in stale + users:
         path.write_text("x")
     assert run_main(["--smoke", "--out", str(finished_run)], capsys)[0] == 0
     assert not any(path.exists() for path in stale) and all(path.exists() for path in users)
+
+
+def test_a_stray_folder_in_the_synthetic_set_is_refused_and_nothing_is_lost(finished_run, capsys):
+    shutil.copytree(finished_run / "synthetic" / "0000", finished_run / "synthetic" / "0000 copy")
+    before = (finished_run / "checkpoint.pt").read_bytes()
+    for flags in ([], ["--overwrite"]):
+        code, err = run_main(["--smoke", "--out", str(finished_run), *flags], capsys)
+        assert code == 2
+        one_line(err, f"prism: error: {finished_run / 'synthetic'} holds folders that are not classes of this "
+                      f"set (0000 copy): move them out of it")
+    assert (finished_run / "checkpoint.pt").read_bytes() == before
 
 
 def test_rejected_height_records_nothing_and_the_fixed_rerun_works(tmp_path, capsys):
