@@ -1184,6 +1184,9 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
     mine = [key for key in wanted[rank::world]
             if not image_is_readable(out_dir / file_of(*key), records.get(key, {}).get("bytes"))]
+    blocked = [out_dir / file_of(*key) for key in mine if (out_dir / file_of(*key)).is_dir()]
+    if blocked:  # an image cannot be written where a folder stands
+        raise UsageError(f"{blocked[0]} is a folder where an image belongs: remove it and rerun")
     missing = sorted(tuple(key) for part in gather_from_ranks(mine) for key in part)
     if max_new_images is not None:
         missing = missing[:max_new_images]
@@ -2690,4 +2693,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, main() reports it
-    sys.exit(main())
+    exit_code = main()
+    signal.signal(signal.SIGINT, lambda *_: os._exit(exit_code))  # the run is over: exit as it ended
+    sys.exit(exit_code)

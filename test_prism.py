@@ -1355,6 +1355,17 @@ def test_a_stray_folder_in_the_synthetic_set_is_refused_and_nothing_is_lost(fini
     assert (finished_run / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_folder_where_an_image_belongs_is_named(finished_run, capsys):
+    image = finished_run / "synthetic" / "0001" / "00002.png"
+    image.unlink()
+    image.mkdir()
+    code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
+    assert code == 2
+    one_line(err, f"prism: error: {image} is a folder where an image belongs: remove it and rerun")
+    image.rmdir()
+    assert run_main(["--smoke", "--out", str(finished_run)], capsys)[0] == 0 and image.is_file()
+
+
 def test_rejected_height_records_nothing_and_the_fixed_rerun_works(tmp_path, capsys):
     out = tmp_path / "height"
     code, err = run_main(["--smoke", "--out", str(out), "--height", "25"], capsys)
