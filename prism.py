@@ -2694,5 +2694,5 @@ def main(argv=None):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, main() reports it
     exit_code = main()
-    signal.signal(signal.SIGINT, lambda *_: os._exit(exit_code))  # the run is over: exit as it ended
+    signal.signal(signal.SIGINT, lambda *_: os._exit(exit_code))  # the run is over: end as it did
     sys.exit(exit_code)
