@@ -977,11 +977,12 @@ def image_is_readable(path, expected_bytes):
 
 def check_images_load(data_dir, what):
     """Decodes every image of the ImageFolder tree `data_dir` (the ranks share the work); the
-    first one that does not load is a UsageError naming the file."""
+    first one that does not load is a UsageError naming the file. Returns the number of images."""
     from PIL import Image
 
     rank, world = rank_and_world()
-    paths = [path for path, _ in image_folder(data_dir, None).samples][rank::world]
+    samples = image_folder(data_dir, None).samples
+    paths = [path for path, _ in samples][rank::world]
     problem = ""
     for path in tqdm(paths, desc=f"checking {what}", unit="img", disable=rank != 0 or len(paths) < 1000):
         try:
@@ -993,6 +994,7 @@ def check_images_load(data_dir, what):
     problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
     if problem:
         raise UsageError(problem)
+    return len(samples)
 
 
 def valid_record(record):
@@ -2552,10 +2554,9 @@ def run(args, device):
     if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
         raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
                          f"expected {len(class_names)} (one per class, sorted in label order)")
-    if args.val_dir:  # read late (evaluation), so checked now, before hours of synthesis
-        check_images_load(args.val_dir, "--val-dir")
-    smallest = min(len(class_names) * args.per_class,
-                   len(image_folder(args.val_dir, None)) if args.val_dir else math.inf)
+    # read late (evaluation), so checked now, before hours of synthesis
+    real_images = check_images_load(args.val_dir, "--val-dir") if args.val_dir else math.inf
+    smallest = min(len(class_names) * args.per_class, real_images)
     if args.pr_k >= smallest:
         raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; the smaller "
                          f"set has {smallest}")
