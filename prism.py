@@ -20,10 +20,12 @@ implements. Where a choice is ours rather than the method's, a comment says so.
 """
 import argparse
 import contextlib
+import collections
 import copy
 import fcntl
 import hashlib
 import inspect
+import itertools
 import io
 import json
 import math
@@ -55,6 +57,7 @@ from tqdm.auto import tqdm
 # Defaults. Every one is also a command-line flag (see build_parser); change them there.
 # ──────────────────────────────────────────────────────────────────────────────────────────
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # any SD 1.x/2.x base model id or local folder
+DEFAULT_LLM = "Qwen/Qwen2.5-1.5B-Instruct"  # any instruction-tuned causal LM id or local folder
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -244,7 +247,7 @@ def load_class_names(data, num_classes=None):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 1. Diversified prompts (§3): prompt(c, i) = "{style} of {disambiguated name of c}, {content}"
+# 1. Diversified prompts (§3): prompt(c, i) = "{style} of {name of c}, {description}, {scene}"
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # Style diversification. Photos serve accuracy on photos; the rest serve domain generalisation.
 PHOTO_STYLES = (
@@ -259,19 +262,58 @@ OTHER_STYLES = (
     "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
     "a children's drawing",
 )
-# Content diversification without an LLM: where × with what × viewpoint × lighting.
-SCENE_PLACES = (
-    "in its natural setting", "outdoors", "indoors", "on a plain background", "in a city street",
-    "in a park", "at home", "in a field", "near water", "in the snow", "on a table", "in a forest",
-    "at the beach", "in a garden", "at a market", "in a workshop", "by a road", "in a room",
-    "in the mountains", "in the desert",
-)
-SCENE_COMPANIONS = ("", "with people nearby", "next to everyday objects", "among others of its kind",
-                    "partly hidden", "in a cluttered scene")
-SCENE_VIEWS = ("seen from the front", "seen from the side", "seen from above", "seen from below",
-               "close up", "far away", "centered", "off-center")
-SCENE_LIGHTS = ("in daylight", "at sunset", "at night", "in soft light", "in harsh sunlight",
-                "on an overcast day", "under studio lights", "in fog")
+# Content without an LLM: whole scene phrases, each written as one coherent scene (place, view
+# and light together), grouped by the kind of thing they suit. A class gets the group of its
+# category (below); "any" suits everything and serves classes whose category is unknown.
+SCENES = {
+    "animal": ("in tall grass on a sunny afternoon", "resting in the shade of a tree",
+               "walking across an open field at dawn", "in its natural habitat, seen from the side",
+               "close up, looking at the camera", "in a forest clearing in soft light",
+               "on a rock under an overcast sky", "in the snow on a winter morning"),
+    "water": ("swimming in clear blue water", "underwater near a coral reef",
+              "at the surface of a calm lake", "in an aquarium with soft lighting",
+              "near the shore on a bright day", "seen from above in shallow water",
+              "in a river among stones", "in the open sea on a cloudy day"),
+    "plant": ("growing in a garden in morning light", "in a meadow on a sunny day",
+              "close up with dew drops", "in a clay pot on a windowsill", "in a forest after rain",
+              "seen from above on the ground", "in a greenhouse in soft light",
+              "in a park on an overcast day"),
+    "food": ("on a white plate on a wooden table", "served in a restaurant in warm light",
+             "on a kitchen counter, seen from above", "at a market stall in daylight",
+             "on a picnic blanket outdoors", "close up on a dark background",
+             "on a cutting board in a home kitchen", "on a cafe table by the window"),
+    "vehicle": ("on a city street in daylight", "parked by the road at sunset",
+                "driving on a country road", "in a parking lot on an overcast day",
+                "seen from the side on a highway", "in a garage under bright lights",
+                "at a crossing in the rain", "on display at a show"),
+    "object": ("on a wooden desk in soft window light", "held in a person's hand",
+               "on a shelf in a store", "on a table, seen from above", "on a plain white background",
+               "in a workshop among other tools", "in use at home in the evening",
+               "close up in bright daylight"),
+    "clothing": ("worn by a person on a city street", "hanging in a wardrobe",
+                 "folded on a bed in soft light", "on a mannequin in a shop window",
+                 "worn outdoors on an autumn day", "laid flat on a plain background",
+                 "worn by a person at home", "on a clothes rail in a store"),
+    "place": ("on a clear sunny day", "at sunset with long shadows", "seen from far away",
+              "on a misty morning", "from a low angle under a blue sky", "in winter with snow",
+              "at night under lights", "seen from above"),
+    "any": ("in soft natural light", "close up", "seen from the side", "in bright daylight",
+            "in the center of the frame", "seen from a distance", "in warm evening light",
+            "on an overcast day"),
+}
+# Categories a class's teacher neighbours can point to (§3, no LLM), each with its scene group.
+CATEGORIES = {
+    "mammal": "animal", "bird": "animal", "reptile": "animal", "amphibian": "animal",
+    "insect": "animal", "dog": "animal", "cat": "animal", "monkey": "animal", "fish": "water",
+    "sea creature": "water", "plant": "plant", "flower": "plant", "mushroom": "plant",
+    "fruit": "food", "vegetable": "food", "dish": "food", "drink": "food", "car": "vehicle",
+    "truck": "vehicle", "military vehicle": "vehicle", "train": "vehicle", "bicycle": "vehicle",
+    "boat": "place", "aircraft": "place", "electronic device": "object", "tool": "object",
+    "weapon": "object", "musical instrument": "object", "household appliance": "object",
+    "furniture": "object", "container": "object", "kitchenware": "object", "toy": "object",
+    "sports equipment": "object", "machine": "object", "garment": "clothing",
+    "accessory": "clothing", "building": "place", "structure": "place", "landscape": "place",
+}
 
 
 def last_linear_module(model):
@@ -296,17 +338,66 @@ def nearest_classes(weight, k):
     return similarity.topk(min(k, len(unit) - 1), dim=1).indices.tolist()
 
 
+def neighbour_names(class_names, teacher, k):
+    """For each class, the names of its k teacher-nearest classes (nearest_classes), or [] for
+    every class when k is 0 or the teacher has no last linear layer with one row per class."""
+    head = last_linear_module(teacher) if teacher is not None and k > 0 else None
+    if head is None or head.weight.shape[0] != len(class_names) or len(class_names) < 2:
+        return [[] for _ in class_names]
+    return [[class_names[j] for j in row] for row in nearest_classes(head.weight, k)]
+
+
+@torch.no_grad()
+def text_embeddings(text_encoder, texts, batch_size=256):
+    """Unit-length CLIP text embeddings (the pooled output) of `texts`, float32 on the CPU;
+    text_encoder = (tokenizer, CLIPTextModel), e.g. (pipe.tokenizer, pipe.text_encoder)."""
+    tokenizer, model = text_encoder
+    pooled = []
+    for start in range(0, len(texts), batch_size):
+        ids = tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        pooled.append(model(ids.to(model.device)).pooler_output.float().cpu())
+    return F.normalize(torch.cat(pooled), dim=-1)
+
+
+def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES)):
+    """The category each class's teacher neighbours point to (§3 without an LLM), None for a class
+    without neighbours. With T the unit CLIP text embedding of "a photo of a {x}":
+
+        category(c) = argmax_k cos(T(k), mean_{n ∈ neighbours(c)} T(n))
+
+    The neighbours name the sense ("mouse" next to computer keyboard and desktop computer points
+    to "electronic device"), yet only the category enters the prompt, so they are not drawn."""
+    names = sorted({n for row in neighbours for n in row})
+    if not names:
+        return [None] * len(neighbours)
+    embedded = text_embeddings(text_encoder, [f"a photo of {with_article(x)}" for x in
+                                              [*categories, *names]])
+    category_rows, name_rows = embedded[:len(categories)], embedded[len(categories):]
+    index = {name: i for i, name in enumerate(names)}
+    result = []
+    for row in neighbours:
+        if not row:
+            result.append(None)
+            continue
+        # mean_{n ∈ neighbours(c)} T(n), then the nearest category by cosine
+        centre = F.normalize(name_rows[[index[n] for n in row]].mean(0), dim=0)
+        result.append(categories[(category_rows @ centre).argmax().item()])
+    return result
+
+
 def load_llm(name_or_path, device):
     """Loads an instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    source, local_only = locate_model(name_or_path, "--llm", "or --llm none for the built-in prompts")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype="auto" if torch.device(device).type == "cuda" else torch.float32)
-    except Exception as error:  # hub, network and format failures all mean "cannot use this LLM"
-        raise UsageError(f"could not load LLM '{name_or_path}' ({first_line(error)}); "
-                         f"offline, download it elsewhere and pass its local folder: --llm /path/to/llm")
+            source, local_files_only=local_only,
+            dtype="auto" if torch.device(device).type == "cuda" else torch.float32)
+    except Exception as error:  # format failures all mean "cannot use this LLM"
+        raise UsageError(cannot_load("LLM", name_or_path, error, "--llm none"))
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -325,21 +416,35 @@ def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
                                            add_generation_prompt=True) if chat else text + "\n"
              for text in instructions]
     completions = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="llm", unit="batch", disable=len(texts) <= batch_size):
+    for start in tqdm(range(0, len(texts), batch_size), desc="llm", unit="batch",
+                      disable=len(texts) <= batch_size):
         batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=not chat).to(model.device)
         with torch.no_grad():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
+                                              skip_special_tokens=True)
     return completions
+
+
+def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
+    """The LLM's answers to `questions`: from `answers` (a question → answer dict, updated in
+    place) where it holds them, from the LLM for the rest. `llm` is a loaded (model, tokenizer)
+    or a name, loaded only when a question is new. Returns (answers, llm)."""
+    missing = [question for question in dict.fromkeys(questions) if question not in answers]
+    if missing:
+        llm = load_llm(llm, device) if isinstance(llm, (str, os.PathLike)) else llm
+        answers.update(zip(missing, llm_generate(llm, missing, max_new_tokens=max_new_tokens)))
+    return [answers[question] for question in questions], llm
 
 
 def sanitize_phrase(text, max_words=12, max_chars=100):
     """Cleans one line of LLM output into a short phrase; "" if nothing usable is left.
 
-    Keeps the first line, strips list markers, quotes and control characters, caps words and characters, and
-    rejects text without a real word, so random or chatty output cannot break a prompt.
+    Keeps the first line, strips list markers, quotes and control characters, caps words and
+    characters, and rejects text without a real word, so random or chatty output cannot break a
+    prompt.
     """
     text = (text.strip().splitlines() or [""])[0]
     text = re.sub(r"^\s*(?:[-*•]+|\(?\d+[.):])\s*", "", text)
@@ -349,99 +454,138 @@ def sanitize_phrase(text, max_words=12, max_chars=100):
     return text if re.search(r"[A-Za-z]{3}", text) else ""
 
 
+def names_any(text, names):
+    """True if `text` contains one of `names` (case-insensitive): a phrase that would have the
+    diffusion model draw another class."""
+    return any(name.lower() in text.lower() for name in names)
+
+
 def with_article(phrase):
     """'a mouse', 'an iron': the article CLIP's captions use before a noun phrase."""
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
-def builtin_scene(rng):
-    """One scene from the built-in lists (content diversification without an LLM)."""
-    parts = (rng.choice(SCENE_PLACES), rng.choice(SCENE_COMPANIONS), rng.choice(SCENE_VIEWS), rng.choice(SCENE_LIGHTS))
-    return ", ".join(part for part in parts if part)
+def llm_questions(name, neighbours, scenes_per_class):
+    """The two questions the LLM is asked about one class (§3): what it is, and where it is seen.
+    The teacher's neighbours go into the question only, to tell which sense is meant."""
+    sense = f" (the sense close to {' and '.join(neighbours)})" if neighbours else ""
+    describe = (f"An image classifier has a class named '{name}'{sense}. In at most 8 words, say "
+                f"what a '{name}' is, as a noun phrase. Do not name other things it is near.")
+    scenes = (f"List {scenes_per_class} different scenes in which a photo of a '{name}'{sense} "
+              f"is really taken: where it is seen, with what, from which viewpoint, in which "
+              f"light. One scene per line, at most 12 words each, no numbering.")
+    return describe, scenes
 
 
-def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None, photo_share=0.8,
-                  seed=0, neighbours=2, scenes_per_class=12, llm_device="cpu", disambiguate=True,
-                  vary_content=True, vary_style=True):
-    """Returns one list of `per_class` prompts per class, deterministic for a seed (§3).
+def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
+                     vary_content=True):
+    """What the prompts of each class say besides their style, without an LLM (§3): one dict
+    per class with "description" and its "source" ("file", "neighbours" or "name"), "scenes" and
+    their "scene_source", its teacher "neighbours" and their "category".
 
-        prompt(c, i) = "{style} of {disambiguated name of c}, {content}"
+    Description, best source first: the user's file; "a kind of {category}", the category the
+    teacher's neighbours point to (neighbour_categories, which needs a CLIP `text_encoder`);
+    none, leaving the bare name. Scenes: the built-in SCENES of the category's group ("any"
+    without a category). add_llm_answers then puts the LLM's answers in where it gives them."""
+    neighbours = neighbours or [[] for _ in class_names]
+    categories = (neighbour_categories(neighbours, text_encoder) if text_encoder is not None
+                  else [None] * len(class_names))
+    classes = []
+    for c, name in enumerate(class_names):
+        group = CATEGORIES.get(categories[c], "any")
+        entry = {"name": name, "description": "", "source": "name", "neighbours": neighbours[c],
+                 "category": categories[c], "scenes": [], "scene_source": "none"}
+        if descriptions and descriptions[c]:
+            entry.update(description=descriptions[c], source="file")
+        elif categories[c]:
+            entry.update(description=f"a kind of {categories[c]}", source="neighbours")
+        if vary_content:
+            entry.update(scenes=list(SCENES[group]), scene_source=f"built-in {group}")
+        classes.append(entry)
+    return classes
 
-    Disambiguation, best source first: `descriptions[c]` (a user's file) > the LLM > the
-    teacher's last linear layer (nearest classes by cosine of weight rows) > the bare name.
-    Content: `scenes_per_class` scenes written by the LLM when `llm` (id, path or a loaded
-    (model, tokenizer)) is given, then built-in scenes. Style: a photo style with probability
-    `photo_share`, another style otherwise. The class name is in every prompt by construction;
-    prompts are unique across the whole list (a repeat is redrawn).
 
-    Ablations (§5): `disambiguate=False` uses the bare name, `vary_content=False` drops the scene
-    ("{style} of {name}"), `vary_style=False` makes every style "a photo". Without content,
-    prompts repeat (each image still has noise of its own).
-    """
+def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
+                    scenes_per_class=12, device="cpu"):
+    """Puts the LLM's answers into describe_classes' entries (§3): its description of what the
+    class is (not for a class described by the user's file) and its scenes. An answer that
+    names one of the class's teacher neighbours is dropped, since the diffusion model would draw
+    that other class; so is an empty one (sanitize_phrase). `answers` caches the LLM (ask_llm).
+    Returns `classes`."""
+    asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
+    todo = [c for c, entry in enumerate(classes) if describe and entry["source"] != "file"]
+    described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=32,
+                             device=device)
+    for c, answer in zip(todo, described):
+        entry, answer = classes[c], sanitize_phrase(answer, max_words=8)
+        if answer and answer.lower() != entry["name"].lower() and not names_any(
+                answer, entry["neighbours"]):
+            entry.update(description=answer, source="llm")
+    if not vary_content:
+        return classes
+    listed, _ = ask_llm(llm, [q[1] for q in asked], answers, device=device,
+                        max_new_tokens=24 * scenes_per_class)
+    for entry, answer in zip(classes, listed):
+        scenes = dict.fromkeys(sanitize_phrase(line) for line in answer.splitlines())
+        scenes = [s for s in scenes if s and not names_any(s, entry["neighbours"])]
+        if scenes:
+            entry.update(scenes=scenes[:scenes_per_class], scene_source="llm")
+    return classes
+
+
+def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0, vary_style=True):
+    """`per_class` prompts for each of describe_classes' entries (§3):
+
+        prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
+
+    Image i takes a photo style with probability `photo_share` (another style otherwise) and the
+    next (style, scene) pair of that kind from the class's shuffled list of all such pairs, so a
+    class repeats a prompt only once every pair has been used. Deterministic for a seed."""
     if per_class < 1:
         raise UsageError(f"per_class must be positive, got {per_class}")
     if not 0.0 <= photo_share <= 1.0:
         raise UsageError(f"photo_share must be in [0, 1], got {photo_share}")
-    num_classes = len(class_names)
+    prompts = []
+    for c, entry in enumerate(classes):
+        rng = random.Random(f"prism-prompts/{seed}/{c}")  # str seeds are stable across runs
+        subject = ", ".join(filter(None, (with_article(entry["name"]), entry["description"])))
+        pools = []
+        for styles in (PHOTO_STYLES, OTHER_STYLES) if vary_style else (("a photo",),) * 2:
+            pairs = [(style, scene) for scene in entry["scenes"] or [""] for style in styles]
+            rng.shuffle(pairs)
+            pools.append(itertools.cycle(pairs))
+        pairs = [next(pools[0] if rng.random() < photo_share else pools[1])
+                 for _ in range(per_class)]
+        prompts.append([f"{style} of {subject}" + (f", {scene}" if scene else "")
+                        for style, scene in pairs])
+    return prompts
+
+
+def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None,
+                  text_encoder=None, answers=None, neighbours=2, photo_share=0.8, seed=0,
+                  scenes_per_class=12, llm_device="cpu", disambiguate=True, vary_content=True,
+                  vary_style=True):
+    """Returns (prompts, classes): `per_class` prompts per class, deterministic for a seed, and
+    describe_classes' entry per class, which says where each part came from (§3).
+
+    The teacher's `neighbours` nearest classes (by its last linear layer) tell which sense of a
+    name is meant; `llm` (a name or a loaded (model, tokenizer); None: the built-in lists) writes
+    descriptions and scenes; `text_encoder` (CLIP: (tokenizer, model)) turns the neighbours into
+    a category without an LLM. Ablations (§5): `disambiguate=False` keeps the bare name (no file
+    descriptions, neighbours or LLM description), `vary_content=False` drops the scene and
+    `vary_style=False` makes every style "a photo"."""
     if not disambiguate:
         descriptions, neighbours = None, 0
-    if isinstance(llm, (str, os.PathLike)) and (disambiguate or vary_content):
-        llm = load_llm(llm, llm_device)
-
-    neighbour_ids = None
-    head = last_linear_module(teacher) if teacher is not None and neighbours > 0 else None
-    weight = head.weight if head is not None else None
-    if weight is not None and weight.shape[0] == num_classes and num_classes > 1:
-        neighbour_ids = nearest_classes(weight, neighbours)
-
-    def neighbour_names(c):
-        return [class_names[j] for j in neighbour_ids[c]] if neighbour_ids else []
-
-    contexts = [descriptions[c] if descriptions and descriptions[c] else "" for c in range(num_classes)]
-    if llm is not None and disambiguate:
-        todo = [c for c in range(num_classes) if not contexts[c]]
-        asks = [f"In at most 8 words, describe what the image class '{class_names[c]}' looks like"
-                + (f" (related classes: {', '.join(neighbour_names(c))})" if neighbour_names(c) else "") + "."
-                for c in todo]
-        for c, answer in zip(todo, llm_generate(llm, asks, max_new_tokens=32)):
-            contexts[c] = sanitize_phrase(answer, max_words=8)
-    names = []
-    for c, name in enumerate(class_names):
-        if contexts[c]:
-            names.append(f"{name}, {contexts[c]}")
-        elif neighbour_names(c):
-            names.append(f"{name}, in the context of {' and '.join(neighbour_names(c))}")
-        else:
-            names.append(name)
-
-    llm_scenes = [[] for _ in range(num_classes)]
-    if llm is not None and vary_content:
-        asks = [f"List {scenes_per_class} short, varied scenes for a photo of {with_article(names[c])}. "
-                f"Vary the place, companions, viewpoint, lighting and scale. One per line, at most 12 words "
-                f"each, no numbering." for c in range(num_classes)]
-        for c, answer in enumerate(llm_generate(llm, asks, max_new_tokens=24 * scenes_per_class)):
-            cleaned = [sanitize_phrase(line) for line in answer.splitlines()]
-            llm_scenes[c] = list(dict.fromkeys(scene for scene in cleaned if scene))[:scenes_per_class]
-
-    used, prompts = set(), []
-    for c in range(num_classes):
-        rng = random.Random(f"prism-prompts/{seed}/{c}")  # str seeds are stable across runs
-        class_prompts = []
-        for i in range(per_class):
-            for attempt in range(1000):  # a repeat is redrawn: first another style, then a built-in scene
-                styles = PHOTO_STYLES if rng.random() < photo_share else OTHER_STYLES
-                scene = "" if not vary_content else (
-                    llm_scenes[c][i % len(llm_scenes[c])] if llm_scenes[c] and attempt < 10 else builtin_scene(rng))
-                style = rng.choice(styles) if vary_style else "a photo"
-                prompt = f"{style} of {with_article(names[c])}" + (f", {scene}" if scene else "")
-                if prompt not in used or not vary_content:
-                    break
-            else:
-                raise UsageError(f"cannot make {per_class} distinct prompts for class '{class_names[c]}'")
-            used.add(prompt)
-            class_prompts.append(prompt)
-        prompts.append(class_prompts)
-    return prompts
+    near = neighbour_names(class_names, teacher, neighbours)
+    classes = describe_classes(class_names, descriptions=descriptions, neighbours=near,
+                               text_encoder=text_encoder, vary_content=vary_content)
+    if llm is not None and (disambiguate or vary_content):
+        add_llm_answers(classes, llm, {} if answers is None else answers, describe=disambiguate,
+                        vary_content=vary_content, scenes_per_class=scenes_per_class,
+                        device=llm_device)
+    prompts = compose_prompts(classes, per_class, photo_share=photo_share, seed=seed,
+                              vary_style=vary_style)
+    return prompts, classes
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -833,6 +977,47 @@ def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
     return pipe
 
 
+def locate_model(name_or_path, flag, alternative=""):
+    """Where from_pretrained finds `name_or_path`: (source, local_files_only). A local folder as
+    it is; a hub id from the hub when it answers (one request, 10 s at most), else from the
+    Hugging Face cache. Neither: a UsageError naming `flag` and the ways out, at once rather
+    than after the libraries' minute of retries."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    if Path(name_or_path).is_dir():
+        return str(name_or_path), True
+    name, tail = str(name_or_path), f" {alternative}" if alternative else ""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise UsageError(f"{flag} {name}: no such folder{tail}")
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.model_info(name, timeout=10)
+            return name, False
+        except errors.GatedRepoError:
+            raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then run "
+                             f"`hf auth login`{tail}")
+        except (errors.RepositoryNotFoundError, errors.HFValidationError):
+            raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
+        except Exception:  # the hub cannot be reached: the cache may still hold the model
+            pass
+    try:
+        huggingface_hub.snapshot_download(name, local_files_only=True)
+        return name, True
+    except Exception:
+        raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
+                         f"{'off (HF_HUB_OFFLINE)' if constants.HF_HUB_OFFLINE else 'unreachable'}"
+                         f"; download it (`hf download {name}`) and pass its folder{tail}")
+
+
+def cannot_load(what, name_or_path, error, alternative=""):
+    """One line, under 300 characters, for a model that was found but cannot be loaded."""
+    reason = first_line(error)
+    reason = reason if len(reason) <= 120 else reason[:117] + "..."
+    return (f"cannot load {what} {name_or_path} ({type(error).__name__}: {reason}); check that "
+            f"the folder is complete" + (f", or use {alternative}" if alternative else ""))
+
+
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
     """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
 
@@ -841,12 +1026,13 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
     """
     from diffusers import StableDiffusionPipeline
 
+    source, local_only = locate_model(name_or_path, "--sd-model")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(name_or_path, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
-    except Exception as error:  # hub, network and format failures all mean "cannot use this model"
-        raise UsageError(f"could not load diffusion model '{name_or_path}' ({first_line(error)}); offline, "
-                         f"download it elsewhere and pass its local folder: --sd-model /path/to/model")
+        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False,
+                                                       local_files_only=local_only)
+    except Exception as error:  # format failures all mean "cannot use this model"
+        raise UsageError(cannot_load("diffusion model", name_or_path, error))
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
@@ -858,11 +1044,11 @@ def load_guidance_vae(name_or_path, device, dtype=torch.float32):
     folder, frozen, for the guidance decode only: its decoder costs a few percent of SD's."""
     from diffusers import AutoencoderTiny
 
+    source, local_only = locate_model(name_or_path, "--guidance-vae")
     try:
-        vae = AutoencoderTiny.from_pretrained(name_or_path, dtype=dtype)
-    except Exception as error:  # hub, network and format failures all mean "cannot use this model"
-        raise UsageError(f"could not load tiny autoencoder '{name_or_path}' ({first_line(error)}); offline, "
-                         f"download it elsewhere and pass its local folder: --guidance-vae /path/to/taesd")
+        vae = AutoencoderTiny.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    except Exception as error:  # format failures all mean "cannot use this model"
+        raise UsageError(cannot_load("tiny autoencoder", name_or_path, error))
     return vae.requires_grad_(False).eval().to(device)
 
 
@@ -1622,10 +1808,52 @@ def precision_recall_report(real_features, real_labels, fake_features, fake_labe
             "lowest_recall": lowest(per_class, "recall", worst), "per_class": per_class}
 
 
-def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, tile=96, label_width=160):
+def prompt_sources(classes, llm):
+    """Where the prompts' parts came from (§3), for results.json: how many classes took their
+    description from each source ("file", "llm", "neighbours", "name") and their scenes from
+    each ("llm", "built-in <group>"), and per class."""
+    count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
+    return {"llm": llm, "description_sources": count("source"),
+            "scene_sources": count("scene_source"),
+            "per_class": [{"class": c, "name": e["name"], "description": e["description"],
+                           "source": e["source"], "scene_source": e["scene_source"]}
+                          for c, e in enumerate(classes)]}
+
+
+SOURCE_WORDS = {"file": "the class file", "llm": "the LLM", "name": "none: the bare name",
+                "neighbours": "the teacher's neighbours (their category)"}
+
+
+def prompts_markdown(classes, prompts, llm, *, shown=5):
+    """prompts.md: for a person to read before the long run. A count of the sources, then per
+    class its description and where it came from, its teacher neighbours (which tell the sense
+    and are not drawn), where its scenes came from and `shown` of its prompts."""
+    sources = prompt_sources(classes, llm)
+    lines = ["# Prompts", "", f"LLM: {llm or 'none (built-in lists)'}. Descriptions from: "
+             + ", ".join(f"{SOURCE_WORDS.get(k, k)} {n}" for k, n in
+                         sources["description_sources"].items())
+             + ". Scenes from: " + ", ".join(f"{k} {n}" for k, n in
+                                           sources["scene_sources"].items()) + ".", "",
+             "Look for a wrong sense of an ambiguous name, scenes that do not suit the class, "
+             "and other classes named in a prompt (they would be drawn). Fix a class by giving "
+             "it a description in a class file (`--data FILE`, `name<TAB>description`).", ""]
+    for c, (entry, class_prompts) in enumerate(zip(classes, prompts)):
+        lines += [f"## {c} {entry['name']}", "",
+                  f"- description: {entry['description'] or '(none)'} — from "
+                  f"{SOURCE_WORDS.get(entry['source'], entry['source'])}",
+                  f"- teacher neighbours: {', '.join(entry['neighbours']) or '(none)'}",
+                  f"- scenes: {len(entry['scenes'])} from {entry['scene_source']}",
+                  f"- {min(shown, len(class_prompts))} of its {len(class_prompts)} prompts:"]
+        lines += [f"  - {prompt}" for prompt in class_prompts[:shown]] + [""]
+    return "\n".join(lines)
+
+
+def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, tile=96, label_width=160,
+                  sources=None):
     """Writes a PNG of the cached set for a person to look at: one row per class (all classes when
-    at most `max_classes`, else that many spread evenly), its name on the left, then up to
-    `per_row` of its images. Returns the number of image tiles drawn."""
+    at most `max_classes`, else that many spread evenly), its name on the left (and under it the
+    source of its description, `sources[c]`, when given), then up to `per_row` of its images.
+    Returns the number of image tiles drawn."""
     from PIL import Image, ImageDraw
 
     folders = sorted(entry for entry in Path(data_dir).iterdir() if entry.is_dir() and entry.name.isdigit())
@@ -1638,6 +1866,8 @@ def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, til
     draw = ImageDraw.Draw(sheet)
     for row, (c, images) in enumerate(zip(rows, shown)):
         draw.text((4, row * tile + tile // 2 - 6), f"{c}: {class_names[c]}"[:label_width // 6], fill="black")
+        if sources:
+            draw.text((4, row * tile + tile // 2 + 6), f"[{sources[c]}]"[:label_width // 6], fill="gray")
         for column, image_path in enumerate(images):
             with Image.open(image_path) as image:
                 sheet.paste(image.convert("RGB").resize((tile, tile)), (label_width + column * tile, row * tile))
@@ -1746,6 +1976,29 @@ def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", 
     pipe = random_pipeline(model_dir / "vocab", image_size=image_size, prediction_type=prediction_type, seed=seed)
     pipe.save_pretrained(model_dir / "pipeline")
     return model_dir / "pipeline"
+
+
+def build_tiny_llm(model_dir, *, seed=0):
+    """Builds a tiny randomly initialised GPT-2 with a byte-level tokenizer, saves it to
+    `model_dir` like a hub model and returns that folder, which load_llm opens as it opens a
+    real LLM. Its answers are random text: sanitize_phrase and the fallbacks must cope."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {ch: n for n, ch in enumerate(byte_level_alphabet())}
+    vocab["<|endoftext|>"] = len(vocab)
+    (model_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (model_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = GPT2Tokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
+                                           n_positions=1024, bos_token_id=len(vocab) - 1,
+                                           eos_token_id=len(vocab) - 1))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
 
 
 def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
@@ -1888,7 +2141,7 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
         teacher = with_preprocessing(torchvision.models.resnet50(), 224).to(device).eval().requires_grad_(False)
         students = [with_preprocessing(torchvision.models.resnet18(), image_size) for _ in range(2)]
     class_ids = list(range(gen_batch))
-    prompts = [row[0] for row in build_prompts([names[c] for c in class_ids], 1)]
+    prompts = [row[0] for row in build_prompts([names[c] for c in class_ids], 1)[0]]
     start = initial_latents(range(gen_batch), (4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
     start = start.to(device, dtype)
     checkpointed_vae = copy.deepcopy(pipe.vae)
@@ -2085,7 +2338,8 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/prism", help="output folder: prompts, images, checkpoints, results")
     g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random models, a CPU, "
-                   "minutes; ignores --teacher/--student/--data/--sd-model/--llm (no accuracy meaning)")
+                   "minutes; ignores --teacher/--student/--data/--sd-model, and --llm but for none (no "
+                   "accuracy meaning)")
     g.add_argument("--benchmark", action="store_true", help="time synthesis (each guidance mode) and distillation "
                    "with SD 1.5 / resnet50 / resnet18 architectures and random weights, no download; writes "
                    "OUT/benchmark.md and .json. Uses --height --width --steps --gen-batch --batch-size --image-size "
@@ -2110,11 +2364,17 @@ def build_parser():
     g.add_argument("--data", default="imagenet", help="'imagenet' or a class list file: one 'name[<TAB>description]' a line")
     g.add_argument("--student", default="resnet18", help="torchvision classifier trained from scratch")
     g.add_argument("--sd-model", default=DEFAULT_SD_MODEL, help="Stable Diffusion 1.x/2.x hub id or local folder")
-    g.add_argument("--llm", help="causal LM hub id or local folder for disambiguation and scenes (§3); none: built-in lists")
+    g.add_argument("--llm", default=DEFAULT_LLM, help="instruction-tuned causal LM (hub id or local "
+                   "folder) that describes each class and writes its scenes (§3); none: the built-in "
+                   "lists and the teacher's neighbours, no LLM")
     g = p.add_argument_group("prompts (§3)")
     g.add_argument("--per-class", type=int, default=100, help="synthetic images (and prompts) per class")
     g.add_argument("--photo-share", type=float, default=0.8, help="share of prompts in a photo style")
-    g.add_argument("--neighbours", type=int, default=2, help="teacher-nearest classes used as context (0: off)")
+    g.add_argument("--neighbours", type=int, default=2, help="teacher-nearest classes that tell which "
+                   "sense of a class name is meant (0: off); they are never drawn")
+    g.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.json and a readable "
+                   "OUT/prompts.md (per class: description, its source, sample prompts), then stop: "
+                   "read it before the long run")
     g = p.add_argument_group("energy-guided sampling (§1-2)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours "
@@ -2382,10 +2642,11 @@ def run_check_guidance(args, device):
     class_names, descriptions, teacher, _, _ = load_models(args, device)
     count = min(args.check_classes, len(class_names))
     chosen = [round(k * (len(class_names) - 1) / max(count - 1, 1)) for k in range(count)]
-    prompts = build_prompts(class_names, args.check_seeds, teacher=teacher, seed=args.seed,
-                            descriptions=descriptions, photo_share=args.photo_share,
-                            neighbours=args.neighbours)
     pipe, guidance_vae = load_sampler(args, device, out)
+    prompts, _ = build_prompts(class_names, args.check_seeds, teacher=teacher, seed=args.seed,
+                               descriptions=descriptions, photo_share=args.photo_share,
+                               neighbours=args.neighbours,
+                               text_encoder=(pipe.tokenizer, pipe.text_encoder))
     check_guidance_window(pipe, sampling_options(args))
     pairs = [(c, i) for c in chosen for i in range(args.check_seeds)]
     seeds = [image_seed(args.seed, c, i) for c, i in pairs]
@@ -2498,47 +2759,122 @@ def check_guidance_window(pipe, sample_kwargs):
                          f"sampling steps, so guidance would do nothing: widen it, or --ablate guidance")
 
 
-def prompts_stage(args, out, class_names, descriptions, teacher, teacher_identity, device):
-    """Stage 1: the prompts of every class, reused from OUT/prompts.json when it was built under
-    the same settings. Rank 0 alone builds them (and loads the LLM); the other ranks read the
-    file it writes."""
-    rank, _ = rank_and_world()
-    prompt_ablations = sorted(set(args.ablate) - {"guidance"})
-    prompt_settings = {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
-                       "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
-                       "llm": None if args.smoke else args.llm, "teacher": teacher_identity,
-                       **({"ablate": prompt_ablations} if prompt_ablations else {})}
-    prompts_path = out / "prompts.json"
-    reuse = check_settings(prompts_path, prompt_settings, overwrite=args.overwrite, what="prompts")
-    if reuse:  # the settings are intact; the prompts themselves may not be
-        try:
-            read_prompts(prompts_path, len(class_names), args.per_class)
-        except UsageError:
-            if not args.overwrite:
-                raise
-            reuse = False
+def prompt_settings(args, class_names, descriptions, identity):
+    """Everything the prompts depend on (recorded in prompts.json; other settings mean other
+    prompts). "llm" is None without an LLM; with --smoke, a tiny random one."""
+    ablate = sorted(set(args.ablate) - {"guidance"})
+    llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
+    return {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
+            "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
+            "llm": llm, "teacher": identity["teacher"], "text_encoder": identity["sd_model"],
+            **({"ablate": ablate} if ablate else {})}
+
+
+def reusable_prompts(path, settings, num_classes, *, overwrite):
+    """True if OUT/prompts.json holds intact prompts made under `settings`; a UsageError when
+    it was made under others or is damaged (unless `overwrite`: then False)."""
+    if not check_settings(path, settings, overwrite=overwrite, what="prompts"):
+        return False
+    try:  # the settings are intact; the prompts themselves may not be
+        read_prompts(path, num_classes, settings["per_class"])
+    except UsageError:
+        if not overwrite:
+            raise
+        return False
+    return True
+
+
+def read_llm_answers(path, *, overwrite):
+    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}, {} when
+    there are none; a UsageError naming the file when it is damaged (unless `overwrite`)."""
+    if not path.exists():
+        return {}
+    way_out = "delete it (it only caches LLM answers) or rerun with --overwrite"
+    try:
+        cache = read_json(path, way_out).get("answers")
+        if not (isinstance(cache, dict) and all(isinstance(a, dict) and all(
+                isinstance(x, str) for pair in a.items() for x in pair) for a in cache.values())):
+            raise damaged(path, "no answers by LLM name", way_out)
+    except UsageError:
+        if overwrite:
+            return {}
+        raise
+    return cache
+
+
+def prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device):
+    """Stage 1: the prompts of every class and where each part came from, (prompts, classes),
+    made once and reused from OUT/prompts.json (with OUT/prompts.md, to read). Rank 0 alone
+    builds them (and loads the LLM, unless OUT/llm_answers.json holds every answer already);
+    the other ranks read the file it writes."""
+    path, answers_path = out / "prompts.json", out / "llm_answers.json"
+    reuse = reusable_prompts(path, settings, len(class_names), overwrite=args.overwrite)
     barrier()  # every rank has its verdict before rank 0 may replace the file
-    if rank == 0 and not reuse:
-        prompts = build_prompts(class_names, args.per_class, teacher=teacher, descriptions=descriptions,
-                                llm=prompt_settings["llm"], photo_share=args.photo_share, seed=args.seed,
-                                neighbours=args.neighbours, llm_device=device,
-                                disambiguate="disambiguation" not in args.ablate,
-                                vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-        write_json_atomic({"settings": prompt_settings, "prompts": prompts}, prompts_path)
+    if rank_and_world()[0] == 0 and not reuse:
+        llm = settings["llm"]
+        cache = read_llm_answers(answers_path, overwrite=args.overwrite) if llm else {}
+        answers = dict(cache.get(llm, {}))
+        if llm == "tiny-random":
+            llm = build_tiny_llm(out / "tiny-models" / "llm", seed=args.seed)
+        prompts, classes = build_prompts(
+            class_names, args.per_class, teacher=teacher, descriptions=descriptions, llm=llm,
+            text_encoder=(pipe.tokenizer, pipe.text_encoder), answers=answers,
+            neighbours=args.neighbours, photo_share=args.photo_share, seed=args.seed,
+            llm_device=device, disambiguate="disambiguation" not in args.ablate,
+            vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
+        if settings["llm"]:  # the other LLMs' answers are kept
+            write_json_atomic({"answers": {**cache, settings["llm"]: answers}}, answers_path)
+        write_json_atomic({"settings": settings, "prompts": prompts, "classes": classes}, path)
     barrier()
-    return read_prompts(prompts_path, len(class_names), args.per_class)
+    prompts, classes = read_prompts(path, len(class_names), args.per_class)
+    if rank_and_world()[0] == 0 and (not reuse or not (out / "prompts.md").exists()):
+        text = prompts_markdown(classes, prompts, settings["llm"])
+        atomic_write(out / "prompts.md", lambda temp: temp.write_text(text, encoding="utf-8"))
+    return prompts, classes
+
+
+CLASS_KEYS = {"name": str, "description": str, "source": str, "neighbours": list,
+              "scenes": list, "scene_source": str}
 
 
 def read_prompts(path, num_classes, per_class):
-    """The prompts stored in prompts.json: a list of at least `per_class` strings per class, or a
-    UsageError naming the file as damaged."""
+    """(prompts, classes) stored in prompts.json: a list of at least `per_class` strings and an
+    entry of describe_classes per class, or a UsageError naming the file as damaged."""
     way_out = "rerun with --overwrite to remake the prompts"
-    prompts = read_json(path, way_out).get("prompts")
+    stored = read_json(path, way_out)
+    prompts, classes = stored.get("prompts"), stored.get("classes")
     if not (isinstance(prompts, list) and len(prompts) == num_classes
             and all(isinstance(p, list) and len(p) >= per_class and all(isinstance(s, str) for s in p)
                     for p in prompts)):
         raise damaged(path, "no list of prompts for every class", way_out)
-    return prompts
+    if not (isinstance(classes, list) and len(classes) == num_classes and all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in CLASS_KEYS.items())
+            for e in classes)):
+        raise damaged(path, "no description of every class", way_out)
+    return prompts, classes
+
+
+def check_llm_available(args, out, settings):
+    """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
+    that cannot be found and whose answers are not cached in OUT/llm_answers.json."""
+    if args.smoke or not settings["llm"]:
+        return
+    if reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
+                        overwrite=args.overwrite):
+        return
+    if settings["llm"] not in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite):
+        locate_model(args.llm, "--llm", "or --llm none for the built-in prompts")
+
+
+def prompts_only(args, out, class_names, descriptions, teacher, settings, device):
+    """--prompts-only: stage 1 alone (the diffusion model is loaded for its text encoder), then
+    the paths of prompts.json and prompts.md. Returns None (no results)."""
+    pipe, _ = load_sampler(args, device, out)
+    prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device)
+    if rank_and_world()[0] == 0:
+        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
+              f"then run the same command without --prompts-only")
+    return None
 
 
 def run(args, device):
@@ -2551,6 +2887,10 @@ def run(args, device):
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
     out = make_out(args.out)
     class_names, descriptions, teacher, student, identity = load_models(args, device)
+    settings_p = prompt_settings(args, class_names, descriptions, identity)
+    check_llm_available(args, out, settings_p)
+    if args.prompts_only:
+        return prompts_only(args, out, class_names, descriptions, teacher, settings_p, device)
     if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
         raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
                          f"expected {len(class_names)} (one per class, sorted in label order)")
@@ -2567,7 +2907,8 @@ def run(args, device):
     check_guidance_window(pipe, sample_kwargs)
 
     # Stage 1: prompts (rank 0 builds them; reused from prompts.json under the same settings).
-    prompts = prompts_stage(args, out, class_names, descriptions, teacher, identity["teacher"], device)
+    prompts, classes = prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings_p,
+                                     device)
 
     # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
     synthetic = out / "synthetic"
@@ -2593,8 +2934,9 @@ def run(args, device):
     if rank == 0:  # a fresh sheet whenever the set changed (the manifest is rewritten when it does)
         sheet = out / "contact_sheet.png"
         if not sheet.exists() or sheet.stat().st_mtime_ns < (synthetic / "manifest.jsonl").stat().st_mtime_ns:
-            contact_sheet(synthetic, class_names, sheet, max_classes=args.sheet_classes)
-    results = {"ablate": args.ablate}
+            contact_sheet(synthetic, class_names, sheet, max_classes=args.sheet_classes,
+                          sources=[entry["source"] for entry in classes])
+    results = {"ablate": args.ablate, "prompts": prompt_sources(classes, settings_p["llm"])}
 
     # Stage 3: distillation, resumed from out/checkpoint.pt (--epochs 0: none, measure the set only).
     if args.epochs > 0:

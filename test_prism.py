@@ -426,7 +426,7 @@ def test_non_finite_latents_are_resampled_unguided_and_never_saved(pipe, teacher
     plain, _ = prism.energy_guided_sample(pipe, wild, PROMPTS[:2], [0, 1], **dict(sample, energy_scale=0.0))
     assert stats["resampled_unguided"].tolist() == [True, True] and torch.isfinite(images).all()
     torch.testing.assert_close(images, plain)
-    records = prism.synthesize_dataset(pipe, wild, prism.build_prompts(NAMES[:1], 2), tmp_path / "set",
+    records = prism.synthesize_dataset(pipe, wild, prism.build_prompts(NAMES[:1], 2)[0], tmp_path / "set",
                                        per_class=2, **dict(SYNTH, normalize_grad=False, energy_scale=1e5))
     assert [r["resampled_unguided"] for r in records] == [True, True]
     assert all(pixels.std() > 5 for pixels in tree(tmp_path / "set").values())  # not black
@@ -524,7 +524,7 @@ def test_stochastic_scheduler_noise_is_per_image(pipe, teacher, tmp_path):
     shared, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:3], [0, 1, 2], latents=start,
                                            generator=torch.Generator().manual_seed(8), **sample)
     assert (shared[1] - alone[0]).abs().max() > 1e-3  # one generator for the batch: not per image
-    prompts = prism.build_prompts(NAMES[:2], 2)  # and so a cached set does not depend on the batch size
+    prompts = prism.build_prompts(NAMES[:2], 2)[0]  # and so a cached set does not depend on the batch size
     for batch_size in (1, 3):
         prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / f"batch{batch_size}", per_class=2,
                                  batch_size=batch_size, **SYNTH)
@@ -572,75 +572,123 @@ def test_check_guidance_command_writes_its_tables(tmp_path, capsys):
 
 
 # ── §3 prompts ───────────────────────────────────────────────────────────────────────────────
-def test_imagenet_prompts_unique_deterministic_and_named():
+def split_prompt(prompt, subject):
+    """(style, scene) of a prompt "{style} of {subject}, {scene}"."""
+    style, rest = prompt.split(" of ", 1)
+    assert rest.startswith(subject), (prompt, subject)
+    return style, rest[len(subject):].removeprefix(", ")
+
+
+def test_imagenet_prompts_deterministic_named_and_each_scene_one_whole_phrase():
     names, _ = prism.load_class_names("imagenet")
-    assert len(names) == 1000
-    prompts = prism.build_prompts(names, 5, seed=0)
-    assert prompts == prism.build_prompts(names, 5, seed=0)
-    assert prompts != prism.build_prompts(names, 5, seed=1)
-    flat = [p for class_prompts in prompts for p in class_prompts]
-    assert len(flat) == 5000 and len(set(flat)) == 5000
-    assert all(len(class_prompts) == 5 for class_prompts in prompts)
-    assert all(f" {name}" in p for name, class_prompts in zip(names, prompts) for p in class_prompts)
+    prompts, classes = prism.build_prompts(names, 5, seed=0)
+    assert prompts == prism.build_prompts(names, 5, seed=0)[0]
+    assert prompts != prism.build_prompts(names, 5, seed=1)[0]
+    assert len(prompts) == 1000 and all(len(set(class_prompts)) == 5 for class_prompts in prompts)
+    for name, entry, class_prompts in zip(names, classes, prompts):
+        assert entry["source"] == "name" and entry["scene_source"] == "built-in any"
+        for prompt in class_prompts:  # "{style} of a {name}, {scene}": one phrase of one list
+            style, scene = split_prompt(prompt, prism.with_article(name))
+            assert style in prism.PHOTO_STYLES + prism.OTHER_STYLES and scene in prism.SCENES["any"]
+
+
+def test_a_class_repeats_a_prompt_only_after_every_style_scene_pair():
+    classes = prism.describe_classes(NAMES[:1])
+    pairs = len(prism.PHOTO_STYLES) * len(prism.SCENES["any"])
+    prompts = prism.compose_prompts(classes, pairs + 3, photo_share=1.0)[0]
+    assert len(set(prompts[:pairs])) == pairs and set(prompts[pairs:]) <= set(prompts[:pairs])
 
 
 def test_photo_share_picks_styles():
-    photos = prism.build_prompts(NAMES, 20, photo_share=1.0)
-    others = prism.build_prompts(NAMES, 20, photo_share=0.0)
+    photos, _ = prism.build_prompts(NAMES, 20, photo_share=1.0)
+    others, _ = prism.build_prompts(NAMES, 20, photo_share=0.0)
     starts_with = lambda p, styles: any(p.startswith(s + " of ") for s in styles)  # noqa: E731
     assert all(starts_with(p, prism.PHOTO_STYLES) for ps in photos for p in ps)
     assert all(starts_with(p, prism.OTHER_STYLES) for ps in others for p in ps)
 
 
-def test_teacher_neighbours_disambiguate_and_descriptions_win():
-    """The teacher's last linear layer decides the context: rows 0 and 2 are nearly parallel."""
+def head_teacher():
+    """A teacher whose last linear layer decides the neighbours: rows 0 and 2 nearly parallel."""
     weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.2, 1.0]])
-    unit = torch.nn.functional.normalize(weight, dim=1)
-    similarity = (unit @ unit.T).fill_diagonal_(-2)
-    assert prism.nearest_classes(weight, 1) == similarity.argmax(1, keepdim=True).tolist()
     linear = nn.Linear(3, 4)
     linear.weight.data.copy_(weight)
-    teacher = nn.Sequential(nn.Flatten(), nn.LazyLinear(3), linear)
-    prompts = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1)
-    assert all("mouse, in the context of kite" in p for p in prompts[0])
-    assert all("kite, in the context of mouse" in p for p in prompts[2])
-    described = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1,
-                                    descriptions=["a small rodent", "", "", ""])
-    assert all("mouse, a small rodent," in p and "context" not in p for p in described[0])
-    assert all("crane, in the context of" in p for p in described[1])
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(3), linear), weight
+
+
+def test_teacher_neighbours_tell_the_sense_as_a_category_and_are_never_drawn(pipe):
+    teacher, weight = head_teacher()
+    unit = torch.nn.functional.normalize(weight, dim=1)
+    assert prism.nearest_classes(weight, 1) == (unit @ unit.T).fill_diagonal_(-2).argmax(
+        1, keepdim=True).tolist()
+    text_encoder = (pipe.tokenizer, pipe.text_encoder)
+    prompts, classes = prism.build_prompts(NAMES, 6, teacher=teacher, neighbours=1,
+                                           text_encoder=text_encoder)
+    assert classes[0]["neighbours"] == ["kite"] and classes[2]["neighbours"] == ["mouse"]
+    categories = list(prism.CATEGORIES)  # direct: the category nearest to the neighbour's text
+    embed = prism.text_embeddings(text_encoder, [f"a photo of {prism.with_article(x)}"
+                                                 for x in categories + NAMES])
+    for c, entry in enumerate(classes):
+        neighbour = embed[len(categories) + NAMES.index(entry["neighbours"][0])]
+        category = categories[(embed[:len(categories)] @ neighbour).argmax().item()]
+        assert entry["category"] == category and entry["source"] == "neighbours"
+        assert entry["description"] == f"a kind of {category}"
+        group = prism.SCENES[prism.CATEGORIES[category]]
+        for prompt in prompts[c]:
+            assert not prism.names_any(prompt, entry["neighbours"])  # told, not drawn
+            assert split_prompt(prompt, f"a {NAMES[c]}, a kind of {category}")[1] in group
+    described, classes = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1,
+                                             text_encoder=text_encoder,
+                                             descriptions=["a small rodent", "", "", ""])
+    assert all(p.split(" of ", 1)[1].startswith("a mouse, a small rodent, ") for p in described[0])
+    assert classes[0]["source"] == "file" and classes[1]["source"] == "neighbours"
 
 
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory):
     """A tiny random GPT-2 with a byte-level tokenizer, saved like a hub model."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llm")
-    vocab = {ch: n for n, ch in enumerate(prism.byte_level_alphabet())}
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
-                                       bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1))
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    return folder / "model"
+    return prism.build_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "model")
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_llm_prompts_are_sanitised(tiny_llm_dir, chat):
-    """Random LLM output must still give named, non-empty, unique, bounded prompts, with or
-    without a chat template."""
+def test_llm_prompts_are_sanitised_and_cached_answers_need_no_llm(tiny_llm_dir, chat):
+    """Random LLM output must still give named, bounded prompts, with or without a chat
+    template; with its answers cached, the same prompts come without loading any LLM."""
     llm = prism.load_llm(str(tiny_llm_dir), "cpu")
     if chat:
         llm[1].chat_template = "{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}<assistant> "
-    prompts = prism.build_prompts(NAMES, 6, llm=llm, scenes_per_class=3)
-    assert prompts == prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir) if not chat else llm, scenes_per_class=3)
+    answers = {}
+    prompts, classes = prism.build_prompts(NAMES, 6, llm=llm, answers=answers, scenes_per_class=3)
+    assert len(answers) == 2 * len(NAMES)  # a description and a scene list per class
+    again = prism.build_prompts(NAMES, 6, llm="/no/such/llm", answers=dict(answers),
+                                scenes_per_class=3)
+    assert again == (prompts, classes)
+    if not chat:  # a name is loaded and gives the same answers as the loaded model
+        assert prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir), scenes_per_class=3)[0] == prompts
     flat = [p for ps in prompts for p in ps]
+    assert all(f" {name}" in p and len(p) < 400 and p.isprintable()
+               for name, ps in zip(NAMES, prompts) for p in ps)
     assert len(set(flat)) == len(flat) == 24
-    assert all(f" {name}" in p and len(p) < 400 and p.isprintable() for name, ps in zip(NAMES, prompts) for p in ps)
+
+
+def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
+    teacher, _ = head_teacher()
+    answers = {}
+    for name, near, description, scenes in (
+            ("mouse", ["kite"], "a toy on a string like a kite", "1. on a desk\n2. next to a kite"),
+            ("crane", ["tank"], "a tall lifting machine", "- at a building site\n- at a port"),
+            ("kite", ["mouse"], "Kite", "\n"),
+            ("tank", ["crane"], "", "in a field at dawn")):
+        describe, where = prism.llm_questions(name, near, 12)
+        answers.update({describe: description, where: scenes})
+        assert all(n in describe and n in where for n in near)  # the neighbours are in the question
+    prompts, classes = prism.build_prompts(NAMES, 4, teacher=teacher, neighbours=1, llm="/no/llm",
+                                           answers=answers)
+    assert [e["source"] for e in classes] == ["name", "llm", "name", "name"]
+    assert classes[1]["description"] == "a tall lifting machine"
+    assert [e["scenes"] for e in classes] == [["on a desk"], ["at a building site", "at a port"],
+                                             list(prism.SCENES["any"]), ["in a field at dawn"]]
+    assert [e["scene_source"] for e in classes] == ["llm", "llm", "built-in any", "llm"]
+    assert not any(prism.names_any(p, e["neighbours"]) for e, ps in zip(classes, prompts) for p in ps)
 
 
 def test_sanitize_phrase():
@@ -712,7 +760,7 @@ def tree(folder):
 
 
 def test_resumed_synthesis_equals_uninterrupted_and_repairs_corruption(pipe, teacher, tmp_path):
-    prompts = prism.build_prompts(NAMES[:3], 3)
+    prompts = prism.build_prompts(NAMES[:3], 3)[0]
     whole = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "whole", per_class=3, batch_size=4, **SYNTH)
     first = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "resumed", per_class=3, batch_size=4,
                                      max_new_images=5, **SYNTH)
@@ -744,7 +792,7 @@ def test_resumed_synthesis_equals_uninterrupted_and_repairs_corruption(pipe, tea
 
 def test_non_finite_guidance_is_skipped_and_counted_in_the_manifest(pipe, teacher, tmp_path):
     """The teacher overflows on the first image of every batch (batches of 2: index 0 of each class)."""
-    prompts = prism.build_prompts(NAMES[:2], 2)
+    prompts = prism.build_prompts(NAMES[:2], 2)[0]
     records = prism.synthesize_dataset(pipe, nn.Sequential(teacher, OverflowsOnFirstImage()), prompts,
                                        tmp_path / "overflow", per_class=2, batch_size=2, **SYNTH)
     prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "unguided", per_class=2, batch_size=2,
@@ -780,14 +828,14 @@ def test_atomic_writes(tmp_path):
 
 
 def test_synthesis_refuses_other_settings_and_keeps_the_data(pipe, teacher, tmp_path):
-    prompts = prism.build_prompts(NAMES[:2], 2)
+    prompts = prism.build_prompts(NAMES[:2], 2)[0]
     prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, **SYNTH)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for change in (dict(SYNTH, energy_scale=0.5), dict(SYNTH, num_steps=7)):
         with pytest.raises(prism.UsageError, match="other settings"):
             prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, **change)
     with pytest.raises(prism.UsageError, match="prompts_sha256"):
-        prism.synthesize_dataset(pipe, teacher, prism.build_prompts(NAMES[:2], 2, seed=5), tmp_path, per_class=2, **SYNTH)
+        prism.synthesize_dataset(pipe, teacher, prism.build_prompts(NAMES[:2], 2, seed=5)[0], tmp_path, per_class=2, **SYNTH)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     # A different batch size is not a different setting: nothing to do, nothing rewritten.
     prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, batch_size=1, **SYNTH)
@@ -904,7 +952,7 @@ def test_kd_batches_travel_as_uint8_and_equal_the_float_pipeline(image_dir):
 
 
 def test_stored_size_is_recorded_and_a_stale_cache_is_refused(pipe, teacher, tmp_path):
-    prompts = prism.build_prompts(NAMES[:2], 2)
+    prompts = prism.build_prompts(NAMES[:2], 2)[0]
     full = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "full", per_class=2, **SYNTH)
     small = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=8, **SYNTH)
     for path in (tmp_path / "small").glob("*/*.png"):
@@ -970,8 +1018,12 @@ def test_smoke_run_end_to_end(smoke_run):
     assert results["synthetic"]["images"] == 16 == len(list((smoke_run / "synthetic").glob("*/*.png")))
     assert results["distill"]["epochs_done"] == 2
     assert set(results["evaluation"]["student"]) == {"top1", "top5", "images"}
-    prompts = json.loads((smoke_run / "prompts.json").read_text())["prompts"]
-    assert [len(p) for p in prompts] == [4] * 4
+    stored = json.loads((smoke_run / "prompts.json").read_text())
+    assert [len(p) for p in stored["prompts"]] == [4] * 4 and stored["settings"]["llm"] == "tiny-random"
+    assert results["prompts"] == prism.prompt_sources(stored["classes"], "tiny-random")
+    assert [e["name"] for e in results["prompts"]["per_class"]] == NAMES
+    assert (smoke_run / "prompts.md").read_text() == prism.prompts_markdown(
+        stored["classes"], stored["prompts"], "tiny-random")
     student = prism.build_tiny_classifier(4, width=8)
     student.load_state_dict(torch.load(smoke_run / "student.pt", weights_only=True))
 
@@ -1064,7 +1116,8 @@ def local_models_argv(tmp_path, pipe_dir):
     return ["--teacher", str(tmp_path / "teacher.ts"), "--teacher-input-size", "32", "--data",
             str(tmp_path / "classes.txt"), "--sd-model", str(pipe_dir), "--student", "resnet18", "--out",
             str(tmp_path / "out"), "--per-class", "2", "--steps", "4", "--height", "32", "--width", "32",
-            "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu"]
+            "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu",
+            "--llm", "none"]
 
 
 def test_main_with_local_models_refuses_a_changed_teacher_and_retrains_after_overwrite(pipe_dir, tmp_path, capsys):
@@ -1090,6 +1143,82 @@ def test_main_with_local_models_refuses_a_changed_teacher_and_retrains_after_ove
     assert settings["teacher"] != old_settings["teacher"]  # same file name, new fingerprint
     assert checkpoint["config"]["data"] == settings  # trained on the new images, not resumed
     assert checkpoint["student"]["1.fc.weight"].shape == (4, 512)
+
+
+def test_prompts_only_writes_what_to_read_and_the_run_reuses_it_without_the_llm(tmp_path, capsys,
+                                                                                monkeypatch):
+    out = tmp_path / "out"
+    assert prism.main(["--smoke", "--out", str(out), "--prompts-only"]) == 0
+    assert f"read {out / 'prompts.md'} before the long run" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [".prism.lock", "llm_answers.json", "prompts.json",
+                                                      "prompts.md", "tiny-models"]
+    stored = json.loads((out / "prompts.json").read_text())
+    text = (out / "prompts.md").read_text()
+    for c, (entry, prompts) in enumerate(zip(stored["classes"], stored["prompts"])):
+        assert f"## {c} {entry['name']}\n" in text and f"  - {prompts[0]}\n" in text
+        assert f"- description: {entry['description'] or '(none)'} — from " in text
+    assert "LLM: tiny-random." in text
+    answers = (out / "llm_answers.json").read_bytes()
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the LLM was loaded although its answers are cached")
+
+    monkeypatch.setattr(prism, "load_llm", no_llm)
+    before = (out / "prompts.json").read_bytes()
+    assert prism.main(["--smoke", "--out", str(out), "--epochs", "0"]) == 0  # resume: same prompts
+    assert (out / "prompts.json").read_bytes() == before and (out / "synthetic").is_dir()
+    (tmp_path / "five").mkdir()
+    (tmp_path / "five" / "llm_answers.json").write_bytes(answers)  # other prompts, the same questions
+    assert prism.main(["--smoke", "--out", str(tmp_path / "five"), "--prompts-only", "--per-class", "5"]) == 0
+    assert (tmp_path / "five" / "llm_answers.json").read_bytes() == answers
+    five = json.loads((tmp_path / "five" / "prompts.json").read_text())
+    assert five["classes"] == stored["classes"] and [len(p) for p in five["prompts"]] == [5] * 4
+
+
+def test_llm_none_uses_the_built_in_prompts(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prism.main(["--smoke", "--out", str(out), "--prompts-only", "--llm", "none"]) == 0
+    stored = json.loads((out / "prompts.json").read_text())
+    assert stored["settings"]["llm"] is None and not (out / "llm_answers.json").exists()
+    assert {e["source"] for e in stored["classes"]} == {"neighbours"}
+    assert all(e["scene_source"].startswith("built-in ") for e in stored["classes"])
+    assert "LLM: none (built-in lists)." in (out / "prompts.md").read_text()
+
+
+def test_damaged_llm_answers_are_named_and_overwrite_remakes_them(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "llm_answers.json").write_bytes(b'{"answers": {"tiny-random": 3}}')
+    code, err = run_main(["--smoke", "--out", str(out), "--prompts-only"], capsys)
+    assert code == 2
+    one_line(err, f"prism: error: {out / 'llm_answers.json'} is damaged (no answers by LLM name)")
+    assert "delete it" in err
+    assert run_main(["--smoke", "--out", str(out), "--prompts-only", "--overwrite"], capsys)[0] == 0
+    assert len(json.loads((out / "llm_answers.json").read_text())["answers"]["tiny-random"]) == 8
+
+
+def test_a_model_that_cannot_be_found_is_one_short_line_at_once(tmp_path, capsys, pipe_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for load, flag, extra in ((prism.load_diffusion_pipeline, "--sd-model", ""),
+                              (prism.load_llm, "--llm", "or --llm none"),
+                              (prism.load_guidance_vae, "--guidance-vae", "")):
+        with pytest.raises(prism.UsageError) as error:
+            load("someone/no-such-model", "cpu")
+        message = str(error.value)
+        assert message.startswith(f"{flag} someone/no-such-model: not in the local cache and the hub "
+                                  f"is off (HF_HUB_OFFLINE); download it") and extra in message
+        assert len(message) < 300
+        with pytest.raises(prism.UsageError, match=f"^{flag} ./missing: no such folder"):
+            load("./missing", "cpu")
+        with pytest.raises(prism.UsageError, match=f"^cannot load .* {tmp_path} "):  # found, not a model
+            load(str(tmp_path), "cpu")
+    argv = [a for a in local_models_argv(tmp_path, pipe_dir) if a != "none"][:-1]  # the default LLM
+    code, err = run_main(argv, capsys)
+    assert code == 2 and len(err) < 300
+    one_line(err, f"prism: error: --llm {prism.DEFAULT_LLM}: not in the local cache")
+    assert "--llm none" in err and not (tmp_path / "out" / "prompts.json").exists()
 
 
 # ── several processes (torchrun, gloo on CPU) and faults (SIGKILL, full disk) ───────────────
@@ -1712,22 +1841,34 @@ def test_contact_sheet_has_a_row_per_class_and_a_tile_per_image(image_dir, tmp_p
     assert np.array_equal(pixels[20:40, 60:80], expected)
     assert (pixels[:, :60] < 128).any()  # the class names are written
     assert prism.contact_sheet(image_dir, names, tmp_path / "two.png", max_classes=2, per_row=8, tile=20) == 12
+    prism.contact_sheet(image_dir, names, tmp_path / "sourced.png", per_row=4, tile=20, label_width=60,
+                        sources=["llm", "file", "name", "neighbours"])
+    with Image.open(tmp_path / "sourced.png") as sheet:  # each class's source is written under its name
+        sourced = np.asarray(sheet.convert("RGB"))
+    assert np.array_equal(sourced[:, 60:], pixels[:, 60:])
+    assert all((sourced[row * 20 + 14:row * 20 + 20, :60] != pixels[row * 20 + 14:row * 20 + 20, :60]).any()
+               for row in range(4))
 
 
-def test_ablations_turn_each_part_of_the_prompts_off():
-    teacher_head = prism.build_tiny_classifier(4)
-    full = prism.build_prompts(NAMES, 6, teacher=teacher_head)
-    assert all("in the context of" in p for c in full for p in c)
-    plain = prism.build_prompts(NAMES, 6, teacher=teacher_head, disambiguate=False)
-    assert not any("in the context of" in p for c in plain for p in c)
-    no_content = prism.build_prompts(NAMES, 6, teacher=teacher_head, vary_content=False)
-    for name, with_scene, without in zip(NAMES, full, no_content):  # "{style} of a {name}, in the context of ..."
-        assert len({p.split(" of ", 1)[1] for p in without}) == 1  # styles vary, the rest is the name
-        assert without[0].split(" of ", 1)[1].startswith(f"a {name}, in the context of ")
-        assert len({p.split(" of ", 1)[1] for p in with_scene}) == 6  # the scenes that are gone
-    no_style = prism.build_prompts(NAMES, 6, teacher=teacher_head, vary_style=False)
+def test_ablations_turn_each_part_of_the_prompts_off(pipe):
+    teacher, text_encoder = prism.build_tiny_classifier(4), (pipe.tokenizer, pipe.text_encoder)
+    build = lambda **kw: prism.build_prompts(NAMES, 6, teacher=teacher, text_encoder=text_encoder,  # noqa: E731
+                                             **kw)
+    full, classes = build()
+    assert all(e["source"] == "neighbours" and e["scene_source"].startswith("built-in")
+               for e in classes)
+    plain, classes = build(disambiguate=False)
+    assert all(e["source"] == "name" and e["scene_source"] == "built-in any" for e in classes)
+    for name, ps in zip(NAMES, plain):
+        assert all(split_prompt(p, f"a {name}")[1] in prism.SCENES["any"] for p in ps)
+    no_content, classes = build(vary_content=False)
+    for entry, with_scene, without in zip(classes, full, no_content):
+        subject = f"a {entry['name']}, {entry['description']}"
+        assert all(p.split(" of ", 1)[1] == subject for p in without)  # styles vary, nothing else
+        assert len({p.split(" of ", 1)[1] for p in with_scene}) > 1  # the scenes that are gone
+    no_style, _ = build(vary_style=False)
     assert all(p.startswith("a photo of ") for c in no_style for p in c)
-    bare = prism.build_prompts(NAMES, 6, disambiguate=False, vary_content=False, vary_style=False)
+    bare, _ = build(disambiguate=False, vary_content=False, vary_style=False)
     assert bare == [[f"a photo of a {name}"] * 6 for name in NAMES]
 
 
