@@ -288,8 +288,12 @@ SCENES = {
                 "at a crossing in the rain", "on display at a show"),
     "object": ("on a wooden desk in soft window light", "held in a person's hand",
                "on a shelf in a store", "on a table, seen from above", "on a plain white background",
-               "in a workshop among other tools", "in use at home in the evening",
+               "next to everyday things on a counter", "in use at home in the evening",
                "close up in bright daylight"),
+    "indoor": ("in a bright living room", "in a kitchen in morning light", "on display in a showroom",
+               "in a room, seen from the doorway", "on a plain white background",
+               "in a cosy apartment in the evening", "in a store among others for sale",
+               "close up in soft light"),
     "clothing": ("worn by a person on a city street", "hanging in a wardrobe",
                  "folded on a bed in soft light", "on a mannequin in a shop window",
                  "worn outdoors on an autumn day", "laid flat on a plain background",
@@ -309,9 +313,9 @@ CATEGORIES = {
     "fruit": "food", "vegetable": "food", "dish": "food", "drink": "food", "car": "vehicle",
     "truck": "vehicle", "military vehicle": "vehicle", "train": "vehicle", "bicycle": "vehicle",
     "boat": "place", "aircraft": "place", "electronic device": "object", "tool": "object",
-    "weapon": "object", "musical instrument": "object", "household appliance": "object",
-    "furniture": "object", "container": "object", "kitchenware": "object", "toy": "object",
-    "sports equipment": "object", "machine": "object", "garment": "clothing",
+    "weapon": "object", "musical instrument": "indoor", "household appliance": "indoor",
+    "furniture": "indoor", "container": "object", "kitchenware": "object", "toy": "object",
+    "sports equipment": "object", "machine": "place", "garment": "clothing",
     "accessory": "clothing", "building": "place", "structure": "place", "landscape": "place",
 }
 
@@ -2436,6 +2440,9 @@ def check_args(args):
                 "check_classes", "check_seeds")
     if not args.out.strip():
         raise UsageError("--out must name a folder")
+    for flag, value in (("--sd-model", args.sd_model), ("--llm", args.llm)):
+        if not value.strip():
+            raise UsageError(f"{flag} must name a model (a hub id or a local folder)")
     if not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -2886,6 +2893,8 @@ def run(args, device):
     if args.batch_size % world:  # checked by distill too, but say it now rather than after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
     out = make_out(args.out)
+    if not args.smoke:  # found or refused in seconds, before anything is loaded
+        locate_model(args.sd_model, "--sd-model")
     class_names, descriptions, teacher, student, identity = load_models(args, device)
     settings_p = prompt_settings(args, class_names, descriptions, identity)
     check_llm_available(args, out, settings_p)

@@ -1052,6 +1052,7 @@ BAD_FLAGS = {
         "zero guidance batch": ["--guidance-batch", "0"],
         "more steps than trained": ["--smoke", "--steps", "2000"],
         "empty out": ["--out", ""],
+        "empty llm": ["--llm", " "],
         "huge seed": ["--seed", "99999999999999999999999"],
         "huge lr": ["--lr", "1e308"],
         "too many workers": ["--workers", "100000"],
