@@ -1559,12 +1559,21 @@ def to_unit_images(batch, device, memory_format=torch.contiguous_format):
     return batch.float().div_(255)
 
 
-def image_folder(data_dir, transform):
-    """torchvision ImageFolder whose sorted folder names are the classes; a UsageError if unusable."""
+def image_folder(data_dir, transform, classes=None):
+    """torchvision ImageFolder of `data_dir`; a UsageError if unusable. Targets: the position of
+    the image's folder among the sorted folder names, or with `classes` (class_mapping: the class
+    of each sorted folder) that folder's class, so that folders 0 … 999 are classes 0 … 999 and
+    not the string order 0, 1, 10, 100, …"""
+    target = None if classes is None else list(classes).__getitem__
     try:
-        return torchvision.datasets.ImageFolder(str(data_dir), transform=transform)
+        dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform,
+                                                   target_transform=target)
     except (FileNotFoundError, NotADirectoryError) as error:
         raise UsageError(f"cannot read images from {data_dir}: {first_line(error)}")
+    if classes is not None and len(classes) != len(dataset.classes):
+        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders, {len(classes)} "
+                         f"were mapped to classes: was it changed during the run?")
+    return dataset
 
 
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4.0, checkpoint_path,
@@ -1676,6 +1685,138 @@ def folder_classes(data_dir):
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
 
 
+def named_val_sets(values):
+    """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (then named by its folder), in
+    the order given: the first is the in-distribution set. An empty or repeated name is a
+    UsageError."""
+    sets, seen = [], set()
+    for value in values or []:
+        name, equals, path = value.partition("=")
+        if not equals or os.sep in name:  # no name given, or a "=" inside the path itself
+            name, path = Path(os.path.abspath(value)).name, value
+        if not path.strip():
+            raise UsageError(f"--val-dir {value} names no folder: give NAME=PATH or PATH")
+        if not name.strip():
+            raise UsageError(f"--val-dir {value} has an empty name: give NAME=PATH")
+        if name in seen:
+            raise UsageError(f"--val-dir name '{name}' is given twice: name each set (NAME=PATH)")
+        seen.add(name)
+        sets.append((name, Path(path)))
+    return sets
+
+
+def load_class_ids(path, num_classes):
+    """The ids of the teacher's classes in label order from a --class-ids file, one a line
+    (ImageNet: its 1000 wnids, n01440764 first). A count other than `num_classes`, or an id
+    given twice, is a UsageError."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--class-ids {path} cannot be read as UTF-8 text ({first_line(error)})")
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(ids) != num_classes:
+        raise UsageError(f"--class-ids {path} has {len(ids)} ids but the teacher has {num_classes} "
+                         f"classes: give one id a line, in label order")
+    repeated = next((i for n, i in enumerate(ids) if i in ids[:n]), None)
+    if repeated is not None:
+        raise UsageError(f"--class-ids {path} gives the id '{repeated}' twice")
+    return ids
+
+
+def no_class_for(folders, class_names, reference_ids):
+    """The UsageError for class folders that map to no class (rule 5 of class_mapping), naming
+    the first folder that is neither a class index, a class name nor a reference id."""
+    known = {name.lower() for name in class_names}
+    lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f.lower() in known
+                                            or f in (reference_ids or ()))), folders[0])
+    return UsageError(f"folder '{lost}' maps to no class (the folder names must be all class "
+                      f"indices, all class names or all ids of the reference list); give "
+                      f"--class-ids FILE (one id a line, in label order), or the full set "
+                      f"(ImageNet val) as another --val-dir, or name the folders by class index")
+
+
+def class_mapping(folders, num_classes, class_names, reference_ids=None, reference="reference"):
+    """The teacher class of each of the sorted class `folders` of a labelled set, and the rule
+    that gave it (a short string). The first rule that applies:
+      1. every name an integer (ImageNet-V2's 0 … 999; 0003 as in the synthetic set) → int(name)
+      2. every name a class name (case-insensitive) → its index in `class_names`
+      3. every name an id of `reference_ids` (the classes' ids in label order, e.g. ImageNet's
+         wnids; `reference` says where the list came from) → its position there
+      4. exactly num_classes folders → their sorted order (ImageNet val in wnid folders)
+    Otherwise, or for a class out of range, an ambiguous name or two folders of one class: a
+    UsageError naming the folder."""
+    if not folders:
+        raise UsageError("has no class folders")
+    by_name = {}
+    for index, name in enumerate(class_names):
+        by_name.setdefault(name.lower(), []).append(index)
+    if all(re.fullmatch(r"[0-9]+", f) for f in folders):
+        classes, rule = [int(f) for f in folders], "integer folder names"
+    elif all(f.lower() in by_name for f in folders):
+        ambiguous = next((f for f in folders if len(by_name[f.lower()]) > 1), None)
+        if ambiguous is not None:
+            raise UsageError(f"folder '{ambiguous}' names classes {by_name[ambiguous.lower()]} of "
+                             f"the class list: name the folders by class index")
+        classes, rule = [by_name[f.lower()][0] for f in folders], "class names"
+    elif reference_ids and all(f in reference_ids for f in folders):
+        position = {id_: index for index, id_ in enumerate(reference_ids)}
+        classes, rule = [position[f] for f in folders], f"ids via {reference}"
+    elif len(folders) == num_classes:
+        order = {f: index for index, f in enumerate(sorted(folders))}
+        classes, rule = [order[f] for f in folders], "sorted folder names"
+    else:
+        raise no_class_for(folders, class_names, reference_ids)
+    owner = {}
+    for folder, c in zip(folders, classes):
+        if c >= num_classes:
+            raise UsageError(f"folder '{folder}' is class {c}, but the teacher's classes are "
+                             f"0 to {num_classes - 1}")
+        if c in owner:
+            raise UsageError(f"folders '{owner[c]}' and '{folder}' are both class {c}")
+        owner[c] = folder
+    return classes, rule
+
+
+def reference_list(sets, class_names, class_ids=None):
+    """(ids, where they come from) for rule 3 of class_mapping: the --class-ids file when given
+    (`class_ids` = (path, ids)), else the sorted folder names of the first of `sets` (dicts with
+    name and folders) that rule 4 maps: a full set in id folders, as ImageNet val or -Sketch,
+    whose sorted wnids are ImageNet's label order. (None, None) when there is neither."""
+    if class_ids is not None:
+        return class_ids[1], f"--class-ids {class_ids[0]}"
+    for s in sets:
+        try:
+            rule = class_mapping(s["folders"], len(class_names), class_names)[1]
+        except UsageError:  # not a reference; its own mapping says why, naming the set
+            continue
+        if rule == "sorted folder names":
+            return sorted(s["folders"]), f"sorted folders of set {s['name']}"
+    return None, None
+
+
+def labelled_sets(named_sets, class_names, class_ids=None):
+    """Each (name, path) of named_sets as a dict: name, data (the path), folders (sorted),
+    classes (class_mapping's class of each folder), mapping (its rule), images (their count).
+    Every folder is mapped, then every image decoded, now: a bad set is a UsageError naming it
+    before any work. `class_ids`: (path, ids) of --class-ids, or None."""
+    sets = []
+    for name, path in named_sets:
+        try:
+            sets.append({"name": name, "data": str(path), "folders": folder_classes(path)})
+        except UsageError as error:
+            raise UsageError(f"--val-dir {name}: {error}")
+    reference_ids, reference = reference_list(sets, class_names, class_ids)
+    for s in sets:
+        try:
+            s["classes"], s["mapping"] = class_mapping(s["folders"], len(class_names), class_names,
+                                                       reference_ids, reference)
+        except UsageError as error:
+            raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
+    for s in sets:
+        s["images"] = check_images_load(s["data"], "--val-dir")
+    return sets
+
+
 def eval_transform(image_size):
     """The usual evaluation protocol: resize to image_size/0.875, centre crop, [0, 1] tensor."""
     return transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
@@ -1725,12 +1866,14 @@ def precision_recall(real_features, fake_features, k=3, batch_size=1024):
 
 
 @torch.no_grad()
-def extract_features(teacher, data_dir, *, image_size=224, batch_size=100, device="cpu", num_workers=4, progress=True):
+def extract_features(teacher, data_dir, *, classes=None, image_size=224, batch_size=100,
+                     device="cpu", num_workers=4, progress=True):
     """Teacher features of every image of an ImageFolder tree, in its order: (features (N, D),
     logits (N, C), labels (N,)), float32 on the CPU. The features are the input of the teacher's
     last nn.Linear: the global-pooled penultimate layer of a CNN (§5). A TorchScript teacher (no
-    hooks) gives its logits as features instead; the caller can tell by D == C."""
-    dataset = image_folder(data_dir, eval_transform(image_size))
+    hooks) gives its logits as features instead; the caller can tell by D == C. Labels: the
+    class of each sorted folder in `classes` (class_mapping), else its position."""
+    dataset = image_folder(data_dir, eval_transform(image_size), classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
     teacher.to(device).eval()
@@ -1882,28 +2025,81 @@ def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, til
 
 
 @torch.no_grad()
-def evaluate(model, data_dir, *, batch_size=100, device="cpu", image_size=224, num_workers=4, progress=True):
-    """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree whose sorted
-    folder names are its classes, under eval_transform (the usual protocol).
+def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", image_size=224,
+             num_workers=4, progress=True):
+    """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree under
+    eval_transform (the usual protocol). `classes`: the model class of each sorted class folder
+    (class_mapping); None: the sorted folders are the classes 0, 1, … of the model, all of them.
+    A set of K classes is scored over those K logits only: for K below the model's outputs that
+    is the ImageNet-R/-A protocol (200 of 1000 classes), for a full set it is every logit.
     Several processes: rank r scores images r, r+N, r+2N, ... and the counts are summed, so every
     rank returns exactly the single-process numbers."""
     rank, world = rank_and_world()
-    dataset = image_folder(data_dir, eval_transform(image_size))
+    dataset = image_folder(data_dir, eval_transform(image_size), classes)
     model.to(device).eval()
-    outputs = model(dataset[0][0].unsqueeze(0).to(device)).shape[-1]  # on every rank, even one without a share
-    if outputs != len(dataset.classes):
-        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has {outputs} outputs")
+    # on every rank, even one without a share
+    outputs = model(dataset[0][0].unsqueeze(0).to(device)).shape[-1]
+    if classes is None and outputs != len(dataset.classes):
+        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has "
+                         f"{outputs} outputs")
+    subset = torch.tensor(sorted(range(len(dataset.classes)) if classes is None else classes))
+    if subset.max() >= outputs:
+        raise UsageError(f"{data_dir} holds class {subset.max().item()} but the model has "
+                         f"{outputs} outputs")
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
     top1 = top5 = 0
     with tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0) as batches:
         for images, labels in batches:
-            best = model(images.to(device)).topk(min(5, outputs), dim=-1).indices.cpu()
+            logits = model(images.to(device))[:, subset.to(device)]
+            # restricted logits: the k best are S[topk_j f(x)_{S_j}] over the set's classes S
+            best = subset[logits.topk(min(5, len(subset)), dim=-1).indices.cpu()]
             top1 += (best[:, 0] == labels).sum().item()
             top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
     top1, top5 = sum_over_ranks([top1, top5])
-    return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset), "images": len(dataset)}
+    return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset),
+            "images": len(dataset)}
+
+
+def evaluate_sets(sets, teacher, student, num_classes, **evaluation):
+    """results.json's "evaluation": each of labelled_sets' `sets` scored (evaluate, with
+    `evaluation`'s options) for the teacher and, unless None, the student, side by side with the
+    teacher → student top-1 gap, how its folders were mapped, and per folder its class."""
+    entries = []
+    for s in sets:
+        k = len(s["classes"])
+        entry = {"name": s["name"], "data": s["data"], "classes": k,
+                 "protocol": (f"all {k} classes" if k == num_classes else
+                              f"restricted to {k} of {num_classes} classes"),
+                 "mapping": s["mapping"],
+                 "teacher": evaluate(teacher, s["data"], classes=s["classes"], **evaluation)}
+        if student is not None:
+            entry["student"] = evaluate(student, s["data"], classes=s["classes"], **evaluation)
+            entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
+        entry["per_class"] = [{"folder": f, "class": c} for f, c in zip(s["folders"], s["classes"])]
+        entries.append(entry)
+    return {"sets": entries}
+
+
+def evaluation_table(sets, num_classes):
+    """evaluate_sets' entries as one aligned text table, a row per set: images, classes (K/N when
+    restricted to K of the N classes), teacher and student top-1 / top-5 (%) and the teacher →
+    student top-1 gap, so that the gap on each domain is one glance; "-" without a student."""
+    rows = [("set", "images", "classes", "teacher top-1", "top-5", "student top-1", "top-5",
+             "gap top-1")]
+    for s in sets:
+        student = s.get("student")
+        numbers = [s["teacher"]["top1"], s["teacher"]["top5"], *(
+            (student["top1"], student["top5"], s["gap_top1"]) if student else [None] * 3)]
+        classes = f"{s['classes']}" + (f"/{num_classes}" if s["classes"] != num_classes else "")
+        rows.append((s["name"], str(s["teacher"]["images"]), classes,
+                     *("-" if x is None else f"{x:.2f}" for x in numbers)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    # the set's name left-aligned, every number right-aligned under its heading
+    return "\n".join("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width
+                                                             in zip(row[1:], widths[1:])]).rstrip()
+                     for row in rows)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -2423,7 +2619,15 @@ def build_parser():
     g.add_argument("--workers", type=int, help="data loading processes per torchrun process (default: the "
                    "cores this process may use, shared by the node's processes, minus one)")
     g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
-    g.add_argument("--val-dir", help="real labelled images, one folder per class in label order (ImageNet val)")
+    g.add_argument("--val-dir", action="append", metavar="[NAME=]PATH", help="real labelled "
+                   "images, one folder per class, evaluated for teacher and student; repeat it "
+                   "for shifted test sets (ImageNet-V2, -Sketch, -R, -A). The first is the "
+                   "in-distribution set (precision/recall use it): put ImageNet val first. "
+                   "Folders named by class index (0 ... 999), class name or id (wnid); a set of "
+                   "fewer classes is scored over their logits only. Default NAME: the folder's")
+    g.add_argument("--class-ids", metavar="FILE", help="the ids of the classes in label order, "
+                   "one a line (ImageNet: its wnids), for --val-dir sets in id folders; default: "
+                   "the sorted folders of a --val-dir set with one folder per class")
     g = p.add_argument_group("measuring the synthetic set (§5) and ablations")
     g.add_argument("--pr-k", type=int, default=3, help="k of the k-NN balls of precision, recall, density, coverage")
     g.add_argument("--sheet-classes", type=int, default=32, help="classes shown in contact_sheet.png (spread evenly)")
@@ -2443,6 +2647,7 @@ def check_args(args):
     for flag, value in (("--sd-model", args.sd_model), ("--llm", args.llm)):
         if not value.strip():
             raise UsageError(f"{flag} must name a model (a hub id or a local folder)")
+    named_val_sets(args.val_dir)  # names unique and non-empty
     if not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -2900,11 +3105,12 @@ def run(args, device):
     check_llm_available(args, out, settings_p)
     if args.prompts_only:
         return prompts_only(args, out, class_names, descriptions, teacher, settings_p, device)
-    if args.val_dir and len(folder_classes(args.val_dir)) != len(class_names):
-        raise UsageError(f"--val-dir {args.val_dir} has {len(folder_classes(args.val_dir))} class folders, "
-                         f"expected {len(class_names)} (one per class, sorted in label order)")
-    # read late (evaluation), so checked now, before hours of synthesis
-    real_images = check_images_load(args.val_dir, "--val-dir") if args.val_dir else math.inf
+    # read late (evaluation), so every folder mapped to its class and every image checked now,
+    # before hours of synthesis
+    class_ids = (None if args.class_ids is None else
+                 (args.class_ids, load_class_ids(args.class_ids, len(class_names))))
+    val_sets = labelled_sets(named_val_sets(args.val_dir), class_names, class_ids)
+    real_images = val_sets[0]["images"] if val_sets else math.inf  # precision/recall's real set
     smallest = min(len(class_names) * args.per_class, real_images)
     if args.pr_k >= smallest:
         raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; the smaller "
@@ -2962,27 +3168,33 @@ def run(args, device):
         if rank == 0:
             save_torch_atomic(student.state_dict(), out / "student.pt")
 
-    # Stage 4: measure the synthetic set (§5) in the teacher's feature space, against real images
-    # when there are some (the smoke run uses its own synthetic set as a stand-in), then evaluate.
-    val_dir = args.val_dir or (synthetic if args.smoke else None)
+    # Stage 4: measure the synthetic set (§5) in the teacher's feature space, against the first
+    # (in-distribution) real set when there is one (the smoke run uses its own synthetic set as a
+    # stand-in), then evaluate on every set.
+    if not val_sets and args.smoke:
+        val_sets = labelled_sets([("synthetic", synthetic)], class_names)
     if rank == 0:  # one process measures; the others wait at the barrier below
         features = dict(image_size=teacher[0].input_size, device=device, num_workers=args.workers)
         fake_features, _, fake_labels = extract_features(teacher, synthetic, **features)
         results["synthetic"] = synthetic_set_report(records, fake_features, class_names)
-        if val_dir:
-            real_features, _, real_labels = extract_features(teacher, val_dir, **features)
-            results["precision_recall"] = {"data": str(val_dir), **precision_recall_report(
-                real_features.to(device), real_labels.to(device), fake_features.to(device), fake_labels.to(device),
-                class_names, k=args.pr_k)}
+        if val_sets:
+            real = val_sets[0]
+            real_features, _, real_labels = extract_features(teacher, real["data"],
+                                                             classes=real["classes"], **features)
+            results["precision_recall"] = {"set": real["name"], "data": real["data"],
+                                           **precision_recall_report(
+                real_features.to(device), real_labels.to(device), fake_features.to(device),
+                fake_labels.to(device), class_names, k=args.pr_k)}
     barrier()
-    if val_dir:
+    if val_sets:
         evaluation = dict(device=device, image_size=args.image_size, num_workers=args.workers)
-        results["evaluation"] = {"data": str(val_dir), "teacher": evaluate(teacher, val_dir, **evaluation)}
-        if args.epochs > 0:
-            results["evaluation"]["student"] = evaluate(student, val_dir, **evaluation)
+        trained = student if args.epochs > 0 else None
+        results["evaluation"] = evaluate_sets(val_sets, teacher, trained, len(class_names), **evaluation)
     if rank == 0:
         write_json_atomic(results, out / "results.json")
         print(json.dumps(without_per_class(results), indent=1))
+        if val_sets:
+            print(evaluation_table(results["evaluation"]["sets"], len(class_names)))
         print(f"per-class reports: {out / 'results.json'}; what was generated: {out / 'contact_sheet.png'}")
         if args.smoke:
             print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
@@ -2990,9 +3202,12 @@ def run(args, device):
 
 
 def without_per_class(report):
-    """`report` without its "per_class" lists (at any depth): the summary that main() prints."""
+    """`report` without its "per_class" lists (at any depth, in lists too): the summary that
+    main() prints."""
     if isinstance(report, dict):
         return {key: without_per_class(value) for key, value in report.items() if key != "per_class"}
+    if isinstance(report, list):
+        return [without_per_class(value) for value in report]
     return report
 
 
