@@ -1,32 +1,60 @@
-"""PRISM: data-free knowledge distillation with a text-to-image diffusion model.
+r"""PRISM: data-free knowledge distillation with a text-to-image diffusion model.
 
 A single-file reference implementation of "Precision-Recall Informed Data-Free Knowledge
-Distillation via Generative Diffusion" (arXiv 2509.16897), as formulated in PRISM_METHOD.md.
-A teacher classifier is distilled into a student using only images that Stable Diffusion makes:
+Distillation via Generative Diffusion" (arXiv 2509.16897). A teacher classifier f_T is distilled
+into a student f_S using only images that Stable Diffusion makes; two ideas steer them:
+precision (images on the teacher's in-distribution manifold: §1-2) and recall (images spread
+over that manifold: §3). The paper's full text is not public; the formulation below is ours,
+built from its abstract and the literature it rests on (the README lists our choices).
 
-    class names ──► build_prompts ──► energy_guided_sample ──► synthesize_dataset ──► distill ──► evaluate
-                    (§3 recall:        (§1-2 precision:          (cached ImageFolder     (§4 KD,      (top-1/5 on
-                     disambiguate,      teacher energy steers      + manifest, resumes)   teacher      real images)
-                     content, style)    the sampler via ẑ0)                               online)
-
-    python prism.py --teacher resnet50 --data imagenet     # real run (GPU, internet or local paths)
+    python prism.py --teacher resnet50 --data imagenet     # the real run (GPU)
     python prism.py --smoke --out /tmp/prism-smoke          # offline plumbing check on a CPU
-    torchrun --nproc_per_node=8 prism.py ...                # every stage split over 8 GPUs
 
-Every function below stands alone: inputs and outputs are explicit, nothing reads a global
-but the constant tables and, under torchrun, torch.distributed's process group (rank_and_world:
-rank 0 of 1 without one), and each docstring names the equation (§ of PRISM_METHOD.md) it
-implements. Where a choice is ours rather than the method's, a comment says so.
+Notation
+    x           an image in [0, 1];  y its intended class;  C classes
+    f_T, f_S    teacher and student logits
+    E           the teacher's energy;  τ its temperature (--energy-temperature, 1)
+    L           the guidance loss;  s_E, s_C its weights (--energy-scale, --class-scale)
+    z_t         the latent at sampling step t of T (--steps);  D the VAE decoder
+    ᾱ_t         the scheduler's cumulative signal fraction at t
+    ε̂           the noise prediction;  w the classifier-free guidance scale (--cfg)
+    ẑ0          Tweedie's estimate of the clean latent;  g the guidance gradient
+    τ_kd        the distillation temperature (--kd-temperature)
+
+§1 The teacher's energy (Liu et al., NeurIPS 2020): low on what f_T finds in-distribution.
+        E(x) = -τ · logsumexp(f_T(x) / τ)
+        L(x, y) = s_E · E(x) + s_C · CE(f_T(x), y)
+§2 Energy-guided sampling (classifier guidance, Dhariwal & Nichol 2021, on Tweedie's ẑ0).
+        ε̂  = ε_uncond + w · (ε_text − ε_uncond)            (v-prediction converted to ε)
+        ẑ0 = (z_t − sqrt(1 − ᾱ_t) · ε̂) / sqrt(ᾱ_t)
+        g  = ∇_{z_t} L(D(ẑ0(z_t)), y)                      approx: ε̂ held constant
+        ε̂' = ε̂ + sqrt(1 − ᾱ_t) · g                         then the scheduler's own step
+   g is rescaled per sample to (s_E + s_C)·‖ε̂‖, inside a window of steps. With s_E = s_C = 0
+   the sampler is diffusers' StableDiffusionPipeline, exactly.
+§3 Diversified prompts: disambiguated names (the teacher's nearest classes tell the sense),
+   varied content and style.
+        prompt(c, i) = "{style} of {name of c}, {description}, {scene}"
+§4 Knowledge distillation (Hinton et al., 2015), teacher and student on the same batch.
+        L_KD = τ_kd² · KL(softmax(f_T(x)/τ_kd) ‖ softmax(f_S(x)/τ_kd))
+§5 Precision and recall of the synthetic set (Kynkäänniemi et al., NeurIPS 2019): the share of
+   synthetic features inside the k-NN balls of real ones, and the reverse, in the teacher's
+   penultimate features; then the student's top-1/top-5 on real test sets.
+
+The file has three parts. Part I is the method, in the order data flows: defaults, the
+equations, then the stages and main(). Part II is plumbing (errors, files, resume, several
+processes, the command line, model loading): nothing in it changes what is computed. Part III
+holds tools: reports, tiny random models for the smoke run and tests, the benchmark. Every
+function stands alone: its inputs are arguments, its docstring names the § it implements.
 """
-import argparse
-import contextlib
 import collections
+import contextlib
 import copy
+import dataclasses
 import fcntl
 import hashlib
 import inspect
-import itertools
 import io
+import itertools
 import json
 import math
 import os
@@ -46,70 +74,270 @@ if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): o
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("prism: interrupted: rerun the same "
                                                               "command to resume\n"), os._exit(130)))
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# PART I — THE METHOD (§1-§5), in the order data flows
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# Defaults, each written once: the functions below take them as keyword defaults and the command
+# line (build_parser) shows and overrides them, flag --name for field name.
+@dataclasses.dataclass(frozen=True)
+class RunDefaults:
+    out: str = "runs/prism"               # the output folder: prompts, images, checkpoint, results
+    seed: int = 0                         # seed of prompts, image noise and training
+    device: str = "auto"                  # cuda when there is one
+    workers: int | None = None            # data loading processes; None: cores per process - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDefaults:
+    teacher: str = "resnet50"             # torchvision name (pretrained) or a TorchScript file
+    data: str = "imagenet"                # the class names: imagenet or a class list file
+    student: str = "resnet18"             # torchvision name, trained from scratch
+    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.x/2.x id or folder
+    llm: str = "Qwen/Qwen2.5-1.5B-Instruct"  # instruction-tuned causal LM id or folder; none: off
+    teacher_input_size: int = 224         # of a TorchScript teacher (torchvision's know theirs)
+    teacher_mean: tuple = (0.485, 0.456, 0.406)
+    teacher_std: tuple = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptDefaults:                     # §3
+    per_class: int = 100                  # images, and prompts, per class
+    photo_share: float = 0.8              # share of photo styles; the rest: sketch, painting, ...
+    neighbours: int = 2                   # teacher-nearest classes that tell a name's sense
+    scenes_per_class: int = 12            # scenes the LLM writes for each class
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:                   # §1-2
+    steps: int = 50                       # T, denoising steps
+    cfg: float = 3.0                      # w: low favours diversity (Sariyildiz et al. 2023)
+    energy_scale: float = 0.25            # s_E
+    class_scale: float = 0.25             # s_C
+    energy_temperature: float = 1.0       # τ
+    guidance_start: float = 0.1           # the guidance window, as fractions of the steps
+    guidance_end: float = 0.7
+    guidance_every: int = 2               # guide every k-th step inside the window
+    guidance_batch: int = 4               # images per guidance decode and backward pass
+    gen_batch: int = 8                    # images per sampling batch
+    image_format: str = "png"             # of the cached images (jpg: smaller, lossy)
+    store_size: int = 320                 # cached images' shorter side (0: as generated)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillDefaults:                    # §4
+    epochs: int = 100
+    batch_size: int = 256                 # global, split over torchrun processes
+    lr: float = 0.1                       # peak SGD learning rate, cosine decay
+    weight_decay: float = 1e-4
+    kd_temperature: float = 4.0           # τ_kd
+    image_size: int = 224                 # the student's input and the KD crop
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureDefaults:                    # §5
+    pr_k: int = 3                         # k of the k-NN balls
+    eval_batch: int = 100                 # images per evaluation batch
+    sheet_classes: int = 32               # classes shown in contact_sheet.png
+
+
+RUN, MODELS, PROMPTS, SAMPLING = RunDefaults(), ModelDefaults(), PromptDefaults(), SamplingDefaults()
+DISTILL, MEASURE = DistillDefaults(), MeasureDefaults()
+
+
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# Defaults. Every one is also a command-line flag (see build_parser); change them there.
+# The equations (§1, §2, §4), one small function each
 # ──────────────────────────────────────────────────────────────────────────────────────────
-DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # any SD 1.x/2.x base model id or local folder
-DEFAULT_LLM = "Qwen/Qwen2.5-1.5B-Instruct"  # any instruction-tuned causal LM id or local folder
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+def teacher_energy(logits, temperature=1.0):
+    """Per-sample energy (§1, Liu et al. 2020):  E(x) = -τ · logsumexp(f(x) / τ).  Low = in-distribution."""
+    return -temperature * torch.logsumexp(logits / temperature, dim=-1)
 
 
-class UsageError(ValueError):
-    """Bad input from the user, or damaged state in --out: main() prints it as one line on
-    stderr and exits with code 2."""
+def guidance_loss(logits, class_ids, *, energy_scale, class_scale, temperature=1.0):
+    """Per-sample guidance objective (§1):  s_E · E(x) + s_C · CE(f(x), y).
+
+    This is s · L(x, y) with L = E + λ_cls · CE, s = energy_scale, λ_cls = class_scale / energy_scale;
+    two scales instead of (s, λ) let either term be used alone.
+    """
+    loss = energy_scale * teacher_energy(logits, temperature)
+    if class_scale:
+        loss = loss + class_scale * F.cross_entropy(logits, class_ids, reduction="none")
+    return loss
 
 
-class RunFailure(RuntimeError):
-    """A run that cannot go on (training diverged): main() prints one line and exits with code 1."""
+def to_epsilon(model_output, noisy_latents, alpha_bar, prediction_type):
+    """The scheduler's prediction as ε (§2): v-prediction gives ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·z_t."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_bar ** 0.5 * model_output + (1 - alpha_bar) ** 0.5 * noisy_latents
+    raise UsageError(f"energy guidance supports epsilon and v_prediction schedulers, "
+                     f"not '{prediction_type}'")
 
 
-def first_line(error):
-    """The first line of an exception's message, for one-line error reports."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
+    """Inverse of to_epsilon: v = (ε - sqrt(1-ᾱ)·z_t) / sqrt(ᾱ), so the scheduler steps as it expects."""
+    if prediction_type == "epsilon":
+        return epsilon
+    return (epsilon - (1 - alpha_bar) ** 0.5 * noisy_latents) / alpha_bar ** 0.5
 
 
-# Several processes (torchrun). `torchrun --nproc_per_node=N prism.py ...` starts N copies of this
-# program; init_distributed joins them into one process group. These helpers read that group, and
-# in a plain `python prism.py` (no group) they are those of rank 0 of 1, so every function below
-# runs unchanged in one process.
-def rank_and_world():
-    """(rank, world size) of this process in the torch.distributed group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def alpha_bar_at(scheduler, timestep):
+    """ᾱ_t of the current step. Sigma-based schedulers (Euler, DPM-Solver) define σ² = (1-ᾱ)/ᾱ
+    on possibly fractional timesteps, so ᾱ = 1/(1+σ²); the others index alphas_cumprod."""
+    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+    if sigmas is not None and index is not None:
+        return 1.0 / (1.0 + float(sigmas[index]) ** 2)
+    return float(scheduler.alphas_cumprod[int(timestep)])
 
 
-def barrier():
-    """Waits until every rank has reached this point (nothing to wait for in one process)."""
-    if rank_and_world()[1] > 1:
-        dist.barrier()
+def cfg_prediction(unet, noisy_latents, timestep, text, uncond, cfg_scale):
+    """The UNet's prediction with classifier-free guidance (§2), the CFG pair in one UNet batch;
+    without `uncond` (CFG off) the text-conditioned prediction alone."""
+    if uncond is None:
+        return unet(noisy_latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+    both = unet(torch.cat([noisy_latents] * 2), timestep,
+                encoder_hidden_states=torch.cat([uncond, text]), return_dict=False)[0]
+    output_uncond, output_text = both.chunk(2)
+    # ε̂ = ε_uncond + w·(ε_text - ε_uncond)
+    return output_uncond + cfg_scale * (output_text - output_uncond)
 
 
-def gather_from_ranks(items):
-    """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every rank."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return [list(items)]
-    parts = [None] * world
-    dist.all_gather_object(parts, list(items))
-    return parts
+def tweedie_clean_latent(noisy_latents, epsilon, alpha_bar):
+    """Tweedie estimate of the clean latent from z_t and the noise prediction (§2)."""
+    # ẑ0 = (z_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t)
+    return (noisy_latents - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
 
 
-def sum_over_ranks(numbers):
-    """Element-wise sum over the ranks of a list of Python numbers, on every rank."""
-    return [sum(column) for column in zip(*gather_from_ranks(numbers))]
+def decode_to_unit(vae, latents):
+    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2, clamped."""
+    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def at_least_float32(x):
+    """x in float32 if its dtype is narrower (float16, bfloat16); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def scaled_vjp(outputs, inputs, vectors):
+    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, in float32 (or wider).
+
+    Guidance gradients are tiny per value (a scale of 0.1 spread over 10⁵-10⁶ pixels), below
+    float16's normal range: a float16 VAE or UNet backward pass would flush them to zero. So each
+    sample's v is first scaled by a power of two to max|v| in [0.5, 1) and the result scaled
+    back (loss scaling, per sample). Powers of two are exact: in float32 this is autograd.grad.
+    A sample whose v is zero or not finite keeps scale 1, so 0 stays 0 and NaN stays NaN.
+    """
+    vectors = at_least_float32(vectors.detach())
+    peak = vectors.flatten(1).abs().amax(dim=1)
+    # peak = m·2^e with m in [½, 1); v·2^-e has its largest value in [½, 1)
+    exponent = torch.frexp(peak)[1].view(-1, *([1] * (vectors.dim() - 1)))
+    scaled = torch.ldexp(vectors, -exponent).to(outputs.dtype)
+    grad = torch.autograd.grad(outputs, inputs, grad_outputs=scaled)[0]
+    return torch.ldexp(at_least_float32(grad), exponent)
+
+
+def clean_latent_grad(vae, teacher, clean_latents, class_ids, *, batch_size=4, **objective):
+    """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
+
+    D is the pipeline's own VAE decoder on the full-size ẑ0 (the method's gradient); the teacher,
+    preprocessing included, scores the decoded image in float32. The backward pass is split at
+    the image: ∇_x L first (float32), then through the decoder by scaled_vjp, so that a float16
+    decoder keeps the gradient's direction. `batch_size` samples at a time bound the memory of
+    the decode with its backward pass (about 3 GiB per 512² image in float16); samples are
+    independent, so the micro-batch size does not change the result.
+    """
+    grads = []
+    for start in range(0, len(clean_latents), batch_size):
+        latents = clean_latents[start:start + batch_size].detach().requires_grad_(True)
+        with torch.enable_grad():
+            images = decode_to_unit(vae, latents)
+            pixels = at_least_float32(images.detach()).requires_grad_(True)
+            logits = at_least_float32(teacher(pixels))
+            loss = guidance_loss(logits, class_ids[start:start + batch_size], **objective)
+            pixel_grad = torch.autograd.grad(loss.sum(), pixels)[0]
+            grads.append(scaled_vjp(images, latents, pixel_grad))
+    return torch.cat(grads)
+
+
+def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
+                      exact=False, batch_size=4, **objective):
+    """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32.
+
+    predict_epsilon(z, rows) returns ε̂ for the samples `rows` of the batch, at z.
+    approx (default): ε̂ held constant, so ∂ẑ0/∂z_t = I / sqrt(ᾱ_t): no UNet backward pass.
+    exact: the UNet is differentiated too, `batch_size` samples at a time (its activations are
+    kept for the backward pass, so this bounds them with the decoder's).
+    """
+    if not exact:
+        with torch.no_grad():
+            epsilon = predict_epsilon(noisy_latents, slice(None))
+        clean = tweedie_clean_latent(noisy_latents, epsilon, alpha_bar)
+        grad = clean_latent_grad(vae, teacher, clean, class_ids, batch_size=batch_size, **objective)
+        # g = ∇_{ẑ0} L · ∂ẑ0/∂z_t = ∇_{ẑ0} L / sqrt(ᾱ_t)
+        return epsilon, grad / alpha_bar ** 0.5
+    epsilons, grads = [], []
+    for start in range(0, len(noisy_latents), batch_size):
+        rows = slice(start, start + batch_size)
+        noisy = noisy_latents[rows].detach().requires_grad_(True)
+        with torch.enable_grad():
+            epsilon = predict_epsilon(noisy, rows)
+            clean = tweedie_clean_latent(noisy, epsilon, alpha_bar)
+            clean_grad = clean_latent_grad(vae, teacher, clean, class_ids[rows],
+                                           batch_size=batch_size, **objective)
+            # g = (∂ẑ0/∂z_t)ᵀ · ∇_{ẑ0} L, through the UNet's ε̂(z_t)
+            grads.append(scaled_vjp(clean, noisy, clean_grad))
+        epsilons.append(epsilon.detach())
+    return torch.cat(epsilons), torch.cat(grads)
+
+
+def per_sample_norm(x):
+    """Euclidean norm of each sample of a batch, shaped to broadcast over it."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
+    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2). Returns (ε̂', finite): a sample whose g is not finite is left
+    unguided at this step and marked False in `finite`.
+
+    With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (total_scale = s_E + s_C),
+    so the scales are fractions of the noise prediction; its direction is that of
+    ∇(s_E·E + s_C·CE). The arithmetic is float32 whatever the dtype of ε̂: in float16, norms of
+    tiny gradients underflow and their ratios overflow.
+    """
+    epsilon32, grad32 = at_least_float32(epsilon), at_least_float32(grad)
+    finite = torch.isfinite(grad32.flatten(1)).all(dim=1)
+    grad32 = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad32, 0.0)
+    if normalize:
+        # g/‖g‖ computed as u/‖u‖ with u = g/max|g|, which cannot underflow; a zero g stays zero
+        peak = grad32.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(grad32.dtype).tiny)
+        unit = grad32 / peak.view(-1, *([1] * (grad.dim() - 1)))
+        unit = unit / per_sample_norm(unit).clamp_min(1.0)  # ‖u‖ ≥ 1 unless u = 0
+        # g ← (s_E + s_C)·‖ε̂‖·g/‖g‖
+        grad32 = total_scale * per_sample_norm(epsilon32) * unit
+    # ε̂' = ε̂ + sqrt(1-ᾱ_t)·g
+    return (epsilon32 + (1 - alpha_bar) ** 0.5 * grad32).to(epsilon.dtype), finite
+
+
+def kd_loss(student_logits, teacher_logits, temperature=4.0):
+    """Hinton et al. 2015 (§4):  L_KD = τ² · KL( softmax(f_T/τ) || softmax(f_S/τ) ), batch mean.
+
+    The τ² keeps gradient magnitudes comparable across temperatures.
+    """
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=-1),
+                    F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature ** 2
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 0. Models and classes: the teacher (with its own preprocessing), the student, class names
+# The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images
 # ──────────────────────────────────────────────────────────────────────────────────────────
 class Preprocess(nn.Module):
     """Maps images in [0, 1] of any size to what a classifier expects: resize + normalise.
@@ -132,122 +360,13 @@ class Preprocess(nn.Module):
         return (images - self.mean) / self.std
 
 
-def with_preprocessing(model, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def with_preprocessing(model, input_size, mean=MODELS.teacher_mean, std=MODELS.teacher_std):
     """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size."""
     return nn.Sequential(Preprocess(input_size, mean, std), model)
 
 
-def is_torchvision_classifier(name):
-    """True if `name` is one of torchvision's classification architectures (resnet50, vit_b_16, ...)."""
-    return name in torchvision.models.list_models(module=torchvision.models)
-
-
-def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, input_size=224,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Loads the frozen teacher f_T and returns (teacher, class_names or None).
-
-    `name_or_path` is a torchvision model name (pretrained `weights="DEFAULT"`, whose metadata
-    give the input size, mean, std and class names) or a TorchScript file (then `input_size`,
-    `mean` and `std` describe it). `weights_path` loads a state dict into a torchvision
-    architecture with `num_classes` outputs instead of downloading weights.
-    The result takes [0, 1] images (B, 3, H, W) of any size and returns logits; it is in eval
-    mode with `requires_grad_(False)`, so guidance gradients flow to the input only.
-    """
-    class_names = None
-    if os.path.isfile(name_or_path):
-        try:
-            with warnings.catch_warnings():  # TorchScript works; its deprecation notice is not news
-                warnings.simplefilter("ignore", FutureWarning)
-                model = torch.jit.load(name_or_path, map_location="cpu")
-        except Exception as error:  # any failure here means the file is not a TorchScript model
-            raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: {first_line(error)}")
-    elif not is_torchvision_classifier(name_or_path):
-        raise UsageError(f"unknown teacher '{name_or_path}': give a torchvision classifier name "
-                         f"(e.g. resnet50) or a TorchScript file")
-    elif weights_path is not None:
-        model = torchvision.models.get_model(name_or_path, weights=None, num_classes=num_classes)
-        try:
-            model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        except Exception as error:
-            raise UsageError(f"cannot load teacher weights {weights_path} into {name_or_path}: {first_line(error)}")
-    else:
-        weights = torchvision.models.get_model_weights(name_or_path).DEFAULT
-        preset = weights.transforms()
-        input_size, mean, std = preset.crop_size[0], preset.mean, preset.std
-        class_names = list(weights.meta["categories"])
-        try:
-            model = torchvision.models.get_model(name_or_path, weights=weights)
-        except OSError as error:
-            raise UsageError(f"could not download the teacher weights '{weights}' ({first_line(error)}); "
-                             f"offline, put them in {torch.hub.get_dir()}/checkpoints or pass --teacher-weights PATH")
-    teacher = with_preprocessing(model, input_size, mean, std).to(device).eval().requires_grad_(False)
-    return teacher, class_names
-
-
-def build_student(name, num_classes, *, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
-    [0, 1] images like the teacher (same normalisation, its own input size)."""
-    if not is_torchvision_classifier(name):
-        raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. resnet18)")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    return with_preprocessing(model, input_size, mean, std)
-
-
-def file_fingerprint(path):
-    """First 16 hex digits of a file's SHA-256: a model file changed under the same name is another model."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def count_outputs(classifier, device):
-    """Number of logits a [0, 1]-image classifier returns (one forward pass on a blank image)."""
-    with torch.no_grad():
-        return classifier(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
-
-
-def load_class_names(data, num_classes=None):
-    """Returns (class_names, descriptions or None).
-
-    `data == "imagenet"`: the 1000 names in torchvision's weights metadata (no download).
-    Otherwise a text file, one class per line in label order, optionally `name<TAB>description`;
-    the descriptions are the best disambiguation context (§3). An empty file, duplicate names,
-    or a count different from the teacher's `num_classes` is a UsageError.
-    """
-    if data == "imagenet":
-        names, descriptions = list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
-    else:
-        path = Path(data)
-        if not path.is_file():
-            raise UsageError(f"class list {data} is not a file: give 'imagenet' or a text file, one class per line")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise UsageError(f"class list {data} is not UTF-8 text ({first_line(error)}): save it as UTF-8")
-        rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
-        names = [row[0].strip() for row in rows]
-        if not all(names):
-            raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no name "
-                             f"before its tab")
-        descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
-        if not names:
-            raise UsageError(f"class list {data} is empty")
-        seen = set()
-        for name in names:
-            if name.lower() in seen:
-                raise UsageError(f"class list {data} names '{name}' twice: class names must be unique")
-            seen.add(name.lower())
-        if not any(descriptions):
-            descriptions = None
-    if num_classes is not None and len(names) != num_classes:
-        raise UsageError(f"class list '{data}' has {len(names)} classes but the teacher has {num_classes} outputs")
-    return names, descriptions
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 1. Diversified prompts (§3): prompt(c, i) = "{style} of {name of c}, {description}, {scene}"
+# Stage 1. Diversified prompts (§3): "{style} of {name}, {description}, {scene}"
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # Style diversification. Photos serve accuracy on photos; the rest serve domain generalisation.
 PHOTO_STYLES = (
@@ -256,12 +375,16 @@ PHOTO_STYLES = (
     "a low-light photo", "a high-resolution photo", "a cropped photo", "a phone photo",
     "a macro photo", "a telephoto photo", "a vintage photo",
 )
+
+
 OTHER_STYLES = (
     "a pencil sketch", "an oil painting", "a watercolor painting", "a cartoon", "a 3D render",
     "an embroidery", "a plastic toy", "a clay sculpture", "a tattoo", "an origami model",
     "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
     "a children's drawing",
 )
+
+
 # Content without an LLM: whole scene phrases, each written as one coherent scene (place, view
 # and light together), grouped by the kind of thing they suit. A class gets the group of its
 # category (below); "any" suits everything and serves classes whose category is unknown.
@@ -305,6 +428,8 @@ SCENES = {
             "in the center of the frame", "seen from a distance", "in warm evening light",
             "on an overcast day"),
 }
+
+
 # Categories a class's teacher neighbours can point to (§3, no LLM), each with its scene group.
 CATEGORIES = {
     "mammal": "animal", "bird": "animal", "reptile": "animal", "amphibian": "animal",
@@ -390,22 +515,16 @@ def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES))
     return result
 
 
-def load_llm(name_or_path, device):
-    """Loads an instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, local_only = locate_model(name_or_path, "--llm", "or --llm none for the built-in prompts")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=local_only,
-            dtype="auto" if torch.device(device).type == "cuda" else torch.float32)
-    except Exception as error:  # format failures all mean "cannot use this LLM"
-        raise UsageError(cannot_load("LLM", name_or_path, error, "--llm none"))
-    tokenizer.padding_side = "left"  # generation continues at the right end of every row
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+def llm_questions(name, neighbours, scenes_per_class):
+    """The two questions the LLM is asked about one class (§3): what it is, and where it is seen.
+    The teacher's neighbours go into the question only, to tell which sense is meant."""
+    sense = f" (the sense close to {' and '.join(neighbours)})" if neighbours else ""
+    describe = (f"An image classifier has a class named '{name}'{sense}. In at most 8 words, say "
+                f"what a '{name}' is, as a noun phrase. Do not name other things it is near.")
+    scenes = (f"List {scenes_per_class} different scenes in which a photo of a '{name}'{sense} "
+              f"is really taken: where it is seen, with what, from which viewpoint, in which "
+              f"light. One scene per line, at most 12 words each, no numbering.")
+    return describe, scenes
 
 
 def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
@@ -467,18 +586,6 @@ def names_any(text, names):
 def with_article(phrase):
     """'a mouse', 'an iron': the article CLIP's captions use before a noun phrase."""
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
-
-
-def llm_questions(name, neighbours, scenes_per_class):
-    """The two questions the LLM is asked about one class (§3): what it is, and where it is seen.
-    The teacher's neighbours go into the question only, to tell which sense is meant."""
-    sense = f" (the sense close to {' and '.join(neighbours)})" if neighbours else ""
-    describe = (f"An image classifier has a class named '{name}'{sense}. In at most 8 words, say "
-                f"what a '{name}' is, as a noun phrase. Do not name other things it is near.")
-    scenes = (f"List {scenes_per_class} different scenes in which a photo of a '{name}'{sense} "
-              f"is really taken: where it is seen, with what, from which viewpoint, in which "
-              f"light. One scene per line, at most 12 words each, no numbering.")
-    return describe, scenes
 
 
 def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
@@ -593,184 +700,12 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler (precision)
+# Stage 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def teacher_energy(logits, temperature=1.0):
-    """Per-sample energy (§1, Liu et al. 2020):  E(x) = -τ · logsumexp(f(x) / τ).  Low = in-distribution."""
-    return -temperature * torch.logsumexp(logits / temperature, dim=-1)
-
-
-def guidance_loss(logits, class_ids, *, energy_scale, class_scale, temperature=1.0):
-    """Per-sample guidance objective (§1):  s_E · E(x) + s_C · CE(f(x), y).
-
-    This is s · L(x, y) with L = E + λ_cls · CE, s = energy_scale, λ_cls = class_scale / energy_scale;
-    two scales instead of (s, λ) let either term be used alone.
-    """
-    loss = energy_scale * teacher_energy(logits, temperature)
-    if class_scale:
-        loss = loss + class_scale * F.cross_entropy(logits, class_ids, reduction="none")
-    return loss
-
-
-def decode_to_unit(vae, latents):
-    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2, clamped."""
-    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-    return (images / 2 + 0.5).clamp(0, 1)
-
-
-def tweedie_clean_latent(noisy_latents, epsilon, alpha_bar):
-    """Tweedie estimate of the clean latent from z_t and the noise prediction (§2)."""
-    # ẑ0 = (z_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t)
-    return (noisy_latents - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar ** 0.5
-
-
-def at_least_float32(x):
-    """x in float32 if its dtype is narrower (float16, bfloat16); float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def scaled_vjp(outputs, inputs, vectors):
-    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, in float32 (or wider).
-
-    Guidance gradients are tiny per value (a scale of 0.1 spread over 10⁵-10⁶ pixels), below
-    float16's normal range: a float16 VAE or UNet backward pass would flush them to zero. So each
-    sample's v is first scaled by a power of two to max|v| in [0.5, 1) and the result scaled
-    back (loss scaling, per sample). Powers of two are exact: in float32 this is autograd.grad.
-    A sample whose v is zero or not finite keeps scale 1, so 0 stays 0 and NaN stays NaN.
-    """
-    vectors = at_least_float32(vectors.detach())
-    peak = vectors.flatten(1).abs().amax(dim=1)
-    # peak = m·2^e with m in [½, 1); v·2^-e has its largest value in [½, 1)
-    exponent = torch.frexp(peak)[1].view(-1, *([1] * (vectors.dim() - 1)))
-    scaled = torch.ldexp(vectors, -exponent).to(outputs.dtype)
-    grad = torch.autograd.grad(outputs, inputs, grad_outputs=scaled)[0]
-    return torch.ldexp(at_least_float32(grad), exponent)
-
-
-def clean_latent_grad(vae, teacher, clean_latents, class_ids, *, batch_size=4, **objective):
-    """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
-
-    D is the pipeline's own VAE decoder on the full-size ẑ0 (the method's gradient); the teacher,
-    preprocessing included, scores the decoded image in float32. The backward pass is split at
-    the image: ∇_x L first (float32), then through the decoder by scaled_vjp, so that a float16
-    decoder keeps the gradient's direction. `batch_size` samples at a time bound the memory of
-    the decode with its backward pass (about 3 GiB per 512² image in float16); samples are
-    independent, so the micro-batch size does not change the result.
-    """
-    grads = []
-    for start in range(0, len(clean_latents), batch_size):
-        latents = clean_latents[start:start + batch_size].detach().requires_grad_(True)
-        with torch.enable_grad():
-            images = decode_to_unit(vae, latents)
-            pixels = at_least_float32(images.detach()).requires_grad_(True)
-            logits = at_least_float32(teacher(pixels))
-            loss = guidance_loss(logits, class_ids[start:start + batch_size], **objective)
-            pixel_grad = torch.autograd.grad(loss.sum(), pixels)[0]
-            grads.append(scaled_vjp(images, latents, pixel_grad))
-    return torch.cat(grads)
-
-
-def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
-                      exact=False, batch_size=4, **objective):
-    """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32.
-
-    predict_epsilon(z, rows) returns ε̂ for the samples `rows` of the batch, at z.
-    approx (default): ε̂ held constant, so ∂ẑ0/∂z_t = I / sqrt(ᾱ_t): no UNet backward pass.
-    exact: the UNet is differentiated too, `batch_size` samples at a time (its activations are
-    kept for the backward pass, so this bounds them with the decoder's).
-    """
-    if not exact:
-        with torch.no_grad():
-            epsilon = predict_epsilon(noisy_latents, slice(None))
-        clean = tweedie_clean_latent(noisy_latents, epsilon, alpha_bar)
-        grad = clean_latent_grad(vae, teacher, clean, class_ids, batch_size=batch_size, **objective)
-        # g = ∇_{ẑ0} L · ∂ẑ0/∂z_t = ∇_{ẑ0} L / sqrt(ᾱ_t)
-        return epsilon, grad / alpha_bar ** 0.5
-    epsilons, grads = [], []
-    for start in range(0, len(noisy_latents), batch_size):
-        rows = slice(start, start + batch_size)
-        noisy = noisy_latents[rows].detach().requires_grad_(True)
-        with torch.enable_grad():
-            epsilon = predict_epsilon(noisy, rows)
-            clean = tweedie_clean_latent(noisy, epsilon, alpha_bar)
-            clean_grad = clean_latent_grad(vae, teacher, clean, class_ids[rows],
-                                           batch_size=batch_size, **objective)
-            # g = (∂ẑ0/∂z_t)ᵀ · ∇_{ẑ0} L, through the UNet's ε̂(z_t)
-            grads.append(scaled_vjp(clean, noisy, clean_grad))
-        epsilons.append(epsilon.detach())
-    return torch.cat(epsilons), torch.cat(grads)
-
-
-def per_sample_norm(x):
-    """Euclidean norm of each sample of a batch, shaped to broadcast over it."""
-    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
-
-
-def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
-    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2). Returns (ε̂', finite): a sample whose g is not finite is left
-    unguided at this step and marked False in `finite`.
-
-    With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (total_scale = s_E + s_C),
-    so the scales are fractions of the noise prediction; its direction is that of
-    ∇(s_E·E + s_C·CE). The arithmetic is float32 whatever the dtype of ε̂: in float16, norms of
-    tiny gradients underflow and their ratios overflow.
-    """
-    epsilon32, grad32 = at_least_float32(epsilon), at_least_float32(grad)
-    finite = torch.isfinite(grad32.flatten(1)).all(dim=1)
-    grad32 = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad32, 0.0)
-    if normalize:
-        # g/‖g‖ computed as u/‖u‖ with u = g/max|g|, which cannot underflow; a zero g stays zero
-        peak = grad32.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(grad32.dtype).tiny)
-        unit = grad32 / peak.view(-1, *([1] * (grad.dim() - 1)))
-        unit = unit / per_sample_norm(unit).clamp_min(1.0)  # ‖u‖ ≥ 1 unless u = 0
-        # g ← (s_E + s_C)·‖ε̂‖·g/‖g‖
-        grad32 = total_scale * per_sample_norm(epsilon32) * unit
-    # ε̂' = ε̂ + sqrt(1-ᾱ_t)·g
-    return (epsilon32 + (1 - alpha_bar) ** 0.5 * grad32).to(epsilon.dtype), finite
-
-
 def guided_step_indices(num_steps, start, end, every):
     """Indices i of the sampling steps that get guidance: start ≤ i / num_steps < end, every k-th.
     `num_steps` is the scheduler's own count of timesteps (PNDM makes one more than asked)."""
     return set(range(math.ceil(start * num_steps), min(num_steps, math.ceil(end * num_steps)), every))
-
-
-def alpha_bar_at(scheduler, timestep):
-    """ᾱ_t of the current step. Sigma-based schedulers (Euler, DPM-Solver) define σ² = (1-ᾱ)/ᾱ
-    on possibly fractional timesteps, so ᾱ = 1/(1+σ²); the others index alphas_cumprod."""
-    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
-    if sigmas is not None and index is not None:
-        return 1.0 / (1.0 + float(sigmas[index]) ** 2)
-    return float(scheduler.alphas_cumprod[int(timestep)])
-
-
-def to_epsilon(model_output, noisy_latents, alpha_bar, prediction_type):
-    """The scheduler's prediction as ε (§2): v-prediction gives ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·z_t."""
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "v_prediction":
-        return alpha_bar ** 0.5 * model_output + (1 - alpha_bar) ** 0.5 * noisy_latents
-    raise UsageError(f"energy guidance supports epsilon and v_prediction schedulers, "
-                     f"not '{prediction_type}'")
-
-
-def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
-    """Inverse of to_epsilon: v = (ε - sqrt(1-ᾱ)·z_t) / sqrt(ᾱ), so the scheduler steps as it expects."""
-    if prediction_type == "epsilon":
-        return epsilon
-    return (epsilon - (1 - alpha_bar) ** 0.5 * noisy_latents) / alpha_bar ** 0.5
-
-
-def cfg_prediction(unet, noisy_latents, timestep, text, uncond, cfg_scale):
-    """The UNet's prediction with classifier-free guidance (§2), the CFG pair in one UNet batch;
-    without `uncond` (CFG off) the text-conditioned prediction alone."""
-    if uncond is None:
-        return unet(noisy_latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
-    both = unet(torch.cat([noisy_latents] * 2), timestep,
-                encoder_hidden_states=torch.cat([uncond, text]), return_dict=False)[0]
-    output_uncond, output_text = both.chunk(2)
-    # ε̂ = ε_uncond + w·(ε_text - ε_uncond)
-    return output_uncond + cfg_scale * (output_text - output_uncond)
 
 
 def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, prediction_type):
@@ -780,44 +715,6 @@ def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, predic
                                 None if uncond is None else uncond[rows], cfg_scale)
         return to_epsilon(output, noisy_latents, alpha_bar, prediction_type)
     return predict
-
-
-# Schedulers whose steps cannot be read as z_t = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε with alpha_bar_at's ᾱ:
-# KDPM2's second-order stage scales the model input by interpolated sigmas (an oracle with a
-# fixed x0 and ε drifts by 30 there, against ≤ 4e-5 for DDIM, PNDM, Euler, LMS, Heun, DPM++,
-# UniPC, DEIS and v-prediction).
-UNGUIDABLE_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
-
-
-def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_scale,
-                            guidance_start, guidance_end, guidance_every, guidance_batch, height,
-                            width, **other_options):
-    """Raises UsageError for sampler arguments that cannot mean what they say; returns the image
-    (height, width), the model's own size where not given. `other_options` are not checked."""
-    if num_steps < 1 or guidance_every < 1 or guidance_batch < 1:
-        raise UsageError(f"num_steps, guidance_every and guidance_batch must be positive, got "
-                         f"{num_steps}, {guidance_every} and {guidance_batch}")
-    scales = (cfg_scale, energy_scale, class_scale)
-    if not all(math.isfinite(s) and s >= 0 for s in scales):
-        raise UsageError(f"cfg_scale, energy_scale and class_scale must be finite and "
-                         f"non-negative, got {scales}")
-    if not 0.0 <= guidance_start < guidance_end <= 1.0:
-        raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, "
-                         f"got [{guidance_start}, {guidance_end}]")
-    trained_steps = pipe.scheduler.config.num_train_timesteps
-    if num_steps > trained_steps:
-        raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model was "
-                         f"trained with")
-    scheduler = type(pipe.scheduler).__name__
-    if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
-        raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "
-                         f"ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
-    factor = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
-    if height % factor or width % factor:
-        raise UsageError(f"height and width must be multiples of {factor}, got {height}x{width}")
-    return height, width
 
 
 def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_scale, guided_steps,
@@ -886,17 +783,6 @@ def final_stats(teacher, images, class_ids, temperature=1.0):
         logits = at_least_float32(teacher(images))
     return {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
             "p_class": logits.softmax(dim=-1).gather(1, class_ids.view(-1, 1)).squeeze(1)}
-
-
-def refuse_non_finite(images, prompts, dtype):
-    """Raises UsageError if an image is still not finite after an unguided resample: the model
-    itself fails (an overflow in float16, or broken weights)."""
-    failed = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
-    if failed:
-        way_out = ("check its weights" if dtype == torch.float32
-                   else f"it overflows in {dtype}; run it in float32 (--dtype float32)")
-        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[failed[0]]}' "
-                         f"even without guidance: {way_out}")
 
 
 def decode_images(pipe, latents):
@@ -969,171 +855,9 @@ def sampler_defaults():
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
-def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
-    """Speed options that leave the images within rounding of the plain computation (tested):
-    channels_last memory format for the UNet and VAE convolutions (faster with fp16 on GPUs), and
-    torch.compile of the UNet (a one-off compile, then faster steps). Returns `pipe`."""
-    if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    if compile_unet:
-        pipe.unet = torch.compile(pipe.unet)
-    return pipe
-
-
-def locate_model(name_or_path, flag, alternative=""):
-    """Where from_pretrained finds `name_or_path`: (source, local_files_only). A local folder as
-    it is; a hub id from the hub when it answers (one request, 10 s at most), else from the
-    Hugging Face cache. Neither: a UsageError naming `flag` and the ways out, at once rather
-    than after the libraries' minute of retries."""
-    import huggingface_hub
-    from huggingface_hub import constants, errors
-
-    if Path(name_or_path).is_dir():
-        return str(name_or_path), True
-    name, tail = str(name_or_path), f" {alternative}" if alternative else ""
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise UsageError(f"{flag} {name}: no such folder{tail}")
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            huggingface_hub.model_info(name, timeout=10)
-            return name, False
-        except errors.GatedRepoError:
-            raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then run "
-                             f"`hf auth login`{tail}")
-        except (errors.RepositoryNotFoundError, errors.HFValidationError):
-            raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
-        except Exception:  # the hub cannot be reached: the cache may still hold the model
-            pass
-    try:
-        huggingface_hub.snapshot_download(name, local_files_only=True)
-        return name, True
-    except Exception:
-        raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
-                         f"{'off (HF_HUB_OFFLINE)' if constants.HF_HUB_OFFLINE else 'unreachable'}"
-                         f"; download it (`hf download {name}`) and pass its folder{tail}")
-
-
-def cannot_load(what, name_or_path, error, alternative=""):
-    """One line, under 300 characters, for a model that was found but cannot be loaded."""
-    reason = first_line(error)
-    reason = reason if len(reason) <= 120 else reason[:117] + "..."
-    return (f"cannot load {what} {name_or_path} ({type(error).__name__}: {reason}); check that "
-            f"the folder is complete" + (f", or use {alternative}" if alternative else ""))
-
-
-def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
-    """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
-
-    The safety checker is left out (our choice): it blacks out whole images, which would enter
-    the transfer set as labelled black squares.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    source, local_only = locate_model(name_or_path, "--sd-model")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False,
-                                                       local_files_only=local_only)
-    except Exception as error:  # format failures all mean "cannot use this model"
-        raise UsageError(cannot_load("diffusion model", name_or_path, error))
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def load_guidance_vae(name_or_path, device, dtype=torch.float32):
-    """A diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) from a hub id or local
-    folder, frozen, for the guidance decode only: its decoder costs a few percent of SD's."""
-    from diffusers import AutoencoderTiny
-
-    source, local_only = locate_model(name_or_path, "--guidance-vae")
-    try:
-        vae = AutoencoderTiny.from_pretrained(source, dtype=dtype, local_files_only=local_only)
-    except Exception as error:  # format failures all mean "cannot use this model"
-        raise UsageError(cannot_load("tiny autoencoder", name_or_path, error))
-    return vae.requires_grad_(False).eval().to(device)
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 3. Synthetic dataset caching: an ImageFolder tree that resumes and never mixes settings
+# Stage 3. The synthetic set: every image made once, with its seed and teacher scores
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def atomic_write(path, write):
-    """Calls write(temp_path), forces the temp file to disk, then renames it onto `path`: a process
-    killed at any moment (or a full disk) leaves the old file or the new one, never half of one.
-    A failure to write (disk full, no permission) becomes a one-line UsageError."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pid: ranks never share a temp file
-    try:
-        write(temp)
-        descriptor = os.open(temp, os.O_RDONLY)
-        try:  # without it, a machine that goes down right after the rename may keep an empty file
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temp, path)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {first_line(error)}")
-
-
-def save_torch_atomic(obj, path):
-    """torch.save(obj) to `path` atomically. Serialised in memory first, so that a full disk is an
-    OSError of a plain file write (torch's own file writer reports it as a RuntimeError)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, lambda temp: temp.write_bytes(buffer.getbuffer()))
-
-
-def finite_or_none(obj):
-    """`obj` with every non-finite float (NaN, ±inf) replaced by None, at any depth: strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {key: finite_or_none(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(value) for value in obj]
-    return obj
-
-
-def write_json_atomic(obj, path):
-    """Writes `obj` as indented, strict JSON (no NaN or Infinity tokens) to `path` atomically."""
-    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
-    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
-
-
-def damaged(path, error, way_out):
-    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way out."""
-    return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
-
-
-def read_json(path, way_out):
-    """The JSON object stored at `path`; a file that is not UTF-8, not JSON or not an object is
-    damaged: a UsageError that names it and `way_out`."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise damaged(path, error, way_out)
-    if not isinstance(data, dict):
-        raise damaged(path, f"a JSON {type(data).__name__}, not an object", way_out)
-    return data
-
-
-def save_image_atomic(image, path):
-    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns its
-    size in bytes. A non-finite image is refused: NaN pixels would be written as a black image."""
-    from PIL import Image
-
-    if not torch.isfinite(image).all():
-        raise ValueError(f"refusing to save non-finite pixels as {path}")
-    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, format="JPEG" if jpeg else "PNG",
-                                                                 **({"quality": 95} if jpeg else {})))
-    return Path(path).stat().st_size
-
-
 def derived_seed(*parts):
     """A 63-bit seed hashed from `parts`: independent streams for every (purpose, seed, ...) tuple."""
     digest = hashlib.sha256("/".join(["prism", *map(str, parts)]).encode()).digest()
@@ -1151,123 +875,9 @@ def initial_latents(seeds, shape):
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def image_is_readable(path, expected_bytes):
-    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies it."""
-    from PIL import Image
-
-    try:
-        if expected_bytes is None or os.path.getsize(path) != expected_bytes:
-            return False
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # any failure to open or verify means "regenerate it"
-        return False
-
-
-def check_images_load(data_dir, what):
-    """Decodes every image of the ImageFolder tree `data_dir` (the ranks share the work); the
-    first one that does not load is a UsageError naming the file. Returns the number of images."""
-    from PIL import Image
-
-    rank, world = rank_and_world()
-    samples = image_folder(data_dir, None).samples
-    paths = [path for path, _ in samples][rank::world]
-    problem = ""
-    for path in tqdm(paths, desc=f"checking {what}", unit="img", disable=rank != 0 or len(paths) < 1000):
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception as error:  # whatever PIL says, the file is not a usable image
-            problem = f"{what}: {path} is not a readable image ({first_line(error)}); fix or remove it"
-            break
-    problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
-    if problem:
-        raise UsageError(problem)
-    return len(samples)
-
-
-def valid_record(record):
-    """True if a manifest record has its keys with values of the right kind (finite numbers)."""
-    def number(x):
-        return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
-    return (isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("class", "index", "bytes"))
-            and isinstance(record.get("file"), str) and number(record.get("energy"))
-            and number(record.get("p_class")) and isinstance(record.get("top1"), int))
-
-
-def read_manifest(folder):
-    """Records of a synthetic set keyed by (class, index): manifest.jsonl, then the journals of the
-    ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a damaged line (torn,
-    not UTF-8, not JSON) is ignored, so its image is checked and made again."""
-    records = {}
-    for path in [Path(folder) / "manifest.jsonl", *sorted(Path(folder).glob("manifest.rank*.jsonl"))]:
-        if not path.exists():
-            continue
-        for line in path.read_bytes().splitlines():
-            try:  # a damaged line (torn by a kill, a bad byte) loses one record: that image is remade
-                record = json.loads(line.decode("utf-8"))
-                if valid_record(record):
-                    records[(record["class"], record["index"])] = record
-            except ValueError:
-                continue
-    return records
-
-
-def append_to_journal(path, records):
-    """Appends `records` as JSON lines to the journal at `path` and forces them to disk, so a crash
-    loses at most the records of the batch being written (their images are then made again)."""
-    text = "".join(json.dumps(finite_or_none(record), allow_nan=False) + "\n" for record in records)
-    try:
-        with open(path, "ab+") as journal:
-            if journal.seek(0, os.SEEK_END) > 0:
-                journal.seek(-1, os.SEEK_END)
-                if journal.read(1) != b"\n":  # a run killed mid-line: start on a line of our own
-                    text = "\n" + text
-            journal.write(text.encode("utf-8"))
-            journal.flush()
-            os.fsync(journal.fileno())
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {first_line(error)}")
-
-
-def settings_difference(old, new, shown=3):
-    """A short text of the keys whose values differ between two settings dicts ('' if none):
-    the first `shown` of them, then how many more."""
-    keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
-    text = ", ".join(f"{k}: {str(old.get(k))[:40]} -> {str(new.get(k))[:40]}" for k in keys[:shown])
-    return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
-
-
-def check_settings(path, settings, *, overwrite, what):
-    """Compares `settings` with those recorded at `path` (JSON). Returns True if they match,
-    False if none are recorded, and raises UsageError on a difference or a damaged file unless
-    `overwrite`."""
-    path, settings = Path(path), json.loads(json.dumps(settings))  # compare as stored: tuples become lists
-    if not path.exists():
-        return False
-    way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
-    try:
-        recorded = read_json(path, way_out).get("settings")
-        if not isinstance(recorded, dict):
-            raise damaged(path, "no settings in it", way_out)
-    except UsageError:
-        if overwrite:
-            return False
-        raise
-    if recorded == settings:
-        return True
-    if overwrite:
-        return False
-    raise UsageError(f"{path.parent} holds {what} made under other settings ({settings_difference(recorded, settings)}); "
-                     f"use another --out, or --overwrite to replace them")
-
-
-def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs, store_size=None):
-    """Everything that decides the pixels of the cached images (not the batch size, which does not)."""
-    prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    return {"per_class": per_class, "seed": seed, "image_format": image_format, "prompts_sha256": prompts_hash,
-            "store_size": store_size, **identity, **sample_kwargs}
+def class_folder(class_index, num_classes):
+    """Zero-padded folder name of a class, so that sorted folder names are the class order."""
+    return str(class_index).zfill(max(4, len(str(num_classes - 1))))
 
 
 def resize_for_storage(images, store_size):
@@ -1280,35 +890,6 @@ def resize_for_storage(images, store_size):
     size = (store_size, round(width * store_size / height)) if height <= width else \
         (round(height * store_size / width), store_size)
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-
-
-def settings_digest(settings):
-    """16 hex digits naming a settings dict; every manifest record carries the digest of the
-    settings its image was made under, so an image can be trusted without settings.json."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def start_new_set(out_dir, settings):
-    """Records new synthesis settings in `out_dir` (rank 0; the recorded ones differ or are
-    damaged, and --overwrite was given). Images whose manifest record carries these settings'
-    digest are kept; the rest of the old set is deleted. Killed half way, it leaves either the
-    old settings (the next run refuses again) or the new ones with only images made under them."""
-    digest, manifest_path = settings_digest(settings), out_dir / "manifest.jsonl"
-    keep = {r["file"]: r for r in read_manifest(out_dir).values() if r.get("settings") == digest}
-    kept = "".join(json.dumps(record) + "\n" for record in keep.values())
-    atomic_write(manifest_path, lambda temp: temp.write_text(kept, encoding="utf-8"))
-    for journal in out_dir.glob("manifest.rank*.jsonl"):
-        journal.unlink()
-    for folder in [p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()]:
-        for image in folder.iterdir():
-            if f"{folder.name}/{image.name}" not in keep:
-                image.unlink()
-    write_json_atomic({"settings": settings}, out_dir / "settings.json")
-
-
-def class_folder(class_index, num_classes):
-    """Zero-padded folder name of a class, so that sorted folder names are the class order."""
-    return str(class_index).zfill(max(4, len(str(num_classes - 1))))
 
 
 def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8, image_format="png",
@@ -1429,31 +1010,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 4. Knowledge distillation (§4): the student matches the teacher's softened outputs
+# Stage 4. Knowledge distillation (§4): the student matches the teacher's soft outputs
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def kd_loss(student_logits, teacher_logits, temperature=4.0):
-    """Hinton et al. 2015 (§4):  L_KD = τ² · KL( softmax(f_T/τ) || softmax(f_S/τ) ), batch mean.
-
-    The τ² keeps gradient magnitudes comparable across temperatures.
-    """
-    return F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=-1),
-                    F.log_softmax(teacher_logits.float() / temperature, dim=-1),
-                    log_target=True, reduction="batchmean") * temperature ** 2
-
-
-def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nullcontext()):
-    """One KD step (§4) on a batch already on its device: the teacher's logits (no gradient), the
-    student's forward and backward pass on the same images, an optimiser step. Returns the loss."""
-    with amp:
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        loss = kd_loss(student(images), teacher_logits, temperature)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # under DDP: gradients averaged over the ranks here
-    optimizer.step()
-    return loss.detach()
-
-
 class SeededAugmentation(torch.utils.data.Dataset):
     """Item epoch·N + i of an N-image dataset, augmented with a seed of its own, derived from
     (seed, epoch, i): image i gets the same crop and flip in epoch e whichever process, worker or
@@ -1479,55 +1037,6 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
 
     def __iter__(self):
         return (self.epoch * len(self.dataset) + index for index in super().__iter__())
-
-
-def student_is_finite(student, batch, amp=contextlib.nullcontext()):
-    """True if every weight of the student and its outputs on `batch` (as it will be used: eval
-    mode) are finite. Weights can be finite yet so large that every output overflows."""
-    if not all(torch.isfinite(t).all() for t in student.state_dict().values() if t.is_floating_point()):
-        return False
-    student.eval()
-    with torch.no_grad(), amp:
-        finite = bool(torch.isfinite(student(batch)).all())
-    student.train()
-    return finite
-
-
-CHECKPOINT_KEYS = ("epoch", "config", "history", "student", "optimizer", "schedule")
-
-
-def tensor_shapes(state):
-    """{name: shape} of a state dict: what a checkpoint must match to load into a model."""
-    return {name: tuple(value.shape) for name, value in state.items()}
-
-
-def load_checkpoint(path, device, student, *, overwrite=False):
-    """distill's checkpoint at `path`, or None if there is none. One that does not load (empty,
-    truncated, garbage, another kind of file, or weights that do not fit `student`) is damaged:
-    a UsageError naming it, or None (start again) with `overwrite`."""
-    if not Path(path).exists():
-        return None
-    try:
-        with warnings.catch_warnings():  # a damaged file is said in one line, without torch's warnings
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
-            raise ValueError("not a PRISM distillation checkpoint")
-        if tensor_shapes(checkpoint["student"]) != tensor_shapes(student.state_dict()):
-            raise ValueError("its weights do not fit this student")
-        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values() if t.is_floating_point()):
-            raise ValueError("its student weights are not finite")
-        if not (isinstance(checkpoint["epoch"], int) and isinstance(checkpoint["history"], list)
-                and len(checkpoint["history"]) == checkpoint["epoch"]):
-            raise ValueError("its epoch count and loss history disagree")
-        return checkpoint
-    except Exception as error:  # any failure to load it means: damaged
-        if overwrite:
-            return None
-        if "weights_only" in str(error):  # torch's advice to unpickle anything does not apply here
-            error = "it holds objects other than tensors"
-        raise damaged(path, error, "rerun with --overwrite to restart distillation (the synthetic "
-                                   "images are kept), or delete it")
 
 
 def kd_loader(data_dir, batch_size, *, image_size=224, num_workers=4, seed=0, pin_memory=False):
@@ -1559,21 +1068,17 @@ def to_unit_images(batch, device, memory_format=torch.contiguous_format):
     return batch.float().div_(255)
 
 
-def image_folder(data_dir, transform, classes=None):
-    """torchvision ImageFolder of `data_dir`; a UsageError if unusable. Targets: the position of
-    the image's folder among the sorted folder names, or with `classes` (class_mapping: the class
-    of each sorted folder) that folder's class, so that folders 0 … 999 are classes 0 … 999 and
-    not the string order 0, 1, 10, 100, …"""
-    target = None if classes is None else list(classes).__getitem__
-    try:
-        dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform,
-                                                   target_transform=target)
-    except (FileNotFoundError, NotADirectoryError) as error:
-        raise UsageError(f"cannot read images from {data_dir}: {first_line(error)}")
-    if classes is not None and len(classes) != len(dataset.classes):
-        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders, {len(classes)} "
-                         f"were mapped to classes: was it changed during the run?")
-    return dataset
+def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nullcontext()):
+    """One KD step (§4) on a batch already on its device: the teacher's logits (no gradient), the
+    student's forward and backward pass on the same images, an optimiser step. Returns the loss."""
+    with amp:
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        loss = kd_loss(student(images), teacher_logits, temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP: gradients averaged over the ranks here
+    optimizer.step()
+    return loss.detach()
 
 
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4.0, checkpoint_path,
@@ -1675,8 +1180,629 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 5. Measuring the synthetic set (§5: precision and recall) and evaluating the student
+# Stage 5. Precision and recall of the synthetic set (§5), accuracy on real test sets
 # ──────────────────────────────────────────────────────────────────────────────────────────
+def knn_radii(features, k, batch_size=1024):
+    """Distance from every row of `features` to its k-th nearest other row: the radius of its
+    k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
+    if len(features) <= k:
+        raise UsageError(f"k-NN radii need more than k={k} points, got {len(features)}")
+    radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values  # k + 1: each
+             for start in range(0, len(features), batch_size)]                                        # point is its own 1st
+    return torch.cat(radii)
+
+
+def precision_recall(real_features, fake_features, k=3, batch_size=1024):
+    """Precision and recall (Kynkäänniemi et al., NeurIPS 2019) and density and coverage (Naeem et
+    al., ICML 2020) of fake features against real ones (§5), with Euclidean k-NN balls B(x, r_k(x))
+    whose radius r_k is the distance to the k-th nearest neighbour within the point's own set:
+
+        precision = 1/M · Σ_j 1[ ∃ i: ‖y_j − x_i‖ < r_k(x_i) ]       fakes inside the real manifold
+        recall    = 1/N · Σ_i 1[ ∃ j: ‖x_i − y_j‖ < r_k(y_j) ]       reals inside the fake manifold
+        density   = 1/(kM) · Σ_j Σ_i 1[ ‖y_j − x_i‖ < r_k(x_i) ]     how many real balls hold each fake
+        coverage  = 1/N · Σ_i 1[ min_j ‖x_i − y_j‖ < r_k(x_i) ]      real balls that hold any fake
+
+    x: the N real rows, y: the M fake rows. Strict "<" as in the authors' code. Distances are
+    computed in blocks of `batch_size` fake rows against all real rows, so 100,000 × 50,000
+    features never need the full distance matrix; the dtype and device are those of the inputs.
+    """
+    real_radii, fake_radii = knn_radii(real_features, k, batch_size), knn_radii(fake_features, k, batch_size)
+    inside_real = 0             # fakes inside at least one real ball (precision)
+    real_ball_hits = 0          # (fake, real ball) pairs (density)
+    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)  # recall
+    nearest_fake = torch.full((len(real_features),), float("inf"), dtype=real_features.dtype,
+                              device=real_features.device)                                          # coverage
+    for start in range(0, len(fake_features), batch_size):
+        distances = torch.cdist(fake_features[start:start + batch_size], real_features)  # (block, N)
+        in_real_ball = distances < real_radii.unsqueeze(0)
+        inside_real += in_real_ball.any(dim=1).sum().item()
+        real_ball_hits += in_real_ball.sum().item()
+        real_in_fake |= (distances < fake_radii[start:start + batch_size].unsqueeze(1)).any(dim=0)
+        nearest_fake = torch.minimum(nearest_fake, distances.min(dim=0).values)
+    return {"precision": inside_real / len(fake_features), "recall": real_in_fake.sum().item() / len(real_features),
+            "density": real_ball_hits / (k * len(fake_features)),
+            "coverage": (nearest_fake < real_radii).sum().item() / len(real_features)}
+
+
+def eval_transform(image_size):
+    """The usual evaluation protocol: resize to image_size/0.875, centre crop, [0, 1] tensor."""
+    return transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
+                               transforms.ToTensor()])
+
+
+@torch.no_grad()
+def extract_features(teacher, data_dir, *, classes=None, image_size=224, batch_size=100,
+                     device="cpu", num_workers=4, progress=True):
+    """Teacher features of every image of an ImageFolder tree, in its order: (features (N, D),
+    logits (N, C), labels (N,)), float32 on the CPU. The features are the input of the teacher's
+    last nn.Linear: the global-pooled penultimate layer of a CNN (§5). A TorchScript teacher (no
+    hooks) gives its logits as features instead; the caller can tell by D == C. Labels: the
+    class of each sorted folder in `classes` (class_mapping), else its position."""
+    dataset = image_folder(data_dir, eval_transform(image_size), classes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    teacher.to(device).eval()
+    head, captured = last_linear_module(teacher), []
+    hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+            if isinstance(head, nn.Linear) else None)  # TorchScript modules take no hooks
+    features, logits, labels = [], [], []
+    try:
+        with tqdm(loader, desc=f"features of {Path(data_dir).name}", unit="batch", disable=not progress) as batches:
+            for images, targets in batches:
+                captured.clear()
+                batch_logits = teacher(images.to(device)).float()
+                features.append((captured[-1] if captured else batch_logits).flatten(1).float().cpu())
+                logits.append(batch_logits.cpu())
+                labels.append(targets)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return torch.cat(features), torch.cat(logits), torch.cat(labels)
+
+
+def mean_pairwise_distance(features):
+    """Mean Euclidean distance over all pairs of rows: the diversity of one class's images (0 for < 2)."""
+    return torch.pdist(features).mean().item() if len(features) > 1 else 0.0
+
+
+def lowest(entries, key, count):
+    """Names of the `count` entries with the lowest `key` (ties: class order), skipping missing values."""
+    scored = [entry for entry in entries if entry.get(key) is not None]
+    return [entry["name"] for entry in sorted(scored, key=lambda entry: entry[key])[:count]]
+
+
+def synthetic_set_report(records, features, class_names, *, worst=10):
+    """What can be measured without real data (§2, §5), overall and per class, from the manifest
+    `records` (sorted by class, index) and the teacher `features` of the same images in that order:
+    agreement (share of images whose teacher top-1 is the intended class), the mean and spread of
+    the final teacher energy, and diversity (mean pairwise feature distance within a class). The
+    `worst` classes by agreement and by diversity are named: there prompts or guidance fail."""
+    labels = torch.tensor([r["class"] for r in records])
+    energies = torch.tensor([math.nan if r["energy"] is None else r["energy"] for r in records],
+                            dtype=torch.float64)  # None: a teacher that gave NaN (strict JSON)
+    agree = torch.tensor([r["top1"] == r["class"] for r in records], dtype=torch.float64)
+    per_class = []
+    for c, name in enumerate(class_names):
+        mine = labels == c
+        per_class.append({"class": c, "name": name, "images": int(mine.sum()),
+                          "agreement": agree[mine].mean().item() if mine.any() else None,
+                          "mean_energy": energies[mine].mean().item() if mine.any() else None,
+                          "std_energy": energies[mine].std().item() if mine.sum() > 1 else None,
+                          "diversity": mean_pairwise_distance(features[mine])})
+    return {"images": len(records), "agreement": agree.mean().item(), "mean_energy": energies.mean().item(),
+            "std_energy": energies.std().item() if len(records) > 1 else 0.0,
+            "mean_p_class": sum(math.nan if r["p_class"] is None else r["p_class"] for r in records) / len(records),
+            "guidance_skipped_images": sum(r.get("guidance_skipped", 0) > 0 for r in records),
+            "resampled_unguided_images": sum(bool(r.get("resampled_unguided")) for r in records),
+            "diversity": sum(entry["diversity"] for entry in per_class) / len(per_class),
+            "lowest_agreement": lowest(per_class, "agreement", worst),
+            "lowest_diversity": lowest(per_class, "diversity", worst), "per_class": per_class}
+
+
+def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names, *, k=3,
+                            batch_size=1024, worst=10):
+    """precision_recall of the synthetic set against real images (§5): overall, and per class
+    (class-conditional: synthetic class c against real class c). A class with k or fewer images
+    on either side has no per-class numbers (None). The `worst` classes by precision and by recall
+    are named."""
+    per_class = []
+    for c, name in enumerate(class_names):
+        real, fake = real_features[real_labels == c], fake_features[fake_labels == c]
+        entry = {"class": c, "name": name, "real_images": len(real), "synthetic_images": len(fake)}
+        enough = min(len(real), len(fake)) > k
+        for metric, value in (precision_recall(real, fake, k, batch_size) if enough else
+                              dict.fromkeys(("precision", "recall", "density", "coverage"))).items():
+            entry[metric] = value
+        per_class.append(entry)
+    return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
+            **precision_recall(real_features, fake_features, k, batch_size),
+            "lowest_precision": lowest(per_class, "precision", worst),
+            "lowest_recall": lowest(per_class, "recall", worst), "per_class": per_class}
+
+
+@torch.no_grad()
+def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", image_size=224,
+             num_workers=4, progress=True):
+    """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree under
+    eval_transform (the usual protocol). `classes`: the model class of each sorted class folder
+    (class_mapping); None: the sorted folders are the classes 0, 1, … of the model, all of them.
+    A set of K classes is scored over those K logits only: for K below the model's outputs that
+    is the ImageNet-R/-A protocol (200 of 1000 classes), for a full set it is every logit.
+    Several processes: rank r scores images r, r+N, r+2N, ... and the counts are summed, so every
+    rank returns exactly the single-process numbers."""
+    rank, world = rank_and_world()
+    dataset = image_folder(data_dir, eval_transform(image_size), classes)
+    model.to(device).eval()
+    # on every rank, even one without a share
+    outputs = model(dataset[0][0].unsqueeze(0).to(device)).shape[-1]
+    if classes is None and outputs != len(dataset.classes):
+        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has "
+                         f"{outputs} outputs")
+    subset = torch.tensor(sorted(range(len(dataset.classes)) if classes is None else classes))
+    if subset.max() >= outputs:
+        raise UsageError(f"{data_dir} holds class {subset.max().item()} but the model has "
+                         f"{outputs} outputs")
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    top1 = top5 = 0
+    with tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0) as batches:
+        for images, labels in batches:
+            logits = model(images.to(device))[:, subset.to(device)]
+            # restricted logits: the k best are S[topk_j f(x)_{S_j}] over the set's classes S
+            best = subset[logits.topk(min(5, len(subset)), dim=-1).indices.cpu()]
+            top1 += (best[:, 0] == labels).sum().item()
+            top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
+    top1, top5 = sum_over_ranks([top1, top5])
+    return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset),
+            "images": len(dataset)}
+
+
+def evaluate_sets(sets, teacher, student, num_classes, **evaluation):
+    """results.json's "evaluation": each of labelled_sets' `sets` scored (evaluate, with
+    `evaluation`'s options) for the teacher and, unless None, the student, side by side with the
+    teacher → student top-1 gap, how its folders were mapped, and per folder its class."""
+    entries = []
+    for s in sets:
+        k = len(s["classes"])
+        entry = {"name": s["name"], "data": s["data"], "classes": k,
+                 "protocol": (f"all {k} classes" if k == num_classes else
+                              f"restricted to {k} of {num_classes} classes"),
+                 "mapping": s["mapping"],
+                 "teacher": evaluate(teacher, s["data"], classes=s["classes"], **evaluation)}
+        if student is not None:
+            entry["student"] = evaluate(student, s["data"], classes=s["classes"], **evaluation)
+            entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
+        entry["per_class"] = [{"folder": f, "class": c} for f, c in zip(s["folders"], s["classes"])]
+        entries.append(entry)
+    return {"sets": entries}
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# main(): the stages in sequence
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def main(argv=None):
+    """Command-line entry point. Returns the exit code: 0; 2 for bad input or damaged state in
+    --out; 1 for a run that failed; 130 when interrupted. Each is one line on stderr; --debug
+    adds the traceback."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    code, failure = 0, None
+    try:
+        args = parse_args(argv)
+        device = init_distributed(args.device)
+        with exclusive_out(args.out):
+            command = run_benchmark if args.benchmark else run_check_guidance if args.check_guidance else run
+            command(args, device)
+    except KeyboardInterrupt as error:
+        code, kind, message, failure = 130, "interrupted", "rerun the same command to resume", error
+    except (UsageError, OSError) as error:  # OSError: a disk or file problem no stage put into words
+        code, kind, message, failure = 2, "error", str(error), error
+    except Exception as error:  # a failure: say what, in one line; --debug shows where
+        code, kind, failure = 1, "failed", error
+        message = str(error) if isinstance(error, RunFailure) else (
+            f"{type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)")
+        if isinstance(error, torch.OutOfMemoryError):
+            message = ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
+                       "--guidance-batch (or --vae-checkpointing): nothing done is redone")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if code:
+        if "--debug" in argv:
+            traceback.print_exception(failure)
+        report(kind, message)
+    return code
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# PART II — PLUMBING. Nothing below changes what is computed: errors, files, resume,
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# several processes, the command line and model loading.
+
+
+import argparse
+import torch.distributed as dist
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Errors: bad input is one line and exit code 2, a failed run one line and exit code 1
+# ──────────────────────────────────────────────────────────────────────────────────────────
+class UsageError(ValueError):
+    """Bad input from the user, or damaged state in --out: main() prints it as one line on
+    stderr and exits with code 2."""
+
+
+class RunFailure(RuntimeError):
+    """A run that cannot go on (training diverged): main() prints one line and exits with code 1."""
+
+
+def first_line(error):
+    """The first line of an exception's message, for one-line error reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def damaged(path, error, way_out):
+    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way out."""
+    return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
+
+
+def cannot_load(what, name_or_path, error, alternative=""):
+    """One line, under 300 characters, for a model that was found but cannot be loaded."""
+    reason = first_line(error)
+    reason = reason if len(reason) <= 120 else reason[:117] + "..."
+    return (f"cannot load {what} {name_or_path} ({type(error).__name__}: {reason}); check that "
+            f"the folder is complete" + (f", or use {alternative}" if alternative else ""))
+
+
+def refuse_non_finite(images, prompts, dtype):
+    """Raises UsageError if an image is still not finite after an unguided resample: the model
+    itself fails (an overflow in float16, or broken weights)."""
+    failed = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+    if failed:
+        way_out = ("check its weights" if dtype == torch.float32
+                   else f"it overflows in {dtype}; run it in float32 (--dtype float32)")
+        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[failed[0]]}' "
+                         f"even without guidance: {way_out}")
+
+
+def report(kind, message):
+    """Prints `prism: <kind>: <message>` on stderr in one write, so that ranks do not interleave;
+    under torchrun the rank is named (read from torchrun's variables: the group may be gone)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    sys.stderr.write(f"prism: {kind}{f' (rank {rank})' if world > 1 else ''}: {message}\n")
+    sys.stderr.flush()
+
+
+def without_per_class(report):
+    """`report` without its "per_class" lists (at any depth, in lists too): the summary that
+    main() prints."""
+    if isinstance(report, dict):
+        return {key: without_per_class(value) for key, value in report.items() if key != "per_class"}
+    if isinstance(report, list):
+        return [without_per_class(value) for value in report]
+    return report
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Files: atomic writes, strict JSON, readable images
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def atomic_write(path, write):
+    """Calls write(temp_path), forces the temp file to disk, then renames it onto `path`: a process
+    killed at any moment (or a full disk) leaves the old file or the new one, never half of one.
+    A failure to write (disk full, no permission) becomes a one-line UsageError."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pid: ranks never share a temp file
+    try:
+        write(temp)
+        descriptor = os.open(temp, os.O_RDONLY)
+        try:  # without it, a machine that goes down right after the rename may keep an empty file
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {first_line(error)}")
+
+
+def save_torch_atomic(obj, path):
+    """torch.save(obj) to `path` atomically. Serialised in memory first, so that a full disk is an
+    OSError of a plain file write (torch's own file writer reports it as a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda temp: temp.write_bytes(buffer.getbuffer()))
+
+
+def finite_or_none(obj):
+    """`obj` with every non-finite float (NaN, ±inf) replaced by None, at any depth: strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(value) for value in obj]
+    return obj
+
+
+def write_json_atomic(obj, path):
+    """Writes `obj` as indented, strict JSON (no NaN or Infinity tokens) to `path` atomically."""
+    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def read_json(path, way_out):
+    """The JSON object stored at `path`; a file that is not UTF-8, not JSON or not an object is
+    damaged: a UsageError that names it and `way_out`."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise damaged(path, error, way_out)
+    if not isinstance(data, dict):
+        raise damaged(path, f"a JSON {type(data).__name__}, not an object", way_out)
+    return data
+
+
+def save_image_atomic(image, path):
+    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns its
+    size in bytes. A non-finite image is refused: NaN pixels would be written as a black image."""
+    from PIL import Image
+
+    if not torch.isfinite(image).all():
+        raise ValueError(f"refusing to save non-finite pixels as {path}")
+    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
+    atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, format="JPEG" if jpeg else "PNG",
+                                                                 **({"quality": 95} if jpeg else {})))
+    return Path(path).stat().st_size
+
+
+def image_is_readable(path, expected_bytes):
+    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies it."""
+    from PIL import Image
+
+    try:
+        if expected_bytes is None or os.path.getsize(path) != expected_bytes:
+            return False
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # any failure to open or verify means "regenerate it"
+        return False
+
+
+def check_images_load(data_dir, what):
+    """Decodes every image of the ImageFolder tree `data_dir` (the ranks share the work); the
+    first one that does not load is a UsageError naming the file. Returns the number of images."""
+    from PIL import Image
+
+    rank, world = rank_and_world()
+    samples = image_folder(data_dir, None).samples
+    paths = [path for path, _ in samples][rank::world]
+    problem = ""
+    for path in tqdm(paths, desc=f"checking {what}", unit="img", disable=rank != 0 or len(paths) < 1000):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # whatever PIL says, the file is not a usable image
+            problem = f"{what}: {path} is not a readable image ({first_line(error)}); fix or remove it"
+            break
+    problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
+    if problem:
+        raise UsageError(problem)
+    return len(samples)
+
+
+TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.tmp<pid>
+
+
+def remove_stale_temps(out):
+    """Deletes the temp files of atomic writes that a killed run left in the folders prism writes
+    under `out` (--out, synthetic/ and benchmark/ with their class folders), and only files of
+    atomic_write's naming pattern: never a user's file. Call it holding the lock."""
+    out = Path(out)
+    folders = [out, out / "synthetic", out / "benchmark", out / "benchmark" / "images"]
+    folders += [f for parent in (out / "synthetic", out / "benchmark" / "images") if parent.is_dir()
+                for f in parent.iterdir() if f.name.isdigit() and f.is_dir() and not f.is_symlink()]
+    for folder in folders:
+        for path in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            if TEMP_FILE.match(path.name):
+                path.unlink(missing_ok=True)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Resume: settings, manifest journals, checkpoints (nothing cached is lost or mixed)
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def file_fingerprint(path):
+    """First 16 hex digits of a file's SHA-256: a model file changed under the same name is another model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def settings_difference(old, new, shown=3):
+    """A short text of the keys whose values differ between two settings dicts ('' if none):
+    the first `shown` of them, then how many more."""
+    keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+    text = ", ".join(f"{k}: {str(old.get(k))[:40]} -> {str(new.get(k))[:40]}" for k in keys[:shown])
+    return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def check_settings(path, settings, *, overwrite, what):
+    """Compares `settings` with those recorded at `path` (JSON). Returns True if they match,
+    False if none are recorded, and raises UsageError on a difference or a damaged file unless
+    `overwrite`."""
+    path, settings = Path(path), json.loads(json.dumps(settings))  # compare as stored: tuples become lists
+    if not path.exists():
+        return False
+    way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
+    try:
+        recorded = read_json(path, way_out).get("settings")
+        if not isinstance(recorded, dict):
+            raise damaged(path, "no settings in it", way_out)
+    except UsageError:
+        if overwrite:
+            return False
+        raise
+    if recorded == settings:
+        return True
+    if overwrite:
+        return False
+    raise UsageError(f"{path.parent} holds {what} made under other settings ({settings_difference(recorded, settings)}); "
+                     f"use another --out, or --overwrite to replace them")
+
+
+def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs, store_size=None):
+    """Everything that decides the pixels of the cached images (not the batch size, which does not)."""
+    prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return {"per_class": per_class, "seed": seed, "image_format": image_format, "prompts_sha256": prompts_hash,
+            "store_size": store_size, **identity, **sample_kwargs}
+
+
+def settings_digest(settings):
+    """16 hex digits naming a settings dict; every manifest record carries the digest of the
+    settings its image was made under, so an image can be trusted without settings.json."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_new_set(out_dir, settings):
+    """Records new synthesis settings in `out_dir` (rank 0; the recorded ones differ or are
+    damaged, and --overwrite was given). Images whose manifest record carries these settings'
+    digest are kept; the rest of the old set is deleted. Killed half way, it leaves either the
+    old settings (the next run refuses again) or the new ones with only images made under them."""
+    digest, manifest_path = settings_digest(settings), out_dir / "manifest.jsonl"
+    keep = {r["file"]: r for r in read_manifest(out_dir).values() if r.get("settings") == digest}
+    kept = "".join(json.dumps(record) + "\n" for record in keep.values())
+    atomic_write(manifest_path, lambda temp: temp.write_text(kept, encoding="utf-8"))
+    for journal in out_dir.glob("manifest.rank*.jsonl"):
+        journal.unlink()
+    for folder in [p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()]:
+        for image in folder.iterdir():
+            if f"{folder.name}/{image.name}" not in keep:
+                image.unlink()
+    write_json_atomic({"settings": settings}, out_dir / "settings.json")
+
+
+def valid_record(record):
+    """True if a manifest record has its keys with values of the right kind (finite numbers)."""
+    def number(x):
+        return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
+    return (isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("class", "index", "bytes"))
+            and isinstance(record.get("file"), str) and number(record.get("energy"))
+            and number(record.get("p_class")) and isinstance(record.get("top1"), int))
+
+
+def read_manifest(folder):
+    """Records of a synthetic set keyed by (class, index): manifest.jsonl, then the journals of the
+    ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a damaged line (torn,
+    not UTF-8, not JSON) is ignored, so its image is checked and made again."""
+    records = {}
+    for path in [Path(folder) / "manifest.jsonl", *sorted(Path(folder).glob("manifest.rank*.jsonl"))]:
+        if not path.exists():
+            continue
+        for line in path.read_bytes().splitlines():
+            try:  # a damaged line (torn by a kill, a bad byte) loses one record: that image is remade
+                record = json.loads(line.decode("utf-8"))
+                if valid_record(record):
+                    records[(record["class"], record["index"])] = record
+            except ValueError:
+                continue
+    return records
+
+
+def append_to_journal(path, records):
+    """Appends `records` as JSON lines to the journal at `path` and forces them to disk, so a crash
+    loses at most the records of the batch being written (their images are then made again)."""
+    text = "".join(json.dumps(finite_or_none(record), allow_nan=False) + "\n" for record in records)
+    try:
+        with open(path, "ab+") as journal:
+            if journal.seek(0, os.SEEK_END) > 0:
+                journal.seek(-1, os.SEEK_END)
+                if journal.read(1) != b"\n":  # a run killed mid-line: start on a line of our own
+                    text = "\n" + text
+            journal.write(text.encode("utf-8"))
+            journal.flush()
+            os.fsync(journal.fileno())
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {first_line(error)}")
+
+
+CHECKPOINT_KEYS = ("epoch", "config", "history", "student", "optimizer", "schedule")
+
+
+def tensor_shapes(state):
+    """{name: shape} of a state dict: what a checkpoint must match to load into a model."""
+    return {name: tuple(value.shape) for name, value in state.items()}
+
+
+def load_checkpoint(path, device, student, *, overwrite=False):
+    """distill's checkpoint at `path`, or None if there is none. One that does not load (empty,
+    truncated, garbage, another kind of file, or weights that do not fit `student`) is damaged:
+    a UsageError naming it, or None (start again) with `overwrite`."""
+    if not Path(path).exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # a damaged file is said in one line, without torch's warnings
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+            raise ValueError("not a PRISM distillation checkpoint")
+        if tensor_shapes(checkpoint["student"]) != tensor_shapes(student.state_dict()):
+            raise ValueError("its weights do not fit this student")
+        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values() if t.is_floating_point()):
+            raise ValueError("its student weights are not finite")
+        if not (isinstance(checkpoint["epoch"], int) and isinstance(checkpoint["history"], list)
+                and len(checkpoint["history"]) == checkpoint["epoch"]):
+            raise ValueError("its epoch count and loss history disagree")
+        return checkpoint
+    except Exception as error:  # any failure to load it means: damaged
+        if overwrite:
+            return None
+        if "weights_only" in str(error):  # torch's advice to unpickle anything does not apply here
+            error = "it holds objects other than tensors"
+        raise damaged(path, error, "rerun with --overwrite to restart distillation (the synthetic "
+                                   "images are kept), or delete it")
+
+
+def student_is_finite(student, batch, amp=contextlib.nullcontext()):
+    """True if every weight of the student and its outputs on `batch` (as it will be used: eval
+    mode) are finite. Weights can be finite yet so large that every output overflows."""
+    if not all(torch.isfinite(t).all() for t in student.state_dict().values() if t.is_floating_point()):
+        return False
+    student.eval()
+    with torch.no_grad(), amp:
+        finite = bool(torch.isfinite(student(batch)).all())
+    student.train()
+    return finite
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Labelled image folders: which folder is which class
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def image_folder(data_dir, transform, classes=None):
+    """torchvision ImageFolder of `data_dir`; a UsageError if unusable. Targets: the position of
+    the image's folder among the sorted folder names, or with `classes` (class_mapping: the class
+    of each sorted folder) that folder's class, so that folders 0 … 999 are classes 0 … 999 and
+    not the string order 0, 1, 10, 100, …"""
+    target = None if classes is None else list(classes).__getitem__
+    try:
+        dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform,
+                                                   target_transform=target)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise UsageError(f"cannot read images from {data_dir}: {first_line(error)}")
+    if classes is not None and len(classes) != len(dataset.classes):
+        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders, {len(classes)} "
+                         f"were mapped to classes: was it changed during the run?")
+    return dataset
+
+
 def folder_classes(data_dir):
     """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as is)."""
     path = Path(data_dir)
@@ -1817,144 +1943,892 @@ def labelled_sets(named_sets, class_names, class_ids=None):
     return sets
 
 
-def eval_transform(image_size):
-    """The usual evaluation protocol: resize to image_size/0.875, centre crop, [0, 1] tensor."""
-    return transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
-                               transforms.ToTensor()])
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Several processes (torchrun) and devices
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Several processes (torchrun). `torchrun --nproc_per_node=N prism.py ...` starts N copies of this
+# program; init_distributed joins them into one process group. These helpers read that group, and
+# in a plain `python prism.py` (no group) they are those of rank 0 of 1, so every function below
+# runs unchanged in one process.
+def rank_and_world():
+    """(rank, world size) of this process in the torch.distributed group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def knn_radii(features, k, batch_size=1024):
-    """Distance from every row of `features` to its k-th nearest other row: the radius of its
-    k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
-    if len(features) <= k:
-        raise UsageError(f"k-NN radii need more than k={k} points, got {len(features)}")
-    radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values  # k + 1: each
-             for start in range(0, len(features), batch_size)]                                        # point is its own 1st
-    return torch.cat(radii)
+def barrier():
+    """Waits until every rank has reached this point (nothing to wait for in one process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
-def precision_recall(real_features, fake_features, k=3, batch_size=1024):
-    """Precision and recall (Kynkäänniemi et al., NeurIPS 2019) and density and coverage (Naeem et
-    al., ICML 2020) of fake features against real ones (§5), with Euclidean k-NN balls B(x, r_k(x))
-    whose radius r_k is the distance to the k-th nearest neighbour within the point's own set:
-
-        precision = 1/M · Σ_j 1[ ∃ i: ‖y_j − x_i‖ < r_k(x_i) ]       fakes inside the real manifold
-        recall    = 1/N · Σ_i 1[ ∃ j: ‖x_i − y_j‖ < r_k(y_j) ]       reals inside the fake manifold
-        density   = 1/(kM) · Σ_j Σ_i 1[ ‖y_j − x_i‖ < r_k(x_i) ]     how many real balls hold each fake
-        coverage  = 1/N · Σ_i 1[ min_j ‖x_i − y_j‖ < r_k(x_i) ]      real balls that hold any fake
-
-    x: the N real rows, y: the M fake rows. Strict "<" as in the authors' code. Distances are
-    computed in blocks of `batch_size` fake rows against all real rows, so 100,000 × 50,000
-    features never need the full distance matrix; the dtype and device are those of the inputs.
-    """
-    real_radii, fake_radii = knn_radii(real_features, k, batch_size), knn_radii(fake_features, k, batch_size)
-    inside_real = 0             # fakes inside at least one real ball (precision)
-    real_ball_hits = 0          # (fake, real ball) pairs (density)
-    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)  # recall
-    nearest_fake = torch.full((len(real_features),), float("inf"), dtype=real_features.dtype,
-                              device=real_features.device)                                          # coverage
-    for start in range(0, len(fake_features), batch_size):
-        distances = torch.cdist(fake_features[start:start + batch_size], real_features)  # (block, N)
-        in_real_ball = distances < real_radii.unsqueeze(0)
-        inside_real += in_real_ball.any(dim=1).sum().item()
-        real_ball_hits += in_real_ball.sum().item()
-        real_in_fake |= (distances < fake_radii[start:start + batch_size].unsqueeze(1)).any(dim=0)
-        nearest_fake = torch.minimum(nearest_fake, distances.min(dim=0).values)
-    return {"precision": inside_real / len(fake_features), "recall": real_in_fake.sum().item() / len(real_features),
-            "density": real_ball_hits / (k * len(fake_features)),
-            "coverage": (nearest_fake < real_radii).sum().item() / len(real_features)}
+def gather_from_ranks(items):
+    """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every rank."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [list(items)]
+    parts = [None] * world
+    dist.all_gather_object(parts, list(items))
+    return parts
 
 
-@torch.no_grad()
-def extract_features(teacher, data_dir, *, classes=None, image_size=224, batch_size=100,
-                     device="cpu", num_workers=4, progress=True):
-    """Teacher features of every image of an ImageFolder tree, in its order: (features (N, D),
-    logits (N, C), labels (N,)), float32 on the CPU. The features are the input of the teacher's
-    last nn.Linear: the global-pooled penultimate layer of a CNN (§5). A TorchScript teacher (no
-    hooks) gives its logits as features instead; the caller can tell by D == C. Labels: the
-    class of each sorted folder in `classes` (class_mapping), else its position."""
-    dataset = image_folder(data_dir, eval_transform(image_size), classes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
-    teacher.to(device).eval()
-    head, captured = last_linear_module(teacher), []
-    hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-            if isinstance(head, nn.Linear) else None)  # TorchScript modules take no hooks
-    features, logits, labels = [], [], []
+def sum_over_ranks(numbers):
+    """Element-wise sum over the ranks of a list of Python numbers, on every rank."""
+    return [sum(column) for column in zip(*gather_from_ranks(numbers))]
+
+
+def pick_device(name):
+    """The torch device for --device ("auto": CUDA when there is one)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        with tqdm(loader, desc=f"features of {Path(data_dir).name}", unit="batch", disable=not progress) as batches:
-            for images, targets in batches:
-                captured.clear()
-                batch_logits = teacher(images.to(device)).float()
-                features.append((captured[-1] if captured else batch_logits).flatten(1).float().cpu())
-                logits.append(batch_logits.cpu())
-                labels.append(targets)
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"bad --device '{name}': {first_line(error)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available here")
+    return device
+
+
+def process_gpu(local_rank, visible_gpus):
+    """The CUDA device index of the process with LOCAL_RANK `local_rank` on a node where it sees
+    `visible_gpus` GPUs: its own index when it sees them all; 0 when a launcher gave each process
+    one GPU of its own (CUDA_VISIBLE_DEVICES per process, so it sees exactly one)."""
+    if visible_gpus == 1:
+        return 0
+    if local_rank >= visible_gpus:
+        raise UsageError(f"process {local_rank} of this node has no GPU of its own ({visible_gpus} "
+                         f"visible): use --nproc_per_node <= the GPU count")
+    return local_rank
+
+
+def init_distributed(device_name):
+    """Returns this process's torch device. Under torchrun (WORLD_SIZE > 1) it first joins the
+    process group: NCCL with one GPU per process (process_gpu), whatever --device names, or gloo
+    when the device is the CPU. A plain `python prism.py` starts no group."""
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", process_gpu(int(os.environ.get("LOCAL_RANK", "0")),
+                                                  torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+    # A long timeout: ranks wait at a barrier while rank 0 alone builds the prompts (an LLM may
+    # take a while) or merges a large manifest.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2),
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def default_workers():
+    """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
+    the processes of its node, leaving one for the training process itself (at least 0)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Runs the body on rank 0, then on the other ranks: a model download fills the cache once."""
+    rank, world = rank_and_world()
+    if rank != 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()
+
+
+@contextlib.contextmanager
+def exclusive_out(out):
+    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock for the
+    whole run (the other torchrun ranks of the run share it) and, holding it, removes stale temp
+    files. A second run is refused in one line. The lock dies with its holder, even on SIGKILL."""
+    rank, _ = rank_and_world()
+    handle, problem = None, ""
+    if rank == 0:
+        try:
+            handle = open(make_out(out) / ".prism.lock", "a")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            remove_stale_temps(out)
+        except BlockingIOError:
+            problem = f"{out} is in use by another prism run; wait for it to end, or use another --out"
+        except (UsageError, OSError) as error:
+            problem = str(error) if isinstance(error, UsageError) else f"cannot lock {out}: {first_line(error)}"
+    problem = gather_from_ranks([problem])[0][0]  # every rank learns rank 0's verdict
+    try:
+        if problem:
+            raise UsageError(problem)
+        yield
     finally:
-        if hook is not None:
-            hook.remove()
-    return torch.cat(features), torch.cat(logits), torch.cat(labels)
+        if handle is not None:
+            handle.close()
 
 
-def mean_pairwise_distance(features):
-    """Mean Euclidean distance over all pairs of rows: the diversity of one class's images (0 for < 2)."""
-    return torch.pdist(features).mean().item() if len(features) > 1 else 0.0
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Model loading: a hub id or a local folder, or one line that says what to do
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def locate_model(name_or_path, flag, alternative=""):
+    """Where from_pretrained finds `name_or_path`: (source, local_files_only). A local folder as
+    it is; a hub id from the hub when it answers (one request, 10 s at most), else from the
+    Hugging Face cache. Neither: a UsageError naming `flag` and the ways out, at once rather
+    than after the libraries' minute of retries."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    if Path(name_or_path).is_dir():
+        return str(name_or_path), True
+    name, tail = str(name_or_path), f" {alternative}" if alternative else ""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise UsageError(f"{flag} {name}: no such folder{tail}")
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.model_info(name, timeout=10)
+            return name, False
+        except errors.GatedRepoError:
+            raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then run "
+                             f"`hf auth login`{tail}")
+        except (errors.RepositoryNotFoundError, errors.HFValidationError):
+            raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
+        except Exception:  # the hub cannot be reached: the cache may still hold the model
+            pass
+    try:
+        huggingface_hub.snapshot_download(name, local_files_only=True)
+        return name, True
+    except Exception:
+        raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
+                         f"{'off (HF_HUB_OFFLINE)' if constants.HF_HUB_OFFLINE else 'unreachable'}"
+                         f"; download it (`hf download {name}`) and pass its folder{tail}")
 
 
-def lowest(entries, key, count):
-    """Names of the `count` entries with the lowest `key` (ties: class order), skipping missing values."""
-    scored = [entry for entry in entries if entry.get(key) is not None]
-    return [entry["name"] for entry in sorted(scored, key=lambda entry: entry[key])[:count]]
+def is_torchvision_classifier(name):
+    """True if `name` is one of torchvision's classification architectures (resnet50, vit_b_16, ...)."""
+    return name in torchvision.models.list_models(module=torchvision.models)
 
 
-def synthetic_set_report(records, features, class_names, *, worst=10):
-    """What can be measured without real data (§2, §5), overall and per class, from the manifest
-    `records` (sorted by class, index) and the teacher `features` of the same images in that order:
-    agreement (share of images whose teacher top-1 is the intended class), the mean and spread of
-    the final teacher energy, and diversity (mean pairwise feature distance within a class). The
-    `worst` classes by agreement and by diversity are named: there prompts or guidance fail."""
-    labels = torch.tensor([r["class"] for r in records])
-    energies = torch.tensor([math.nan if r["energy"] is None else r["energy"] for r in records],
-                            dtype=torch.float64)  # None: a teacher that gave NaN (strict JSON)
-    agree = torch.tensor([r["top1"] == r["class"] for r in records], dtype=torch.float64)
-    per_class = []
-    for c, name in enumerate(class_names):
-        mine = labels == c
-        per_class.append({"class": c, "name": name, "images": int(mine.sum()),
-                          "agreement": agree[mine].mean().item() if mine.any() else None,
-                          "mean_energy": energies[mine].mean().item() if mine.any() else None,
-                          "std_energy": energies[mine].std().item() if mine.sum() > 1 else None,
-                          "diversity": mean_pairwise_distance(features[mine])})
-    return {"images": len(records), "agreement": agree.mean().item(), "mean_energy": energies.mean().item(),
-            "std_energy": energies.std().item() if len(records) > 1 else 0.0,
-            "mean_p_class": sum(math.nan if r["p_class"] is None else r["p_class"] for r in records) / len(records),
-            "guidance_skipped_images": sum(r.get("guidance_skipped", 0) > 0 for r in records),
-            "resampled_unguided_images": sum(bool(r.get("resampled_unguided")) for r in records),
-            "diversity": sum(entry["diversity"] for entry in per_class) / len(per_class),
-            "lowest_agreement": lowest(per_class, "agreement", worst),
-            "lowest_diversity": lowest(per_class, "diversity", worst), "per_class": per_class}
+def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, input_size=224,
+                 mean=MODELS.teacher_mean, std=MODELS.teacher_std):
+    """Loads the frozen teacher f_T and returns (teacher, class_names or None).
+
+    `name_or_path` is a torchvision model name (pretrained `weights="DEFAULT"`, whose metadata
+    give the input size, mean, std and class names) or a TorchScript file (then `input_size`,
+    `mean` and `std` describe it). `weights_path` loads a state dict into a torchvision
+    architecture with `num_classes` outputs instead of downloading weights.
+    The result takes [0, 1] images (B, 3, H, W) of any size and returns logits; it is in eval
+    mode with `requires_grad_(False)`, so guidance gradients flow to the input only.
+    """
+    class_names = None
+    if os.path.isfile(name_or_path):
+        try:
+            with warnings.catch_warnings():  # TorchScript works; its deprecation notice is not news
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(name_or_path, map_location="cpu")
+        except Exception as error:  # any failure here means the file is not a TorchScript model
+            raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: {first_line(error)}")
+    elif not is_torchvision_classifier(name_or_path):
+        raise UsageError(f"unknown teacher '{name_or_path}': give a torchvision classifier name "
+                         f"(e.g. resnet50) or a TorchScript file")
+    elif weights_path is not None:
+        model = torchvision.models.get_model(name_or_path, weights=None, num_classes=num_classes)
+        try:
+            model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        except Exception as error:
+            raise UsageError(f"cannot load teacher weights {weights_path} into {name_or_path}: {first_line(error)}")
+    else:
+        weights = torchvision.models.get_model_weights(name_or_path).DEFAULT
+        preset = weights.transforms()
+        input_size, mean, std = preset.crop_size[0], preset.mean, preset.std
+        class_names = list(weights.meta["categories"])
+        try:
+            model = torchvision.models.get_model(name_or_path, weights=weights)
+        except OSError as error:
+            raise UsageError(f"could not download the teacher weights '{weights}' ({first_line(error)}); "
+                             f"offline, put them in {torch.hub.get_dir()}/checkpoints or pass --teacher-weights PATH")
+    teacher = with_preprocessing(model, input_size, mean, std).to(device).eval().requires_grad_(False)
+    return teacher, class_names
 
 
-def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names, *, k=3,
-                            batch_size=1024, worst=10):
-    """precision_recall of the synthetic set against real images (§5): overall, and per class
-    (class-conditional: synthetic class c against real class c). A class with k or fewer images
-    on either side has no per-class numbers (None). The `worst` classes by precision and by recall
-    are named."""
-    per_class = []
-    for c, name in enumerate(class_names):
-        real, fake = real_features[real_labels == c], fake_features[fake_labels == c]
-        entry = {"class": c, "name": name, "real_images": len(real), "synthetic_images": len(fake)}
-        enough = min(len(real), len(fake)) > k
-        for metric, value in (precision_recall(real, fake, k, batch_size) if enough else
-                              dict.fromkeys(("precision", "recall", "density", "coverage"))).items():
-            entry[metric] = value
-        per_class.append(entry)
-    return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
-            **precision_recall(real_features, fake_features, k, batch_size),
-            "lowest_precision": lowest(per_class, "precision", worst),
-            "lowest_recall": lowest(per_class, "recall", worst), "per_class": per_class}
+def build_student(name, num_classes, *, input_size=224, mean=MODELS.teacher_mean, std=MODELS.teacher_std):
+    """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
+    [0, 1] images like the teacher (same normalisation, its own input size)."""
+    if not is_torchvision_classifier(name):
+        raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. resnet18)")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return with_preprocessing(model, input_size, mean, std)
 
 
+def count_outputs(classifier, device):
+    """Number of logits a [0, 1]-image classifier returns (one forward pass on a blank image)."""
+    with torch.no_grad():
+        return classifier(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
+
+
+def load_class_names(data, num_classes=None):
+    """Returns (class_names, descriptions or None).
+
+    `data == "imagenet"`: the 1000 names in torchvision's weights metadata (no download).
+    Otherwise a text file, one class per line in label order, optionally `name<TAB>description`;
+    the descriptions are the best disambiguation context (§3). An empty file, duplicate names,
+    or a count different from the teacher's `num_classes` is a UsageError.
+    """
+    if data == "imagenet":
+        names, descriptions = list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise UsageError(f"class list {data} is not a file: give 'imagenet' or a text file, one class per line")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"class list {data} is not UTF-8 text ({first_line(error)}): save it as UTF-8")
+        rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
+        names = [row[0].strip() for row in rows]
+        if not all(names):
+            raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no name "
+                             f"before its tab")
+        descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
+        if not names:
+            raise UsageError(f"class list {data} is empty")
+        seen = set()
+        for name in names:
+            if name.lower() in seen:
+                raise UsageError(f"class list {data} names '{name}' twice: class names must be unique")
+            seen.add(name.lower())
+        if not any(descriptions):
+            descriptions = None
+    if num_classes is not None and len(names) != num_classes:
+        raise UsageError(f"class list '{data}' has {len(names)} classes but the teacher has {num_classes} outputs")
+    return names, descriptions
+
+
+def load_llm(name_or_path, device):
+    """Loads an instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, local_only = locate_model(name_or_path, "--llm", "or --llm none for the built-in prompts")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=local_only,
+            dtype="auto" if torch.device(device).type == "cuda" else torch.float32)
+    except Exception as error:  # format failures all mean "cannot use this LLM"
+        raise UsageError(cannot_load("LLM", name_or_path, error, "--llm none"))
+    tokenizer.padding_side = "left"  # generation continues at the right end of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
+    """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
+
+    The safety checker is left out (our choice): it blacks out whole images, which would enter
+    the transfer set as labelled black squares.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    source, local_only = locate_model(name_or_path, "--sd-model")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False,
+                                                       local_files_only=local_only)
+    except Exception as error:  # format failures all mean "cannot use this model"
+        raise UsageError(cannot_load("diffusion model", name_or_path, error))
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_guidance_vae(name_or_path, device, dtype=torch.float32):
+    """A diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) from a hub id or local
+    folder, frozen, for the guidance decode only: its decoder costs a few percent of SD's."""
+    from diffusers import AutoencoderTiny
+
+    source, local_only = locate_model(name_or_path, "--guidance-vae")
+    try:
+        vae = AutoencoderTiny.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    except Exception as error:  # format failures all mean "cannot use this model"
+        raise UsageError(cannot_load("tiny autoencoder", name_or_path, error))
+    return vae.requires_grad_(False).eval().to(device)
+
+
+def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
+    """Speed options that leave the images within rounding of the plain computation (tested):
+    channels_last memory format for the UNet and VAE convolutions (faster with fp16 on GPUs), and
+    torch.compile of the UNet (a one-off compile, then faster steps). Returns `pipe`."""
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile_unet:
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
+def model_dtype(name, device):
+    """The diffusion model's dtype for --dtype ("auto": float16 on CUDA, float32 on a CPU)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# The command line: every flag, and the one check of their values
+# ──────────────────────────────────────────────────────────────────────────────────────────
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2, batch_size=8,
+                      image_size=32, workers=0, lr=0.05, guidance_start=0.0, guidance_end=1.0, guidance_every=1)
+
+
+BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8, workers=2)
+
+
+def build_parser():
+    """Every flag of the program, with its default and what it controls."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/prism", help="output folder: prompts, images, checkpoints, results")
+    g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random models, a CPU, "
+                   "minutes; ignores --teacher/--student/--data/--sd-model, and --llm but for none (no "
+                   "accuracy meaning)")
+    g.add_argument("--benchmark", action="store_true", help="time synthesis (each guidance mode) and distillation "
+                   "with SD 1.5 / resnet50 / resnet18 architectures and random weights, no download; writes "
+                   "OUT/benchmark.md and .json. Uses --height --width --steps --gen-batch --batch-size --image-size "
+                   "--workers --channels-last --compile; on a CPU their defaults shrink to a few minutes' work")
+    g.add_argument("--check-guidance", action="store_true", help="measure energy guidance on these weights "
+                   "(minutes): cosine of each gradient mode with the method's, effect on energy, p(y) and "
+                   "top-1 vs unguided from the same noise, s/img; writes OUT/check_guidance.md and .json")
+    g.add_argument("--check-classes", type=int, default=4, help="classes (spread evenly) for --check-guidance")
+    g.add_argument("--check-seeds", type=int, default=2, help="images per class for --check-guidance")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...; "
+                   "under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
+    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under other settings "
+                   "or damaged (what is still valid is kept)")
+    g.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    g = p.add_argument_group("models and classes")
+    g.add_argument("--teacher", default="resnet50", help="torchvision classifier name or TorchScript file")
+    g.add_argument("--teacher-weights", help="state dict for a torchvision --teacher instead of downloading")
+    g.add_argument("--teacher-input-size", type=int, default=224, help="input size of a TorchScript teacher")
+    g.add_argument("--teacher-mean", type=float, nargs=3, default=MODELS.teacher_mean, help="mean of a TorchScript teacher")
+    g.add_argument("--teacher-std", type=float, nargs=3, default=MODELS.teacher_std, help="std of a TorchScript teacher")
+    g.add_argument("--data", default="imagenet", help="'imagenet' or a class list file: one 'name[<TAB>description]' a line")
+    g.add_argument("--student", default="resnet18", help="torchvision classifier trained from scratch")
+    g.add_argument("--sd-model", default=MODELS.sd_model, help="Stable Diffusion 1.x/2.x hub id or local folder")
+    g.add_argument("--llm", default=MODELS.llm, help="instruction-tuned causal LM (hub id or local "
+                   "folder) that describes each class and writes its scenes (§3); none: the built-in "
+                   "lists and the teacher's neighbours, no LLM")
+    g = p.add_argument_group("prompts (§3)")
+    g.add_argument("--per-class", type=int, default=100, help="synthetic images (and prompts) per class")
+    g.add_argument("--photo-share", type=float, default=0.8, help="share of prompts in a photo style")
+    g.add_argument("--neighbours", type=int, default=2, help="teacher-nearest classes that tell which "
+                   "sense of a class name is meant (0: off); they are never drawn")
+    g.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.json and a readable "
+                   "OUT/prompts.md (per class: description, its source, sample prompts), then stop: "
+                   "read it before the long run")
+    g = p.add_argument_group("energy-guided sampling (§1-2)")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours "
+                   "diversity; <= 1 turns classifier-free guidance off)")
+    g.add_argument("--energy-scale", type=float, default=0.25, help="s_E, weight of the teacher energy E")
+    g.add_argument("--class-scale", type=float, default=0.25, help="s_C, weight of the class cross-entropy")
+    g.add_argument("--energy-temperature", type=float, default=1.0, help="τ of the energy E = -τ logsumexp(f/τ)")
+    g.add_argument("--guidance-start", type=float, default=0.1, help="guidance window start, fraction of steps "
+                   "(a window holding no step is refused)")
+    g.add_argument("--guidance-end", type=float, default=0.7, help="guidance window end, fraction of steps")
+    g.add_argument("--guidance-every", type=int, default=2, help="guide every k-th step inside the window")
+    g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet (slower)")
+    g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to (s_E+s_C)·‖ε̂‖")
+    g.add_argument("--guidance-batch", type=int, default=4, help="images per guidance decode with its "
+                   "backward pass (about 3 GiB each at 512² in float16): bounds guidance memory whatever "
+                   "--gen-batch is; the result does not depend on it")
+    g.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the guidance "
+                   "decoder: about a sixth of its activation memory, one more decoder forward per guided step")
+    g.add_argument("--guidance-vae", help="AutoencoderTiny id or folder (TAESD: madebyollin/taesd) for the guidance "
+                   "decode only (default: the SD VAE). An approximation of the method's gradient: measure it "
+                   "with --check-guidance before trusting it")
+    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="diffusion model precision (auto: float16 on CUDA, float32 on a CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory "
+                   "format for the convolutions (default: on with CUDA, where it is faster, off on a CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compile, faster steps)")
+    g.add_argument("--height", type=int, help="image height (default: the model's)")
+    g.add_argument("--width", type=int, help="image width (default: the model's)")
+    g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch (per torchrun process)")
+    g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format (jpg: "
+                   "quality 95, smaller and faster to decode, lossy)")
+    g.add_argument("--store-size", type=int, default=320, help="cache images with their shorter side at this "
+                   "size (0: as generated); the teacher's energy and p(y) are recorded at full size")
+    g.add_argument("--max-new-images", type=int, help="generate at most this many images now (job time limits)")
+    g = p.add_argument_group("distillation (§4) and evaluation")
+    g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set (0: no distillation)")
+    g.add_argument("--batch-size", type=int, default=256, help="global KD batch size (split over torchrun processes)")
+    g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate for the global batch (cosine decay)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    g.add_argument("--kd-temperature", type=float, default=4.0, help="τ_kd of the KD loss")
+    g.add_argument("--image-size", type=int, default=224, help="student (and KD crop) input size")
+    g.add_argument("--workers", type=int, help="data loading processes per torchrun process (default: the "
+                   "cores this process may use, shared by the node's processes, minus one)")
+    g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
+    g.add_argument("--val-dir", action="append", metavar="[NAME=]PATH", help="real labelled "
+                   "images, one folder per class, evaluated for teacher and student; repeat it "
+                   "for shifted test sets (ImageNet-V2, -Sketch, -R, -A). The first is the "
+                   "in-distribution set (precision/recall use it): put ImageNet val first. "
+                   "Folders named by class index (0 ... 999), class name or id (wnid); a set of "
+                   "fewer classes is scored over their logits only. Default NAME: the folder's")
+    g.add_argument("--class-ids", metavar="FILE", help="the ids of the classes in label order, "
+                   "one a line (ImageNet: its wnids), for --val-dir sets in id folders; default: "
+                   "the sorted folders of a --val-dir set with one folder per class")
+    g = p.add_argument_group("measuring the synthetic set (§5) and ablations")
+    g.add_argument("--pr-k", type=int, default=3, help="k of the k-NN balls of precision, recall, density, coverage")
+    g.add_argument("--sheet-classes", type=int, default=32, help="classes shown in contact_sheet.png (spread evenly)")
+    g.add_argument("--ablate", nargs="+", default=[], choices=("guidance", "disambiguation", "content", "style"),
+                   help="turn parts of the method off (one --out per variant), then compare precision and recall "
+                   "in results.json; with --epochs 0 only the synthetic set is made and measured")
+    return p
+
+
+def check_args(args):
+    """Rejects impossible flag values with a UsageError before any model is loaded."""
+    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every", "guidance_batch",
+                "teacher_input_size", "pr_k", "sheet_classes",
+                "check_classes", "check_seeds")
+    if not args.out.strip():
+        raise UsageError("--out must name a folder")
+    for flag, value in (("--sd-model", args.sd_model), ("--llm", args.llm)):
+        if not value.strip():
+            raise UsageError(f"{flag} must name a model (a hub id or a local folder)")
+    named_val_sets(args.val_dir)  # names unique and non-empty
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.workers > cores:
+        raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this process may use")
+    for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name, value in vars(args).items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(x, float) and not (math.isfinite(x) and abs(x) <= 1e30) for x in numbers):
+            raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got {value}")
+    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs",
+                 "store_size"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ("lr", "kd_temperature", "energy_temperature"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
+        raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= 1, "
+                         f"got {args.guidance_start} and {args.guidance_end}")
+    if min(args.teacher_std) <= 0:
+        raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
+    if not 0.0 <= args.photo_share <= 1.0:
+        raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
+    if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
+        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images follow "
+                          f"the prompts weakly")
+    if not args.smoke:
+        for role in ("teacher", "student"):
+            name = getattr(args, role)
+            if not is_torchvision_classifier(name) and not (role == "teacher" and os.path.isfile(name)):
+                raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name"
+                                 + (" or a TorchScript file" if role == "teacher" else ""))
+
+
+def parse_args(argv):
+    """Parses argv; with --smoke, tiny sizes become the defaults (explicit flags still win)."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.smoke:
+        parser.set_defaults(**SMOKE_DEFAULTS)
+    if known.benchmark and (known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())):
+        parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
+    args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = default_workers()
+    if args.channels_last is None:
+        args.channels_last = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    check_args(args)
+    return args
+
+
+# Schedulers whose steps cannot be read as z_t = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε with alpha_bar_at's ᾱ:
+# KDPM2's second-order stage scales the model input by interpolated sigmas (an oracle with a
+# fixed x0 and ε drifts by 30 there, against ≤ 4e-5 for DDIM, PNDM, Euler, LMS, Heun, DPM++,
+# UniPC, DEIS and v-prediction).
+UNGUIDABLE_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+
+def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_scale,
+                            guidance_start, guidance_end, guidance_every, guidance_batch, height,
+                            width, **other_options):
+    """Raises UsageError for sampler arguments that cannot mean what they say; returns the image
+    (height, width), the model's own size where not given. `other_options` are not checked."""
+    if num_steps < 1 or guidance_every < 1 or guidance_batch < 1:
+        raise UsageError(f"num_steps, guidance_every and guidance_batch must be positive, got "
+                         f"{num_steps}, {guidance_every} and {guidance_batch}")
+    scales = (cfg_scale, energy_scale, class_scale)
+    if not all(math.isfinite(s) and s >= 0 for s in scales):
+        raise UsageError(f"cfg_scale, energy_scale and class_scale must be finite and "
+                         f"non-negative, got {scales}")
+    if not 0.0 <= guidance_start < guidance_end <= 1.0:
+        raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, "
+                         f"got [{guidance_start}, {guidance_end}]")
+    trained_steps = pipe.scheduler.config.num_train_timesteps
+    if num_steps > trained_steps:
+        raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model was "
+                         f"trained with")
+    scheduler = type(pipe.scheduler).__name__
+    if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
+        raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "
+                         f"ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
+    factor = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    if height % factor or width % factor:
+        raise UsageError(f"height and width must be multiples of {factor}, got {height}x{width}")
+    return height, width
+
+
+def check_guidance_window(pipe, sample_kwargs):
+    """Refuses a guidance window that holds none of the scheduler's own timesteps (PNDM makes one
+    more than asked) while a guidance scale is on: guidance would silently do nothing."""
+    options = {**sampler_defaults(), **sample_kwargs}
+    pipe.scheduler.set_timesteps(options["num_steps"])
+    steps = len(pipe.scheduler.timesteps)
+    start, end, every = options["guidance_start"], options["guidance_end"], options["guidance_every"]
+    if (options["energy_scale"] or options["class_scale"]) and not guided_step_indices(steps, start, end, every):
+        raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the {steps} "
+                         f"sampling steps, so guidance would do nothing: widen it, or --ablate guidance")
+
+
+def sampling_options(args):
+    """The keyword arguments of energy_guided_sample that the command line sets (all of them
+    decide the pixels, so they are recorded in the synthetic set's settings)."""
+    guided = "guidance" not in args.ablate
+    return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
+                energy_scale=args.energy_scale if guided else 0.0,
+                class_scale=args.class_scale if guided else 0.0,
+                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
+                guidance_every=args.guidance_every, exact_grad=args.exact_grad,
+                normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# The stages of main() with their files: what is reused, what is checked first
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def make_out(out):
+    """Creates the output folder --out; a UsageError if it cannot be."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
+    return out
+
+
+def load_models(args, device):
+    """The teacher, the student, the class names (and descriptions) and `identity`, the names and
+    fingerprints of everything that decides the pixels. Cheap checks all come before any large
+    model loads; with --smoke, tiny random models."""
+    dtype = model_dtype(args.dtype, device)
+    if args.smoke:
+        class_names, descriptions = list(SMOKE_CLASSES), None
+        teacher = build_tiny_classifier(len(class_names), seed=args.seed).to(device).eval().requires_grad_(False)
+        student = build_tiny_classifier(len(class_names), width=8, input_size=args.image_size, seed=args.seed + 1)
+        identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
+    else:
+        class_names, descriptions = load_class_names(args.data) if args.data != "imagenet" else (None, None)
+        with rank_zero_first():
+            teacher, teacher_names = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
+                                                  num_classes=len(class_names) if class_names else 1000,
+                                                  input_size=args.teacher_input_size, mean=args.teacher_mean,
+                                                  std=args.teacher_std)
+        if class_names is None:
+            class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
+        outputs = count_outputs(teacher, device)
+        if outputs != len(class_names):
+            raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the teacher has {outputs} outputs")
+        preprocess = teacher[0]
+        student = build_student(args.student, len(class_names), input_size=args.image_size,
+                                mean=preprocess.mean.flatten().tolist(), std=preprocess.std.flatten().tolist())
+        teacher_files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
+        identity = {"sd_model": args.sd_model, "dtype": str(dtype),
+                    "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
+                    "teacher_preprocess": [preprocess.input_size, *preprocess.mean.flatten().tolist(),
+                                           *preprocess.std.flatten().tolist()]}
+    if args.guidance_vae:
+        identity["guidance_vae"] = args.guidance_vae
+    try:  # a size the student cannot take fails now, not after hours of synthesis
+        with torch.no_grad():
+            student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
+    except RuntimeError as error:
+        raise UsageError(f"--image-size {args.image_size} does not fit the student: {first_line(error)}")
+    return class_names, descriptions, teacher, student.train(), identity
+
+
+def load_sampler(args, device, out):
+    """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
+    the command line (with --smoke, a tiny random one saved under OUT/tiny-models first)."""
+    dtype = model_dtype(args.dtype, device)
+    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
+    if args.smoke and rank_and_world()[0] == 0:
+        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
+    with rank_zero_first():
+        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype),
+                                 channels_last=args.channels_last, compile_unet=args.compile)
+        guidance_vae = args.guidance_vae and load_guidance_vae(args.guidance_vae, device, dtype)
+    if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
+        (guidance_vae or pipe.vae).enable_gradient_checkpointing()
+    return pipe, guidance_vae
+
+
+def prompt_settings(args, class_names, descriptions, identity):
+    """Everything the prompts depend on (recorded in prompts.json; other settings mean other
+    prompts). "llm" is None without an LLM; with --smoke, a tiny random one."""
+    ablate = sorted(set(args.ablate) - {"guidance"})
+    llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
+    return {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
+            "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
+            "llm": llm, "teacher": identity["teacher"], "text_encoder": identity["sd_model"],
+            **({"ablate": ablate} if ablate else {})}
+
+
+def reusable_prompts(path, settings, num_classes, *, overwrite):
+    """True if OUT/prompts.json holds intact prompts made under `settings`; a UsageError when
+    it was made under others or is damaged (unless `overwrite`: then False)."""
+    if not check_settings(path, settings, overwrite=overwrite, what="prompts"):
+        return False
+    try:  # the settings are intact; the prompts themselves may not be
+        read_prompts(path, num_classes, settings["per_class"])
+    except UsageError:
+        if not overwrite:
+            raise
+        return False
+    return True
+
+
+def read_llm_answers(path, *, overwrite):
+    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}, {} when
+    there are none; a UsageError naming the file when it is damaged (unless `overwrite`)."""
+    if not path.exists():
+        return {}
+    way_out = "delete it (it only caches LLM answers) or rerun with --overwrite"
+    try:
+        cache = read_json(path, way_out).get("answers")
+        if not (isinstance(cache, dict) and all(isinstance(a, dict) and all(
+                isinstance(x, str) for pair in a.items() for x in pair) for a in cache.values())):
+            raise damaged(path, "no answers by LLM name", way_out)
+    except UsageError:
+        if overwrite:
+            return {}
+        raise
+    return cache
+
+
+CLASS_KEYS = {"name": str, "description": str, "source": str, "neighbours": list,
+              "scenes": list, "scene_source": str}
+
+
+def read_prompts(path, num_classes, per_class):
+    """(prompts, classes) stored in prompts.json: a list of at least `per_class` strings and an
+    entry of describe_classes per class, or a UsageError naming the file as damaged."""
+    way_out = "rerun with --overwrite to remake the prompts"
+    stored = read_json(path, way_out)
+    prompts, classes = stored.get("prompts"), stored.get("classes")
+    if not (isinstance(prompts, list) and len(prompts) == num_classes
+            and all(isinstance(p, list) and len(p) >= per_class and all(isinstance(s, str) for s in p)
+                    for p in prompts)):
+        raise damaged(path, "no list of prompts for every class", way_out)
+    if not (isinstance(classes, list) and len(classes) == num_classes and all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in CLASS_KEYS.items())
+            for e in classes)):
+        raise damaged(path, "no description of every class", way_out)
+    return prompts, classes
+
+
+def prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device):
+    """Stage 1: the prompts of every class and where each part came from, (prompts, classes),
+    made once and reused from OUT/prompts.json (with OUT/prompts.md, to read). Rank 0 alone
+    builds them (and loads the LLM, unless OUT/llm_answers.json holds every answer already);
+    the other ranks read the file it writes."""
+    path, answers_path = out / "prompts.json", out / "llm_answers.json"
+    reuse = reusable_prompts(path, settings, len(class_names), overwrite=args.overwrite)
+    barrier()  # every rank has its verdict before rank 0 may replace the file
+    if rank_and_world()[0] == 0 and not reuse:
+        llm = settings["llm"]
+        cache = read_llm_answers(answers_path, overwrite=args.overwrite) if llm else {}
+        answers = dict(cache.get(llm, {}))
+        if llm == "tiny-random":
+            llm = build_tiny_llm(out / "tiny-models" / "llm", seed=args.seed)
+        prompts, classes = build_prompts(
+            class_names, args.per_class, teacher=teacher, descriptions=descriptions, llm=llm,
+            text_encoder=(pipe.tokenizer, pipe.text_encoder), answers=answers,
+            neighbours=args.neighbours, photo_share=args.photo_share, seed=args.seed,
+            llm_device=device, disambiguate="disambiguation" not in args.ablate,
+            vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
+        if settings["llm"]:  # the other LLMs' answers are kept
+            write_json_atomic({"answers": {**cache, settings["llm"]: answers}}, answers_path)
+        write_json_atomic({"settings": settings, "prompts": prompts, "classes": classes}, path)
+    barrier()
+    prompts, classes = read_prompts(path, len(class_names), args.per_class)
+    if rank_and_world()[0] == 0 and (not reuse or not (out / "prompts.md").exists()):
+        text = prompts_markdown(classes, prompts, settings["llm"])
+        atomic_write(out / "prompts.md", lambda temp: temp.write_text(text, encoding="utf-8"))
+    return prompts, classes
+
+
+def check_llm_available(args, out, settings):
+    """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
+    that cannot be found and whose answers are not cached in OUT/llm_answers.json."""
+    if args.smoke or not settings["llm"]:
+        return
+    if reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
+                        overwrite=args.overwrite):
+        return
+    if settings["llm"] not in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite):
+        locate_model(args.llm, "--llm", "or --llm none for the built-in prompts")
+
+
+def prompts_only(args, out, class_names, descriptions, teacher, settings, device):
+    """--prompts-only: stage 1 alone (the diffusion model is loaded for its text encoder), then
+    the paths of prompts.json and prompts.md. Returns None (no results)."""
+    pipe, _ = load_sampler(args, device, out)
+    prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device)
+    if rank_and_world()[0] == 0:
+        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
+              f"then run the same command without --prompts-only")
+    return None
+
+
+def run(args, device):
+    """The pipeline of main(), on parsed and checked arguments and this process's device. Returns
+    the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
+    the shared files (prompts, merged manifest, checkpoint, results); the ranks split the images
+    to make, the batches to train on and the images to evaluate."""
+    rank, world = rank_and_world()
+    if args.batch_size % world:  # checked by distill too, but say it now rather than after hours of synthesis
+        raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
+    out = make_out(args.out)
+    if not args.smoke:  # found or refused in seconds, before anything is loaded
+        locate_model(args.sd_model, "--sd-model")
+    class_names, descriptions, teacher, student, identity = load_models(args, device)
+    settings_p = prompt_settings(args, class_names, descriptions, identity)
+    check_llm_available(args, out, settings_p)
+    if args.prompts_only:
+        return prompts_only(args, out, class_names, descriptions, teacher, settings_p, device)
+    # read late (evaluation), so every folder mapped to its class and every image checked now,
+    # before hours of synthesis
+    class_ids = (None if args.class_ids is None else
+                 (args.class_ids, load_class_ids(args.class_ids, len(class_names))))
+    val_sets = labelled_sets(named_val_sets(args.val_dir), class_names, class_ids)
+    real_images = val_sets[0]["images"] if val_sets else math.inf  # precision/recall's real set
+    smallest = min(len(class_names) * args.per_class, real_images)
+    if args.pr_k >= smallest:
+        raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; the smaller "
+                         f"set has {smallest}")
+
+    pipe, guidance_vae = load_sampler(args, device, out)
+    sample_kwargs = sampling_options(args)  # checked against the model before anything is recorded
+    check_sampler_arguments(pipe, **{**sample_kwargs, "guidance_batch": args.guidance_batch})
+    check_guidance_window(pipe, sample_kwargs)
+
+    # Stage 1: prompts (rank 0 builds them; reused from prompts.json under the same settings).
+    prompts, classes = prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings_p,
+                                     device)
+
+    # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
+    synthetic = out / "synthetic"
+    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
+                                  store_size=args.store_size or None,
+                                  identity=identity, sample_kwargs=sample_kwargs)
+    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
+    if device.type == "cpu" and not args.smoke and rank == 0:  # said once every input has passed its checks
+        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
+    records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
+                                 batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
+                                 store_size=args.store_size or None,
+                                 overwrite=args.overwrite, max_new_images=args.max_new_images,
+                                 guidance_vae=guidance_vae, guidance_batch=args.guidance_batch, **sample_kwargs)
+    del pipe, guidance_vae
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    wanted = len(class_names) * args.per_class
+    if len(records) < wanted:
+        if rank == 0:
+            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command to continue")
+        return None
+    if rank == 0:  # a fresh sheet whenever the set changed (the manifest is rewritten when it does)
+        sheet = out / "contact_sheet.png"
+        if not sheet.exists() or sheet.stat().st_mtime_ns < (synthetic / "manifest.jsonl").stat().st_mtime_ns:
+            contact_sheet(synthetic, class_names, sheet, max_classes=args.sheet_classes,
+                          sources=[entry["source"] for entry in classes])
+    results = {"ablate": args.ablate, "prompts": prompt_sources(classes, settings_p["llm"])}
+
+    # Stage 3: distillation, resumed from out/checkpoint.pt (--epochs 0: none, measure the set only).
+    if args.epochs > 0:
+        history = distill(teacher, student, synthetic, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          temperature=args.kd_temperature, checkpoint_path=out / "checkpoint.pt", device=device,
+                          image_size=args.image_size, weight_decay=args.weight_decay, num_workers=args.workers,
+                          seed=args.seed, data_settings=json.loads(json.dumps(settings)),
+                          epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
+        results["distill"] = {"epochs_done": len(history), "kd_loss": history}
+        if len(history) < args.epochs:
+            if rank == 0:
+                print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
+            return None
+        if rank == 0:
+            save_torch_atomic(student.state_dict(), out / "student.pt")
+
+    # Stage 4: measure the synthetic set (§5) in the teacher's feature space, against the first
+    # (in-distribution) real set when there is one (the smoke run uses its own synthetic set as a
+    # stand-in), then evaluate on every set.
+    if not val_sets and args.smoke:
+        val_sets = labelled_sets([("synthetic", synthetic)], class_names)
+    if rank == 0:  # one process measures; the others wait at the barrier below
+        features = dict(image_size=teacher[0].input_size, device=device, num_workers=args.workers)
+        fake_features, _, fake_labels = extract_features(teacher, synthetic, **features)
+        results["synthetic"] = synthetic_set_report(records, fake_features, class_names)
+        if val_sets:
+            real = val_sets[0]
+            real_features, _, real_labels = extract_features(teacher, real["data"],
+                                                             classes=real["classes"], **features)
+            results["precision_recall"] = {"set": real["name"], "data": real["data"],
+                                           **precision_recall_report(
+                real_features.to(device), real_labels.to(device), fake_features.to(device),
+                fake_labels.to(device), class_names, k=args.pr_k)}
+    barrier()
+    if val_sets:
+        evaluation = dict(device=device, image_size=args.image_size, num_workers=args.workers)
+        trained = student if args.epochs > 0 else None
+        results["evaluation"] = evaluate_sets(val_sets, teacher, trained, len(class_names), **evaluation)
+    if rank == 0:
+        write_json_atomic(results, out / "results.json")
+        print(json.dumps(without_per_class(results), indent=1))
+        if val_sets:
+            print(evaluation_table(results["evaluation"]["sets"], len(class_names)))
+        print(f"per-class reports: {out / 'results.json'}; what was generated: {out / 'contact_sheet.png'}")
+        if args.smoke:
+            print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
+    return results
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# PART III — TOOLS: reports for a person to read, tiny models, the benchmark
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Reports: prompts.md, the contact sheet, the evaluation table
+# ──────────────────────────────────────────────────────────────────────────────────────────
 def prompt_sources(classes, llm):
     """Where the prompts' parts came from (§3), for results.json: how many classes took their
     description from each source ("file", "llm", "neighbours", "name") and their scenes from
@@ -2024,64 +2898,6 @@ def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, til
     return sum(len(images) for images in shown)
 
 
-@torch.no_grad()
-def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", image_size=224,
-             num_workers=4, progress=True):
-    """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree under
-    eval_transform (the usual protocol). `classes`: the model class of each sorted class folder
-    (class_mapping); None: the sorted folders are the classes 0, 1, … of the model, all of them.
-    A set of K classes is scored over those K logits only: for K below the model's outputs that
-    is the ImageNet-R/-A protocol (200 of 1000 classes), for a full set it is every logit.
-    Several processes: rank r scores images r, r+N, r+2N, ... and the counts are summed, so every
-    rank returns exactly the single-process numbers."""
-    rank, world = rank_and_world()
-    dataset = image_folder(data_dir, eval_transform(image_size), classes)
-    model.to(device).eval()
-    # on every rank, even one without a share
-    outputs = model(dataset[0][0].unsqueeze(0).to(device)).shape[-1]
-    if classes is None and outputs != len(dataset.classes):
-        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has "
-                         f"{outputs} outputs")
-    subset = torch.tensor(sorted(range(len(dataset.classes)) if classes is None else classes))
-    if subset.max() >= outputs:
-        raise UsageError(f"{data_dir} holds class {subset.max().item()} but the model has "
-                         f"{outputs} outputs")
-    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
-    top1 = top5 = 0
-    with tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0) as batches:
-        for images, labels in batches:
-            logits = model(images.to(device))[:, subset.to(device)]
-            # restricted logits: the k best are S[topk_j f(x)_{S_j}] over the set's classes S
-            best = subset[logits.topk(min(5, len(subset)), dim=-1).indices.cpu()]
-            top1 += (best[:, 0] == labels).sum().item()
-            top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
-    top1, top5 = sum_over_ranks([top1, top5])
-    return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset),
-            "images": len(dataset)}
-
-
-def evaluate_sets(sets, teacher, student, num_classes, **evaluation):
-    """results.json's "evaluation": each of labelled_sets' `sets` scored (evaluate, with
-    `evaluation`'s options) for the teacher and, unless None, the student, side by side with the
-    teacher → student top-1 gap, how its folders were mapped, and per folder its class."""
-    entries = []
-    for s in sets:
-        k = len(s["classes"])
-        entry = {"name": s["name"], "data": s["data"], "classes": k,
-                 "protocol": (f"all {k} classes" if k == num_classes else
-                              f"restricted to {k} of {num_classes} classes"),
-                 "mapping": s["mapping"],
-                 "teacher": evaluate(teacher, s["data"], classes=s["classes"], **evaluation)}
-        if student is not None:
-            entry["student"] = evaluate(student, s["data"], classes=s["classes"], **evaluation)
-            entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
-        entry["per_class"] = [{"folder": f, "class": c} for f, c in zip(s["folders"], s["classes"])]
-        entries.append(entry)
-    return {"sets": entries}
-
-
 def evaluation_table(sets, num_classes):
     """evaluate_sets' entries as one aligned text table, a row per set: images, classes (K/N when
     restricted to K of the N classes), teacher and student top-1 / top-5 (%) and the teacher →
@@ -2103,7 +2919,7 @@ def evaluation_table(sets, num_classes):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 6. Tiny random components: the offline smoke run and the tests (plumbing, not accuracy)
+# Tiny random components: the offline smoke run and the tests (plumbing, not accuracy)
 # ──────────────────────────────────────────────────────────────────────────────────────────
 SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
 
@@ -2213,7 +3029,7 @@ def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# 7. Benchmark: real architectures with random weights (same FLOPs as the trained models)
+# Benchmark and --check-guidance: real architectures with random weights, timed
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def peak_memory_gib(device):
     """Peak memory since the last reset_peak_memory (GiB): GPU memory allocated by torch on CUDA;
@@ -2515,300 +3331,6 @@ def benchmark_table(result, machine, *, num_steps=50, guided_steps=15):
     return "\n".join(lines)
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# 8. Command line: prompts → synthesis → distillation → evaluation, each stage resumable
-# ──────────────────────────────────────────────────────────────────────────────────────────
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2, batch_size=8,
-                      image_size=32, workers=0, lr=0.05, guidance_start=0.0, guidance_end=1.0, guidance_every=1)
-
-
-BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8, workers=2)
-
-
-def build_parser():
-    """Every flag of the program, with its default and what it controls."""
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/prism", help="output folder: prompts, images, checkpoints, results")
-    g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random models, a CPU, "
-                   "minutes; ignores --teacher/--student/--data/--sd-model, and --llm but for none (no "
-                   "accuracy meaning)")
-    g.add_argument("--benchmark", action="store_true", help="time synthesis (each guidance mode) and distillation "
-                   "with SD 1.5 / resnet50 / resnet18 architectures and random weights, no download; writes "
-                   "OUT/benchmark.md and .json. Uses --height --width --steps --gen-batch --batch-size --image-size "
-                   "--workers --channels-last --compile; on a CPU their defaults shrink to a few minutes' work")
-    g.add_argument("--check-guidance", action="store_true", help="measure energy guidance on these weights "
-                   "(minutes): cosine of each gradient mode with the method's, effect on energy, p(y) and "
-                   "top-1 vs unguided from the same noise, s/img; writes OUT/check_guidance.md and .json")
-    g.add_argument("--check-classes", type=int, default=4, help="classes (spread evenly) for --check-guidance")
-    g.add_argument("--check-seeds", type=int, default=2, help="images per class for --check-guidance")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...; "
-                   "under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
-    g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
-    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under other settings "
-                   "or damaged (what is still valid is kept)")
-    g.add_argument("--debug", action="store_true", help="print the traceback of an error")
-    g = p.add_argument_group("models and classes")
-    g.add_argument("--teacher", default="resnet50", help="torchvision classifier name or TorchScript file")
-    g.add_argument("--teacher-weights", help="state dict for a torchvision --teacher instead of downloading")
-    g.add_argument("--teacher-input-size", type=int, default=224, help="input size of a TorchScript teacher")
-    g.add_argument("--teacher-mean", type=float, nargs=3, default=IMAGENET_MEAN, help="mean of a TorchScript teacher")
-    g.add_argument("--teacher-std", type=float, nargs=3, default=IMAGENET_STD, help="std of a TorchScript teacher")
-    g.add_argument("--data", default="imagenet", help="'imagenet' or a class list file: one 'name[<TAB>description]' a line")
-    g.add_argument("--student", default="resnet18", help="torchvision classifier trained from scratch")
-    g.add_argument("--sd-model", default=DEFAULT_SD_MODEL, help="Stable Diffusion 1.x/2.x hub id or local folder")
-    g.add_argument("--llm", default=DEFAULT_LLM, help="instruction-tuned causal LM (hub id or local "
-                   "folder) that describes each class and writes its scenes (§3); none: the built-in "
-                   "lists and the teacher's neighbours, no LLM")
-    g = p.add_argument_group("prompts (§3)")
-    g.add_argument("--per-class", type=int, default=100, help="synthetic images (and prompts) per class")
-    g.add_argument("--photo-share", type=float, default=0.8, help="share of prompts in a photo style")
-    g.add_argument("--neighbours", type=int, default=2, help="teacher-nearest classes that tell which "
-                   "sense of a class name is meant (0: off); they are never drawn")
-    g.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.json and a readable "
-                   "OUT/prompts.md (per class: description, its source, sample prompts), then stop: "
-                   "read it before the long run")
-    g = p.add_argument_group("energy-guided sampling (§1-2)")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours "
-                   "diversity; <= 1 turns classifier-free guidance off)")
-    g.add_argument("--energy-scale", type=float, default=0.25, help="s_E, weight of the teacher energy E")
-    g.add_argument("--class-scale", type=float, default=0.25, help="s_C, weight of the class cross-entropy")
-    g.add_argument("--energy-temperature", type=float, default=1.0, help="τ of the energy E = -τ logsumexp(f/τ)")
-    g.add_argument("--guidance-start", type=float, default=0.1, help="guidance window start, fraction of steps "
-                   "(a window holding no step is refused)")
-    g.add_argument("--guidance-end", type=float, default=0.7, help="guidance window end, fraction of steps")
-    g.add_argument("--guidance-every", type=int, default=2, help="guide every k-th step inside the window")
-    g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet (slower)")
-    g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to (s_E+s_C)·‖ε̂‖")
-    g.add_argument("--guidance-batch", type=int, default=4, help="images per guidance decode with its "
-                   "backward pass (about 3 GiB each at 512² in float16): bounds guidance memory whatever "
-                   "--gen-batch is; the result does not depend on it")
-    g.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the guidance "
-                   "decoder: about a sixth of its activation memory, one more decoder forward per guided step")
-    g.add_argument("--guidance-vae", help="AutoencoderTiny id or folder (TAESD: madebyollin/taesd) for the guidance "
-                   "decode only (default: the SD VAE). An approximation of the method's gradient: measure it "
-                   "with --check-guidance before trusting it")
-    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                   help="diffusion model precision (auto: float16 on CUDA, float32 on a CPU)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory "
-                   "format for the convolutions (default: on with CUDA, where it is faster, off on a CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compile, faster steps)")
-    g.add_argument("--height", type=int, help="image height (default: the model's)")
-    g.add_argument("--width", type=int, help="image width (default: the model's)")
-    g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch (per torchrun process)")
-    g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format (jpg: "
-                   "quality 95, smaller and faster to decode, lossy)")
-    g.add_argument("--store-size", type=int, default=320, help="cache images with their shorter side at this "
-                   "size (0: as generated); the teacher's energy and p(y) are recorded at full size")
-    g.add_argument("--max-new-images", type=int, help="generate at most this many images now (job time limits)")
-    g = p.add_argument_group("distillation (§4) and evaluation")
-    g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set (0: no distillation)")
-    g.add_argument("--batch-size", type=int, default=256, help="global KD batch size (split over torchrun processes)")
-    g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate for the global batch (cosine decay)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    g.add_argument("--kd-temperature", type=float, default=4.0, help="τ_kd of the KD loss")
-    g.add_argument("--image-size", type=int, default=224, help="student (and KD crop) input size")
-    g.add_argument("--workers", type=int, help="data loading processes per torchrun process (default: the "
-                   "cores this process may use, shared by the node's processes, minus one)")
-    g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
-    g.add_argument("--val-dir", action="append", metavar="[NAME=]PATH", help="real labelled "
-                   "images, one folder per class, evaluated for teacher and student; repeat it "
-                   "for shifted test sets (ImageNet-V2, -Sketch, -R, -A). The first is the "
-                   "in-distribution set (precision/recall use it): put ImageNet val first. "
-                   "Folders named by class index (0 ... 999), class name or id (wnid); a set of "
-                   "fewer classes is scored over their logits only. Default NAME: the folder's")
-    g.add_argument("--class-ids", metavar="FILE", help="the ids of the classes in label order, "
-                   "one a line (ImageNet: its wnids), for --val-dir sets in id folders; default: "
-                   "the sorted folders of a --val-dir set with one folder per class")
-    g = p.add_argument_group("measuring the synthetic set (§5) and ablations")
-    g.add_argument("--pr-k", type=int, default=3, help="k of the k-NN balls of precision, recall, density, coverage")
-    g.add_argument("--sheet-classes", type=int, default=32, help="classes shown in contact_sheet.png (spread evenly)")
-    g.add_argument("--ablate", nargs="+", default=[], choices=("guidance", "disambiguation", "content", "style"),
-                   help="turn parts of the method off (one --out per variant), then compare precision and recall "
-                   "in results.json; with --epochs 0 only the synthetic set is made and measured")
-    return p
-
-
-def check_args(args):
-    """Rejects impossible flag values with a UsageError before any model is loaded."""
-    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every", "guidance_batch",
-                "teacher_input_size", "pr_k", "sheet_classes",
-                "check_classes", "check_seeds")
-    if not args.out.strip():
-        raise UsageError("--out must name a folder")
-    for flag, value in (("--sd-model", args.sd_model), ("--llm", args.llm)):
-        if not value.strip():
-            raise UsageError(f"{flag} must name a model (a hub id or a local folder)")
-    named_val_sets(args.val_dir)  # names unique and non-empty
-    if not 0 <= args.seed < 2 ** 63:
-        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if args.workers > cores:
-        raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this process may use")
-    for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name, value in vars(args).items():
-        numbers = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(x, float) and not (math.isfinite(x) and abs(x) <= 1e30) for x in numbers):
-            raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got {value}")
-    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs",
-                 "store_size"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("lr", "kd_temperature", "energy_temperature"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
-        raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= 1, "
-                         f"got {args.guidance_start} and {args.guidance_end}")
-    if min(args.teacher_std) <= 0:
-        raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
-    if not 0.0 <= args.photo_share <= 1.0:
-        raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
-    if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
-        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images follow "
-                          f"the prompts weakly")
-    if not args.smoke:
-        for role in ("teacher", "student"):
-            name = getattr(args, role)
-            if not is_torchvision_classifier(name) and not (role == "teacher" and os.path.isfile(name)):
-                raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name"
-                                 + (" or a TorchScript file" if role == "teacher" else ""))
-
-
-def parse_args(argv):
-    """Parses argv; with --smoke, tiny sizes become the defaults (explicit flags still win)."""
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.smoke:
-        parser.set_defaults(**SMOKE_DEFAULTS)
-    if known.benchmark and (known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())):
-        parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
-    args = parser.parse_args(argv)
-    if args.workers is None:
-        args.workers = default_workers()
-    if args.channels_last is None:
-        args.channels_last = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    check_args(args)
-    return args
-
-
-def pick_device(name):
-    """The torch device for --device ("auto": CUDA when there is one)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"bad --device '{name}': {first_line(error)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available here")
-    return device
-
-
-def process_gpu(local_rank, visible_gpus):
-    """The CUDA device index of the process with LOCAL_RANK `local_rank` on a node where it sees
-    `visible_gpus` GPUs: its own index when it sees them all; 0 when a launcher gave each process
-    one GPU of its own (CUDA_VISIBLE_DEVICES per process, so it sees exactly one)."""
-    if visible_gpus == 1:
-        return 0
-    if local_rank >= visible_gpus:
-        raise UsageError(f"process {local_rank} of this node has no GPU of its own ({visible_gpus} "
-                         f"visible): use --nproc_per_node <= the GPU count")
-    return local_rank
-
-
-def init_distributed(device_name):
-    """Returns this process's torch device. Under torchrun (WORLD_SIZE > 1) it first joins the
-    process group: NCCL with one GPU per process (process_gpu), whatever --device names, or gloo
-    when the device is the CPU. A plain `python prism.py` starts no group."""
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", process_gpu(int(os.environ.get("LOCAL_RANK", "0")),
-                                                  torch.cuda.device_count()))
-        torch.cuda.set_device(device)
-    # A long timeout: ranks wait at a barrier while rank 0 alone builds the prompts (an LLM may
-    # take a while) or merges a large manifest.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2),
-                            device_id=device if device.type == "cuda" else None)
-    return device
-
-
-def default_workers():
-    """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
-    the processes of its node, leaving one for the training process itself (at least 0)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
-
-
-@contextlib.contextmanager
-def rank_zero_first():
-    """Runs the body on rank 0, then on the other ranks: a model download fills the cache once."""
-    rank, world = rank_and_world()
-    if rank != 0:
-        barrier()
-    yield
-    if rank == 0:
-        barrier()
-
-
-TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.tmp<pid>
-
-
-def remove_stale_temps(out):
-    """Deletes the temp files of atomic writes that a killed run left in the folders prism writes
-    under `out` (--out, synthetic/ and benchmark/ with their class folders), and only files of
-    atomic_write's naming pattern: never a user's file. Call it holding the lock."""
-    out = Path(out)
-    folders = [out, out / "synthetic", out / "benchmark", out / "benchmark" / "images"]
-    folders += [f for parent in (out / "synthetic", out / "benchmark" / "images") if parent.is_dir()
-                for f in parent.iterdir() if f.name.isdigit() and f.is_dir() and not f.is_symlink()]
-    for folder in folders:
-        for path in folder.glob(".*.tmp*") if folder.is_dir() else []:
-            if TEMP_FILE.match(path.name):
-                path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def exclusive_out(out):
-    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock for the
-    whole run (the other torchrun ranks of the run share it) and, holding it, removes stale temp
-    files. A second run is refused in one line. The lock dies with its holder, even on SIGKILL."""
-    rank, _ = rank_and_world()
-    handle, problem = None, ""
-    if rank == 0:
-        try:
-            handle = open(make_out(out) / ".prism.lock", "a")
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            remove_stale_temps(out)
-        except BlockingIOError:
-            problem = f"{out} is in use by another prism run; wait for it to end, or use another --out"
-        except (UsageError, OSError) as error:
-            problem = str(error) if isinstance(error, UsageError) else f"cannot lock {out}: {first_line(error)}"
-    problem = gather_from_ranks([problem])[0][0]  # every rank learns rank 0's verdict
-    try:
-        if problem:
-            raise UsageError(problem)
-        yield
-    finally:
-        if handle is not None:
-            handle.close()
-
-
 def run_benchmark(args, device):
     """--benchmark: runs benchmark() with the command line's sizes, prints its table and keeps it
     in OUT/benchmark.md and OUT/benchmark.json. Returns the result dict."""
@@ -2872,390 +3394,6 @@ def run_check_guidance(args, device):
     write_json_atomic(result, out / "check_guidance.json")
     print(table)
     return result
-
-
-def model_dtype(name, device):
-    """The diffusion model's dtype for --dtype ("auto": float16 on CUDA, float32 on a CPU)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def load_models(args, device):
-    """The teacher, the student, the class names (and descriptions) and `identity`, the names and
-    fingerprints of everything that decides the pixels. Cheap checks all come before any large
-    model loads; with --smoke, tiny random models."""
-    dtype = model_dtype(args.dtype, device)
-    if args.smoke:
-        class_names, descriptions = list(SMOKE_CLASSES), None
-        teacher = build_tiny_classifier(len(class_names), seed=args.seed).to(device).eval().requires_grad_(False)
-        student = build_tiny_classifier(len(class_names), width=8, input_size=args.image_size, seed=args.seed + 1)
-        identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
-    else:
-        class_names, descriptions = load_class_names(args.data) if args.data != "imagenet" else (None, None)
-        with rank_zero_first():
-            teacher, teacher_names = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
-                                                  num_classes=len(class_names) if class_names else 1000,
-                                                  input_size=args.teacher_input_size, mean=args.teacher_mean,
-                                                  std=args.teacher_std)
-        if class_names is None:
-            class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
-        outputs = count_outputs(teacher, device)
-        if outputs != len(class_names):
-            raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the teacher has {outputs} outputs")
-        preprocess = teacher[0]
-        student = build_student(args.student, len(class_names), input_size=args.image_size,
-                                mean=preprocess.mean.flatten().tolist(), std=preprocess.std.flatten().tolist())
-        teacher_files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
-        identity = {"sd_model": args.sd_model, "dtype": str(dtype),
-                    "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
-                    "teacher_preprocess": [preprocess.input_size, *preprocess.mean.flatten().tolist(),
-                                           *preprocess.std.flatten().tolist()]}
-    if args.guidance_vae:
-        identity["guidance_vae"] = args.guidance_vae
-    try:  # a size the student cannot take fails now, not after hours of synthesis
-        with torch.no_grad():
-            student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
-    except RuntimeError as error:
-        raise UsageError(f"--image-size {args.image_size} does not fit the student: {first_line(error)}")
-    return class_names, descriptions, teacher, student.train(), identity
-
-
-def sampling_options(args):
-    """The keyword arguments of energy_guided_sample that the command line sets (all of them
-    decide the pixels, so they are recorded in the synthetic set's settings)."""
-    guided = "guidance" not in args.ablate
-    return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
-                energy_scale=args.energy_scale if guided else 0.0,
-                class_scale=args.class_scale if guided else 0.0,
-                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
-                guidance_every=args.guidance_every, exact_grad=args.exact_grad,
-                normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
-
-
-def load_sampler(args, device, out):
-    """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
-    the command line (with --smoke, a tiny random one saved under OUT/tiny-models first)."""
-    dtype = model_dtype(args.dtype, device)
-    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
-    if args.smoke and rank_and_world()[0] == 0:
-        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
-    with rank_zero_first():
-        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype),
-                                 channels_last=args.channels_last, compile_unet=args.compile)
-        guidance_vae = args.guidance_vae and load_guidance_vae(args.guidance_vae, device, dtype)
-    if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
-        (guidance_vae or pipe.vae).enable_gradient_checkpointing()
-    return pipe, guidance_vae
-
-
-def make_out(out):
-    """Creates the output folder --out; a UsageError if it cannot be."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    return out
-
-
-def check_guidance_window(pipe, sample_kwargs):
-    """Refuses a guidance window that holds none of the scheduler's own timesteps (PNDM makes one
-    more than asked) while a guidance scale is on: guidance would silently do nothing."""
-    options = {**sampler_defaults(), **sample_kwargs}
-    pipe.scheduler.set_timesteps(options["num_steps"])
-    steps = len(pipe.scheduler.timesteps)
-    start, end, every = options["guidance_start"], options["guidance_end"], options["guidance_every"]
-    if (options["energy_scale"] or options["class_scale"]) and not guided_step_indices(steps, start, end, every):
-        raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the {steps} "
-                         f"sampling steps, so guidance would do nothing: widen it, or --ablate guidance")
-
-
-def prompt_settings(args, class_names, descriptions, identity):
-    """Everything the prompts depend on (recorded in prompts.json; other settings mean other
-    prompts). "llm" is None without an LLM; with --smoke, a tiny random one."""
-    ablate = sorted(set(args.ablate) - {"guidance"})
-    llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
-    return {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
-            "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
-            "llm": llm, "teacher": identity["teacher"], "text_encoder": identity["sd_model"],
-            **({"ablate": ablate} if ablate else {})}
-
-
-def reusable_prompts(path, settings, num_classes, *, overwrite):
-    """True if OUT/prompts.json holds intact prompts made under `settings`; a UsageError when
-    it was made under others or is damaged (unless `overwrite`: then False)."""
-    if not check_settings(path, settings, overwrite=overwrite, what="prompts"):
-        return False
-    try:  # the settings are intact; the prompts themselves may not be
-        read_prompts(path, num_classes, settings["per_class"])
-    except UsageError:
-        if not overwrite:
-            raise
-        return False
-    return True
-
-
-def read_llm_answers(path, *, overwrite):
-    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}, {} when
-    there are none; a UsageError naming the file when it is damaged (unless `overwrite`)."""
-    if not path.exists():
-        return {}
-    way_out = "delete it (it only caches LLM answers) or rerun with --overwrite"
-    try:
-        cache = read_json(path, way_out).get("answers")
-        if not (isinstance(cache, dict) and all(isinstance(a, dict) and all(
-                isinstance(x, str) for pair in a.items() for x in pair) for a in cache.values())):
-            raise damaged(path, "no answers by LLM name", way_out)
-    except UsageError:
-        if overwrite:
-            return {}
-        raise
-    return cache
-
-
-def prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device):
-    """Stage 1: the prompts of every class and where each part came from, (prompts, classes),
-    made once and reused from OUT/prompts.json (with OUT/prompts.md, to read). Rank 0 alone
-    builds them (and loads the LLM, unless OUT/llm_answers.json holds every answer already);
-    the other ranks read the file it writes."""
-    path, answers_path = out / "prompts.json", out / "llm_answers.json"
-    reuse = reusable_prompts(path, settings, len(class_names), overwrite=args.overwrite)
-    barrier()  # every rank has its verdict before rank 0 may replace the file
-    if rank_and_world()[0] == 0 and not reuse:
-        llm = settings["llm"]
-        cache = read_llm_answers(answers_path, overwrite=args.overwrite) if llm else {}
-        answers = dict(cache.get(llm, {}))
-        if llm == "tiny-random":
-            llm = build_tiny_llm(out / "tiny-models" / "llm", seed=args.seed)
-        prompts, classes = build_prompts(
-            class_names, args.per_class, teacher=teacher, descriptions=descriptions, llm=llm,
-            text_encoder=(pipe.tokenizer, pipe.text_encoder), answers=answers,
-            neighbours=args.neighbours, photo_share=args.photo_share, seed=args.seed,
-            llm_device=device, disambiguate="disambiguation" not in args.ablate,
-            vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-        if settings["llm"]:  # the other LLMs' answers are kept
-            write_json_atomic({"answers": {**cache, settings["llm"]: answers}}, answers_path)
-        write_json_atomic({"settings": settings, "prompts": prompts, "classes": classes}, path)
-    barrier()
-    prompts, classes = read_prompts(path, len(class_names), args.per_class)
-    if rank_and_world()[0] == 0 and (not reuse or not (out / "prompts.md").exists()):
-        text = prompts_markdown(classes, prompts, settings["llm"])
-        atomic_write(out / "prompts.md", lambda temp: temp.write_text(text, encoding="utf-8"))
-    return prompts, classes
-
-
-CLASS_KEYS = {"name": str, "description": str, "source": str, "neighbours": list,
-              "scenes": list, "scene_source": str}
-
-
-def read_prompts(path, num_classes, per_class):
-    """(prompts, classes) stored in prompts.json: a list of at least `per_class` strings and an
-    entry of describe_classes per class, or a UsageError naming the file as damaged."""
-    way_out = "rerun with --overwrite to remake the prompts"
-    stored = read_json(path, way_out)
-    prompts, classes = stored.get("prompts"), stored.get("classes")
-    if not (isinstance(prompts, list) and len(prompts) == num_classes
-            and all(isinstance(p, list) and len(p) >= per_class and all(isinstance(s, str) for s in p)
-                    for p in prompts)):
-        raise damaged(path, "no list of prompts for every class", way_out)
-    if not (isinstance(classes, list) and len(classes) == num_classes and all(
-            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in CLASS_KEYS.items())
-            for e in classes)):
-        raise damaged(path, "no description of every class", way_out)
-    return prompts, classes
-
-
-def check_llm_available(args, out, settings):
-    """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
-    that cannot be found and whose answers are not cached in OUT/llm_answers.json."""
-    if args.smoke or not settings["llm"]:
-        return
-    if reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
-                        overwrite=args.overwrite):
-        return
-    if settings["llm"] not in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite):
-        locate_model(args.llm, "--llm", "or --llm none for the built-in prompts")
-
-
-def prompts_only(args, out, class_names, descriptions, teacher, settings, device):
-    """--prompts-only: stage 1 alone (the diffusion model is loaded for its text encoder), then
-    the paths of prompts.json and prompts.md. Returns None (no results)."""
-    pipe, _ = load_sampler(args, device, out)
-    prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device)
-    if rank_and_world()[0] == 0:
-        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
-              f"then run the same command without --prompts-only")
-    return None
-
-
-def run(args, device):
-    """The pipeline of main(), on parsed and checked arguments and this process's device. Returns
-    the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
-    the shared files (prompts, merged manifest, checkpoint, results); the ranks split the images
-    to make, the batches to train on and the images to evaluate."""
-    rank, world = rank_and_world()
-    if args.batch_size % world:  # checked by distill too, but say it now rather than after hours of synthesis
-        raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
-    out = make_out(args.out)
-    if not args.smoke:  # found or refused in seconds, before anything is loaded
-        locate_model(args.sd_model, "--sd-model")
-    class_names, descriptions, teacher, student, identity = load_models(args, device)
-    settings_p = prompt_settings(args, class_names, descriptions, identity)
-    check_llm_available(args, out, settings_p)
-    if args.prompts_only:
-        return prompts_only(args, out, class_names, descriptions, teacher, settings_p, device)
-    # read late (evaluation), so every folder mapped to its class and every image checked now,
-    # before hours of synthesis
-    class_ids = (None if args.class_ids is None else
-                 (args.class_ids, load_class_ids(args.class_ids, len(class_names))))
-    val_sets = labelled_sets(named_val_sets(args.val_dir), class_names, class_ids)
-    real_images = val_sets[0]["images"] if val_sets else math.inf  # precision/recall's real set
-    smallest = min(len(class_names) * args.per_class, real_images)
-    if args.pr_k >= smallest:
-        raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; the smaller "
-                         f"set has {smallest}")
-
-    pipe, guidance_vae = load_sampler(args, device, out)
-    sample_kwargs = sampling_options(args)  # checked against the model before anything is recorded
-    check_sampler_arguments(pipe, **{**sample_kwargs, "guidance_batch": args.guidance_batch})
-    check_guidance_window(pipe, sample_kwargs)
-
-    # Stage 1: prompts (rank 0 builds them; reused from prompts.json under the same settings).
-    prompts, classes = prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings_p,
-                                     device)
-
-    # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
-    synthetic = out / "synthetic"
-    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
-                                  store_size=args.store_size or None,
-                                  identity=identity, sample_kwargs=sample_kwargs)
-    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
-    if device.type == "cpu" and not args.smoke and rank == 0:  # said once every input has passed its checks
-        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
-    records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
-                                 batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
-                                 store_size=args.store_size or None,
-                                 overwrite=args.overwrite, max_new_images=args.max_new_images,
-                                 guidance_vae=guidance_vae, guidance_batch=args.guidance_batch, **sample_kwargs)
-    del pipe, guidance_vae
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    wanted = len(class_names) * args.per_class
-    if len(records) < wanted:
-        if rank == 0:
-            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command to continue")
-        return None
-    if rank == 0:  # a fresh sheet whenever the set changed (the manifest is rewritten when it does)
-        sheet = out / "contact_sheet.png"
-        if not sheet.exists() or sheet.stat().st_mtime_ns < (synthetic / "manifest.jsonl").stat().st_mtime_ns:
-            contact_sheet(synthetic, class_names, sheet, max_classes=args.sheet_classes,
-                          sources=[entry["source"] for entry in classes])
-    results = {"ablate": args.ablate, "prompts": prompt_sources(classes, settings_p["llm"])}
-
-    # Stage 3: distillation, resumed from out/checkpoint.pt (--epochs 0: none, measure the set only).
-    if args.epochs > 0:
-        history = distill(teacher, student, synthetic, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          temperature=args.kd_temperature, checkpoint_path=out / "checkpoint.pt", device=device,
-                          image_size=args.image_size, weight_decay=args.weight_decay, num_workers=args.workers,
-                          seed=args.seed, data_settings=json.loads(json.dumps(settings)),
-                          epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
-        results["distill"] = {"epochs_done": len(history), "kd_loss": history}
-        if len(history) < args.epochs:
-            if rank == 0:
-                print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
-            return None
-        if rank == 0:
-            save_torch_atomic(student.state_dict(), out / "student.pt")
-
-    # Stage 4: measure the synthetic set (§5) in the teacher's feature space, against the first
-    # (in-distribution) real set when there is one (the smoke run uses its own synthetic set as a
-    # stand-in), then evaluate on every set.
-    if not val_sets and args.smoke:
-        val_sets = labelled_sets([("synthetic", synthetic)], class_names)
-    if rank == 0:  # one process measures; the others wait at the barrier below
-        features = dict(image_size=teacher[0].input_size, device=device, num_workers=args.workers)
-        fake_features, _, fake_labels = extract_features(teacher, synthetic, **features)
-        results["synthetic"] = synthetic_set_report(records, fake_features, class_names)
-        if val_sets:
-            real = val_sets[0]
-            real_features, _, real_labels = extract_features(teacher, real["data"],
-                                                             classes=real["classes"], **features)
-            results["precision_recall"] = {"set": real["name"], "data": real["data"],
-                                           **precision_recall_report(
-                real_features.to(device), real_labels.to(device), fake_features.to(device),
-                fake_labels.to(device), class_names, k=args.pr_k)}
-    barrier()
-    if val_sets:
-        evaluation = dict(device=device, image_size=args.image_size, num_workers=args.workers)
-        trained = student if args.epochs > 0 else None
-        results["evaluation"] = evaluate_sets(val_sets, teacher, trained, len(class_names), **evaluation)
-    if rank == 0:
-        write_json_atomic(results, out / "results.json")
-        print(json.dumps(without_per_class(results), indent=1))
-        if val_sets:
-            print(evaluation_table(results["evaluation"]["sets"], len(class_names)))
-        print(f"per-class reports: {out / 'results.json'}; what was generated: {out / 'contact_sheet.png'}")
-        if args.smoke:
-            print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
-    return results
-
-
-def without_per_class(report):
-    """`report` without its "per_class" lists (at any depth, in lists too): the summary that
-    main() prints."""
-    if isinstance(report, dict):
-        return {key: without_per_class(value) for key, value in report.items() if key != "per_class"}
-    if isinstance(report, list):
-        return [without_per_class(value) for value in report]
-    return report
-
-
-def report(kind, message):
-    """Prints `prism: <kind>: <message>` on stderr in one write, so that ranks do not interleave;
-    under torchrun the rank is named (read from torchrun's variables: the group may be gone)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sys.stderr.write(f"prism: {kind}{f' (rank {rank})' if world > 1 else ''}: {message}\n")
-    sys.stderr.flush()
-
-
-def main(argv=None):
-    """Command-line entry point. Returns the exit code: 0; 2 for bad input or damaged state in
-    --out; 1 for a run that failed; 130 when interrupted. Each is one line on stderr; --debug
-    adds the traceback."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-    code, failure = 0, None
-    try:
-        args = parse_args(argv)
-        device = init_distributed(args.device)
-        with exclusive_out(args.out):
-            command = run_benchmark if args.benchmark else run_check_guidance if args.check_guidance else run
-            command(args, device)
-    except KeyboardInterrupt as error:
-        code, kind, message, failure = 130, "interrupted", "rerun the same command to resume", error
-    except (UsageError, OSError) as error:  # OSError: a disk or file problem no stage put into words
-        code, kind, message, failure = 2, "error", str(error), error
-    except Exception as error:  # a failure: say what, in one line; --debug shows where
-        code, kind, failure = 1, "failed", error
-        message = str(error) if isinstance(error, RunFailure) else (
-            f"{type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)")
-        if isinstance(error, torch.OutOfMemoryError):
-            message = ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
-                       "--guidance-batch (or --vae-checkpointing): nothing done is redone")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if code:
-        if "--debug" in argv:
-            traceback.print_exception(failure)
-        report(kind, message)
-    return code
 
 
 if __name__ == "__main__":

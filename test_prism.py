@@ -1388,7 +1388,7 @@ def test_a_model_that_cannot_be_found_is_one_short_line_at_once(tmp_path, capsys
     argv = [a for a in local_models_argv(tmp_path, pipe_dir) if a != "none"][:-1]  # the default LLM
     code, err = run_main(argv, capsys)
     assert code == 2 and len(err) < 300
-    one_line(err, f"prism: error: --llm {prism.DEFAULT_LLM}: not in the local cache")
+    one_line(err, f"prism: error: --llm {prism.MODELS.llm}: not in the local cache")
     assert "--llm none" in err and not (tmp_path / "out" / "prompts.json").exists()
 
 
