@@ -63,6 +63,7 @@ import re
 import shutil
 import sys
 import time
+import types
 import traceback
 import warnings
 from datetime import timedelta
@@ -1382,42 +1383,41 @@ def evaluate_sets(sets, teacher, student, num_classes, **evaluation):
 # main(): the stages in sequence
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def main(argv=None):
-    """Command-line entry point. Returns the exit code: 0; 2 for bad input or damaged state in
-    --out; 1 for a run that failed; 130 when interrupted. Each is one line on stderr; --debug
-    adds the traceback."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """PRISM on the command line: the stages in sequence, each reused from --out when it is done
+    (rerun the same command to resume). Returns the exit code: 0; 2 for bad input or damaged
+    state in --out; 1 for a failed run; 130 when interrupted (one line on stderr for each)."""
+    with errors_reported(argv) as status:  # Part II: any error → one line and an exit code
+        args = parse_args(sys.argv[1:] if argv is None else argv)  # every flag checked
+        device = init_distributed(args.device)  # joins torchrun's processes, when there are some
+        with exclusive_out(args.out):  # one run at a time per --out
+            if args.benchmark or args.check_guidance:  # tools (Part III): they measure, not distil
+                (run_benchmark if args.benchmark else run_check_guidance)(args, device)
+                return 0
+            out, models = load_models(args, device)  # f_T, f_S, the classes; cheap checks first
+            check_llm_available(args, out, models.prompt_settings)  # found, or its answers kept
+            test_sets = [] if args.prompts_only else labelled_test_sets(args, models)
+            pipe, guidance_vae = load_sampler(args, device, out)
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-    code, failure = 0, None
-    try:
-        args = parse_args(argv)
-        device = init_distributed(args.device)
-        with exclusive_out(args.out):
-            command = run_benchmark if args.benchmark else run_check_guidance if args.check_guidance else run
-            command(args, device)
-    except KeyboardInterrupt as error:
-        code, kind, message, failure = 130, "interrupted", "rerun the same command to resume", error
-    except (UsageError, OSError) as error:  # OSError: a disk or file problem no stage put into words
-        code, kind, message, failure = 2, "error", str(error), error
-    except Exception as error:  # a failure: say what, in one line; --debug shows where
-        code, kind, failure = 1, "failed", error
-        message = str(error) if isinstance(error, RunFailure) else (
-            f"{type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)")
-        if isinstance(error, torch.OutOfMemoryError):
-            message = ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
-                       "--guidance-batch (or --vae-checkpointing): nothing done is redone")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if code:
-        if "--debug" in argv:
-            traceback.print_exception(failure)
-        report(kind, message)
-    return code
+            # Stage 1 (§3): prompts, made once (rank 0, with the LLM), kept in prompts.json.
+            prompts, classes = prompts_stage(args, out, models, pipe, device)
+            if args.prompts_only:
+                return prompts_written(out)
+
+            # Stages 2-3 (§1-2): energy-guided synthesis of the set, cached in OUT/synthetic.
+            records, data = synthesis_stage(args, out, models, prompts, pipe, guidance_vae)
+            del pipe, guidance_vae  # the diffusion model leaves the GPU before training
+            if records is None:
+                return 0
+
+            # Stage 4 (§4): distillation, resumed from OUT/checkpoint.pt.
+            results = {"ablate": args.ablate, "prompts": prompt_sources(classes, models.llm)}
+            if not distillation_stage(args, out, models, data, results, device):
+                return 0
+
+            # Stage 5 (§5): the set against real images; teacher and student on each test set.
+            measurement_stage(args, out, models, records, test_sets, results, device)
+            write_results(args, out, results, len(models.class_names))
+    return status.code
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -2527,72 +2527,6 @@ def sampling_options(args):
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # The stages of main() with their files: what is reused, what is checked first
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def make_out(out):
-    """Creates the output folder --out; a UsageError if it cannot be."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    return out
-
-
-def load_models(args, device):
-    """The teacher, the student, the class names (and descriptions) and `identity`, the names and
-    fingerprints of everything that decides the pixels. Cheap checks all come before any large
-    model loads; with --smoke, tiny random models."""
-    dtype = model_dtype(args.dtype, device)
-    if args.smoke:
-        class_names, descriptions = list(SMOKE_CLASSES), None
-        teacher = build_tiny_classifier(len(class_names), seed=args.seed).to(device).eval().requires_grad_(False)
-        student = build_tiny_classifier(len(class_names), width=8, input_size=args.image_size, seed=args.seed + 1)
-        identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
-    else:
-        class_names, descriptions = load_class_names(args.data) if args.data != "imagenet" else (None, None)
-        with rank_zero_first():
-            teacher, teacher_names = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
-                                                  num_classes=len(class_names) if class_names else 1000,
-                                                  input_size=args.teacher_input_size, mean=args.teacher_mean,
-                                                  std=args.teacher_std)
-        if class_names is None:
-            class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
-        outputs = count_outputs(teacher, device)
-        if outputs != len(class_names):
-            raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the teacher has {outputs} outputs")
-        preprocess = teacher[0]
-        student = build_student(args.student, len(class_names), input_size=args.image_size,
-                                mean=preprocess.mean.flatten().tolist(), std=preprocess.std.flatten().tolist())
-        teacher_files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
-        identity = {"sd_model": args.sd_model, "dtype": str(dtype),
-                    "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
-                    "teacher_preprocess": [preprocess.input_size, *preprocess.mean.flatten().tolist(),
-                                           *preprocess.std.flatten().tolist()]}
-    if args.guidance_vae:
-        identity["guidance_vae"] = args.guidance_vae
-    try:  # a size the student cannot take fails now, not after hours of synthesis
-        with torch.no_grad():
-            student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
-    except RuntimeError as error:
-        raise UsageError(f"--image-size {args.image_size} does not fit the student: {first_line(error)}")
-    return class_names, descriptions, teacher, student.train(), identity
-
-
-def load_sampler(args, device, out):
-    """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
-    the command line (with --smoke, a tiny random one saved under OUT/tiny-models first)."""
-    dtype = model_dtype(args.dtype, device)
-    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
-    if args.smoke and rank_and_world()[0] == 0:
-        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
-    with rank_zero_first():
-        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype),
-                                 channels_last=args.channels_last, compile_unet=args.compile)
-        guidance_vae = args.guidance_vae and load_guidance_vae(args.guidance_vae, device, dtype)
-    if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
-        (guidance_vae or pipe.vae).enable_gradient_checkpointing()
-    return pipe, guidance_vae
-
-
 def prompt_settings(args, class_names, descriptions, identity):
     """Everything the prompts depend on (recorded in prompts.json; other settings mean other
     prompts). "llm" is None without an LLM; with --smoke, a tiny random one."""
@@ -2657,33 +2591,146 @@ def read_prompts(path, num_classes, per_class):
     return prompts, classes
 
 
-def prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device):
-    """Stage 1: the prompts of every class and where each part came from, (prompts, classes),
-    made once and reused from OUT/prompts.json (with OUT/prompts.md, to read). Rank 0 alone
-    builds them (and loads the LLM, unless OUT/llm_answers.json holds every answer already);
-    the other ranks read the file it writes."""
+def make_out(out):
+    """Creates the output folder --out; a UsageError if it cannot be."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
+    return out
+
+
+def smoke_models(args, device, dtype):
+    """The tiny random teacher and student of --smoke, with SMOKE_CLASSES: (class_names,
+    descriptions, teacher, student, identity)."""
+    class_names = list(SMOKE_CLASSES)
+    teacher = build_tiny_classifier(len(class_names), seed=args.seed)
+    student = build_tiny_classifier(len(class_names), width=8, input_size=args.image_size,
+                                    seed=args.seed + 1)
+    identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
+    return class_names, None, teacher.to(device).eval().requires_grad_(False), student, identity
+
+
+def real_models(args, device, dtype):
+    """The teacher (--teacher, --teacher-weights), the student (--student, untrained) and the
+    classes (--data) of a real run: (class_names, descriptions, teacher, student, identity),
+    identity naming and fingerprinting what decides the pixels."""
+    class_names, descriptions = (load_class_names(args.data) if args.data != "imagenet"
+                                 else (None, None))
+    with rank_zero_first():
+        teacher, teacher_names = load_teacher(
+            args.teacher, device, weights_path=args.teacher_weights,
+            num_classes=len(class_names) if class_names else 1000,
+            input_size=args.teacher_input_size, mean=args.teacher_mean, std=args.teacher_std)
+    if class_names is None:
+        class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
+    outputs = count_outputs(teacher, device)
+    if outputs != len(class_names):
+        raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the "
+                         f"teacher has {outputs} outputs")
+    preprocess = teacher[0]
+    mean, std = preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist()
+    student = build_student(args.student, len(class_names), input_size=args.image_size,
+                            mean=mean, std=std)
+    teacher_files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
+    identity = {"sd_model": args.sd_model, "dtype": str(dtype),
+                "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
+                "teacher_preprocess": [preprocess.input_size, *mean, *std]}
+    return class_names, descriptions, teacher, student, identity
+
+
+def load_models(args, device):
+    """(out, models): --out created, and a namespace of the teacher, the student, class_names
+    (and descriptions), `identity` (what decides the pixels), the prompt settings and the LLM.
+    Cheap checks come first: the diffusion model and the LLM are found (not loaded) before the
+    teacher loads, and a student that cannot take --image-size fails now."""
+    if args.batch_size % rank_and_world()[1]:  # say it now, not after hours of synthesis
+        raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
+                         f"{rank_and_world()[1]} processes")
+    out = make_out(args.out)
+    if not args.smoke:  # found or refused in seconds
+        locate_model(args.sd_model, "--sd-model")
+    dtype = model_dtype(args.dtype, device)
+    models = (smoke_models if args.smoke else real_models)(args, device, dtype)
+    models = types.SimpleNamespace(**dict(zip(("class_names", "descriptions", "teacher",
+                                               "student", "identity"), models)))
+    if args.guidance_vae:
+        models.identity["guidance_vae"] = args.guidance_vae
+    try:
+        with torch.no_grad():
+            models.student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
+    except RuntimeError as error:
+        raise UsageError(f"--image-size {args.image_size} does not fit the student: "
+                         f"{first_line(error)}")
+    models.student.train()
+    models.prompt_settings = prompt_settings(args, models.class_names, models.descriptions,
+                                             models.identity)
+    models.llm = models.prompt_settings["llm"]
+    return out, models
+
+
+def labelled_test_sets(args, models):
+    """The --val-dir sets (labelled_sets: every folder mapped to its class, every image decoded),
+    checked now although evaluation reads them last; and --pr-k against the set sizes."""
+    class_ids = (None if args.class_ids is None else
+                 (args.class_ids, load_class_ids(args.class_ids, len(models.class_names))))
+    test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids)
+    real_images = test_sets[0]["images"] if test_sets else math.inf  # precision/recall's set
+    smallest = min(len(models.class_names) * args.per_class, real_images)
+    if args.pr_k >= smallest:
+        raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; "
+                         f"the smaller set has {smallest}")
+    return test_sets
+
+
+def load_sampler(args, device, out):
+    """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
+    the command line (with --smoke, a tiny random one saved under OUT/tiny-models first), and the
+    sampling flags checked against it before anything is recorded."""
+    dtype = model_dtype(args.dtype, device)
+    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
+    if args.smoke and rank_and_world()[0] == 0:
+        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
+    with rank_zero_first():
+        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype),
+                                 channels_last=args.channels_last, compile_unet=args.compile)
+        guidance_vae = args.guidance_vae and load_guidance_vae(args.guidance_vae, device, dtype)
+    if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
+        (guidance_vae or pipe.vae).enable_gradient_checkpointing()
+    sample_kwargs = sampling_options(args)
+    check_sampler_arguments(pipe, **{**sample_kwargs, "guidance_batch": args.guidance_batch})
+    check_guidance_window(pipe, sample_kwargs)
+    return pipe, guidance_vae
+
+
+def prompts_stage(args, out, models, pipe, device):
+    """Stage 1 (§3): the prompts of every class and where each part came from, (prompts,
+    classes), made once and reused from OUT/prompts.json (with OUT/prompts.md, to read). Rank 0
+    alone builds them (and loads the LLM, unless OUT/llm_answers.json holds every answer); the
+    other ranks read the file it writes."""
     path, answers_path = out / "prompts.json", out / "llm_answers.json"
-    reuse = reusable_prompts(path, settings, len(class_names), overwrite=args.overwrite)
+    settings, num_classes = models.prompt_settings, len(models.class_names)
+    reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
     barrier()  # every rank has its verdict before rank 0 may replace the file
     if rank_and_world()[0] == 0 and not reuse:
-        llm = settings["llm"]
-        cache = read_llm_answers(answers_path, overwrite=args.overwrite) if llm else {}
-        answers = dict(cache.get(llm, {}))
-        if llm == "tiny-random":
-            llm = build_tiny_llm(out / "tiny-models" / "llm", seed=args.seed)
+        cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
+        answers = dict(cache.get(models.llm, {}))
+        llm = (build_tiny_llm(out / "tiny-models" / "llm", seed=args.seed)
+               if models.llm == "tiny-random" else models.llm)
         prompts, classes = build_prompts(
-            class_names, args.per_class, teacher=teacher, descriptions=descriptions, llm=llm,
-            text_encoder=(pipe.tokenizer, pipe.text_encoder), answers=answers,
-            neighbours=args.neighbours, photo_share=args.photo_share, seed=args.seed,
-            llm_device=device, disambiguate="disambiguation" not in args.ablate,
+            models.class_names, args.per_class, teacher=models.teacher, llm=llm,
+            descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
+            answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
+            seed=args.seed, llm_device=device, disambiguate="disambiguation" not in args.ablate,
             vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-        if settings["llm"]:  # the other LLMs' answers are kept
-            write_json_atomic({"answers": {**cache, settings["llm"]: answers}}, answers_path)
+        if models.llm:  # the other LLMs' answers are kept
+            write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
         write_json_atomic({"settings": settings, "prompts": prompts, "classes": classes}, path)
     barrier()
-    prompts, classes = read_prompts(path, len(class_names), args.per_class)
+    prompts, classes = read_prompts(path, num_classes, args.per_class)
     if rank_and_world()[0] == 0 and (not reuse or not (out / "prompts.md").exists()):
-        text = prompts_markdown(classes, prompts, settings["llm"])
+        text = prompts_markdown(classes, prompts, models.llm)
         atomic_write(out / "prompts.md", lambda temp: temp.write_text(text, encoding="utf-8"))
     return prompts, classes
 
@@ -2700,127 +2747,158 @@ def check_llm_available(args, out, settings):
         locate_model(args.llm, "--llm", "or --llm none for the built-in prompts")
 
 
-def prompts_only(args, out, class_names, descriptions, teacher, settings, device):
-    """--prompts-only: stage 1 alone (the diffusion model is loaded for its text encoder), then
-    the paths of prompts.json and prompts.md. Returns None (no results)."""
-    pipe, _ = load_sampler(args, device, out)
-    prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings, device)
+def prompts_written(out):
+    """--prompts-only: says where the prompts are and what to do next; the exit code 0."""
     if rank_and_world()[0] == 0:
         print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
               f"then run the same command without --prompts-only")
-    return None
+    return 0
 
 
-def run(args, device):
-    """The pipeline of main(), on parsed and checked arguments and this process's device. Returns
-    the results dict. Under torchrun every rank runs it: rank 0 alone builds the prompts and writes
-    the shared files (prompts, merged manifest, checkpoint, results); the ranks split the images
-    to make, the batches to train on and the images to evaluate."""
-    rank, world = rank_and_world()
-    if args.batch_size % world:  # checked by distill too, but say it now rather than after hours of synthesis
-        raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the {world} processes")
-    out = make_out(args.out)
-    if not args.smoke:  # found or refused in seconds, before anything is loaded
-        locate_model(args.sd_model, "--sd-model")
-    class_names, descriptions, teacher, student, identity = load_models(args, device)
-    settings_p = prompt_settings(args, class_names, descriptions, identity)
-    check_llm_available(args, out, settings_p)
-    if args.prompts_only:
-        return prompts_only(args, out, class_names, descriptions, teacher, settings_p, device)
-    # read late (evaluation), so every folder mapped to its class and every image checked now,
-    # before hours of synthesis
-    class_ids = (None if args.class_ids is None else
-                 (args.class_ids, load_class_ids(args.class_ids, len(class_names))))
-    val_sets = labelled_sets(named_val_sets(args.val_dir), class_names, class_ids)
-    real_images = val_sets[0]["images"] if val_sets else math.inf  # precision/recall's real set
-    smallest = min(len(class_names) * args.per_class, real_images)
-    if args.pr_k >= smallest:
-        raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; the smaller "
-                         f"set has {smallest}")
-
-    pipe, guidance_vae = load_sampler(args, device, out)
-    sample_kwargs = sampling_options(args)  # checked against the model before anything is recorded
-    check_sampler_arguments(pipe, **{**sample_kwargs, "guidance_batch": args.guidance_batch})
-    check_guidance_window(pipe, sample_kwargs)
-
-    # Stage 1: prompts (rank 0 builds them; reused from prompts.json under the same settings).
-    prompts, classes = prompts_stage(args, out, class_names, descriptions, teacher, pipe, settings_p,
-                                     device)
-
-    # Stage 2: energy-guided synthesis into out/synthetic (checked against its settings first).
-    synthetic = out / "synthetic"
-    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed, image_format=args.image_format,
-                                  store_size=args.store_size or None,
-                                  identity=identity, sample_kwargs=sample_kwargs)
-    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite, what="synthetic images")
-    if device.type == "cpu" and not args.smoke and rank == 0:  # said once every input has passed its checks
+def synthesis_stage(args, out, models, prompts, pipe, guidance_vae):
+    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic, checked against its
+    settings first, resumed image by image, split over the ranks. Returns (records, settings),
+    records None while images are missing (--max-new-images), and draws the contact sheet."""
+    rank, synthetic = rank_and_world()[0], out / "synthetic"
+    sample_kwargs = sampling_options(args)
+    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
+                                  image_format=args.image_format, identity=models.identity,
+                                  store_size=args.store_size or None, sample_kwargs=sample_kwargs)
+    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite,
+                   what="synthetic images")
+    if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
         print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
-    records = synthesize_dataset(pipe, teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
-                                 batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
-                                 store_size=args.store_size or None,
-                                 overwrite=args.overwrite, max_new_images=args.max_new_images,
-                                 guidance_vae=guidance_vae, guidance_batch=args.guidance_batch, **sample_kwargs)
-    del pipe, guidance_vae
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    wanted = len(class_names) * args.per_class
+    records = synthesize_dataset(
+        pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
+        batch_size=args.gen_batch, image_format=args.image_format, identity=models.identity,
+        store_size=args.store_size or None, overwrite=args.overwrite,
+        max_new_images=args.max_new_images, guidance_vae=guidance_vae,
+        guidance_batch=args.guidance_batch, **sample_kwargs)
+    wanted = len(models.class_names) * args.per_class
     if len(records) < wanted:
         if rank == 0:
-            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command to continue")
-        return None
-    if rank == 0:  # a fresh sheet whenever the set changed (the manifest is rewritten when it does)
-        sheet = out / "contact_sheet.png"
-        if not sheet.exists() or sheet.stat().st_mtime_ns < (synthetic / "manifest.jsonl").stat().st_mtime_ns:
-            contact_sheet(synthetic, class_names, sheet, max_classes=args.sheet_classes,
-                          sources=[entry["source"] for entry in classes])
-    results = {"ablate": args.ablate, "prompts": prompt_sources(classes, settings_p["llm"])}
+            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command "
+                  f"to continue")
+        return None, settings
+    sheet = out / "contact_sheet.png"
+    if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns
+                      < (synthetic / "manifest.jsonl").stat().st_mtime_ns):  # the set changed
+        classes = read_prompts(out / "prompts.json", len(models.class_names), args.per_class)[1]
+        contact_sheet(synthetic, models.class_names, sheet, max_classes=args.sheet_classes,
+                      sources=[entry["source"] for entry in classes])
+    return records, settings
 
-    # Stage 3: distillation, resumed from out/checkpoint.pt (--epochs 0: none, measure the set only).
-    if args.epochs > 0:
-        history = distill(teacher, student, synthetic, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          temperature=args.kd_temperature, checkpoint_path=out / "checkpoint.pt", device=device,
-                          image_size=args.image_size, weight_decay=args.weight_decay, num_workers=args.workers,
-                          seed=args.seed, data_settings=json.loads(json.dumps(settings)),
-                          epochs_this_run=args.epochs_this_run, overwrite=args.overwrite)
-        results["distill"] = {"epochs_done": len(history), "kd_loss": history}
-        if len(history) < args.epochs:
-            if rank == 0:
-                print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same command to continue")
-            return None
-        if rank == 0:
-            save_torch_atomic(student.state_dict(), out / "student.pt")
 
-    # Stage 4: measure the synthetic set (§5) in the teacher's feature space, against the first
-    # (in-distribution) real set when there is one (the smoke run uses its own synthetic set as a
-    # stand-in), then evaluate on every set.
-    if not val_sets and args.smoke:
-        val_sets = labelled_sets([("synthetic", synthetic)], class_names)
+def distillation_stage(args, out, models, data_settings, results, device):
+    """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
+    OUT/checkpoint.pt (--epochs 0: none). Adds the KD losses to `results` and saves student.pt;
+    False while epochs are missing (--epochs-this-run)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the diffusion model held
+    if args.epochs == 0:
+        return True
+    history = distill(
+        models.teacher, models.student, out / "synthetic", epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
+        checkpoint_path=out / "checkpoint.pt", device=device, image_size=args.image_size,
+        weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
+        data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
+        overwrite=args.overwrite)
+    results["distill"] = {"epochs_done": len(history), "kd_loss": history}
+    if len(history) < args.epochs:
+        if rank_and_world()[0] == 0:
+            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
+                  f"command to continue")
+        return False
+    if rank_and_world()[0] == 0:
+        save_torch_atomic(models.student.state_dict(), out / "student.pt")
+    return True
+
+
+def measurement_stage(args, out, models, records, test_sets, results, device):
+    """Stage 5 (§5): the synthetic set in the teacher's features, against the first (the
+    in-distribution) test set when there is one (with --smoke and none, the synthetic set stands
+    in), then teacher and student on every test set. Adds both to `results`."""
+    synthetic, rank = out / "synthetic", rank_and_world()[0]
+    if not test_sets and args.smoke:
+        test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
     if rank == 0:  # one process measures; the others wait at the barrier below
-        features = dict(image_size=teacher[0].input_size, device=device, num_workers=args.workers)
-        fake_features, _, fake_labels = extract_features(teacher, synthetic, **features)
-        results["synthetic"] = synthetic_set_report(records, fake_features, class_names)
-        if val_sets:
-            real = val_sets[0]
-            real_features, _, real_labels = extract_features(teacher, real["data"],
+        features = dict(image_size=models.teacher[0].input_size, device=device,
+                        num_workers=args.workers)
+        fake_features, _, fake_labels = extract_features(models.teacher, synthetic, **features)
+        results["synthetic"] = synthetic_set_report(records, fake_features, models.class_names)
+        if test_sets:
+            real = test_sets[0]
+            real_features, _, real_labels = extract_features(models.teacher, real["data"],
                                                              classes=real["classes"], **features)
             results["precision_recall"] = {"set": real["name"], "data": real["data"],
                                            **precision_recall_report(
                 real_features.to(device), real_labels.to(device), fake_features.to(device),
-                fake_labels.to(device), class_names, k=args.pr_k)}
+                fake_labels.to(device), models.class_names, k=args.pr_k)}
     barrier()
-    if val_sets:
-        evaluation = dict(device=device, image_size=args.image_size, num_workers=args.workers)
-        trained = student if args.epochs > 0 else None
-        results["evaluation"] = evaluate_sets(val_sets, teacher, trained, len(class_names), **evaluation)
-    if rank == 0:
-        write_json_atomic(results, out / "results.json")
-        print(json.dumps(without_per_class(results), indent=1))
-        if val_sets:
-            print(evaluation_table(results["evaluation"]["sets"], len(class_names)))
-        print(f"per-class reports: {out / 'results.json'}; what was generated: {out / 'contact_sheet.png'}")
-        if args.smoke:
-            print("smoke run done: every stage ran end to end on tiny random models (plumbing, not accuracy)")
-    return results
+    if test_sets:
+        student = models.student if args.epochs > 0 else None
+        results["evaluation"] = evaluate_sets(test_sets, models.teacher, student,
+                                              len(models.class_names), device=device,
+                                              image_size=args.image_size, num_workers=args.workers)
+
+
+def write_results(args, out, results, num_classes):
+    """Rank 0 writes OUT/results.json and prints its summary (no per-class lists) and the
+    teacher/student table of the test sets."""
+    if rank_and_world()[0] != 0:
+        return
+    write_json_atomic(results, out / "results.json")
+    print(json.dumps(without_per_class(results), indent=1))
+    if "evaluation" in results:
+        print(evaluation_table(results["evaluation"]["sets"], num_classes))
+    print(f"per-class reports: {out / 'results.json'}; what was generated: "
+          f"{out / 'contact_sheet.png'}")
+    if args.smoke:
+        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not "
+              "accuracy)")
+
+
+@contextlib.contextmanager
+def errors_reported(argv):
+    """The frame of main(): yields a namespace whose `code` is the exit code. An error inside is
+    one line on stderr and a code: 2 for UsageError or OSError (bad input, damaged state, a disk
+    problem no stage put into words), 1 for any other failure (--debug in `argv` adds the
+    traceback), 130 for Ctrl-C. Quiets diffusers' and transformers' own logging and progress
+    bars, and leaves torchrun's process group."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    status, failure = types.SimpleNamespace(code=0), None
+    try:
+        yield status
+    except KeyboardInterrupt as error:
+        status.code, kind, message, failure = 130, "interrupted", "rerun the same command to resume", error
+    except (UsageError, OSError) as error:
+        status.code, kind, message, failure = 2, "error", str(error), error
+    except Exception as error:  # a failure: say what, in one line; --debug shows where
+        status.code, kind, message, failure = 1, "failed", failure_message(error), error
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if failure is not None:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            traceback.print_exception(failure)
+        report(kind, message)
+
+
+def failure_message(error):
+    """The line for a failed run: a RunFailure's own words, the way out of GPU memory, or the
+    exception's type and first line."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
+                "--guidance-batch (or --vae-checkpointing): nothing done is redone")
+    if isinstance(error, RunFailure):
+        return str(error)
+    return f"{type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)"
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -3372,16 +3450,15 @@ def run_check_guidance(args, device):
     .json. Returns the result dict."""
     if rank_and_world()[1] > 1:
         raise UsageError("--check-guidance measures one process: run it without torchrun")
-    out = make_out(args.out)
-    class_names, descriptions, teacher, _, _ = load_models(args, device)
+    out, models = load_models(args, device)
+    class_names, teacher = models.class_names, models.teacher
     count = min(args.check_classes, len(class_names))
     chosen = [round(k * (len(class_names) - 1) / max(count - 1, 1)) for k in range(count)]
     pipe, guidance_vae = load_sampler(args, device, out)
     prompts, _ = build_prompts(class_names, args.check_seeds, teacher=teacher, seed=args.seed,
-                               descriptions=descriptions, photo_share=args.photo_share,
+                               descriptions=models.descriptions, photo_share=args.photo_share,
                                neighbours=args.neighbours,
                                text_encoder=(pipe.tokenizer, pipe.text_encoder))
-    check_guidance_window(pipe, sampling_options(args))
     pairs = [(c, i) for c in chosen for i in range(args.check_seeds)]
     seeds = [image_seed(args.seed, c, i) for c, i in pairs]
     latents = initial_latents(seeds, latent_shape(pipe, args.height, args.width))
