@@ -69,11 +69,12 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): one line, not a traceback
+# Ctrl-C while the libraries below load (seconds): one line, not a traceback
+if __name__ == "__main__":
     import signal
 
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("prism: interrupted: rerun the same "
-                                                              "command to resume\n"), os._exit(130)))
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write(
+        "prism: interrupted: rerun the same command to resume\n"), os._exit(130)))
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,24 +147,29 @@ class MeasureDefaults:                    # §5
     pr_k: int = 3                         # k of the k-NN balls
     eval_batch: int = 100                 # images per evaluation batch
     sheet_classes: int = 32               # classes shown in contact_sheet.png
+    worst: int = 10                       # classes named as the worst in each report
+    distance_block: int = 1024            # rows per block of k-NN distances (memory)
 
 
-RUN, MODELS, PROMPTS, SAMPLING = RunDefaults(), ModelDefaults(), PromptDefaults(), SamplingDefaults()
-DISTILL, MEASURE = DistillDefaults(), MeasureDefaults()
+RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
+SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # The equations (§1, §2, §4), one small function each
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def teacher_energy(logits, temperature=1.0):
-    """Per-sample energy (§1, Liu et al. 2020):  E(x) = -τ · logsumexp(f(x) / τ).  Low = in-distribution."""
+def teacher_energy(logits, temperature=SAMPLING.energy_temperature):
+    """Per-sample energy (§1, Liu et al. 2020):  E(x) = -τ · logsumexp(f(x) / τ).  Low =
+    in-distribution."""
     return -temperature * torch.logsumexp(logits / temperature, dim=-1)
 
 
-def guidance_loss(logits, class_ids, *, energy_scale, class_scale, temperature=1.0):
+def guidance_loss(logits, class_ids, *, energy_scale, class_scale,
+                  temperature=SAMPLING.energy_temperature):
     """Per-sample guidance objective (§1):  s_E · E(x) + s_C · CE(f(x), y).
 
-    This is s · L(x, y) with L = E + λ_cls · CE, s = energy_scale, λ_cls = class_scale / energy_scale;
+    This is s · L(x, y) with L = E + λ_cls · CE, s = energy_scale, λ_cls = class_scale /
+    energy_scale;
     two scales instead of (s, λ) let either term be used alone.
     """
     loss = energy_scale * teacher_energy(logits, temperature)
@@ -183,7 +189,8 @@ def to_epsilon(model_output, noisy_latents, alpha_bar, prediction_type):
 
 
 def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
-    """Inverse of to_epsilon: v = (ε - sqrt(1-ᾱ)·z_t) / sqrt(ᾱ), so the scheduler steps as it expects."""
+    """Inverse of to_epsilon: v = (ε - sqrt(1-ᾱ)·z_t) / sqrt(ᾱ), so the scheduler steps as it
+    expects."""
     if prediction_type == "epsilon":
         return epsilon
     return (epsilon - (1 - alpha_bar) ** 0.5 * noisy_latents) / alpha_bar ** 0.5
@@ -217,7 +224,8 @@ def tweedie_clean_latent(noisy_latents, epsilon, alpha_bar):
 
 
 def decode_to_unit(vae, latents):
-    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2, clamped."""
+    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2,
+    clamped."""
     images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
     return (images / 2 + 0.5).clamp(0, 1)
 
@@ -245,7 +253,8 @@ def scaled_vjp(outputs, inputs, vectors):
     return torch.ldexp(at_least_float32(grad), exponent)
 
 
-def clean_latent_grad(vae, teacher, clean_latents, class_ids, *, batch_size=4, **objective):
+def clean_latent_grad(vae, teacher, clean_latents, class_ids, *,
+                      batch_size=SAMPLING.guidance_batch, **objective):
     """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
 
     D is the pipeline's own VAE decoder on the full-size ẑ0 (the method's gradient); the teacher,
@@ -269,7 +278,7 @@ def clean_latent_grad(vae, teacher, clean_latents, class_ids, *, batch_size=4, *
 
 
 def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
-                      exact=False, batch_size=4, **objective):
+                      exact=False, batch_size=SAMPLING.guidance_batch, **objective):
     """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32.
 
     predict_epsilon(z, rows) returns ε̂ for the samples `rows` of the batch, at z.
@@ -327,7 +336,7 @@ def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
     return (epsilon32 + (1 - alpha_bar) ** 0.5 * grad32).to(epsilon.dtype), finite
 
 
-def kd_loss(student_logits, teacher_logits, temperature=4.0):
+def kd_loss(student_logits, teacher_logits, temperature=DISTILL.kd_temperature):
     """Hinton et al. 2015 (§4):  L_KD = τ² · KL( softmax(f_T/τ) || softmax(f_S/τ) ), batch mean.
 
     The τ² keeps gradient magnitudes comparable across temperatures.
@@ -354,7 +363,8 @@ class Preprocess(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images):
-        images = images.to(self.mean.dtype)  # fp16 images from the diffusion model → fp32 classifier
+        # fp16 images from the diffusion model → fp32 classifier
+        images = images.to(self.mean.dtype)
         if images.shape[-2:] != (self.input_size, self.input_size):
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=True)
@@ -362,7 +372,8 @@ class Preprocess(nn.Module):
 
 
 def with_preprocessing(model, input_size, mean=MODELS.teacher_mean, std=MODELS.teacher_std):
-    """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size."""
+    """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any
+    size."""
     return nn.Sequential(Preprocess(input_size, mean, std), model)
 
 
@@ -411,10 +422,12 @@ SCENES = {
                 "seen from the side on a highway", "in a garage under bright lights",
                 "at a crossing in the rain", "on display at a show"),
     "object": ("on a wooden desk in soft window light", "held in a person's hand",
-               "on a shelf in a store", "on a table, seen from above", "on a plain white background",
-               "next to everyday things on a counter", "in use at home in the evening",
+               "on a shelf in a store", "on a table, seen from above",
+               "on a plain white background", "next to everyday things on a counter",
+               "in use at home in the evening",
                "close up in bright daylight"),
-    "indoor": ("in a bright living room", "in a kitchen in morning light", "on display in a showroom",
+    "indoor": ("in a bright living room", "in a kitchen in morning light",
+               "on display in a showroom",
                "in a room, seen from the doorway", "on a plain white background",
                "in a cosy apartment in the evening", "in a store among others for sale",
                "close up in soft light"),
@@ -447,8 +460,10 @@ CATEGORIES = {
 
 
 def last_linear_module(model):
-    """The last nn.Linear met walking `model.modules()` (a scripted one in TorchScript too), or None:
-    a classifier's head. Its weight (C, D) has one row per class, its input is the penultimate layer."""
+    """The last nn.Linear met walking `model.modules()` (a scripted one in TorchScript too), or
+    None:
+    a classifier's head. Its weight (C, D) has one row per class, its input is the penultimate
+    layer."""
     linear = None
     for module in model.modules():
         if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
@@ -618,7 +633,7 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
 
 
 def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
-                    scenes_per_class=12, device="cpu"):
+                    scenes_per_class=PROMPTS.scenes_per_class, device="cpu"):
     """Puts the LLM's answers into describe_classes' entries (§3): its description of what the
     class is (not for a class described by the user's file) and its scenes. An answer that
     names one of the class's teacher neighbours is dropped, since the diffusion model would draw
@@ -645,7 +660,8 @@ def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
     return classes
 
 
-def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0, vary_style=True):
+def compose_prompts(classes, per_class, *, photo_share=PROMPTS.photo_share, seed=RUN.seed,
+                    vary_style=True):
     """`per_class` prompts for each of describe_classes' entries (§3):
 
         prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
@@ -674,9 +690,10 @@ def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0, vary_style=T
 
 
 def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None,
-                  text_encoder=None, answers=None, neighbours=2, photo_share=0.8, seed=0,
-                  scenes_per_class=12, llm_device="cpu", disambiguate=True, vary_content=True,
-                  vary_style=True):
+                  text_encoder=None, answers=None, neighbours=PROMPTS.neighbours,
+                  photo_share=PROMPTS.photo_share, seed=RUN.seed,
+                  scenes_per_class=PROMPTS.scenes_per_class, llm_device="cpu", disambiguate=True,
+                  vary_content=True, vary_style=True):
     """Returns (prompts, classes): `per_class` prompts per class, deterministic for a seed, and
     describe_classes' entry per class, which says where each part came from (§3).
 
@@ -706,7 +723,8 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
 def guided_step_indices(num_steps, start, end, every):
     """Indices i of the sampling steps that get guidance: start ≤ i / num_steps < end, every k-th.
     `num_steps` is the scheduler's own count of timesteps (PNDM makes one more than asked)."""
-    return set(range(math.ceil(start * num_steps), min(num_steps, math.ceil(end * num_steps)), every))
+    return set(range(math.ceil(start * num_steps), min(num_steps, math.ceil(end * num_steps)),
+                     every))
 
 
 def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, prediction_type):
@@ -777,7 +795,7 @@ def latent_shape(pipe, height=None, width=None):
     return pipe.unet.config.in_channels, height // factor, width // factor
 
 
-def final_stats(teacher, images, class_ids, temperature=1.0):
+def final_stats(teacher, images, class_ids, temperature=SAMPLING.energy_temperature):
     """What every saved image keeps (§2): the teacher's final "energy" E(x), its "top1" class and
     "p_class", the probability of the intended class, so that precision can be filtered later."""
     with torch.no_grad():
@@ -794,10 +812,14 @@ def decode_images(pipe, latents):
 
 
 def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None,
-                         num_steps=50, cfg_scale=3.0, energy_scale=0.25, class_scale=0.25,
-                         guidance_start=0.1, guidance_end=0.7, guidance_every=2, exact_grad=False,
-                         normalize_grad=True, temperature=1.0, height=None, width=None,
-                         guidance_batch=4, guidance_vae=None, trace=None):
+                         num_steps=SAMPLING.steps, cfg_scale=SAMPLING.cfg,
+                         energy_scale=SAMPLING.energy_scale, class_scale=SAMPLING.class_scale,
+                         guidance_start=SAMPLING.guidance_start,
+                         guidance_end=SAMPLING.guidance_end,
+                         guidance_every=SAMPLING.guidance_every, exact_grad=False,
+                         normalize_grad=True, temperature=SAMPLING.energy_temperature, height=None,
+                         width=None, guidance_batch=SAMPLING.guidance_batch, guidance_vae=None,
+                         trace=None):
     """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2).
 
     Returns (images, stats): images in [0, 1], float32, (B, 3, H, W); stats as final_stats, plus
@@ -860,7 +882,8 @@ def sampler_defaults():
 # Stage 3. The synthetic set: every image made once, with its seed and teacher scores
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def derived_seed(*parts):
-    """A 63-bit seed hashed from `parts`: independent streams for every (purpose, seed, ...) tuple."""
+    """A 63-bit seed hashed from `parts`: independent streams for every (purpose, seed, ...)
+    tuple."""
     digest = hashlib.sha256("/".join(["prism", *map(str, parts)]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
@@ -872,8 +895,10 @@ def image_seed(seed, class_index, image_index):
 
 
 def initial_latents(seeds, shape):
-    """Stacks one N(0, I) latent of `shape` per seed, drawn on the CPU so every device sees the same noise."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    """Stacks one N(0, I) latent of `shape` per seed, drawn on the CPU so every device sees the
+    same noise."""
+    return torch.stack([torch.randn(shape,
+                                    generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def class_folder(class_index, num_classes):
@@ -890,124 +915,68 @@ def resize_for_storage(images, store_size):
         return images
     size = (store_size, round(width * store_size / height)) if height <= width else \
         (round(height * store_size / width), store_size)
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False,
+                         antialias=True).clamp(0, 1)
 
 
-def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8, image_format="png",
-                       store_size=None,
-                       identity=None, overwrite=False, max_new_images=None, progress=True, guidance_vae=None,
-                       guidance_batch=4, **sample_kwargs):
+def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=RUN.seed,
+                       batch_size=SAMPLING.gen_batch, image_format=SAMPLING.image_format,
+                       store_size=None, identity=None, overwrite=False, max_new_images=None,
+                       progress=True, guidance_vae=None, guidance_batch=SAMPLING.guidance_batch,
+                       **sample_kwargs):
     """Generates and caches `per_class` images per class; returns the manifest records, sorted.
 
-    Writes `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), `manifest.jsonl` (one record per
-    image: file, class, index, prompt, seed, final teacher energy, top-1, p_class, guidance steps
-    skipped, bytes) and `settings.json`. Images are stored with their shorter side at
-    `store_size` (resize_for_storage; None: as generated); the teacher's numbers are of the
-    full-size image. Image (c, i) uses prompts[c][i] and the noise of
-    image_seed(seed, c, i). A rerun skips images that are present and readable and regenerates the
-    others; settings that differ from the recorded ones (or a damaged settings.json) raise
-    UsageError unless `overwrite`, which starts a new set and keeps the images whose record
-    carries the new settings' digest (start_new_set). Every argument is checked before anything
-    is recorded. `identity` names the models (they decide the pixels too, `guidance_vae`
-    included when given); `sample_kwargs` go to energy_guided_sample, and are recorded in the
-    settings with the rest; `guidance_batch`, a memory bound like `batch_size`, is not. `max_new_images` stops
-    early, for time-limited jobs; rerun to finish.
-
-    Several processes (torchrun): the missing (class, index) pairs are dealt out to the ranks in
-    turn; each rank writes only its own images and its own journal, manifest.rank<r>.jsonl, and at
-    the end rank 0 merges the journals into manifest.jsonl and deletes them. Rank 0 alone writes
-    settings.json. As every image has its own seed, the tree is the one a single process makes.
-
-    Every image is written atomically, and a journal line is appended only after its image is on
-    disk: a process killed at any moment leaves no partial image under a final name, and the
-    images whose lines were lost are made again (same seed, same pixels) by the next run.
-    """
-    if per_class < 1 or batch_size < 1:
-        raise UsageError(f"per_class and batch_size must be positive, got {per_class} and {batch_size}")
-    if image_format not in ("png", "jpg"):
-        raise UsageError(f"image_format must be png or jpg, got {image_format}")
-    if any(len(p) < per_class for p in prompts):
-        raise UsageError(f"every class needs at least per_class={per_class} prompts")
-    check_sampler_arguments(pipe, **{**sampler_defaults(), **sample_kwargs, "guidance_batch": guidance_batch})
+    Image (c, i) is energy_guided_sample of prompts[c][i] from the noise of image_seed(seed, c, i),
+    written to `out_dir/<class>/<index>.<ext>` (an ImageFolder tree) with its shorter side at
+    `store_size` (None: as generated), and recorded in `manifest.jsonl` with its seed and the
+    teacher's numbers of the full-size image (energy, top-1, p_class). `sample_kwargs` go to the
+    sampler and, with `identity` (the models' names), into `settings.json`; `guidance_batch`, a
+    memory bound like `batch_size`, does not. A rerun makes only what is missing; other settings
+    are a UsageError unless `overwrite` (open_image_set). `max_new_images` stops early, for
+    time-limited jobs. Under torchrun the missing images are dealt out to the ranks; every image
+    is written atomically before its record (README: "Resuming, and what is never lost")."""
+    check_synthesis_arguments(pipe, prompts, per_class, batch_size, image_format,
+                              {**sample_kwargs, "guidance_batch": guidance_batch})
     rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
-    settings = synthesis_settings(prompts, per_class=per_class, seed=seed, image_format=image_format,
-                                  identity=identity or {}, sample_kwargs=sample_kwargs, store_size=store_size)
-    settings_path, manifest_path = out_dir / "settings.json", out_dir / "manifest.jsonl"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create {out_dir}: {first_line(error)}")
-    expected = {class_folder(c, num_classes) for c in range(num_classes)}
-    stray = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in expected)
-    if stray:  # distillation would read them as classes
-        raise UsageError(f"{out_dir} holds folders that are not classes of this set "
-                         f"({', '.join(stray[:3])}): move them out of it")
-    same_settings = check_settings(settings_path, settings, overwrite=overwrite, what="synthetic images")
-    barrier()  # every rank has read the old settings before rank 0 may replace them
-    if rank == 0 and not same_settings:
-        start_new_set(out_dir, settings)
-    barrier()
-    digest = settings_digest(settings)
-
-    def file_of(c, i):
-        return f"{class_folder(c, num_classes)}/{str(i).zfill(max(5, len(str(per_class - 1))))}.{image_format}"
-
-    # Which images are missing: each rank checks a share, then the missing ones are dealt out again.
-    records = read_manifest(out_dir)
-    wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
-    mine = [key for key in wanted[rank::world]
-            if not image_is_readable(out_dir / file_of(*key), records.get(key, {}).get("bytes"))]
-    blocked = [out_dir / file_of(*key) for key in mine if (out_dir / file_of(*key)).is_dir()]
-    if blocked:  # an image cannot be written where a folder stands
-        raise UsageError(f"{blocked[0]} is a folder where an image belongs: remove it and rerun")
-    missing = sorted(tuple(key) for part in gather_from_ranks(mine) for key in part)
-    if max_new_images is not None:
-        missing = missing[:max_new_images]
-    todo = missing[rank::world]
-
+    settings = synthesis_settings(prompts, per_class=per_class, seed=seed, identity=identity or {},
+                                  image_format=image_format, sample_kwargs=sample_kwargs,
+                                  store_size=store_size)
+    open_image_set(out_dir, settings, num_classes, overwrite=overwrite)
+    file_of = image_files(num_classes, per_class, image_format)
+    wanted, missing = images_to_make(out_dir, file_of, num_classes, per_class, max_new_images)
+    todo, digest = missing[rank::world], settings_digest(settings)
     shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
-    journal_path = out_dir / f"manifest.rank{rank}.jsonl"
-    bar = tqdm(total=len(wanted) if world == 1 else len(todo), initial=len(wanted) - len(missing) if world == 1 else 0,
-               desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}", unit="img",
+    bar = tqdm(total=len(wanted) if world == 1 else len(todo), unit="img",
+               initial=len(wanted) - len(missing) if world == 1 else 0,
+               desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}",
                disable=not progress or rank != 0)
     with bar:  # closed (its line ended) before an error message is printed
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             seeds = [image_seed(seed, c, i) for c, i in batch]
             latents = initial_latents(seeds, shape).to(pipe.device, pipe.unet.dtype)
-            # stochastic schedulers' step noise: one generator per image, so an image is a function
-            # of its own seed whatever batch it is made in
-            step_noise = [torch.Generator().manual_seed(derived_seed("step-noise", s)) for s in seeds]
-            images, stats = energy_guided_sample(pipe, teacher, [prompts[c][i] for c, i in batch],
-                                                 [c for c, _ in batch], latents=latents, generator=step_noise,
-                                                 guidance_vae=guidance_vae, guidance_batch=guidance_batch,
-                                                 **sample_kwargs)
-            images = resize_for_storage(images, store_size)  # the teacher's stats are of the full size
-            new_records = []
-            for k, ((c, i), noise_seed) in enumerate(zip(batch, seeds)):
-                (out_dir / class_folder(c, num_classes)).mkdir(exist_ok=True)
-                size = save_image_atomic(images[k], out_dir / file_of(c, i))
-                new_records.append({"file": file_of(c, i), "class": c, "index": i, "prompt": prompts[c][i],
-                                    "seed": noise_seed, "energy": round(stats["energy"][k].item(), 5),
-                                    "top1": stats["top1"][k].item(), "p_class": round(stats["p_class"][k].item(), 6),
-                                    "guidance_skipped": stats["guidance_skipped"][k].item(),
-                                    "resampled_unguided": bool(stats["resampled_unguided"][k]), "bytes": size,
-                                    "settings": digest})
-            append_to_journal(journal_path, new_records)
+            # stochastic schedulers' step noise: one generator per image, so an image is a
+            # function of its own seed whatever batch it is made in
+            step_noise = [torch.Generator().manual_seed(derived_seed("step-noise",
+                                                                     s)) for s in seeds]
+            images, stats = energy_guided_sample(
+                pipe, teacher, [prompts[c][i] for c, i in batch], [c for c, _ in batch],
+                latents=latents, generator=step_noise, guidance_vae=guidance_vae,
+                guidance_batch=guidance_batch, **sample_kwargs)
+            images = resize_for_storage(images, store_size)  # the teacher saw the full size
+            records = [save_generated(images[k], out_dir, file_of(c, i), c, i, prompts[c][i],
+                                      seeds[k], {key: v[k] for key, v in stats.items()}, digest)
+                       for k, (c, i) in enumerate(batch)]
+            append_to_journal(out_dir / f"manifest.rank{rank}.jsonl", records)
             bar.update(len(batch))
+    return merge_journals(out_dir, wanted)
 
-    barrier()  # every rank's journal is complete
-    if rank == 0:  # merge the journals into one manifest without duplicates (a finished set is not rewritten)
-        records = read_manifest(out_dir)
-        compacted = "".join(json.dumps(records[key]) + "\n" for key in wanted if key in records)
-        if not manifest_path.exists() or manifest_path.read_bytes() != compacted.encode("utf-8"):
-            atomic_write(manifest_path, lambda temp: temp.write_text(compacted, encoding="utf-8"))
-        for journal in out_dir.glob("manifest.rank*.jsonl"):
-            journal.unlink()
-    barrier()
-    records = read_manifest(out_dir)
-    return [records[key] for key in wanted if key in records]
+
+def image_files(num_classes, per_class, image_format):
+    """file_of(c, i): the path of image i of class c in the set, relative to its folder."""
+    digits = max(5, len(str(per_class - 1)))
+    return lambda c, i: f"{class_folder(c, num_classes)}/{str(i).zfill(digits)}.{image_format}"
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -1040,7 +1009,8 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
         return (self.epoch * len(self.dataset) + index for index in super().__iter__())
 
 
-def kd_loader(data_dir, batch_size, *, image_size=224, num_workers=4, seed=0, pin_memory=False):
+def kd_loader(data_dir, batch_size, *, image_size=DISTILL.image_size, num_workers=RUN.workers,
+              seed=RUN.seed, pin_memory=False):
     """(loader, sampler) of KD batches from the ImageFolder tree `data_dir`, this rank's share.
 
     Each image is augmented once (random resized crop, flip: SeededAugmentation) and travels as
@@ -1055,16 +1025,19 @@ def kd_loader(data_dir, batch_size, *, image_size=224, num_workers=4, seed=0, pi
     rank_batch = min(batch_size, len(dataset)) // world
     if rank_batch < 1:
         raise UsageError(f"{data_dir} has {len(dataset)} images, fewer than the {world} processes")
+    num_workers = default_workers() if num_workers is None else num_workers
     sampler = EpochTaggedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=rank_batch, sampler=sampler, drop_last=True,
-                                         num_workers=num_workers, persistent_workers=num_workers > 0,
-                                         pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=rank_batch, sampler=sampler,
+                                         drop_last=True, num_workers=num_workers,
+                                         persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                                         prefetch_factor=4 if num_workers else None)
     return loader, sampler
 
 
 def to_unit_images(batch, device, memory_format=torch.contiguous_format):
-    """A uint8 batch from kd_loader as float images in [0, 1] on `device`: x / 255, computed there."""
+    """A uint8 batch from kd_loader as float images in [0, 1] on `device`: x / 255, computed
+    there."""
     batch = batch.to(device, non_blocking=True).to(memory_format=memory_format)
     return batch.float().div_(255)
 
@@ -1082,99 +1055,92 @@ def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nul
     return loss.detach()
 
 
-def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4.0, checkpoint_path,
-            device="cpu", image_size=224, weight_decay=1e-4, momentum=0.9, num_workers=4, seed=0,
-            data_settings=None, epochs_this_run=None, overwrite=False, progress=True, channels_last=False):
-    """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4).
+def kd_optimizer(student, *, lr, momentum, weight_decay, total_steps):
+    """(optimizer, schedule): SGD with Nesterov momentum and a cosine learning rate per step,
+    lr_t = lr · ½(1 + cos(π t / total_steps)) (our choices)."""
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, nesterov=True,
+                                weight_decay=weight_decay)
+    # lr_t = lr · ½(1 + cos(π t / T))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    return optimizer, schedule
 
-    Returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
+
+def kd_epoch(teacher, model, optimizer, schedule, loader, *, temperature, amp, device,
+             memory_format, description, progress=True):
+    """One pass of kd_step over `loader` (the sampler set to its epoch), the schedule stepped
+    after each batch. Returns (sum of the batch losses, batches, the last batch)."""
+    total, count, batch = torch.zeros((), device=device), 0, None
+    with tqdm(loader, desc=description, unit="batch", disable=not progress) as batches:
+        for batch, _ in batches:
+            batch = to_unit_images(batch, device, memory_format)
+            total = total + kd_step(teacher, model, optimizer, batch, temperature, amp)
+            schedule.step()
+            count += 1
+    return total.item(), count, batch  # .item() waits for the GPU
+
+
+def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_path,
+            temperature=DISTILL.kd_temperature, device="cpu", image_size=DISTILL.image_size,
+            weight_decay=DISTILL.weight_decay, momentum=0.9, num_workers=RUN.workers,
+            seed=RUN.seed, data_settings=None, epochs_this_run=None, overwrite=False,
+            progress=True, channels_last=False):
+    """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4);
+    returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
     resized crop, flip) and shown to both the teacher (online, frozen) and the student.
-    SGD with Nesterov momentum and a cosine learning rate per step (our choices).
 
-    Several processes (torchrun): the student is wrapped in DistributedDataParallel and a
-    DistributedSampler gives each rank its share of every epoch. `batch_size` and `lr` are global:
-    each of N ranks takes batch_size / N images per step, so a run means the same on 1 GPU or 8.
-    Rank 0 writes the checkpoint; at the end every rank holds rank 0's weights.
-
-    Throughput (measured by benchmark()): `num_workers` processes decode and augment while the
-    GPU computes; they persist across epochs, batches go through pinned memory, the step runs in
-    bf16 autocast on CUDA, and `channels_last` stores activations channels-last (faster convs).
-
-    Resuming: a checkpoint (model, optimiser, learning-rate schedule, and "epoch": the epochs done,
-    which is the epoch the sampler starts at) is written atomically by rank 0 after each epoch, and
-    a call that finds one resumes after its last epoch. The random state is not stored but derived:
-    the sampler shuffles epoch e with (seed, e), image i is augmented with (seed, e, i)
-    (SeededAugmentation) and rank r's other randomness is seeded with (seed, e, r), so a resumed
-    run ends where an uninterrupted one would. `epochs_this_run` stops early (time limits). `data_settings`
-    (JSON-like) identifies how the images were made: a checkpoint trained on other data (or other
-    hyper-parameters) is refused, or restarted from scratch with `overwrite`.
-    """
+    `batch_size` and `lr` are global: under torchrun each of N ranks takes batch_size / N images
+    per step (DistributedDataParallel), so a run means the same on 1 GPU or 8. After each epoch
+    rank 0 writes a checkpoint, and a call that finds one resumes after its last epoch; all
+    randomness is derived from (seed, epoch, image), so a resumed run ends where an uninterrupted
+    one would. `epochs_this_run` stops early; `data_settings` identifies the images, and a
+    checkpoint of other data or settings is refused (restarted with `overwrite`). bf16 autocast
+    on CUDA; `channels_last` for faster convolutions."""
     if min(epochs, batch_size, image_size) < 1 or lr <= 0 or temperature <= 0:
         raise UsageError("epochs, batch_size, image_size, lr and temperature must be positive")
     rank, world = rank_and_world()
     if batch_size % world:
-        raise UsageError(f"the batch size {batch_size} is global: it must be a multiple of the {world} processes")
+        raise UsageError(f"the batch size {batch_size} is global: it must be a multiple of the "
+                         f"{world} processes")
     device = torch.device(device)
-    loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, num_workers=num_workers,
-                                seed=seed, pin_memory=device.type == "cuda")
-    dataset, images = loader.dataset, loader.dataset.images
-    steps_per_epoch = len(sampler) // loader.batch_size
-    total_steps = epochs * steps_per_epoch
+    loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, seed=seed,
+                                num_workers=num_workers, pin_memory=device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher.to(device, memory_format=memory_format).eval()
-    student.to(device, memory_format=memory_format).train()
-    model = student
+    model = student.to(device, memory_format=memory_format).train()
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, nesterov=True,
-                                weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device] if device.type == "cuda" else None)
+    optimizer, schedule = kd_optimizer(student, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                       total_steps=epochs * (len(sampler) // loader.batch_size))
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-              "image_size": image_size, "weight_decay": weight_decay, "momentum": momentum, "seed": seed,
-              "images": len(dataset), "classes": len(images.classes), "data": data_settings}
-    history, first_epoch, epoch_seconds = [], 0, []
-    checkpoint_path = Path(checkpoint_path)
-    checkpoint = load_checkpoint(checkpoint_path, device, student, overwrite=overwrite)  # all ranks alike
-    if checkpoint is not None:
-        if checkpoint["config"] == config:
-            student.load_state_dict(checkpoint["student"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            schedule.load_state_dict(checkpoint["schedule"])
-            history, first_epoch = checkpoint["history"], checkpoint["epoch"]
-            epoch_seconds = checkpoint.get("epoch_seconds", [])
-        elif not overwrite:
-            raise UsageError(f"{checkpoint_path} was made under other settings "
-                             f"({settings_difference(checkpoint['config'], config)}); use --overwrite to restart")
-    barrier()  # no rank may still be reading the checkpoint when rank 0 replaces it
+              "image_size": image_size, "weight_decay": weight_decay, "momentum": momentum,
+              "seed": seed, "images": len(loader.dataset),
+              "classes": len(loader.dataset.images.classes), "data": data_settings}
+    history, first_epoch, epoch_seconds = resume_distillation(
+        Path(checkpoint_path), device, student, optimizer, schedule, config, overwrite=overwrite)
     last_epoch = epochs if epochs_this_run is None else min(epochs, first_epoch + epochs_this_run)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(first_epoch, last_epoch):
         started = time.perf_counter()
         sampler.set_epoch(epoch)  # the shuffle of epoch e: the same permutation on every rank
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(derived_seed("distill", seed, epoch, rank))  # any randomness of the models (dropout)
-            total, count = torch.zeros((), device=device), 0
-            with tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch",
-                      disable=not progress or rank != 0) as batches:
-                for batch, _ in batches:
-                    batch = to_unit_images(batch, device, memory_format)
-                    total = total + kd_step(teacher, model, optimizer, batch, temperature, amp)
-                    schedule.step()
-                    count += 1
-        loss_sum, batches = sum_over_ranks([total.item(), count])  # .item() waits for the GPU
-        weights_finite = student_is_finite(student, batch, amp)  # the loss is from before the last step
-        if not math.isfinite(loss_sum) or sum_over_ranks([not weights_finite])[0]:  # keep the last good one
-            raise RunFailure(f"distillation diverged in epoch {epoch + 1}: the KD loss is {loss_sum} and "
-                             f"the weights are{'' if weights_finite else ' not'} finite; "
-                             f"{checkpoint_path} keeps epoch {epoch}. The learning rate {lr} is likely "
-                             f"too high: lower --lr and rerun with --overwrite (the images are kept)")
+            torch.manual_seed(derived_seed("distill", seed, epoch, rank))  # e.g. dropout
+            loss_sum, batches, last = kd_epoch(
+                teacher, model, optimizer, schedule, loader, temperature=temperature, amp=amp,
+                device=device, memory_format=memory_format, progress=progress and rank == 0,
+                description=f"distill {epoch + 1}/{epochs}")
+        loss_sum, batches = sum_over_ranks([loss_sum, batches])
+        refuse_divergence(loss_sum, student, last, amp, epoch=epoch, lr=lr,
+                          checkpoint_path=checkpoint_path)
         history.append(loss_sum / max(batches, 1))
         epoch_seconds.append(time.perf_counter() - started)
         if rank == 0:
-            save_torch_atomic({"epoch": epoch + 1, "config": config, "history": history, "epoch_seconds": epoch_seconds,
-                               "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                               "schedule": schedule.state_dict()}, checkpoint_path)
-    if world > 1:  # BatchNorm statistics drift apart on each rank: all take rank 0's (the saved) weights
+            save_torch_atomic({"epoch": epoch + 1, "config": config, "history": history,
+                               "epoch_seconds": epoch_seconds, "student": student.state_dict(),
+                               "optimizer": optimizer.state_dict(),
+                               "schedule": schedule.state_dict()}, Path(checkpoint_path))
+    if world > 1:  # BatchNorm statistics drift apart on the ranks: all take rank 0's weights
         for tensor in student.state_dict().values():
             dist.broadcast(tensor, src=0)
     return history
@@ -1183,76 +1149,94 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=4
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # Stage 5. Precision and recall of the synthetic set (§5), accuracy on real test sets
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def knn_radii(features, k, batch_size=1024):
+def knn_radii(features, k, batch_size=MEASURE.distance_block):
     """Distance from every row of `features` to its k-th nearest other row: the radius of its
     k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
     if len(features) <= k:
         raise UsageError(f"k-NN radii need more than k={k} points, got {len(features)}")
-    radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values  # k + 1: each
-             for start in range(0, len(features), batch_size)]                                        # point is its own 1st
+    # k + 1: each
+    radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values
+             # point is its own 1st
+             for start in range(0, len(features), batch_size)]
     return torch.cat(radii)
 
 
-def precision_recall(real_features, fake_features, k=3, batch_size=1024):
+def precision_recall(real_features, fake_features, k=MEASURE.pr_k,
+                     batch_size=MEASURE.distance_block):
     """Precision and recall (Kynkäänniemi et al., NeurIPS 2019) and density and coverage (Naeem et
     al., ICML 2020) of fake features against real ones (§5), with Euclidean k-NN balls B(x, r_k(x))
     whose radius r_k is the distance to the k-th nearest neighbour within the point's own set:
 
         precision = 1/M · Σ_j 1[ ∃ i: ‖y_j − x_i‖ < r_k(x_i) ]       fakes inside the real manifold
         recall    = 1/N · Σ_i 1[ ∃ j: ‖x_i − y_j‖ < r_k(y_j) ]       reals inside the fake manifold
-        density   = 1/(kM) · Σ_j Σ_i 1[ ‖y_j − x_i‖ < r_k(x_i) ]     how many real balls hold each fake
+        density   = 1/(kM) · Σ_j Σ_i 1[ ‖y_j − x_i‖ < r_k(x_i) ]     real balls around each fake
         coverage  = 1/N · Σ_i 1[ min_j ‖x_i − y_j‖ < r_k(x_i) ]      real balls that hold any fake
 
     x: the N real rows, y: the M fake rows. Strict "<" as in the authors' code. Distances are
     computed in blocks of `batch_size` fake rows against all real rows, so 100,000 × 50,000
     features never need the full distance matrix; the dtype and device are those of the inputs.
     """
-    real_radii, fake_radii = knn_radii(real_features, k, batch_size), knn_radii(fake_features, k, batch_size)
+    real_radii, fake_radii = knn_radii(real_features, k, batch_size), knn_radii(fake_features, k,
+                                                                                batch_size)
     inside_real = 0             # fakes inside at least one real ball (precision)
     real_ball_hits = 0          # (fake, real ball) pairs (density)
-    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)  # recall
+    # recall
+    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)
     nearest_fake = torch.full((len(real_features),), float("inf"), dtype=real_features.dtype,
-                              device=real_features.device)                                          # coverage
+                              # coverage
+                              device=real_features.device)
     for start in range(0, len(fake_features), batch_size):
-        distances = torch.cdist(fake_features[start:start + batch_size], real_features)  # (block, N)
+        # (block, N)
+        distances = torch.cdist(fake_features[start:start + batch_size], real_features)
         in_real_ball = distances < real_radii.unsqueeze(0)
         inside_real += in_real_ball.any(dim=1).sum().item()
         real_ball_hits += in_real_ball.sum().item()
         real_in_fake |= (distances < fake_radii[start:start + batch_size].unsqueeze(1)).any(dim=0)
         nearest_fake = torch.minimum(nearest_fake, distances.min(dim=0).values)
-    return {"precision": inside_real / len(fake_features), "recall": real_in_fake.sum().item() / len(real_features),
+    return {"precision": inside_real / len(fake_features),
+            "recall": real_in_fake.sum().item() / len(real_features),
             "density": real_ball_hits / (k * len(fake_features)),
             "coverage": (nearest_fake < real_radii).sum().item() / len(real_features)}
 
 
 def eval_transform(image_size):
     """The usual evaluation protocol: resize to image_size/0.875, centre crop, [0, 1] tensor."""
-    return transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
+    return transforms.Compose([transforms.Resize(round(image_size / 0.875)),
+                               transforms.CenterCrop(image_size),
                                transforms.ToTensor()])
 
 
+def eval_loader(dataset, batch_size, num_workers, device):
+    """A DataLoader over `dataset` in order (num_workers None: default_workers())."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, pin_memory=torch.device(device).type == "cuda",
+        num_workers=default_workers() if num_workers is None else num_workers)
+
+
 @torch.no_grad()
-def extract_features(teacher, data_dir, *, classes=None, image_size=224, batch_size=100,
-                     device="cpu", num_workers=4, progress=True):
+def extract_features(teacher, data_dir, *, classes=None, image_size=DISTILL.image_size,
+                     batch_size=MEASURE.eval_batch,
+                     device="cpu", num_workers=RUN.workers, progress=True):
     """Teacher features of every image of an ImageFolder tree, in its order: (features (N, D),
     logits (N, C), labels (N,)), float32 on the CPU. The features are the input of the teacher's
     last nn.Linear: the global-pooled penultimate layer of a CNN (§5). A TorchScript teacher (no
     hooks) gives its logits as features instead; the caller can tell by D == C. Labels: the
     class of each sorted folder in `classes` (class_mapping), else its position."""
-    dataset = image_folder(data_dir, eval_transform(image_size), classes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
+    loader = eval_loader(image_folder(data_dir, eval_transform(image_size), classes), batch_size,
+                         num_workers, device)
     teacher.to(device).eval()
     head, captured = last_linear_module(teacher), []
     hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
             if isinstance(head, nn.Linear) else None)  # TorchScript modules take no hooks
     features, logits, labels = [], [], []
     try:
-        with tqdm(loader, desc=f"features of {Path(data_dir).name}", unit="batch", disable=not progress) as batches:
+        with tqdm(loader, desc=f"features of {Path(data_dir).name}", unit="batch",
+                  disable=not progress) as batches:
             for images, targets in batches:
                 captured.clear()
                 batch_logits = teacher(images.to(device)).float()
-                features.append((captured[-1] if captured else batch_logits).flatten(1).float().cpu())
+                batch_features = captured[-1] if captured else batch_logits
+                features.append(batch_features.flatten(1).float().cpu())
                 logits.append(batch_logits.cpu())
                 labels.append(targets)
     finally:
@@ -1262,17 +1246,19 @@ def extract_features(teacher, data_dir, *, classes=None, image_size=224, batch_s
 
 
 def mean_pairwise_distance(features):
-    """Mean Euclidean distance over all pairs of rows: the diversity of one class's images (0 for < 2)."""
+    """Mean Euclidean distance over all pairs of rows: the diversity of one class's images (0 for <
+    2)."""
     return torch.pdist(features).mean().item() if len(features) > 1 else 0.0
 
 
 def lowest(entries, key, count):
-    """Names of the `count` entries with the lowest `key` (ties: class order), skipping missing values."""
+    """Names of the `count` entries with the lowest `key` (ties: class order), skipping missing
+    values."""
     scored = [entry for entry in entries if entry.get(key) is not None]
     return [entry["name"] for entry in sorted(scored, key=lambda entry: entry[key])[:count]]
 
 
-def synthetic_set_report(records, features, class_names, *, worst=10):
+def synthetic_set_report(records, features, class_names, *, worst=MEASURE.worst):
     """What can be measured without real data (§2, §5), overall and per class, from the manifest
     `records` (sorted by class, index) and the teacher `features` of the same images in that order:
     agreement (share of images whose teacher top-1 is the intended class), the mean and spread of
@@ -1290,9 +1276,11 @@ def synthetic_set_report(records, features, class_names, *, worst=10):
                           "mean_energy": energies[mine].mean().item() if mine.any() else None,
                           "std_energy": energies[mine].std().item() if mine.sum() > 1 else None,
                           "diversity": mean_pairwise_distance(features[mine])})
-    return {"images": len(records), "agreement": agree.mean().item(), "mean_energy": energies.mean().item(),
+    return {"images": len(records), "agreement": agree.mean().item(),
+            "mean_energy": energies.mean().item(),
             "std_energy": energies.std().item() if len(records) > 1 else 0.0,
-            "mean_p_class": sum(math.nan if r["p_class"] is None else r["p_class"] for r in records) / len(records),
+            "mean_p_class": sum(math.nan if r["p_class"] is None else r["p_class"]
+                                for r in records) / len(records),
             "guidance_skipped_images": sum(r.get("guidance_skipped", 0) > 0 for r in records),
             "resampled_unguided_images": sum(bool(r.get("resampled_unguided")) for r in records),
             "diversity": sum(entry["diversity"] for entry in per_class) / len(per_class),
@@ -1300,8 +1288,9 @@ def synthetic_set_report(records, features, class_names, *, worst=10):
             "lowest_diversity": lowest(per_class, "diversity", worst), "per_class": per_class}
 
 
-def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names, *, k=3,
-                            batch_size=1024, worst=10):
+def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names, *,
+                            k=MEASURE.pr_k,
+                            batch_size=MEASURE.distance_block, worst=MEASURE.worst):
     """precision_recall of the synthetic set against real images (§5): overall, and per class
     (class-conditional: synthetic class c against real class c). A class with k or fewer images
     on either side has no per-class numbers (None). The `worst` classes by precision and by recall
@@ -1312,7 +1301,8 @@ def precision_recall_report(real_features, real_labels, fake_features, fake_labe
         entry = {"class": c, "name": name, "real_images": len(real), "synthetic_images": len(fake)}
         enough = min(len(real), len(fake)) > k
         for metric, value in (precision_recall(real, fake, k, batch_size) if enough else
-                              dict.fromkeys(("precision", "recall", "density", "coverage"))).items():
+                              dict.fromkeys(("precision", "recall", "density",
+                                             "coverage"))).items():
             entry[metric] = value
         per_class.append(entry)
     return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
@@ -1322,8 +1312,9 @@ def precision_recall_report(real_features, real_labels, fake_features, fake_labe
 
 
 @torch.no_grad()
-def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", image_size=224,
-             num_workers=4, progress=True):
+def evaluate(model, data_dir, *, classes=None, batch_size=MEASURE.eval_batch, device="cpu",
+             image_size=DISTILL.image_size,
+             num_workers=RUN.workers, progress=True):
     """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree under
     eval_transform (the usual protocol). `classes`: the model class of each sorted class folder
     (class_mapping); None: the sorted folders are the classes 0, 1, … of the model, all of them.
@@ -1344,8 +1335,7 @@ def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", ima
         raise UsageError(f"{data_dir} holds class {subset.max().item()} but the model has "
                          f"{outputs} outputs")
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
+    loader = eval_loader(share, batch_size, num_workers, device)
     top1 = top5 = 0
     with tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0) as batches:
         for images, labels in batches:
@@ -1448,7 +1438,8 @@ def first_line(error):
 
 
 def damaged(path, error, way_out):
-    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way out."""
+    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way
+    out."""
     return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
 
 
@@ -1483,7 +1474,8 @@ def without_per_class(report):
     """`report` without its "per_class" lists (at any depth, in lists too): the summary that
     main() prints."""
     if isinstance(report, dict):
-        return {key: without_per_class(value) for key, value in report.items() if key != "per_class"}
+        return {key: without_per_class(value) for key,
+                value in report.items() if key != "per_class"}
     if isinstance(report, list):
         return [without_per_class(value) for value in report]
     return report
@@ -1497,7 +1489,8 @@ def atomic_write(path, write):
     killed at any moment (or a full disk) leaves the old file or the new one, never half of one.
     A failure to write (disk full, no permission) becomes a one-line UsageError."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pid: ranks never share a temp file
+    # the pid: ranks never share a temp file
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(temp)
         descriptor = os.open(temp, os.O_RDONLY)
@@ -1549,21 +1542,24 @@ def read_json(path, way_out):
 
 
 def save_image_atomic(image, path):
-    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns its
+    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns
+    its
     size in bytes. A non-finite image is refused: NaN pixels would be written as a black image."""
     from PIL import Image
 
     if not torch.isfinite(image).all():
         raise ValueError(f"refusing to save non-finite pixels as {path}")
-    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2,
+                                                                                    0).cpu().numpy()
     jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, format="JPEG" if jpeg else "PNG",
-                                                                 **({"quality": 95} if jpeg else {})))
+    options = {"format": "JPEG", "quality": 95} if jpeg else {"format": "PNG"}
+    atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, **options))
     return Path(path).stat().st_size
 
 
 def image_is_readable(path, expected_bytes):
-    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies it."""
+    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies
+    it."""
     from PIL import Image
 
     try:
@@ -1585,12 +1581,14 @@ def check_images_load(data_dir, what):
     samples = image_folder(data_dir, None).samples
     paths = [path for path, _ in samples][rank::world]
     problem = ""
-    for path in tqdm(paths, desc=f"checking {what}", unit="img", disable=rank != 0 or len(paths) < 1000):
+    for path in tqdm(paths, desc=f"checking {what}", unit="img",
+                     disable=rank != 0 or len(paths) < 1000):
         try:
             with Image.open(path) as image:
                 image.load()
         except Exception as error:  # whatever PIL says, the file is not a usable image
-            problem = f"{what}: {path} is not a readable image ({first_line(error)}); fix or remove it"
+            problem = (f"{what}: {path} is not a readable image ({first_line(error)}); fix or "
+                       f"remove it")
             break
     problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
     if problem:
@@ -1619,7 +1617,8 @@ def remove_stale_temps(out):
 # Resume: settings, manifest journals, checkpoints (nothing cached is lost or mixed)
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def file_fingerprint(path):
-    """First 16 hex digits of a file's SHA-256: a model file changed under the same name is another model."""
+    """First 16 hex digits of a file's SHA-256: a model file changed under the same name is another
+    model."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -1639,7 +1638,8 @@ def check_settings(path, settings, *, overwrite, what):
     """Compares `settings` with those recorded at `path` (JSON). Returns True if they match,
     False if none are recorded, and raises UsageError on a difference or a damaged file unless
     `overwrite`."""
-    path, settings = Path(path), json.loads(json.dumps(settings))  # compare as stored: tuples become lists
+    # compare as stored: tuples become lists
+    path, settings = Path(path), json.loads(json.dumps(settings))
     if not path.exists():
         return False
     way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
@@ -1655,14 +1655,19 @@ def check_settings(path, settings, *, overwrite, what):
         return True
     if overwrite:
         return False
-    raise UsageError(f"{path.parent} holds {what} made under other settings ({settings_difference(recorded, settings)}); "
-                     f"use another --out, or --overwrite to replace them")
+    raise UsageError(f"{path.parent} holds {what} made under other settings "
+                     f"({settings_difference(recorded, settings)}); " f"use another --out, or "
+                                                                      f"--overwrite to replace "
+                                                                      f"them")
 
 
-def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs, store_size=None):
-    """Everything that decides the pixels of the cached images (not the batch size, which does not)."""
+def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs,
+                       store_size=None):
+    """Everything that decides the pixels of the cached images (not the batch size, which does
+    not)."""
     prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    return {"per_class": per_class, "seed": seed, "image_format": image_format, "prompts_sha256": prompts_hash,
+    return {"per_class": per_class, "seed": seed, "image_format": image_format,
+            "prompts_sha256": prompts_hash,
             "store_size": store_size, **identity, **sample_kwargs}
 
 
@@ -1690,11 +1695,94 @@ def start_new_set(out_dir, settings):
     write_json_atomic({"settings": settings}, out_dir / "settings.json")
 
 
+def check_synthesis_arguments(pipe, prompts, per_class, batch_size, image_format, sample_kwargs):
+    """Refuses synthesize_dataset's arguments that cannot work (UsageError), before anything is
+    recorded: counts, the image format, prompts for every image, and the sampler's own."""
+    if per_class < 1 or batch_size < 1:
+        raise UsageError(f"per_class and batch_size must be positive, got {per_class} and "
+                         f"{batch_size}")
+    if image_format not in ("png", "jpg"):
+        raise UsageError(f"image_format must be png or jpg, got {image_format}")
+    if any(len(p) < per_class for p in prompts):
+        raise UsageError(f"every class needs at least per_class={per_class} prompts")
+    check_sampler_arguments(pipe, **{**sampler_defaults(), **sample_kwargs})
+
+
+def open_image_set(out_dir, settings, num_classes, *, overwrite):
+    """Makes `out_dir` ready for images made under `settings`: created, holding no folder that is
+    not a class of the set (distillation would read it as one), and its settings.json the same
+    or, with `overwrite`, a new set started (start_new_set keeps the images whose record carries
+    the new settings' digest). Other or damaged settings without it: a UsageError."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create {out_dir}: {first_line(error)}")
+    expected = {class_folder(c, num_classes) for c in range(num_classes)}
+    stray = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in expected)
+    if stray:
+        raise UsageError(f"{out_dir} holds folders that are not classes of this set "
+                         f"({', '.join(stray[:3])}): move them out of it")
+    same = check_settings(out_dir / "settings.json", settings, overwrite=overwrite,
+                          what="synthetic images")
+    barrier()  # every rank has read the old settings before rank 0 may replace them
+    if rank_and_world()[0] == 0 and not same:
+        start_new_set(out_dir, settings)
+    barrier()
+
+
+def images_to_make(out_dir, file_of, num_classes, per_class, max_new_images):
+    """(wanted, missing): every (class, index) of the set, and those without a readable image
+    that its manifest record vouches for (at most `max_new_images`), the same list on every
+    rank. Each rank checks a share of the files; a folder where an image belongs is refused."""
+    rank, world = rank_and_world()
+    records = read_manifest(out_dir)
+    wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
+    mine = [key for key in wanted[rank::world]
+            if not image_is_readable(out_dir / file_of(*key), records.get(key, {}).get("bytes"))]
+    blocked = [out_dir / file_of(*key) for key in mine if (out_dir / file_of(*key)).is_dir()]
+    if blocked:
+        raise UsageError(f"{blocked[0]} is a folder where an image belongs: remove it and rerun")
+    missing = sorted(tuple(key) for part in gather_from_ranks(mine) for key in part)
+    return wanted, missing if max_new_images is None else missing[:max_new_images]
+
+
+def save_generated(image, out_dir, file, c, i, prompt, noise_seed, stats, digest):
+    """Writes one generated image atomically and returns its manifest record: file, class, index,
+    prompt, seed, the teacher's final energy, top-1 and p_class, the guidance steps skipped,
+    whether it was made again unguided, its bytes and the digest of its set's settings."""
+    (out_dir / file).parent.mkdir(exist_ok=True)
+    size = save_image_atomic(image, out_dir / file)
+    return {"file": file, "class": c, "index": i, "prompt": prompt, "seed": noise_seed,
+            "energy": round(stats["energy"].item(), 5), "top1": stats["top1"].item(),
+            "p_class": round(stats["p_class"].item(), 6),
+            "guidance_skipped": stats["guidance_skipped"].item(),
+            "resampled_unguided": bool(stats["resampled_unguided"]), "bytes": size,
+            "settings": digest}
+
+
+def merge_journals(out_dir, wanted):
+    """Once every rank is done, rank 0 merges the ranks' journals into manifest.jsonl (rewritten
+    only when it changes) and deletes them. Returns the records of `wanted`, in its order."""
+    barrier()  # every rank's journal is complete
+    if rank_and_world()[0] == 0:
+        records = read_manifest(out_dir)
+        compacted = "".join(json.dumps(records[key]) + "\n" for key in wanted if key in records)
+        manifest = out_dir / "manifest.jsonl"
+        if not manifest.exists() or manifest.read_bytes() != compacted.encode("utf-8"):
+            atomic_write(manifest, lambda temp: temp.write_text(compacted, encoding="utf-8"))
+        for journal in out_dir.glob("manifest.rank*.jsonl"):
+            journal.unlink()
+    barrier()
+    records = read_manifest(out_dir)
+    return [records[key] for key in wanted if key in records]
+
+
 def valid_record(record):
     """True if a manifest record has its keys with values of the right kind (finite numbers)."""
     def number(x):
         return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
-    return (isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("class", "index", "bytes"))
+    integers = ("class", "index", "bytes")
+    return (isinstance(record, dict) and all(isinstance(record.get(k), int) for k in integers)
             and isinstance(record.get("file"), str) and number(record.get("energy"))
             and number(record.get("p_class")) and isinstance(record.get("top1"), int))
 
@@ -1704,11 +1792,13 @@ def read_manifest(folder):
     ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a damaged line (torn,
     not UTF-8, not JSON) is ignored, so its image is checked and made again."""
     records = {}
-    for path in [Path(folder) / "manifest.jsonl", *sorted(Path(folder).glob("manifest.rank*.jsonl"))]:
+    for path in [Path(folder) / "manifest.jsonl",
+                 *sorted(Path(folder).glob("manifest.rank*.jsonl"))]:
         if not path.exists():
             continue
         for line in path.read_bytes().splitlines():
-            try:  # a damaged line (torn by a kill, a bad byte) loses one record: that image is remade
+            # a damaged line (torn by a kill, a bad byte) loses one record: that image is remade
+            try:
                 record = json.loads(line.decode("utf-8"))
                 if valid_record(record):
                     records[(record["class"], record["index"])] = record
@@ -1749,14 +1839,17 @@ def load_checkpoint(path, device, student, *, overwrite=False):
     if not Path(path).exists():
         return None
     try:
-        with warnings.catch_warnings():  # a damaged file is said in one line, without torch's warnings
+        # a damaged file is said in one line, without torch's warnings
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+        if not isinstance(checkpoint,
+                          dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
             raise ValueError("not a PRISM distillation checkpoint")
         if tensor_shapes(checkpoint["student"]) != tensor_shapes(student.state_dict()):
             raise ValueError("its weights do not fit this student")
-        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values() if t.is_floating_point()):
+        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values()
+                   if t.is_floating_point()):
             raise ValueError("its student weights are not finite")
         if not (isinstance(checkpoint["epoch"], int) and isinstance(checkpoint["history"], list)
                 and len(checkpoint["history"]) == checkpoint["epoch"]):
@@ -1774,13 +1867,47 @@ def load_checkpoint(path, device, student, *, overwrite=False):
 def student_is_finite(student, batch, amp=contextlib.nullcontext()):
     """True if every weight of the student and its outputs on `batch` (as it will be used: eval
     mode) are finite. Weights can be finite yet so large that every output overflows."""
-    if not all(torch.isfinite(t).all() for t in student.state_dict().values() if t.is_floating_point()):
+    if not all(torch.isfinite(t).all() for t in student.state_dict().values()
+               if t.is_floating_point()):
         return False
     student.eval()
     with torch.no_grad(), amp:
         finite = bool(torch.isfinite(student(batch)).all())
     student.train()
     return finite
+
+
+def resume_distillation(checkpoint_path, device, student, optimizer, schedule, config, *,
+                        overwrite):
+    """(history, epochs done, epoch seconds) from the checkpoint at `checkpoint_path` made under
+    `config`, its weights, optimiser and schedule loaded into those given; ([], 0, []) without
+    one. A checkpoint of another config is a UsageError, or ignored with `overwrite`."""
+    checkpoint = load_checkpoint(checkpoint_path, device, student, overwrite=overwrite)
+    resumed = [], 0, []
+    if checkpoint is not None and checkpoint["config"] == config:
+        student.load_state_dict(checkpoint["student"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        resumed = checkpoint["history"], checkpoint["epoch"], checkpoint.get("epoch_seconds", [])
+    elif checkpoint is not None and not overwrite:
+        raise UsageError(f"{checkpoint_path} was made under other settings "
+                         f"({settings_difference(checkpoint['config'], config)}); use --overwrite "
+                         f"to restart")
+    barrier()  # no rank may still be reading the checkpoint when rank 0 replaces it
+    return resumed
+
+
+def refuse_divergence(loss_sum, student, batch, amp, *, epoch, lr, checkpoint_path):
+    """A RunFailure when an epoch's summed KD loss is not finite or the student's weights, or its
+    outputs on the epoch's last `batch`, are not (on any rank): the checkpoint keeps the last
+    good epoch, and nothing non-finite is saved."""
+    weights_finite = student_is_finite(student, batch, amp)  # the loss predates the last step
+    if math.isfinite(loss_sum) and not sum_over_ranks([not weights_finite])[0]:
+        return
+    raise RunFailure(f"distillation diverged in epoch {epoch + 1}: the KD loss is {loss_sum} and "
+                     f"the weights are{'' if weights_finite else ' not'} finite; "
+                     f"{checkpoint_path} keeps epoch {epoch}. The learning rate {lr} is likely "
+                     f"too high: lower --lr and rerun with --overwrite (the images are kept)")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -1804,7 +1931,8 @@ def image_folder(data_dir, transform, classes=None):
 
 
 def folder_classes(data_dir):
-    """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as is)."""
+    """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as
+    is)."""
     path = Path(data_dir)
     if not path.is_dir():
         raise UsageError(f"{data_dir} is not a directory of class folders")
@@ -1964,7 +2092,8 @@ def barrier():
 
 
 def gather_from_ranks(items):
-    """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every rank."""
+    """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every
+    rank."""
     world = rank_and_world()[1]
     if world == 1:
         return [list(items)]
@@ -2026,7 +2155,8 @@ def init_distributed(device_name):
 def default_workers():
     """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
     the processes of its node, leaving one for the training process itself (at least 0)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os,
+                                                    "sched_getaffinity") else os.cpu_count() or 1
     return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
 
 
@@ -2054,9 +2184,11 @@ def exclusive_out(out):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             remove_stale_temps(out)
         except BlockingIOError:
-            problem = f"{out} is in use by another prism run; wait for it to end, or use another --out"
+            problem = (f"{out} is in use by another prism run; wait for it to end, or use "
+                       f"another --out")
         except (UsageError, OSError) as error:
-            problem = str(error) if isinstance(error, UsageError) else f"cannot lock {out}: {first_line(error)}"
+            problem = (str(error) if isinstance(error, UsageError)
+                       else f"cannot lock {out}: {first_line(error)}")
     problem = gather_from_ranks([problem])[0][0]  # every rank learns rank 0's verdict
     try:
         if problem:
@@ -2104,11 +2236,13 @@ def locate_model(name_or_path, flag, alternative=""):
 
 
 def is_torchvision_classifier(name):
-    """True if `name` is one of torchvision's classification architectures (resnet50, vit_b_16, ...)."""
+    """True if `name` is one of torchvision's classification architectures (resnet50, vit_b_16,
+    ...)."""
     return name in torchvision.models.list_models(module=torchvision.models)
 
 
-def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, input_size=224,
+def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
+                 input_size=MODELS.teacher_input_size,
                  mean=MODELS.teacher_mean, std=MODELS.teacher_std):
     """Loads the frozen teacher f_T and returns (teacher, class_names or None).
 
@@ -2126,7 +2260,8 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, i
                 warnings.simplefilter("ignore", FutureWarning)
                 model = torch.jit.load(name_or_path, map_location="cpu")
         except Exception as error:  # any failure here means the file is not a TorchScript model
-            raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: {first_line(error)}")
+            raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: "
+                             f"{first_line(error)}")
     elif not is_torchvision_classifier(name_or_path):
         raise UsageError(f"unknown teacher '{name_or_path}': give a torchvision classifier name "
                          f"(e.g. resnet50) or a TorchScript file")
@@ -2135,7 +2270,8 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, i
         try:
             model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
         except Exception as error:
-            raise UsageError(f"cannot load teacher weights {weights_path} into {name_or_path}: {first_line(error)}")
+            raise UsageError(f"cannot load teacher weights {weights_path} into {name_or_path}: "
+                             f"{first_line(error)}")
     else:
         weights = torchvision.models.get_model_weights(name_or_path).DEFAULT
         preset = weights.transforms()
@@ -2144,17 +2280,22 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000, i
         try:
             model = torchvision.models.get_model(name_or_path, weights=weights)
         except OSError as error:
-            raise UsageError(f"could not download the teacher weights '{weights}' ({first_line(error)}); "
-                             f"offline, put them in {torch.hub.get_dir()}/checkpoints or pass --teacher-weights PATH")
-    teacher = with_preprocessing(model, input_size, mean, std).to(device).eval().requires_grad_(False)
+            raise UsageError(f"could not download the teacher weights '{weights}' "
+                             f"({first_line(error)}); " f"offline, put them in "
+                                                        f"{torch.hub.get_dir()}/checkpoints or "
+                                                        f"pass --teacher-weights PATH")
+    teacher = with_preprocessing(model, input_size, mean,
+                                 std).to(device).eval().requires_grad_(False)
     return teacher, class_names
 
 
-def build_student(name, num_classes, *, input_size=224, mean=MODELS.teacher_mean, std=MODELS.teacher_std):
+def build_student(name, num_classes, *, input_size=DISTILL.image_size, mean=MODELS.teacher_mean,
+                  std=MODELS.teacher_std):
     """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
     [0, 1] images like the teacher (same normalisation, its own input size)."""
     if not is_torchvision_classifier(name):
-        raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. resnet18)")
+        raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. "
+                         f"resnet18)")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     return with_preprocessing(model, input_size, mean, std)
 
@@ -2174,32 +2315,37 @@ def load_class_names(data, num_classes=None):
     or a count different from the teacher's `num_classes` is a UsageError.
     """
     if data == "imagenet":
-        names, descriptions = list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
+        names = list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])
+        descriptions = None
     else:
         path = Path(data)
         if not path.is_file():
-            raise UsageError(f"class list {data} is not a file: give 'imagenet' or a text file, one class per line")
+            raise UsageError(f"class list {data} is not a file: give 'imagenet' or a text file, "
+                             f"one class per line")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as error:
-            raise UsageError(f"class list {data} is not UTF-8 text ({first_line(error)}): save it as UTF-8")
+            raise UsageError(f"class list {data} is not UTF-8 text ({first_line(error)}): save it "
+                             f"as UTF-8")
         rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
         names = [row[0].strip() for row in rows]
         if not all(names):
-            raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no name "
-                             f"before its tab")
+            raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no "
+                             f"name " f"before its tab")
         descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
         if not names:
             raise UsageError(f"class list {data} is empty")
         seen = set()
         for name in names:
             if name.lower() in seen:
-                raise UsageError(f"class list {data} names '{name}' twice: class names must be unique")
+                raise UsageError(f"class list {data} names '{name}' twice: class names must be "
+                                 f"unique")
             seen.add(name.lower())
         if not any(descriptions):
             descriptions = None
     if num_classes is not None and len(names) != num_classes:
-        raise UsageError(f"class list '{data}' has {len(names)} classes but the teacher has {num_classes} outputs")
+        raise UsageError(f"class list '{data}' has {len(names)} classes but the teacher has "
+                         f"{num_classes} outputs")
     return names, descriptions
 
 
@@ -2207,7 +2353,8 @@ def load_llm(name_or_path, device):
     """Loads an instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, local_only = locate_model(name_or_path, "--llm", "or --llm none for the built-in prompts")
+    source, local_only = locate_model(name_or_path, "--llm",
+                                      "or --llm none for the built-in prompts")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
@@ -2278,106 +2425,150 @@ def model_dtype(name, device):
 # The command line: every flag, and the one check of their values
 # ──────────────────────────────────────────────────────────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit."""
+    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage +
+    exit."""
 
     def error(self, message):
         raise UsageError(message)
 
 
-SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2, batch_size=8,
-                      image_size=32, workers=0, lr=0.05, guidance_start=0.0, guidance_end=1.0, guidance_every=1)
+SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2,
+                      batch_size=8, image_size=32, workers=0, lr=0.05, guidance_start=0.0,
+                      guidance_end=1.0, guidance_every=1)
 
 
 BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8, workers=2)
 
 
-def build_parser():
-    """Every flag of the program, with its default and what it controls."""
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_run_flags(p):
+    """The flags of the run as a whole: where, which mode, which device and seed."""
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/prism", help="output folder: prompts, images, checkpoints, results")
-    g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random models, a CPU, "
-                   "minutes; ignores --teacher/--student/--data/--sd-model, and --llm but for none (no "
-                   "accuracy meaning)")
-    g.add_argument("--benchmark", action="store_true", help="time synthesis (each guidance mode) and distillation "
-                   "with SD 1.5 / resnet50 / resnet18 architectures and random weights, no download; writes "
-                   "OUT/benchmark.md and .json. Uses --height --width --steps --gen-batch --batch-size --image-size "
-                   "--workers --channels-last --compile; on a CPU their defaults shrink to a few minutes' work")
-    g.add_argument("--check-guidance", action="store_true", help="measure energy guidance on these weights "
-                   "(minutes): cosine of each gradient mode with the method's, effect on energy, p(y) and "
-                   "top-1 vs unguided from the same noise, s/img; writes OUT/check_guidance.md and .json")
-    g.add_argument("--check-classes", type=int, default=4, help="classes (spread evenly) for --check-guidance")
-    g.add_argument("--check-seeds", type=int, default=2, help="images per class for --check-guidance")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...; "
-                   "under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
-    g.add_argument("--seed", type=int, default=0, help="seed of prompts, image noise and training")
-    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under other settings "
-                   "or damaged (what is still valid is kept)")
+    g.add_argument("--out", help="output folder: prompts, images, checkpoints, results")
+    g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random "
+                   "models, a CPU, minutes; ignores --teacher/--student/--data/--sd-model, and "
+                   "--llm but for none (no accuracy meaning)")
+    g.add_argument("--benchmark", action="store_true", help="time synthesis (each guidance mode) "
+                   "and distillation with SD 1.5 / resnet50 / resnet18 architectures and random "
+                   "weights, no download; writes OUT/benchmark.md and .json. Uses --height --width "
+                   "--steps --gen-batch --batch-size --image-size --workers --channels-last "
+                   "--compile; on a CPU their defaults shrink to a few minutes' work")
+    g.add_argument("--check-guidance", action="store_true", help="measure energy guidance on "
+                   "these weights (minutes): cosine of each gradient mode with the method's, "
+                   "effect on energy, p(y) and top-1 vs unguided from the same noise, s/img; "
+                   "writes OUT/check_guidance.md and .json")
+    g.add_argument("--check-classes", type=int, default=4, help="classes (spread evenly) for "
+                   "--check-guidance")
+    g.add_argument("--check-seeds", type=int, default=2, help="images per class for "
+                   "--check-guidance")
+    g.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:1, ...; under "
+                   "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
+    g.add_argument("--seed", type=int, help="seed of prompts, image noise and training")
+    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under "
+                   "other settings or damaged (what is still valid is kept)")
     g.add_argument("--debug", action="store_true", help="print the traceback of an error")
+
+
+def add_model_flags(p):
+    """The flags that choose the teacher, the student, the classes and the generators."""
     g = p.add_argument_group("models and classes")
-    g.add_argument("--teacher", default="resnet50", help="torchvision classifier name or TorchScript file")
-    g.add_argument("--teacher-weights", help="state dict for a torchvision --teacher instead of downloading")
-    g.add_argument("--teacher-input-size", type=int, default=224, help="input size of a TorchScript teacher")
-    g.add_argument("--teacher-mean", type=float, nargs=3, default=MODELS.teacher_mean, help="mean of a TorchScript teacher")
-    g.add_argument("--teacher-std", type=float, nargs=3, default=MODELS.teacher_std, help="std of a TorchScript teacher")
-    g.add_argument("--data", default="imagenet", help="'imagenet' or a class list file: one 'name[<TAB>description]' a line")
-    g.add_argument("--student", default="resnet18", help="torchvision classifier trained from scratch")
-    g.add_argument("--sd-model", default=MODELS.sd_model, help="Stable Diffusion 1.x/2.x hub id or local folder")
-    g.add_argument("--llm", default=MODELS.llm, help="instruction-tuned causal LM (hub id or local "
-                   "folder) that describes each class and writes its scenes (§3); none: the built-in "
-                   "lists and the teacher's neighbours, no LLM")
+    g.add_argument("--teacher", help="torchvision classifier name or TorchScript file")
+    g.add_argument("--teacher-weights", help="state dict for a torchvision --teacher instead of "
+                   "downloading")
+    g.add_argument("--teacher-input-size", type=int, help="input size of a TorchScript teacher")
+    g.add_argument("--teacher-mean", type=float, nargs=3, help="mean of a TorchScript teacher")
+    g.add_argument("--teacher-std", type=float, nargs=3, help="std of a TorchScript teacher")
+    g.add_argument("--data", help="'imagenet' or a class list file: one "
+                   "'name[<TAB>description]' a line")
+    g.add_argument("--student", help="torchvision classifier trained from scratch")
+    g.add_argument("--sd-model", help="Stable Diffusion 1.x/2.x hub id or local folder")
+    g.add_argument("--llm", help="instruction-tuned causal LM (hub id or local folder) that "
+                   "describes each class and writes its scenes (§3); none: the built-in lists "
+                   "and the teacher's neighbours, no LLM")
+
+
+def add_prompt_flags(p):
+    """The flags of stage 1, the prompts (§3)."""
     g = p.add_argument_group("prompts (§3)")
-    g.add_argument("--per-class", type=int, default=100, help="synthetic images (and prompts) per class")
-    g.add_argument("--photo-share", type=float, default=0.8, help="share of prompts in a photo style")
-    g.add_argument("--neighbours", type=int, default=2, help="teacher-nearest classes that tell which "
-                   "sense of a class name is meant (0: off); they are never drawn")
-    g.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.json and a readable "
-                   "OUT/prompts.md (per class: description, its source, sample prompts), then stop: "
-                   "read it before the long run")
+    g.add_argument("--per-class", type=int, help="synthetic images (and prompts) per class")
+    g.add_argument("--photo-share", type=float, help="share of prompts in a photo style")
+    g.add_argument("--neighbours", type=int, help="teacher-nearest classes that tell which sense "
+                   "of a class name is meant (0: off); they are never drawn")
+    g.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.json and a "
+                   "readable OUT/prompts.md (per class: description, its source, sample "
+                   "prompts), then stop: read it before the long run")
+
+
+def add_sampling_flags(p):
+    """The flags of stages 2-3, energy-guided sampling (§1-2) and the cached set."""
     g = p.add_argument_group("energy-guided sampling (§1-2)")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale w (low favours "
+    g.add_argument("--steps", type=int, help="denoising steps")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale w (low favours "
                    "diversity; <= 1 turns classifier-free guidance off)")
-    g.add_argument("--energy-scale", type=float, default=0.25, help="s_E, weight of the teacher energy E")
-    g.add_argument("--class-scale", type=float, default=0.25, help="s_C, weight of the class cross-entropy")
-    g.add_argument("--energy-temperature", type=float, default=1.0, help="τ of the energy E = -τ logsumexp(f/τ)")
-    g.add_argument("--guidance-start", type=float, default=0.1, help="guidance window start, fraction of steps "
-                   "(a window holding no step is refused)")
-    g.add_argument("--guidance-end", type=float, default=0.7, help="guidance window end, fraction of steps")
-    g.add_argument("--guidance-every", type=int, default=2, help="guide every k-th step inside the window")
-    g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet (slower)")
-    g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to (s_E+s_C)·‖ε̂‖")
-    g.add_argument("--guidance-batch", type=int, default=4, help="images per guidance decode with its "
-                   "backward pass (about 3 GiB each at 512² in float16): bounds guidance memory whatever "
-                   "--gen-batch is; the result does not depend on it")
-    g.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the guidance "
-                   "decoder: about a sixth of its activation memory, one more decoder forward per guided step")
-    g.add_argument("--guidance-vae", help="AutoencoderTiny id or folder (TAESD: madebyollin/taesd) for the guidance "
-                   "decode only (default: the SD VAE). An approximation of the method's gradient: measure it "
-                   "with --check-guidance before trusting it")
+    g.add_argument("--energy-scale", type=float, help="s_E, weight of the teacher energy E")
+    g.add_argument("--class-scale", type=float, help="s_C, weight of the class cross-entropy")
+    g.add_argument("--energy-temperature", type=float, help="τ of the energy "
+                   "E = -τ logsumexp(f/τ)")
+    g.add_argument("--guidance-start", type=float, help="guidance window start, fraction of "
+                   "steps (a window holding no step is refused)")
+    g.add_argument("--guidance-end", type=float, help="guidance window end, fraction of steps")
+    g.add_argument("--guidance-every", type=int, help="guide every k-th step inside the window")
+    g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet "
+                   "(slower)")
+    g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to "
+                   "(s_E+s_C)·‖ε̂‖")
+    g.add_argument("--guidance-batch", type=int, help="images per guidance decode with its "
+                   "backward pass (about 3 GiB each at 512² in float16): bounds guidance memory "
+                   "whatever --gen-batch is; the result does not depend on it")
+    g.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in "
+                   "the guidance decoder: about a sixth of its activation memory, one more "
+                   "decoder forward per guided step")
+    g.add_argument("--guidance-vae", help="AutoencoderTiny id or folder (TAESD: "
+                   "madebyollin/taesd) for the guidance decode only (default: the SD VAE). An "
+                   "approximation of the method's gradient: measure it with --check-guidance "
+                   "before trusting it")
     g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
                    help="diffusion model precision (auto: float16 on CUDA, float32 on a CPU)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory "
-                   "format for the convolutions (default: on with CUDA, where it is faster, off on a CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compile, faster steps)")
+    add_cache_flags(g)
+
+
+def add_cache_flags(g):
+    """The sampling flags of speed, memory and the cached set (they change no image's content
+    but --store-size's and --image-format's stored pixels)."""
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last "
+                   "memory format for the convolutions (default: on with CUDA, where it is "
+                   "faster, off on a CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of "
+                   "compile, faster steps)")
     g.add_argument("--height", type=int, help="image height (default: the model's)")
     g.add_argument("--width", type=int, help="image width (default: the model's)")
-    g.add_argument("--gen-batch", type=int, default=8, help="images per sampling batch (per torchrun process)")
-    g.add_argument("--image-format", choices=("png", "jpg"), default="png", help="cached image format (jpg: "
+    g.add_argument("--gen-batch", type=int, help="images per sampling batch (per torchrun "
+                   "process)")
+    g.add_argument("--image-format", choices=("png", "jpg"), help="cached image format (jpg: "
                    "quality 95, smaller and faster to decode, lossy)")
-    g.add_argument("--store-size", type=int, default=320, help="cache images with their shorter side at this "
-                   "size (0: as generated); the teacher's energy and p(y) are recorded at full size")
-    g.add_argument("--max-new-images", type=int, help="generate at most this many images now (job time limits)")
+    g.add_argument("--store-size", type=int, help="cache images with their shorter side at this "
+                   "size (0: as generated); the teacher's energy and p(y) are recorded at full "
+                   "size")
+    g.add_argument("--max-new-images", type=int, help="generate at most this many images now "
+                   "(job time limits)")
+
+
+def add_distill_flags(p):
+    """The flags of stage 4, distillation (§4), and of the real test sets."""
     g = p.add_argument_group("distillation (§4) and evaluation")
-    g.add_argument("--epochs", type=int, default=100, help="KD epochs over the synthetic set (0: no distillation)")
-    g.add_argument("--batch-size", type=int, default=256, help="global KD batch size (split over torchrun processes)")
-    g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate for the global batch (cosine decay)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    g.add_argument("--kd-temperature", type=float, default=4.0, help="τ_kd of the KD loss")
-    g.add_argument("--image-size", type=int, default=224, help="student (and KD crop) input size")
-    g.add_argument("--workers", type=int, help="data loading processes per torchrun process (default: the "
-                   "cores this process may use, shared by the node's processes, minus one)")
-    g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job time limits)")
+    g.add_argument("--epochs", type=int, help="KD epochs over the synthetic set (0: no "
+                   "distillation)")
+    g.add_argument("--batch-size", type=int, help="global KD batch size (split over torchrun "
+                   "processes)")
+    g.add_argument("--lr", type=float, help="peak SGD learning rate for the global batch "
+                   "(cosine decay)")
+    g.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    g.add_argument("--kd-temperature", type=float, help="τ_kd of the KD loss")
+    g.add_argument("--image-size", type=int, help="student (and KD crop) input size")
+    g.add_argument("--workers", type=int, help="data loading processes per torchrun process "
+                   "(default: the cores this process may use, shared by the node's processes, "
+                   "minus one)")
+    g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job "
+                   "time limits)")
     g.add_argument("--val-dir", action="append", metavar="[NAME=]PATH", help="real labelled "
                    "images, one folder per class, evaluated for teacher and student; repeat it "
                    "for shifted test sets (ImageNet-V2, -Sketch, -R, -A). The first is the "
@@ -2385,20 +2576,40 @@ def build_parser():
                    "Folders named by class index (0 ... 999), class name or id (wnid); a set of "
                    "fewer classes is scored over their logits only. Default NAME: the folder's")
     g.add_argument("--class-ids", metavar="FILE", help="the ids of the classes in label order, "
-                   "one a line (ImageNet: its wnids), for --val-dir sets in id folders; default: "
-                   "the sorted folders of a --val-dir set with one folder per class")
+                   "one a line (ImageNet: its wnids), for --val-dir sets in id folders; "
+                   "default: the sorted folders of a --val-dir set with one folder per class")
+
+
+def add_measure_flags(p):
+    """The flags of stage 5, measuring the synthetic set (§5), and the ablations."""
     g = p.add_argument_group("measuring the synthetic set (§5) and ablations")
-    g.add_argument("--pr-k", type=int, default=3, help="k of the k-NN balls of precision, recall, density, coverage")
-    g.add_argument("--sheet-classes", type=int, default=32, help="classes shown in contact_sheet.png (spread evenly)")
-    g.add_argument("--ablate", nargs="+", default=[], choices=("guidance", "disambiguation", "content", "style"),
-                   help="turn parts of the method off (one --out per variant), then compare precision and recall "
-                   "in results.json; with --epochs 0 only the synthetic set is made and measured")
+    g.add_argument("--pr-k", type=int, help="k of the k-NN balls of precision, recall, density, "
+                   "coverage")
+    g.add_argument("--sheet-classes", type=int, help="classes shown in contact_sheet.png (spread "
+                   "evenly)")
+    g.add_argument("--ablate", nargs="+", default=[], help="turn parts of the method off (one "
+                   "--out per variant), then compare precision and recall in results.json; with "
+                   "--epochs 0 only the synthetic set is made and measured",
+                   choices=("guidance", "disambiguation", "content", "style"))
+
+
+def build_parser():
+    """Every flag of the program and what it controls; the defaults are Part I's (written once
+    there), shown by --help."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add_flags in (add_run_flags, add_model_flags, add_prompt_flags, add_sampling_flags,
+                      add_distill_flags, add_measure_flags):
+        add_flags(p)
+    for defaults in (RUN, MODELS, PROMPTS, SAMPLING, DISTILL, MEASURE):
+        p.set_defaults(**dataclasses.asdict(defaults))
     return p
 
 
 def check_args(args):
     """Rejects impossible flag values with a UsageError before any model is loaded."""
-    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every", "guidance_batch",
+    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every",
+                "guidance_batch",
                 "teacher_input_size", "pr_k", "sheet_classes",
                 "check_classes", "check_seeds")
     if not args.out.strip():
@@ -2409,9 +2620,11 @@ def check_args(args):
     named_val_sets(args.val_dir)  # names unique and non-empty
     if not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os,
+                                                    "sched_getaffinity") else os.cpu_count() or 1
     if args.workers > cores:
-        raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this process may use")
+        raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this "
+                         f"process may use")
     for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -2419,28 +2632,33 @@ def check_args(args):
     for name, value in vars(args).items():
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(x, float) and not (math.isfinite(x) and abs(x) <= 1e30) for x in numbers):
-            raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got {value}")
-    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay", "epochs",
+            raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got "
+                             f"{value}")
+    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay",
+                 "epochs",
                  "store_size"):
         if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got "
+                             f"{getattr(args, name)}")
     for name in ("lr", "kd_temperature", "energy_temperature"):
         if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got "
+                             f"{getattr(args, name)}")
     if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
-        raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= 1, "
-                         f"got {args.guidance_start} and {args.guidance_end}")
+        raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= "
+                         f"1, " f"got {args.guidance_start} and {args.guidance_end}")
     if min(args.teacher_std) <= 0:
         raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
     if not 0.0 <= args.photo_share <= 1.0:
         raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
     if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
-        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images follow "
-                          f"the prompts weakly")
+        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images "
+                          f"follow the prompts weakly")
     if not args.smoke:
         for role in ("teacher", "student"):
             name = getattr(args, role)
-            if not is_torchvision_classifier(name) and not (role == "teacher" and os.path.isfile(name)):
+            a_file = role == "teacher" and os.path.isfile(name)
+            if not is_torchvision_classifier(name) and not a_file:
                 raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name"
                                  + (" or a TorchScript file" if role == "teacher" else ""))
 
@@ -2451,13 +2669,15 @@ def parse_args(argv):
     known, _ = parser.parse_known_args(argv)
     if known.smoke:
         parser.set_defaults(**SMOKE_DEFAULTS)
-    if known.benchmark and (known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())):
+    on_cpu = known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())
+    if known.benchmark and on_cpu:
         parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
     args = parser.parse_args(argv)
     if args.workers is None:
         args.workers = default_workers()
     if args.channels_last is None:
-        args.channels_last = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        args.channels_last = args.device.startswith("cuda") or (
+            args.device == "auto" and torch.cuda.is_available())
     check_args(args)
     return args
 
@@ -2486,8 +2706,8 @@ def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_s
                          f"got [{guidance_start}, {guidance_end}]")
     trained_steps = pipe.scheduler.config.num_train_timesteps
     if num_steps > trained_steps:
-        raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model was "
-                         f"trained with")
+        raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model "
+                         f"was " f"trained with")
     scheduler = type(pipe.scheduler).__name__
     if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
         raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "
@@ -2506,10 +2726,14 @@ def check_guidance_window(pipe, sample_kwargs):
     options = {**sampler_defaults(), **sample_kwargs}
     pipe.scheduler.set_timesteps(options["num_steps"])
     steps = len(pipe.scheduler.timesteps)
-    start, end, every = options["guidance_start"], options["guidance_end"], options["guidance_every"]
-    if (options["energy_scale"] or options["class_scale"]) and not guided_step_indices(steps, start, end, every):
-        raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the {steps} "
-                         f"sampling steps, so guidance would do nothing: widen it, or --ablate guidance")
+    start, end = options["guidance_start"], options["guidance_end"]
+    every = options["guidance_every"]
+    if (options["energy_scale"] or options["class_scale"]) and not guided_step_indices(steps,
+                                                                                       start, end,
+                                                                                       every):
+        raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the "
+                         f"{steps} " f"sampling steps, so guidance would do nothing: widen it, or "
+                                     f"--ablate guidance")
 
 
 def sampling_options(args):
@@ -2581,7 +2805,8 @@ def read_prompts(path, num_classes, per_class):
     stored = read_json(path, way_out)
     prompts, classes = stored.get("prompts"), stored.get("classes")
     if not (isinstance(prompts, list) and len(prompts) == num_classes
-            and all(isinstance(p, list) and len(p) >= per_class and all(isinstance(s, str) for s in p)
+            and all(isinstance(p, list) and len(p) >= per_class and all(isinstance(s,
+                                                                                   str) for s in p)
                     for p in prompts)):
         raise damaged(path, "no list of prompts for every class", way_out)
     if not (isinstance(classes, list) and len(classes) == num_classes and all(
@@ -2876,7 +3101,8 @@ def errors_reported(argv):
     try:
         yield status
     except KeyboardInterrupt as error:
-        status.code, kind, message, failure = 130, "interrupted", "rerun the same command to resume", error
+        message = "rerun the same command to resume"
+        status.code, kind, failure = 130, "interrupted", error
     except (UsageError, OSError) as error:
         status.code, kind, message, failure = 2, "error", str(error), error
     except Exception as error:  # a failure: say what, in one line; --debug shows where
@@ -2947,7 +3173,8 @@ def prompts_markdown(classes, prompts, llm, *, shown=5):
     return "\n".join(lines)
 
 
-def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, tile=96, label_width=160,
+def contact_sheet(data_dir, class_names, path, *, max_classes=MEASURE.sheet_classes, per_row=8,
+                  tile=96, label_width=160,
                   sources=None):
     """Writes a PNG of the cached set for a person to look at: one row per class (all classes when
     at most `max_classes`, else that many spread evenly), its name on the left (and under it the
@@ -2955,21 +3182,26 @@ def contact_sheet(data_dir, class_names, path, *, max_classes=32, per_row=8, til
     Returns the number of image tiles drawn."""
     from PIL import Image, ImageDraw
 
-    folders = sorted(entry for entry in Path(data_dir).iterdir() if entry.is_dir() and entry.name.isdigit())
+    folders = sorted(entry for entry in Path(data_dir).iterdir()
+                     if entry.is_dir() and entry.name.isdigit())
     rows = (range(len(class_names)) if len(class_names) <= max_classes else
-            [round(n * (len(class_names) - 1) / max(max_classes - 1, 1)) for n in range(max_classes)])
+            [round(n * (len(class_names) - 1) / max(max_classes - 1,
+                                                    1)) for n in range(max_classes)])
     shown = [sorted(p for p in folders[c].iterdir() if p.suffix in (".png", ".jpg"))[:per_row]
              if c < len(folders) else [] for c in rows]
     columns = max([len(images) for images in shown] + [1])
     sheet = Image.new("RGB", (label_width + columns * tile, len(rows) * tile), "white")
     draw = ImageDraw.Draw(sheet)
     for row, (c, images) in enumerate(zip(rows, shown)):
-        draw.text((4, row * tile + tile // 2 - 6), f"{c}: {class_names[c]}"[:label_width // 6], fill="black")
+        draw.text((4, row * tile + tile // 2 - 6), f"{c}: {class_names[c]}"[:label_width // 6],
+                  fill="black")
         if sources:
-            draw.text((4, row * tile + tile // 2 + 6), f"[{sources[c]}]"[:label_width // 6], fill="gray")
+            draw.text((4, row * tile + tile // 2 + 6), f"[{sources[c]}]"[:label_width // 6],
+                      fill="gray")
         for column, image_path in enumerate(images):
             with Image.open(image_path) as image:
-                sheet.paste(image.convert("RGB").resize((tile, tile)), (label_width + column * tile, row * tile))
+                sheet.paste(image.convert("RGB").resize((tile, tile)),
+                            (label_width + column * tile, row * tile))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     atomic_write(path, lambda temp: temp.write_bytes(buffer.getvalue()))
@@ -3004,7 +3236,8 @@ SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
 
 def byte_level_alphabet():
     """The 256 printable characters that byte-level BPE tokenizers (CLIP, GPT-2) map bytes to."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
 
@@ -3014,28 +3247,37 @@ def byte_level_alphabet():
 # benchmark: the same FLOPs as the trained models, with no download.
 RANDOM_PIPELINES = {
     "tiny": dict(
-        unet=dict(layers_per_block=1, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                  norm_num_groups=32),
-        vae=dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+        unet=dict(layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                  attention_head_dim=8, norm_num_groups=32),
+        vae=dict(block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32),
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4)),
     "sd15": dict(
         unet=dict(layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                  attention_head_dim=8),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 down_block_types=("DownEncoderBlock2D",) * 4,
                  up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12,
                   vocab_size=49408, hidden_act="quick_gelu")),
 }
 
 
-def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon", seed=0):
-    """A randomly initialised StableDiffusionPipeline of one of RANDOM_PIPELINES (UNet, VAE, CLIP text
-    encoder, DDIM with SD's schedule) and a character-level CLIP tokenizer whose files go to `vocab_dir`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon",
+                    seed=0):
+    """A randomly initialised StableDiffusionPipeline of one of RANDOM_PIPELINES (UNet, VAE, CLIP
+    text
+    encoder, DDIM with SD's schedule) and a character-level CLIP tokenizer whose files go to
+    `vocab_dir`."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab_dir, config = Path(vocab_dir), RANDOM_PIPELINES[architecture]
@@ -3045,7 +3287,8 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
                                                    + ["<|startoftext|>", "<|endoftext|>"])}
     (vocab_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (vocab_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),
+                              model_max_length=77)
     vae_factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -3053,11 +3296,15 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
             **{"vocab_size": len(vocab), **config["text"]}, max_position_embeddings=77,
             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"]))
-        unet = UNet2DConditionModel(sample_size=image_size // vae_factor, in_channels=4, out_channels=4, **config["unet"])
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, **config["vae"])
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        unet = UNet2DConditionModel(sample_size=image_size // vae_factor, in_channels=4,
+                                    out_channels=4, **config["unet"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            sample_size=image_size, **config["vae"])
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+                                   tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
@@ -3067,7 +3314,8 @@ def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", 
     to `model_dir` and returns that folder, which load_diffusion_pipeline opens exactly as it opens
     a real model."""
     model_dir = Path(model_dir)
-    pipe = random_pipeline(model_dir / "vocab", image_size=image_size, prediction_type=prediction_type, seed=seed)
+    pipe = random_pipeline(model_dir / "vocab", image_size=image_size,
+                           prediction_type=prediction_type, seed=seed)
     pipe.save_pretrained(model_dir / "pipeline")
     return model_dir / "pipeline"
 
@@ -3174,7 +3422,8 @@ def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, re
     return rows
 
 
-def time_guidance_parts(pipe, teacher, latents, class_ids, *, guidance_batch=4, repeats=2,
+def time_guidance_parts(pipe, teacher, latents, class_ids, *,
+                        guidance_batch=SAMPLING.guidance_batch, repeats=2,
                         **objective):
     """Seconds per image of the parts of a sampling step, the fastest of `repeats`: one UNet call
     (the CFG pair, no gradient); one guidance gradient (clean_latent_grad: the decode of ẑ0 with
@@ -3206,9 +3455,12 @@ def time_guidance_parts(pipe, teacher, latents, class_ids, *, guidance_batch=4, 
     return seconds
 
 
-def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8, kd_batch=256, image_size=224,
-              num_workers=8, channels_last=False, compile_unet=False, progress=True, architecture="sd15", repeats=2,
-              guidance_batch=4, store_size=320, image_format="png"):
+def benchmark(device, work_dir, *, height=512, width=512, steps=SAMPLING.steps,
+              gen_batch=SAMPLING.gen_batch, kd_batch=DISTILL.batch_size,
+              image_size=DISTILL.image_size, num_workers=8, channels_last=False,
+              compile_unet=False, progress=True, architecture="sd15", repeats=2,
+              guidance_batch=SAMPLING.guidance_batch, store_size=SAMPLING.store_size,
+              image_format=SAMPLING.image_format):
     """Times synthesis and distillation at real model size with random weights (the same FLOPs as
     the trained models). Returns {"sampling": rows, "parts": seconds, "distill": row}.
 
@@ -3224,19 +3476,23 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
 
     device, work_dir = torch.device(device), Path(work_dir)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = speed_up_pipeline(random_pipeline(work_dir / "vocab", architecture=architecture, image_size=height)
-                             .to(device, dtype), channels_last=channels_last, compile_unet=compile_unet)
+    pipe = speed_up_pipeline(random_pipeline(work_dir / "vocab", architecture=architecture,
+                                             image_size=height)
+                             .to(device,
+                                 dtype), channels_last=channels_last, compile_unet=compile_unet)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
     names = load_class_names("imagenet")[0]
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same random teacher and students in every run
-        teacher = with_preprocessing(torchvision.models.resnet50(), 224).to(device).eval().requires_grad_(False)
+        teacher = with_preprocessing(torchvision.models.resnet50(),
+                                     224).to(device).eval().requires_grad_(False)
         students = [with_preprocessing(torchvision.models.resnet18(), image_size) for _ in range(2)]
     class_ids = list(range(gen_batch))
     prompts = [row[0] for row in build_prompts([names[c] for c in class_ids], 1)[0]]
-    start = initial_latents(range(gen_batch), (4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
+    start = initial_latents(range(gen_batch), (4, height // pipe.vae_scale_factor,
+                                               width // pipe.vae_scale_factor))
     start = start.to(device, dtype)
     checkpointed_vae = copy.deepcopy(pipe.vae)
     checkpointed_vae.enable_gradient_checkpointing()
@@ -3245,10 +3501,12 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
              "guided, VAE gradient checkpointing": dict(guidance_vae=checkpointed_vae),
              "guided, guidance batch 1": dict(guidance_batch=1),
              "guided, tiny autoencoder decode (approximation)": dict(
-                 guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),  # TAESD's architecture
+                 # TAESD's architecture
+                 guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),
              "guided, exact (UNet backward)": dict(exact_grad=True)}
-    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, start, modes, repeats=repeats, progress=progress,
-                               num_steps=steps, height=height, width=width, guidance_batch=guidance_batch)
+    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, start, modes, repeats=repeats,
+                               progress=progress, num_steps=steps, height=height, width=width,
+                               guidance_batch=guidance_batch)
     for row in rows:
         row["mean_energy"] = row.pop("stats")["energy"].mean().item()
     parts = time_guidance_parts(pipe, teacher, start, class_ids, guidance_batch=guidance_batch,
@@ -3257,14 +3515,18 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=50, gen_batch=8,
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    kd = benchmark_distillation(teacher, students, work_dir, device, kd_batch=kd_batch, image_size=image_size,
-                                num_workers=num_workers, channels_last=channels_last, progress=progress,
-                                stored_size=min(height, store_size or height), image_format=image_format)
-    memory = "peak GPU memory (GiB)" if device.type == "cuda" else "peak RSS of the process so far (GiB)"
+    kd = benchmark_distillation(teacher, students, work_dir, device, kd_batch=kd_batch,
+                                image_size=image_size, num_workers=num_workers,
+                                channels_last=channels_last, progress=progress,
+                                stored_size=min(height, store_size or height),
+                                image_format=image_format)
+    memory = ("peak GPU memory (GiB)" if device.type == "cuda"
+              else "peak RSS of the process so far (GiB)")
     return {"sampling": rows, "parts": parts, "memory": memory, "distill": kd}
 
 
-def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, image_size, num_workers,
+def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, image_size,
+                           num_workers,
                            channels_last, progress, stored_size, image_format):
     """Images per second, measured in one run on `kd_batch`·8 cached images of `stored_size`²: the
     loader alone (kd_loader: read, decode, augment, collate, in its second epoch, workers
@@ -3279,22 +3541,26 @@ def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, ima
     for epoch in range(2):  # the first epoch starts the workers
         sampler.set_epoch(epoch)
         _, loader_seconds = timed(device, lambda: [batch for batch, _ in loader])
-    distill(teacher, students[0], folder, epochs=3, batch_size=kd_batch, lr=0.1, image_size=image_size,
+    distill(teacher, students[0], folder, epochs=3, batch_size=kd_batch, lr=0.1,
+            image_size=image_size,
             checkpoint_path=work_dir / "checkpoint.pt", device=device, num_workers=num_workers,
             progress=progress, channels_last=channels_last)
     loop_seconds = torch.load(work_dir / "checkpoint.pt", weights_only=True)["epoch_seconds"][-1]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     student = students[1].to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = [torch.rand(kd_batch, 3, image_size, image_size, device=device).contiguous(
         memory_format=memory_format) for _ in range(2)]
     kd_step(teacher, student, optimizer, batches[0], 4.0, amp)  # warm-up
-    _, compute_seconds = timed(device, lambda: [kd_step(teacher, student, optimizer, batches[n % 2], 4.0, amp)
+    _, compute_seconds = timed(device, lambda: [kd_step(teacher, student, optimizer,
+                                                        batches[n % 2], 4.0, amp)
                                                 for n in range(8)])
     images = 8 * kd_batch
     loader, compute, loop = images / loader_seconds, images / compute_seconds, images / loop_seconds
-    return {"loader_images_per_s": loader, "loader_images_per_s_per_worker": loader / max(num_workers, 1),
+    return {"loader_images_per_s": loader,
+            "loader_images_per_s_per_worker": loader / max(num_workers, 1),
             "workers": num_workers, "compute_images_per_s": compute, "loop_images_per_s": loop,
             "loop_vs_compute": loop / compute, "loader_vs_compute": loader / compute}
 
@@ -3335,7 +3601,8 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
     early_middle_late = sorted({0, len(trace) // 2, len(trace) - 1}) if trace else []
     for entry in [trace[k] for k in early_middle_late]:
         alpha_bar, method_grad = entry["alpha_bar"], entry["grad"].flatten(1).double()
-        predict = epsilon_predictor(pipe.unet, entry["timestep"], text, uncond, options["cfg_scale"],
+        predict = epsilon_predictor(pipe.unet, entry["timestep"], text, uncond,
+                                    options["cfg_scale"],
                                     alpha_bar, pipe.scheduler.config.prediction_type)
         for mode in list(modes)[2:]:
             vae = modes[mode].get("guidance_vae", pipe.vae)
@@ -3343,8 +3610,10 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
                                         exact=mode == "exact", batch_size=options["guidance_batch"],
                                         **objective)
             cosine = F.cosine_similarity(grad.flatten(1).double(), method_grad)
-            fidelity.append({"mode": mode, "step": entry["step"], "cosine_mean": cosine.mean().item(),
-                             "steps": len(pipe.scheduler.timesteps), "cosine_min": cosine.min().item()})
+            fidelity.append({"mode": mode, "step": entry["step"],
+                             "cosine_mean": cosine.mean().item(),
+                             "steps": len(pipe.scheduler.timesteps),
+                             "cosine_min": cosine.min().item()})
     per_class = []
     for c in dict.fromkeys(class_ids):
         mine = [k for k, class_id in enumerate(class_ids) if class_id == c]
@@ -3366,7 +3635,8 @@ def check_guidance_table(result):
     lines += ["", "| sampling mode | s / image | × unguided | energy | p(y) | top-1 % |",
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | "
-              f"{r['energy']:.3f} | {r['p_class']:.4f} | {r['top1']:.1f} |" for r in result["modes"]]
+              f"" f"{r['energy']:.3f} | {r['p_class']:.4f} | {r['top1']:.1f} "
+                  f"|" for r in result["modes"]]
     lines += ["", "| class | images | energy: unguided → guided | p(y) | top-1 % |",
               "| --- | --- | --- | --- | --- |"]
     for r in result["per_class"]:
@@ -3386,7 +3656,7 @@ def guided_cost_ratio(parts, num_steps, guided_steps):
     return (num_steps * unet + guided_steps * guidance + decode) / (num_steps * unet + decode)
 
 
-def benchmark_table(result, machine, *, num_steps=50, guided_steps=15):
+def benchmark_table(result, machine, *, num_steps=SAMPLING.steps, guided_steps=15):
     """The benchmark result as Markdown tables (the README keeps these); the guided/unguided cost
     is also extrapolated from the parts to `num_steps` steps of which `guided_steps` are guided."""
     lines = [f"Machine: {machine}", "", f"| sampling mode | s / image | × unguided | "
@@ -3401,11 +3671,12 @@ def benchmark_table(result, machine, *, num_steps=50, guided_steps=15):
     kd = result["distill"]
     lines += ["", "| distillation | images / s | / pure compute |", "| --- | --- | --- |",
               f"| loader alone ({kd['workers']} workers: read, decode, augment, collate) | "
-              f"{kd['loader_images_per_s']:.1f} ({kd['loader_images_per_s_per_worker']:.1f} per worker) | "
-              f"{kd['loader_vs_compute']:.2f} |",
-              f"| pure compute (batches already on the device) | {kd['compute_images_per_s']:.1f} | 1.00 |",
-              f"| full KD loop (loader + copy + compute) | {kd['loop_images_per_s']:.1f} | "
-              f"{kd['loop_vs_compute']:.2f} |"]
+              f"" f"{kd['loader_images_per_s']:.1f} ({kd['loader_images_per_s_per_worker']:.1f} "
+                  f"per worker) | " f"{kd['loader_vs_compute']:.2f} |",
+                  f"| pure compute (batches already on the device) | "
+                  f"{kd['compute_images_per_s']:.1f} | 1.00 |",
+                  f"| full KD loop (loader + copy + compute) | {kd['loop_images_per_s']:.1f} | "
+                  f"" f"{kd['loop_vs_compute']:.2f} |"]
     return "\n".join(lines)
 
 
@@ -3421,22 +3692,29 @@ def run_benchmark(args, device):
         raise UsageError(f"cannot create --out {out}: {first_line(error)}")
     height, width = args.height or 512, args.width or 512
     if height % 16 or width % 16:
-        raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got {height}x{width}")
+        raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got "
+                         f"{height}x{width}")
     result = benchmark(device, out / "benchmark", height=height, width=width, steps=args.steps,
-                       gen_batch=args.gen_batch, kd_batch=args.batch_size, image_size=args.image_size,
-                       num_workers=args.workers, channels_last=args.channels_last, compile_unet=args.compile,
+                       gen_batch=args.gen_batch, kd_batch=args.batch_size,
+                       image_size=args.image_size, num_workers=args.workers,
+                       channels_last=args.channels_last, compile_unet=args.compile,
                        guidance_batch=args.guidance_batch, store_size=args.store_size,
                        image_format=args.image_format)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    settings = (f"{height}×{width}, {args.steps} steps, {args.gen_batch} images per sampling batch, "
-                f"{'fp16' if device.type == 'cuda' else 'fp32'}; KD batch {args.batch_size} at {args.image_size} px, "
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {os.cpu_count()} cores")
+    settings = (f"{height}×{width}, {args.steps} steps, "
+                f"{args.gen_batch} images per sampling batch, "
+                f"{'fp16' if device.type == 'cuda' else 'fp32'}; "
+                f"KD batch {args.batch_size} at {args.image_size} px, "
                 f"{args.workers} workers, guidance batch {args.guidance_batch}, stored "
                 f"{min(height, args.store_size or height)}² {args.image_format}"
                 f"{', channels_last' if args.channels_last else ''}"
                 f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}")
     real = build_parser().parse_args([])  # the real run's defaults, for the extrapolated cost
-    guided = guided_step_indices(real.steps, real.guidance_start, real.guidance_end, real.guidance_every)
-    table = benchmark_table(result, f"{name} ({settings})", num_steps=real.steps, guided_steps=len(guided))
+    guided = guided_step_indices(real.steps, real.guidance_start, real.guidance_end,
+                                 real.guidance_every)
+    table = benchmark_table(result, f"{name} ({settings})", num_steps=real.steps,
+                            guided_steps=len(guided))
     atomic_write(out / "benchmark.md", lambda temp: temp.write_text(table + "\n", encoding="utf-8"))
     write_json_atomic({"machine": name, "settings": settings, **result}, out / "benchmark.json")
     print(table)
