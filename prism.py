@@ -1089,19 +1089,14 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_pa
     returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
     resized crop, flip) and shown to both the teacher (online, frozen) and the student.
 
-    `batch_size` and `lr` are global: under torchrun each of N ranks takes batch_size / N images
-    per step (DistributedDataParallel), so a run means the same on 1 GPU or 8. After each epoch
-    rank 0 writes a checkpoint, and a call that finds one resumes after its last epoch; all
-    randomness is derived from (seed, epoch, image), so a resumed run ends where an uninterrupted
-    one would. `epochs_this_run` stops early; `data_settings` identifies the images, and a
-    checkpoint of other data or settings is refused (restarted with `overwrite`). bf16 autocast
-    on CUDA; `channels_last` for faster convolutions."""
-    if min(epochs, batch_size, image_size) < 1 or lr <= 0 or temperature <= 0:
-        raise UsageError("epochs, batch_size, image_size, lr and temperature must be positive")
+    `batch_size` and `lr` are global (split over torchrun's ranks). A checkpoint after each epoch
+    is resumed by the next call (resume_distillation); all randomness derives from (seed, epoch,
+    image), so a resumed run ends where an uninterrupted one would. `epochs_this_run` stops
+    early. bf16 autocast on CUDA; `channels_last` for faster convolutions."""
     rank, world = rank_and_world()
-    if batch_size % world:
-        raise UsageError(f"the batch size {batch_size} is global: it must be a multiple of the "
-                         f"{world} processes")
+    if min(epochs, batch_size, image_size) < 1 or lr <= 0 or temperature <= 0 or batch_size % world:
+        raise UsageError(f"epochs, batch_size, image_size, lr and temperature must be positive, "
+                         f"and the global batch_size {batch_size} a multiple of the {world} ranks")
     device = torch.device(device)
     loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, seed=seed,
                                 num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -3455,6 +3450,25 @@ def time_guidance_parts(pipe, teacher, latents, class_ids, *,
     return seconds
 
 
+def benchmark_models(work_dir, device, dtype, architecture, height, image_size, channels_last,
+                     compile_unet):
+    """(pipe, teacher, students) for benchmark(): a random pipeline of `architecture` on
+    `device`, frozen, with the speed options; a random resnet50 teacher and two resnet18
+    students, the same in every run."""
+    pipe = random_pipeline(work_dir / "vocab", architecture=architecture, image_size=height)
+    pipe = speed_up_pipeline(pipe.to(device, dtype), channels_last=channels_last,
+                             compile_unet=compile_unet)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same random teacher and students in every run
+        teacher = with_preprocessing(torchvision.models.resnet50(), 224)
+        students = [with_preprocessing(torchvision.models.resnet18(), image_size)
+                    for _ in range(2)]
+    return pipe, teacher.to(device).eval().requires_grad_(False), students
+
+
 def benchmark(device, work_dir, *, height=512, width=512, steps=SAMPLING.steps,
               gen_batch=SAMPLING.gen_batch, kd_batch=DISTILL.batch_size,
               image_size=DISTILL.image_size, num_workers=8, channels_last=False,
@@ -3476,19 +3490,9 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=SAMPLING.steps,
 
     device, work_dir = torch.device(device), Path(work_dir)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = speed_up_pipeline(random_pipeline(work_dir / "vocab", architecture=architecture,
-                                             image_size=height)
-                             .to(device,
-                                 dtype), channels_last=channels_last, compile_unet=compile_unet)
-    pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)
+    pipe, teacher, students = benchmark_models(work_dir, device, dtype, architecture, height,
+                                               image_size, channels_last, compile_unet)
     names = load_class_names("imagenet")[0]
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the same random teacher and students in every run
-        teacher = with_preprocessing(torchvision.models.resnet50(),
-                                     224).to(device).eval().requires_grad_(False)
-        students = [with_preprocessing(torchvision.models.resnet18(), image_size) for _ in range(2)]
     class_ids = list(range(gen_batch))
     prompts = [row[0] for row in build_prompts([names[c] for c in class_ids], 1)[0]]
     start = initial_latents(range(gen_batch), (4, height // pipe.vae_scale_factor,
@@ -3510,7 +3514,8 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=SAMPLING.steps,
     for row in rows:
         row["mean_energy"] = row.pop("stats")["energy"].mean().item()
     parts = time_guidance_parts(pipe, teacher, start, class_ids, guidance_batch=guidance_batch,
-                                energy_scale=0.25, class_scale=0.25)
+                                energy_scale=SAMPLING.energy_scale,
+                                class_scale=SAMPLING.class_scale)
     del pipe, modes, checkpointed_vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
