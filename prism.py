@@ -86,69 +86,127 @@ from tqdm.auto import tqdm
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # PART I — THE METHOD (§1-§5), in the order data flows
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# Defaults, each written once: the functions below take them as keyword defaults and the command
-# line (build_parser) shows and overrides them, flag --name for field name.
+# Defaults, each written once: the functions below take them as keyword defaults, and the command
+# line (build_parser) offers each field with its help as the flag --field-name.
+def flag(default, text, **options):
+    """A field of a defaults class and its command-line flag: the default, the help text and
+    argparse options (type, when the default does not give it; action; nargs; choices)."""
+    return dataclasses.field(default=default, metadata={"help": text, **options})
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDefaults:
-    out: str = "runs/prism"               # the output folder: prompts, images, checkpoint, results
-    seed: int = 0                         # seed of prompts, image noise and training
-    device: str = "auto"                  # cuda when there is one
-    workers: int | None = None            # data loading processes; None: cores per process - 1
+    """run"""
+    out: str = flag("runs/prism", "output folder: prompts, images, checkpoints, results")
+    seed: int = flag(0, "seed of prompts, image noise and training")
+    device: str = flag("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...; under "
+                       "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
+    workers: int | None = flag(None, "data loading processes per torchrun process (default: "
+                               "the cores this process may use, shared by the node's "
+                               "processes, minus one)", type=int)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelDefaults:
-    teacher: str = "resnet50"             # torchvision name (pretrained) or a TorchScript file
-    data: str = "imagenet"                # the class names: imagenet or a class list file
-    student: str = "resnet18"             # torchvision name, trained from scratch
-    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.x/2.x id or folder
-    llm: str = "Qwen/Qwen2.5-1.5B-Instruct"  # instruction-tuned causal LM id or folder; none: off
-    teacher_input_size: int = 224         # of a TorchScript teacher (torchvision's know theirs)
-    teacher_mean: tuple = (0.485, 0.456, 0.406)
-    teacher_std: tuple = (0.229, 0.224, 0.225)
+    """models and classes"""
+    teacher: str = flag("resnet50", "torchvision classifier name or TorchScript file")
+    teacher_weights: str | None = flag(None, "state dict for a torchvision --teacher instead of "
+                                       "downloading", type=str)
+    teacher_input_size: int = flag(224, "input size of a TorchScript teacher")
+    teacher_mean: tuple = flag((0.485, 0.456, 0.406), "mean of a TorchScript teacher",
+                               type=float, nargs=3)
+    teacher_std: tuple = flag((0.229, 0.224, 0.225), "std of a TorchScript teacher",
+                              type=float, nargs=3)
+    data: str = flag("imagenet", "'imagenet' or a class list file: one "
+                     "'name[<TAB>description]' a line")
+    student: str = flag("resnet18", "torchvision classifier trained from scratch")
+    sd_model: str = flag("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion "
+                         "1.x/2.x hub id or local folder")
+    llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned causal LM (hub id or local "
+                    "folder) that describes each class and writes its scenes (§3); none: the "
+                    "built-in lists and the teacher's neighbours, no LLM")
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptDefaults:                     # §3
-    per_class: int = 100                  # images, and prompts, per class
-    photo_share: float = 0.8              # share of photo styles; the rest: sketch, painting, ...
-    neighbours: int = 2                   # teacher-nearest classes that tell a name's sense
-    scenes_per_class: int = 12            # scenes the LLM writes for each class
+class PromptDefaults:
+    """prompts (§3)"""
+    per_class: int = flag(100, "synthetic images (and prompts) per class")
+    photo_share: float = flag(0.8, "share of prompts in a photo style; the rest: sketch, "
+                              "painting, cartoon, ...")
+    neighbours: int = flag(2, "teacher-nearest classes that tell which sense of a class name "
+                           "is meant (0: off); they are never drawn")
+    scenes_per_class: int = flag(12, "scenes the LLM writes for each class")
+    prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md (per "
+                              "class: description, its source, sample prompts), then stop: "
+                              "read it before the long run", action="store_true")
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingDefaults:                   # §1-2
-    steps: int = 50                       # T, denoising steps
-    cfg: float = 3.0                      # w: low favours diversity (Sariyildiz et al. 2023)
-    energy_scale: float = 0.25            # s_E
-    class_scale: float = 0.25             # s_C
-    energy_temperature: float = 1.0       # τ
-    guidance_start: float = 0.1           # the guidance window, as fractions of the steps
-    guidance_end: float = 0.7
-    guidance_every: int = 2               # guide every k-th step inside the window
-    guidance_batch: int = 4               # images per guidance decode and backward pass
-    gen_batch: int = 8                    # images per sampling batch
-    image_format: str = "png"             # of the cached images (jpg: smaller, lossy)
-    store_size: int = 320                 # cached images' shorter side (0: as generated)
+class SamplingDefaults:
+    """energy-guided sampling (§1-2)"""
+    steps: int = flag(50, "T, denoising steps")
+    cfg: float = flag(3.0, "classifier-free guidance scale w (low favours diversity; <= 1 "
+                      "turns classifier-free guidance off)")
+    energy_scale: float = flag(0.25, "s_E, weight of the teacher energy E")
+    class_scale: float = flag(0.25, "s_C, weight of the class cross-entropy")
+    energy_temperature: float = flag(1.0, "τ of the energy E = -τ logsumexp(f/τ)")
+    guidance_start: float = flag(0.1, "guidance window start, fraction of steps (a window "
+                                 "holding no step is refused)")
+    guidance_end: float = flag(0.7, "guidance window end, fraction of steps")
+    guidance_every: int = flag(2, "guide every k-th step inside the window")
+    exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
+    no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
+    guidance_batch: int = flag(4, "images per guidance decode with its backward pass (about 3 "
+                               "GiB each at 512² in float16): bounds guidance memory whatever "
+                               "--gen-batch is; the result does not depend on it")
+    gen_batch: int = flag(8, "images per sampling batch (per torchrun process)")
+    height: int | None = flag(None, "image height (default: the model's)", type=int)
+    width: int | None = flag(None, "image width (default: the model's)", type=int)
+    image_format: str = flag("png", "cached image format (jpg: quality 95, smaller and faster "
+                             "to decode, lossy)", choices=("png", "jpg"))
+    max_new_images: int | None = flag(None, "generate at most this many images now (job time "
+                                      "limits)", type=int)
+    store_size: int = flag(320, "cache images with their shorter side at this size (0: as "
+                           "generated); the teacher's energy and p(y) are recorded at full size")
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillDefaults:                    # §4
-    epochs: int = 100
-    batch_size: int = 256                 # global, split over torchrun processes
-    lr: float = 0.1                       # peak SGD learning rate, cosine decay
-    weight_decay: float = 1e-4
-    kd_temperature: float = 4.0           # τ_kd
-    image_size: int = 224                 # the student's input and the KD crop
+class DistillDefaults:
+    """distillation (§4)"""
+    epochs: int = flag(100, "KD epochs over the synthetic set (0: no distillation)")
+    epochs_this_run: int | None = flag(None, "train at most this many epochs now (job time "
+                                       "limits)", type=int)
+    batch_size: int = flag(256, "global KD batch size (split over torchrun processes)")
+    lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)")
+    weight_decay: float = flag(1e-4, "SGD weight decay")
+    kd_temperature: float = flag(4.0, "τ_kd of the KD loss")
+    image_size: int = flag(224, "student (and KD crop) input size")
 
 
 @dataclasses.dataclass(frozen=True)
-class MeasureDefaults:                    # §5
-    pr_k: int = 3                         # k of the k-NN balls
-    eval_batch: int = 100                 # images per evaluation batch
-    sheet_classes: int = 32               # classes shown in contact_sheet.png
-    worst: int = 10                       # classes named as the worst in each report
-    distance_block: int = 1024            # rows per block of k-NN distances (memory)
+class MeasureDefaults:
+    """measuring the synthetic set (§5), evaluation and ablations"""
+    pr_k: int = flag(3, "k of the k-NN balls of precision, recall, density, coverage")
+    sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)")
+    val_dir: list | None = flag(None, "real labelled images, one folder per class, evaluated "
+                                "for teacher and student; repeat it for shifted test sets "
+                                "(ImageNet-V2, -Sketch, -R, -A). The first is the "
+                                "in-distribution set (precision/recall use it): put ImageNet "
+                                "val first. Folders named by class index (0 ... 999), class "
+                                "name or id (wnid); a set of fewer classes is scored over "
+                                "their logits only. Default NAME: the folder's",
+                                action="append", metavar="[NAME=]PATH")
+    class_ids: str | None = flag(None, "the ids of the classes in label order, one a line "
+                                 "(ImageNet: its wnids), for --val-dir sets in id folders; "
+                                 "default: the sorted folders of a --val-dir set with one "
+                                 "folder per class", metavar="FILE")
+    ablate: tuple = flag((), "turn parts of the method off (one --out per variant), then "
+                         "compare precision and recall in results.json; with --epochs 0 only "
+                         "the synthetic set is made and measured", nargs="+",
+                         choices=("guidance", "disambiguation", "content", "style"), type=str)
+    eval_batch: int = 100        # images per evaluation batch
+    worst: int = 10              # classes named as the worst in each report
+    distance_block: int = 1024   # rows per block of k-NN distances (memory)
 
 
 RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
@@ -1135,9 +1193,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_pa
                                "epoch_seconds": epoch_seconds, "student": student.state_dict(),
                                "optimizer": optimizer.state_dict(),
                                "schedule": schedule.state_dict()}, Path(checkpoint_path))
-    if world > 1:  # BatchNorm statistics drift apart on the ranks: all take rank 0's weights
-        for tensor in student.state_dict().values():
-            dist.broadcast(tensor, src=0)
+    broadcast_from_rank_zero(student)  # BatchNorm statistics drift apart on the ranks
     return history
 
 
@@ -2102,6 +2158,14 @@ def sum_over_ranks(numbers):
     return [sum(column) for column in zip(*gather_from_ranks(numbers))]
 
 
+def broadcast_from_rank_zero(module):
+    """Copies rank 0's parameters and buffers into `module` on every rank (nothing to do in one
+    process)."""
+    if rank_and_world()[1] > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def pick_device(name):
     """The torch device for --device ("auto": CUDA when there is one)."""
     if name == "auto":
@@ -2435,170 +2499,70 @@ SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, e
 BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8, workers=2)
 
 
-def add_run_flags(p):
-    """The flags of the run as a whole: where, which mode, which device and seed."""
-    g = p.add_argument_group("run")
-    g.add_argument("--out", help="output folder: prompts, images, checkpoints, results")
-    g.add_argument("--smoke", action="store_true", help="offline plumbing check: tiny random "
-                   "models, a CPU, minutes; ignores --teacher/--student/--data/--sd-model, and "
-                   "--llm but for none (no accuracy meaning)")
-    g.add_argument("--benchmark", action="store_true", help="time synthesis (each guidance mode) "
-                   "and distillation with SD 1.5 / resnet50 / resnet18 architectures and random "
-                   "weights, no download; writes OUT/benchmark.md and .json. Uses --height --width "
-                   "--steps --gen-batch --batch-size --image-size --workers --channels-last "
-                   "--compile; on a CPU their defaults shrink to a few minutes' work")
-    g.add_argument("--check-guidance", action="store_true", help="measure energy guidance on "
-                   "these weights (minutes): cosine of each gradient mode with the method's, "
-                   "effect on energy, p(y) and top-1 vs unguided from the same noise, s/img; "
-                   "writes OUT/check_guidance.md and .json")
-    g.add_argument("--check-classes", type=int, default=4, help="classes (spread evenly) for "
-                   "--check-guidance")
-    g.add_argument("--check-seeds", type=int, default=2, help="images per class for "
-                   "--check-guidance")
-    g.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:1, ...; under "
-                   "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
-    g.add_argument("--seed", type=int, help="seed of prompts, image noise and training")
-    g.add_argument("--overwrite", action="store_true", help="replace data in --out made under "
-                   "other settings or damaged (what is still valid is kept)")
-    g.add_argument("--debug", action="store_true", help="print the traceback of an error")
+@dataclasses.dataclass(frozen=True)
+class CommandLineOptions:
+    """modes and reruns"""
+    smoke: bool = flag(False, "offline plumbing check: tiny random models, a CPU, minutes; "
+                       "ignores --teacher/--student/--data/--sd-model, and --llm but for none "
+                       "(no accuracy meaning)", action="store_true")
+    benchmark: bool = flag(False, "time synthesis (each guidance mode) and distillation with SD "
+                           "1.5 / resnet50 / resnet18 architectures and random weights, no "
+                           "download; writes OUT/benchmark.md and .json. Uses --height --width "
+                           "--steps --gen-batch --batch-size --image-size --workers "
+                           "--channels-last --compile; on a CPU their defaults shrink to a few "
+                           "minutes' work", action="store_true")
+    check_guidance: bool = flag(False, "measure energy guidance on these weights (minutes): "
+                                "cosine of each gradient mode with the method's, effect on "
+                                "energy, p(y) and top-1 vs unguided from the same noise, s/img; "
+                                "writes OUT/check_guidance.md and .json", action="store_true")
+    check_classes: int = flag(4, "classes (spread evenly) for --check-guidance")
+    check_seeds: int = flag(2, "images per class for --check-guidance")
+    overwrite: bool = flag(False, "replace data in --out made under other settings or damaged "
+                           "(what is still valid is kept)", action="store_true")
+    debug: bool = flag(False, "print the traceback of an error", action="store_true")
 
 
-def add_model_flags(p):
-    """The flags that choose the teacher, the student, the classes and the generators."""
-    g = p.add_argument_group("models and classes")
-    g.add_argument("--teacher", help="torchvision classifier name or TorchScript file")
-    g.add_argument("--teacher-weights", help="state dict for a torchvision --teacher instead of "
-                   "downloading")
-    g.add_argument("--teacher-input-size", type=int, help="input size of a TorchScript teacher")
-    g.add_argument("--teacher-mean", type=float, nargs=3, help="mean of a TorchScript teacher")
-    g.add_argument("--teacher-std", type=float, nargs=3, help="std of a TorchScript teacher")
-    g.add_argument("--data", help="'imagenet' or a class list file: one "
-                   "'name[<TAB>description]' a line")
-    g.add_argument("--student", help="torchvision classifier trained from scratch")
-    g.add_argument("--sd-model", help="Stable Diffusion 1.x/2.x hub id or local folder")
-    g.add_argument("--llm", help="instruction-tuned causal LM (hub id or local folder) that "
-                   "describes each class and writes its scenes (§3); none: the built-in lists "
-                   "and the teacher's neighbours, no LLM")
+@dataclasses.dataclass(frozen=True)
+class SpeedOptions:
+    """speed and memory (the images do not depend on them)"""
+    dtype: str = flag("auto", "diffusion model precision (auto: float16 on CUDA, float32 on a "
+                      "CPU)", choices=("auto", "float16", "bfloat16", "float32"))
+    vae_checkpointing: bool = flag(False, "gradient checkpointing in the guidance decoder: "
+                                   "about a sixth of its activation memory, one more decoder "
+                                   "forward per guided step", action="store_true")
+    guidance_vae: str | None = flag(None, "AutoencoderTiny id or folder (TAESD: "
+                                    "madebyollin/taesd) for the guidance decode only (default: "
+                                    "the SD VAE). An approximation of the method's gradient: "
+                                    "measure it with --check-guidance before trusting it",
+                                    type=str)
+    channels_last: bool | None = flag(None, "channels_last memory format for the convolutions "
+                                      "(default: on with CUDA, where it is faster, off on a "
+                                      "CPU)", action=argparse.BooleanOptionalAction)
+    compile: bool = flag(False, "torch.compile the UNet (minutes of compile, faster steps)",
+                         action="store_true")
 
 
-def add_prompt_flags(p):
-    """The flags of stage 1, the prompts (§3)."""
-    g = p.add_argument_group("prompts (§3)")
-    g.add_argument("--per-class", type=int, help="synthetic images (and prompts) per class")
-    g.add_argument("--photo-share", type=float, help="share of prompts in a photo style")
-    g.add_argument("--neighbours", type=int, help="teacher-nearest classes that tell which sense "
-                   "of a class name is meant (0: off); they are never drawn")
-    g.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.json and a "
-                   "readable OUT/prompts.md (per class: description, its source, sample "
-                   "prompts), then stop: read it before the long run")
-
-
-def add_sampling_flags(p):
-    """The flags of stages 2-3, energy-guided sampling (§1-2) and the cached set."""
-    g = p.add_argument_group("energy-guided sampling (§1-2)")
-    g.add_argument("--steps", type=int, help="denoising steps")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale w (low favours "
-                   "diversity; <= 1 turns classifier-free guidance off)")
-    g.add_argument("--energy-scale", type=float, help="s_E, weight of the teacher energy E")
-    g.add_argument("--class-scale", type=float, help="s_C, weight of the class cross-entropy")
-    g.add_argument("--energy-temperature", type=float, help="τ of the energy "
-                   "E = -τ logsumexp(f/τ)")
-    g.add_argument("--guidance-start", type=float, help="guidance window start, fraction of "
-                   "steps (a window holding no step is refused)")
-    g.add_argument("--guidance-end", type=float, help="guidance window end, fraction of steps")
-    g.add_argument("--guidance-every", type=int, help="guide every k-th step inside the window")
-    g.add_argument("--exact-grad", action="store_true", help="differentiate through the UNet "
-                   "(slower)")
-    g.add_argument("--no-grad-norm", action="store_true", help="do not rescale g to "
-                   "(s_E+s_C)·‖ε̂‖")
-    g.add_argument("--guidance-batch", type=int, help="images per guidance decode with its "
-                   "backward pass (about 3 GiB each at 512² in float16): bounds guidance memory "
-                   "whatever --gen-batch is; the result does not depend on it")
-    g.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in "
-                   "the guidance decoder: about a sixth of its activation memory, one more "
-                   "decoder forward per guided step")
-    g.add_argument("--guidance-vae", help="AutoencoderTiny id or folder (TAESD: "
-                   "madebyollin/taesd) for the guidance decode only (default: the SD VAE). An "
-                   "approximation of the method's gradient: measure it with --check-guidance "
-                   "before trusting it")
-    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                   help="diffusion model precision (auto: float16 on CUDA, float32 on a CPU)")
-    add_cache_flags(g)
-
-
-def add_cache_flags(g):
-    """The sampling flags of speed, memory and the cached set (they change no image's content
-    but --store-size's and --image-format's stored pixels)."""
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last "
-                   "memory format for the convolutions (default: on with CUDA, where it is "
-                   "faster, off on a CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of "
-                   "compile, faster steps)")
-    g.add_argument("--height", type=int, help="image height (default: the model's)")
-    g.add_argument("--width", type=int, help="image width (default: the model's)")
-    g.add_argument("--gen-batch", type=int, help="images per sampling batch (per torchrun "
-                   "process)")
-    g.add_argument("--image-format", choices=("png", "jpg"), help="cached image format (jpg: "
-                   "quality 95, smaller and faster to decode, lossy)")
-    g.add_argument("--store-size", type=int, help="cache images with their shorter side at this "
-                   "size (0: as generated); the teacher's energy and p(y) are recorded at full "
-                   "size")
-    g.add_argument("--max-new-images", type=int, help="generate at most this many images now "
-                   "(job time limits)")
-
-
-def add_distill_flags(p):
-    """The flags of stage 4, distillation (§4), and of the real test sets."""
-    g = p.add_argument_group("distillation (§4) and evaluation")
-    g.add_argument("--epochs", type=int, help="KD epochs over the synthetic set (0: no "
-                   "distillation)")
-    g.add_argument("--batch-size", type=int, help="global KD batch size (split over torchrun "
-                   "processes)")
-    g.add_argument("--lr", type=float, help="peak SGD learning rate for the global batch "
-                   "(cosine decay)")
-    g.add_argument("--weight-decay", type=float, help="SGD weight decay")
-    g.add_argument("--kd-temperature", type=float, help="τ_kd of the KD loss")
-    g.add_argument("--image-size", type=int, help="student (and KD crop) input size")
-    g.add_argument("--workers", type=int, help="data loading processes per torchrun process "
-                   "(default: the cores this process may use, shared by the node's processes, "
-                   "minus one)")
-    g.add_argument("--epochs-this-run", type=int, help="train at most this many epochs now (job "
-                   "time limits)")
-    g.add_argument("--val-dir", action="append", metavar="[NAME=]PATH", help="real labelled "
-                   "images, one folder per class, evaluated for teacher and student; repeat it "
-                   "for shifted test sets (ImageNet-V2, -Sketch, -R, -A). The first is the "
-                   "in-distribution set (precision/recall use it): put ImageNet val first. "
-                   "Folders named by class index (0 ... 999), class name or id (wnid); a set of "
-                   "fewer classes is scored over their logits only. Default NAME: the folder's")
-    g.add_argument("--class-ids", metavar="FILE", help="the ids of the classes in label order, "
-                   "one a line (ImageNet: its wnids), for --val-dir sets in id folders; "
-                   "default: the sorted folders of a --val-dir set with one folder per class")
-
-
-def add_measure_flags(p):
-    """The flags of stage 5, measuring the synthetic set (§5), and the ablations."""
-    g = p.add_argument_group("measuring the synthetic set (§5) and ablations")
-    g.add_argument("--pr-k", type=int, help="k of the k-NN balls of precision, recall, density, "
-                   "coverage")
-    g.add_argument("--sheet-classes", type=int, help="classes shown in contact_sheet.png (spread "
-                   "evenly)")
-    g.add_argument("--ablate", nargs="+", default=[], help="turn parts of the method off (one "
-                   "--out per variant), then compare precision and recall in results.json; with "
-                   "--epochs 0 only the synthetic set is made and measured",
-                   choices=("guidance", "disambiguation", "content", "style"))
+def add_flags(parser, defaults):
+    """An argument group of `parser` for a defaults class (titled by its docstring): the flag
+    --field-name for each field that has a help text, with that field's default."""
+    group = parser.add_argument_group(type(defaults).__doc__)
+    for field in dataclasses.fields(defaults):
+        options = dict(field.metadata)
+        if "help" not in options:
+            continue  # not a flag
+        if "action" not in options and "type" not in options:
+            options["type"] = type(field.default)
+        group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
 
 
 def build_parser():
-    """Every flag of the program and what it controls; the defaults are Part I's (written once
-    there), shown by --help."""
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for add_flags in (add_run_flags, add_model_flags, add_prompt_flags, add_sampling_flags,
-                      add_distill_flags, add_measure_flags):
-        add_flags(p)
-    for defaults in (RUN, MODELS, PROMPTS, SAMPLING, DISTILL, MEASURE):
-        p.set_defaults(**dataclasses.asdict(defaults))
-    return p
+    """Every flag of the program, with its default and what it controls (--help shows both)."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for defaults in (CommandLineOptions(), RUN, MODELS, PROMPTS, SAMPLING, SpeedOptions(),
+                     DISTILL, MEASURE):
+        add_flags(parser, defaults)
+    return parser
 
 
 def check_args(args):
