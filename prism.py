@@ -90,7 +90,7 @@ from tqdm.auto import tqdm
 # line (build_parser) offers each field with its help as the flag --field-name.
 def flag(default, text, **options):
     """A field of a defaults class and its command-line flag: the default, the help text and
-    argparse options (type, when the default does not give it; action; nargs; choices)."""
+    command-line options (type, when the default does not give it; action; nargs; choices)."""
     return dataclasses.field(default=default, metadata={"help": text, **options})
 
 
