@@ -60,6 +60,11 @@ def latents(count, seed=0, size=16):
 PROMPTS = [f"a photo of a {name}" for name in NAMES]
 
 
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# PART I — THE METHOD: equations, prompts, guided sampling, the set, distillation, §5
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+
 # ── §1 energy and §4 KD loss against direct re-computation ──────────────────────────────────
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_teacher_energy_is_minus_tau_log_sum_exp(temperature):
@@ -531,46 +536,6 @@ def test_stochastic_scheduler_noise_is_per_image(pipe, teacher, tmp_path):
     same_images(tree(tmp_path / "batch3"), tree(tmp_path / "batch1"))
 
 
-# ── --check-guidance: the measurement a user runs on real weights ────────────────────────────
-def test_check_guidance_numbers_equal_a_direct_computation(pipe, teacher, tmp_path):
-    from diffusers import AutoencoderTiny
-
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
-    tiny = prism.load_guidance_vae(tmp_path / "taesd", "cpu")
-    start, ids = latents(4), [0, 1, 2, 3]
-    result = prism.check_guidance(pipe, teacher, PROMPTS, ids, start, guidance_vae=tiny, class_names=NAMES,
-                                  progress=False, **SAMPLE)
-    modes = {row["mode"]: row for row in result["modes"]}
-    assert list(modes) == ["unguided", "approx (default)", "exact", "approx, --guidance-vae decode"]
-    _, unguided = prism.energy_guided_sample(pipe, teacher, PROMPTS, ids, latents=start,
-                                             **dict(SAMPLE, energy_scale=0.0, class_scale=0.0))
-    assert modes["unguided"]["energy"] == pytest.approx(unguided["energy"].mean().item(), rel=1e-5)
-    assert modes["unguided"]["top1"] == pytest.approx(100 * (unguided["top1"] == torch.tensor(ids)).float().mean())
-    assert modes["approx (default)"]["energy"] < modes["unguided"]["energy"]
-    assert [r["step"] for r in result["fidelity"]] == [0, 0, 5, 5, 9, 9]  # early, middle, late × two modes
-    exact_row = next(r for r in result["fidelity"] if r["mode"] == "exact" and r["step"] == 5)
-    noisy, t, alpha_bar = state_on_a_trajectory(pipe, teacher, step=5)
-    objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
-    direct = cosines(direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=True, objective=objective),
-                     direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=False, objective=objective))
-    assert exact_row["cosine_mean"] == pytest.approx(direct.mean().item(), abs=1e-4)
-    assert exact_row["cosine_min"] == pytest.approx(direct.min().item(), abs=1e-4)
-    per_class = {row["name"]: row for row in result["per_class"]}
-    assert per_class["kite"]["unguided"]["energy"] == pytest.approx(unguided["energy"][2].item(), rel=1e-5)
-
-
-def test_check_guidance_command_writes_its_tables(tmp_path, capsys):
-    out = tmp_path / "check"
-    assert prism.main(["--smoke", "--check-guidance", "--out", str(out)]) == 0
-    result = json.loads((out / "check_guidance.json").read_text())
-    assert [row["mode"] for row in result["modes"]] == ["unguided", "approx (default)", "exact"]
-    assert len(result["per_class"]) == 4 and all(row["images"] == 2 for row in result["per_class"])
-    table = (out / "check_guidance.md").read_text()
-    assert table.count("| exact |") == 4 and "| 3 tank | 2 |" in table
-    assert "cosine with the method's g" in capsys.readouterr().out
-
-
 # ── §3 prompts ───────────────────────────────────────────────────────────────────────────────
 def split_prompt(prompt, subject):
     """(style, scene) of a prompt "{style} of {subject}, {scene}"."""
@@ -698,55 +663,256 @@ def test_sanitize_phrase():
     assert len(prism.sanitize_phrase("word " * 50).split()) == 12
 
 
-# ── classes and teacher loading ─────────────────────────────────────────────────────────────
-def test_class_list_file(tmp_path):
-    path = tmp_path / "classes.txt"
-    path.write_text("mouse\tthe computer pointing device\n\ncrane\n")
-    assert prism.load_class_names(str(path)) == (["mouse", "crane"], ["the computer pointing device", ""])
-    path.write_text("tench\ngoldfish\n")
-    assert prism.load_class_names(str(path), num_classes=2) == (["tench", "goldfish"], None)
-    for text, message in (("", "empty"), ("a\nb\na\n", "twice")):
-        path.write_text(text)
-        with pytest.raises(prism.UsageError, match=message):
-            prism.load_class_names(str(path))
-    path.write_text("a\nb\n")
-    with pytest.raises(prism.UsageError, match="3 outputs"):
-        prism.load_class_names(str(path), num_classes=3)
-    with pytest.raises(prism.UsageError, match="is not a file"):
-        prism.load_class_names(str(tmp_path / "missing.txt"))
-
-
+# ── §4 distillation and evaluation ──────────────────────────────────────────────────────────
 @pytest.fixture(scope="session")
-def torchscript_teacher(tmp_path_factory):
-    """A plain CNN (no preprocessing inside) saved as TorchScript, with 4 outputs."""
-    model = prism.build_tiny_classifier(4)[1].eval()
-    path = tmp_path_factory.mktemp("ts") / "teacher.pt"
-    torch.jit.script(model).save(str(path))
-    return path, model
+def image_dir(tmp_path_factory):
+    """An ImageFolder of 24 random 32×32 images in 4 class folders."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for n in range(24):
+        (folder / f"{n % 4:04d}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{n % 4:04d}/{n:05d}.png")
+    return folder
 
 
-def test_torchscript_teacher_folds_in_preprocessing(torchscript_teacher):
-    path, model = torchscript_teacher
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    teacher, names = prism.load_teacher(str(path), "cpu", input_size=24, mean=mean, std=std)
-    assert names is None and not teacher.training
-    assert not any(p.requires_grad for p in teacher.parameters())
-    images = torch.rand(2, 3, 40, 40)
-    resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bilinear", antialias=True)
-    direct = model((resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
-    torch.testing.assert_close(teacher(images), direct)
-    assert prism.last_linear_module(teacher).weight.shape == (4, 32)  # neighbours work on TorchScript too
+def fixed_kd_loss(student, teacher, folder):
+    """KD loss on the un-augmented images, the same batch every time."""
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float() / 255
+                          for p in sorted(folder.glob("*/*.png"))])
+    with torch.no_grad():
+        return prism.kd_loss(student.eval()(images), teacher(images), 4.0).item()
 
 
-def test_unknown_models_and_unloadable_paths_are_usage_errors(tmp_path):
-    with pytest.raises(prism.UsageError, match="unknown teacher"):
-        prism.load_teacher("no_such_net", "cpu")
-    with pytest.raises(prism.UsageError, match="unknown student"):
-        prism.build_student("no_such_net", 10)
-    with pytest.raises(prism.UsageError, match="--sd-model"):
-        prism.load_diffusion_pipeline(str(tmp_path / "no-model"), "cpu")
-    with pytest.raises(prism.UsageError, match="--llm"):
-        prism.load_llm(str(tmp_path / "no-llm"), "cpu")
+DISTILL = dict(batch_size=8, lr=0.05, temperature=4.0, image_size=32, num_workers=0, progress=False)
+
+
+def test_distill_lowers_kd_loss(image_dir, teacher, tmp_path):
+    student = prism.build_tiny_classifier(4, width=8, seed=1)
+    before = fixed_kd_loss(student, teacher, image_dir)
+    history = prism.distill(teacher, student, image_dir, epochs=6, checkpoint_path=tmp_path / "ckpt.pt", **DISTILL)
+    assert len(history) == 6 and all(np.isfinite(history))
+    assert fixed_kd_loss(student, teacher, image_dir) < 0.5 * before
+
+
+def test_distill_resumes_from_checkpoint_exactly(image_dir, teacher, tmp_path):
+    whole = prism.build_tiny_classifier(4, width=8, seed=1)
+    prism.distill(teacher, whole, image_dir, epochs=3, checkpoint_path=tmp_path / "whole.pt", **DISTILL)
+
+    interrupted = prism.build_tiny_classifier(4, width=8, seed=1)
+    first = prism.distill(teacher, interrupted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
+                          epochs_this_run=1, **DISTILL)
+    assert len(first) == 1 and torch.load(tmp_path / "part.pt", weights_only=True)["epoch"] == 1
+    restarted = prism.build_tiny_classifier(4, width=8, seed=1)  # a new process starts from scratch,
+    torch.rand(1000)  # with another history of the global RNG
+    history = prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt", **DISTILL)
+    assert len(history) == 3 and history[0] == first[0]
+    for a, b in zip(whole.state_dict().values(), restarted.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(prism.UsageError, match="lr"):
+        prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
+                      **dict(DISTILL, lr=0.01))
+
+
+def test_persistent_workers_and_channels_last_train_the_same_student(image_dir, teacher, tmp_path):
+    """Augmentations are seeded per (epoch, image), so two persistent worker processes give the
+    batches of the main process; channels_last changes the memory layout, not the result."""
+    results = {}
+    for name, options in {"plain": {}, "workers": dict(num_workers=2), "channels_last": dict(channels_last=True)}.items():
+        student = prism.build_tiny_classifier(4, width=8, seed=1)
+        history = prism.distill(teacher, student, image_dir, epochs=2, checkpoint_path=tmp_path / f"{name}.pt",
+                                **dict(DISTILL, **options))
+        results[name] = history, student.state_dict()
+    for name in ("workers", "channels_last"):
+        np.testing.assert_allclose(results[name][0], results["plain"][0], rtol=1e-5)
+        for key, value in results["plain"][1].items():
+            torch.testing.assert_close(results[name][1][key].contiguous(), value, atol=1e-5, rtol=1e-4)
+
+
+def test_seeded_augmentation_depends_on_epoch_and_image_only(image_dir):
+    augment = prism.transforms.Compose([prism.transforms.RandomResizedCrop(16), prism.transforms.ToTensor()])
+    dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), augment, seed=0)
+    n = len(dataset)
+    first = dataset[3][0]
+    torch.rand(100)  # whatever happened to the global RNG in between
+    assert torch.equal(dataset[3][0], first)
+    assert not torch.equal(dataset[n + 3][0], first)  # the same image in the next epoch: another crop
+    sampler = prism.EpochTaggedSampler(dataset, num_replicas=1, rank=0, seed=0)
+    sampler.set_epoch(2)
+    assert sorted(i - 2 * n for i in sampler) == list(range(n))
+
+
+class ChannelMeans(nn.Module):
+    """A classifier with a known answer: class = the brightest colour channel (0 red, 1 green, 2 blue)."""
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3)) * 10
+
+
+# ── §5 measuring the synthetic set: precision, recall, density, coverage; reports; contact sheet ──
+def direct_prdc(real, fake, k):
+    """The four metrics straight from their definitions, with the full distance matrices (float64)."""
+    def distances(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1).sqrt()
+
+    real_radii = distances(real, real).sort(dim=1).values[:, k]  # column 0 is the point itself
+    fake_radii = distances(fake, fake).sort(dim=1).values[:, k]
+    d = distances(real, fake)  # (N real, M fake)
+    return {"precision": (d < real_radii[:, None]).any(dim=0).double().mean().item(),
+            "recall": (d < fake_radii[None, :]).any(dim=1).double().mean().item(),
+            "density": (d < real_radii[:, None]).double().sum().item() / (k * len(fake)),
+            "coverage": (d.min(dim=1).values < real_radii).double().mean().item()}
+
+
+def test_precision_recall_equals_direct_computation_and_batching_changes_nothing():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(120, 16, generator=generator, dtype=torch.float64)
+    fake = 0.8 * torch.randn(90, 16, generator=generator, dtype=torch.float64) + 0.3
+    for k in (1, 3, 5):
+        whole = prism.precision_recall(real, fake, k=k, batch_size=10 ** 6)
+        for metric, value in direct_prdc(real, fake, k).items():
+            assert whole[metric] == pytest.approx(value, abs=1e-12), (k, metric)
+        assert 0 < whole["precision"] < 1 and 0 < whole["recall"] < 1  # a case that can tell them apart
+        assert prism.precision_recall(real, fake, k=k, batch_size=7) == whole
+
+
+def test_precision_recall_constructed_cases():
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(200, 8, generator=generator)
+    same = prism.precision_recall(points, points.clone(), k=3)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    far = prism.precision_recall(points, points + 1000.0, k=3)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+    # Ten well separated modes. A fake set on all of them vs one of the same size on half of them.
+    centres = 50.0 * torch.eye(10, 8 + 2)
+
+    def sample(modes, count):
+        picks = torch.tensor(modes).repeat(count // len(modes))
+        return centres[picks] + torch.randn(len(picks), 10, generator=generator)
+
+    real = sample(range(10), 600)
+    on_all, on_half = (prism.precision_recall(real, sample(modes, 600), k=3) for modes in (range(10), range(5)))
+    assert on_half["recall"] == pytest.approx(on_all["recall"] / 2, rel=0.15)
+    assert on_half["precision"] == pytest.approx(on_all["precision"], abs=0.1)
+    assert on_half["coverage"] == pytest.approx(on_all["coverage"] / 2, rel=0.15)
+
+
+def test_extract_features_are_the_input_of_the_teachers_last_linear(image_dir, teacher, torchscript_teacher):
+    features, logits, labels = prism.extract_features(teacher, image_dir, image_size=32, num_workers=0, progress=False)
+    dataset = prism.image_folder(image_dir, prism.eval_transform(32))
+    images = torch.stack([image for image, _ in dataset])
+    with torch.no_grad():
+        torch.testing.assert_close(features, teacher[1][:-1](teacher[0](images)))  # pooled penultimate layer
+        torch.testing.assert_close(logits, teacher(images))
+    assert labels.tolist() == [label for _, label in dataset.samples] and features.shape == (24, 32)
+    scripted = prism.load_teacher(str(torchscript_teacher[0]), "cpu", input_size=32)[0]
+    features, logits, _ = prism.extract_features(scripted, image_dir, image_size=32, num_workers=0, progress=False)
+    assert torch.equal(features, logits)  # no hooks in TorchScript: logits stand in
+
+
+def test_synthetic_set_report_per_class_and_worst_classes():
+    names = ["mouse", "crane", "kite"]
+    generator = torch.Generator().manual_seed(2)
+    records, features = [], []
+    for c, (spread, agreeing) in enumerate([(1.0, 3), (0.1, 1), (3.0, 2)]):  # crane: least diverse, least agreeing
+        for i in range(3):
+            records.append({"class": c, "index": i, "top1": c if i < agreeing else (c + 1) % 3,
+                            "energy": -5.0 - c - i, "p_class": 0.5, "guidance_skipped": int(c == 2 and i == 0),
+                            "resampled_unguided": c == 1 and i > 0})
+            features.append(spread * torch.randn(4, generator=generator))
+    features = torch.stack(features)
+    report = prism.synthetic_set_report(records, features, names, worst=2)
+    assert [entry["name"] for entry in report["per_class"]] == names
+    assert [entry["agreement"] for entry in report["per_class"]] == pytest.approx([1.0, 1 / 3, 2 / 3])
+    assert report["agreement"] == pytest.approx(6 / 9) and report["guidance_skipped_images"] == 1
+    assert report["resampled_unguided_images"] == 2
+    assert report["per_class"][1]["mean_energy"] == pytest.approx(-7.0)
+    kite = features[6:9]
+    direct = np.mean([(kite[a] - kite[b]).norm().item() for a in range(3) for b in range(a + 1, 3)])
+    assert report["per_class"][2]["diversity"] == pytest.approx(direct)
+    assert report["lowest_agreement"] == ["crane", "kite"] and report["lowest_diversity"][0] == "crane"
+
+
+def test_precision_recall_report_is_class_conditional():
+    generator = torch.Generator().manual_seed(3)
+    real = torch.randn(60, 6, generator=generator, dtype=torch.float64)
+    fake = torch.randn(45, 6, generator=generator, dtype=torch.float64)
+    real_labels, fake_labels = torch.arange(60) % 3, torch.arange(45) % 3
+    fake[fake_labels == 2] += 100.0  # class 2's synthetic images are nowhere near its real ones
+    report = prism.precision_recall_report(real, real_labels, fake, fake_labels, ["a", "b", "c"], k=3, worst=1)
+    assert len(report["per_class"]) == 3 and report["lowest_precision"] == ["c"] == report["lowest_recall"]
+    for c, entry in enumerate(report["per_class"]):
+        expected = prism.precision_recall(real[real_labels == c], fake[fake_labels == c], k=3)
+        assert {m: entry[m] for m in expected} == expected
+    assert {m: report[m] for m in ("precision", "recall")} == {
+        m: prism.precision_recall(real, fake, k=3)[m] for m in ("precision", "recall")}
+    tiny = prism.precision_recall_report(real[:6], real_labels[:6], fake, fake_labels, ["a", "b", "c"], k=3)
+    assert all(entry["precision"] is None for entry in tiny["per_class"])  # 2 real images a class: no k-NN ball
+
+
+def test_contact_sheet_has_a_row_per_class_and_a_tile_per_image(image_dir, tmp_path):
+    names = ["mouse", "crane", "kite", "tank"]
+    tiles = prism.contact_sheet(image_dir, names, tmp_path / "sheet.png", per_row=4, tile=20, label_width=60)
+    assert tiles == 16  # 6 images a class, 4 a row
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.format == "PNG" and sheet.size == (60 + 4 * 20, 4 * 20)
+        pixels = np.asarray(sheet.convert("RGB"))
+    first = sorted((image_dir / "0001").iterdir())[0]  # row 1, column 0
+    expected = np.asarray(Image.open(first).convert("RGB").resize((20, 20)))
+    assert np.array_equal(pixels[20:40, 60:80], expected)
+    assert (pixels[:, :60] < 128).any()  # the class names are written
+    assert prism.contact_sheet(image_dir, names, tmp_path / "two.png", max_classes=2, per_row=8, tile=20) == 12
+    prism.contact_sheet(image_dir, names, tmp_path / "sourced.png", per_row=4, tile=20, label_width=60,
+                        sources=["llm", "file", "name", "neighbours"])
+    with Image.open(tmp_path / "sourced.png") as sheet:  # each class's source is written under its name
+        sourced = np.asarray(sheet.convert("RGB"))
+    assert np.array_equal(sourced[:, 60:], pixels[:, 60:])
+    assert all((sourced[row * 20 + 14:row * 20 + 20, :60] != pixels[row * 20 + 14:row * 20 + 20, :60]).any()
+               for row in range(4))
+
+
+def test_ablations_turn_each_part_of_the_prompts_off(pipe):
+    teacher, text_encoder = prism.build_tiny_classifier(4), (pipe.tokenizer, pipe.text_encoder)
+    build = lambda **kw: prism.build_prompts(NAMES, 6, teacher=teacher, text_encoder=text_encoder,  # noqa: E731
+                                             **kw)
+    full, classes = build()
+    assert all(e["source"] == "neighbours" and e["scene_source"].startswith("built-in")
+               for e in classes)
+    plain, classes = build(disambiguate=False)
+    assert all(e["source"] == "name" and e["scene_source"] == "built-in any" for e in classes)
+    for name, ps in zip(NAMES, plain):
+        assert all(split_prompt(p, f"a {name}")[1] in prism.SCENES["any"] for p in ps)
+    no_content, classes = build(vary_content=False)
+    for entry, with_scene, without in zip(classes, full, no_content):
+        subject = f"a {entry['name']}, {entry['description']}"
+        assert all(p.split(" of ", 1)[1] == subject for p in without)  # styles vary, nothing else
+        assert len({p.split(" of ", 1)[1] for p in with_scene}) > 1  # the scenes that are gone
+    no_style, _ = build(vary_style=False)
+    assert all(p.startswith("a photo of ") for c in no_style for p in c)
+    bare, _ = build(disambiguate=False, vary_content=False, vary_style=False)
+    assert bare == [[f"a photo of a {name}"] * 6 for name in NAMES]
+
+
+def test_ablation_run_measures_without_distilling(tmp_path):
+    out = tmp_path / "no-guidance"
+    assert prism.main(["--smoke", "--out", str(out), "--ablate", "guidance", "style", "--epochs", "0"]) == 0
+    settings = json.loads((out / "synthetic" / "settings.json").read_text())["settings"]
+    assert settings["energy_scale"] == settings["class_scale"] == 0.0
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts["settings"]["ablate"] == ["style"] and all(p.startswith("a photo of ") for c in prompts["prompts"]
+                                                                for p in c)
+    results = json.loads((out / "results.json").read_text())
+    assert results["ablate"] == ["guidance", "style"] and "distill" not in results
+    assert not (out / "checkpoint.pt").exists() and not (out / "student.pt").exists()
+    assert len(results["synthetic"]["per_class"]) == 4 == len(results["precision_recall"]["per_class"])
+    [stand_in] = results["evaluation"]["sets"]  # no student: no student numbers, no gap
+    assert "student" not in stand_in and "gap_top1" not in stand_in and "teacher" in stand_in
+    assert (out / "contact_sheet.png").exists()
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# PART II — PLUMBING: files and resume, folders, model loading, processes, the command line
+# ══════════════════════════════════════════════════════════════════════════════════════════
 
 
 # ── caching: resume, corruption, settings ───────────────────────────────────────────────────
@@ -844,165 +1010,6 @@ def test_synthesis_refuses_other_settings_and_keeps_the_data(pipe, teacher, tmp_
     prism.synthesize_dataset(pipe, teacher, prompts, tmp_path, per_class=2, overwrite=True, **dict(SYNTH, num_steps=7))
     assert json.loads((tmp_path / "settings.json").read_text())["settings"]["num_steps"] == 7
     assert len(tree(tmp_path)) == 4
-
-
-# ── §4 distillation and evaluation ──────────────────────────────────────────────────────────
-@pytest.fixture(scope="session")
-def image_dir(tmp_path_factory):
-    """An ImageFolder of 24 random 32×32 images in 4 class folders."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for n in range(24):
-        (folder / f"{n % 4:04d}").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{n % 4:04d}/{n:05d}.png")
-    return folder
-
-
-def fixed_kd_loss(student, teacher, folder):
-    """KD loss on the un-augmented images, the same batch every time."""
-    images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float() / 255
-                          for p in sorted(folder.glob("*/*.png"))])
-    with torch.no_grad():
-        return prism.kd_loss(student.eval()(images), teacher(images), 4.0).item()
-
-
-DISTILL = dict(batch_size=8, lr=0.05, temperature=4.0, image_size=32, num_workers=0, progress=False)
-
-
-def test_distill_lowers_kd_loss(image_dir, teacher, tmp_path):
-    student = prism.build_tiny_classifier(4, width=8, seed=1)
-    before = fixed_kd_loss(student, teacher, image_dir)
-    history = prism.distill(teacher, student, image_dir, epochs=6, checkpoint_path=tmp_path / "ckpt.pt", **DISTILL)
-    assert len(history) == 6 and all(np.isfinite(history))
-    assert fixed_kd_loss(student, teacher, image_dir) < 0.5 * before
-
-
-def test_distill_resumes_from_checkpoint_exactly(image_dir, teacher, tmp_path):
-    whole = prism.build_tiny_classifier(4, width=8, seed=1)
-    prism.distill(teacher, whole, image_dir, epochs=3, checkpoint_path=tmp_path / "whole.pt", **DISTILL)
-
-    interrupted = prism.build_tiny_classifier(4, width=8, seed=1)
-    first = prism.distill(teacher, interrupted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
-                          epochs_this_run=1, **DISTILL)
-    assert len(first) == 1 and torch.load(tmp_path / "part.pt", weights_only=True)["epoch"] == 1
-    restarted = prism.build_tiny_classifier(4, width=8, seed=1)  # a new process starts from scratch,
-    torch.rand(1000)  # with another history of the global RNG
-    history = prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt", **DISTILL)
-    assert len(history) == 3 and history[0] == first[0]
-    for a, b in zip(whole.state_dict().values(), restarted.state_dict().values()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    with pytest.raises(prism.UsageError, match="lr"):
-        prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
-                      **dict(DISTILL, lr=0.01))
-
-
-def test_persistent_workers_and_channels_last_train_the_same_student(image_dir, teacher, tmp_path):
-    """Augmentations are seeded per (epoch, image), so two persistent worker processes give the
-    batches of the main process; channels_last changes the memory layout, not the result."""
-    results = {}
-    for name, options in {"plain": {}, "workers": dict(num_workers=2), "channels_last": dict(channels_last=True)}.items():
-        student = prism.build_tiny_classifier(4, width=8, seed=1)
-        history = prism.distill(teacher, student, image_dir, epochs=2, checkpoint_path=tmp_path / f"{name}.pt",
-                                **dict(DISTILL, **options))
-        results[name] = history, student.state_dict()
-    for name in ("workers", "channels_last"):
-        np.testing.assert_allclose(results[name][0], results["plain"][0], rtol=1e-5)
-        for key, value in results["plain"][1].items():
-            torch.testing.assert_close(results[name][1][key].contiguous(), value, atol=1e-5, rtol=1e-4)
-
-
-def test_seeded_augmentation_depends_on_epoch_and_image_only(image_dir):
-    augment = prism.transforms.Compose([prism.transforms.RandomResizedCrop(16), prism.transforms.ToTensor()])
-    dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), augment, seed=0)
-    n = len(dataset)
-    first = dataset[3][0]
-    torch.rand(100)  # whatever happened to the global RNG in between
-    assert torch.equal(dataset[3][0], first)
-    assert not torch.equal(dataset[n + 3][0], first)  # the same image in the next epoch: another crop
-    sampler = prism.EpochTaggedSampler(dataset, num_replicas=1, rank=0, seed=0)
-    sampler.set_epoch(2)
-    assert sorted(i - 2 * n for i in sampler) == list(range(n))
-
-
-class ChannelMeans(nn.Module):
-    """A classifier with a known answer: class = the brightest colour channel (0 red, 1 green, 2 blue)."""
-
-    def forward(self, images):
-        return images.mean(dim=(2, 3)) * 10
-
-
-# ── the KD input path and the processes of a cluster ─────────────────────────────────────────
-def test_kd_batches_travel_as_uint8_and_equal_the_float_pipeline(image_dir):
-    """kd_loader's uint8 batches, made float on the device, are exactly the batches of the
-    float32 ToTensor pipeline (same crops and flips: the augmentation's random draws are kept)."""
-    from torchvision import transforms
-
-    loader, sampler = prism.kd_loader(image_dir, 8, image_size=32, num_workers=0, seed=3)
-    sampler.set_epoch(1)
-    got = [prism.to_unit_images(batch, "cpu") for batch, _ in loader]
-    assert next(iter(loader))[0].dtype == torch.uint8
-    float_augment = transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.25, 1.0)),
-                                        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
-    dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), float_augment, 3)
-    tagged = list(sampler)  # epoch·N + i, as the loader's workers receive them
-    expected = [torch.stack([dataset[t][0] for t in tagged[k:k + 8]]) for k in range(0, len(tagged) - 7, 8)]
-    assert len(got) == len(expected) > 0
-    for a, b in zip(got, expected):
-        assert torch.equal(a, b)
-
-
-def test_stored_size_is_recorded_and_a_stale_cache_is_refused(pipe, teacher, tmp_path):
-    prompts = prism.build_prompts(NAMES[:2], 2)[0]
-    full = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "full", per_class=2, **SYNTH)
-    small = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=8, **SYNTH)
-    for path in (tmp_path / "small").glob("*/*.png"):
-        assert Image.open(path).size == (8, 8)
-    for path in (tmp_path / "full").glob("*/*.png"):
-        assert Image.open(path).size == (16, 16)
-    # the teacher's numbers are those of the full-size images
-    assert [r["energy"] for r in small] == [r["energy"] for r in full]
-    stored = np.asarray(Image.open(tmp_path / "small" / small[0]["file"]), dtype=np.float64)
-    resized = prism.resize_for_storage(torch.tensor(np.asarray(Image.open(tmp_path / "full" / full[0]["file"]),
-                                                                dtype=np.float32) / 255).permute(2, 0, 1)[None], 8)
-    assert np.abs(stored - resized[0].permute(1, 2, 0).numpy() * 255).max() <= 1.0
-    assert json.loads((tmp_path / "small" / "settings.json").read_text())["settings"]["store_size"] == 8
-    with pytest.raises(prism.UsageError, match="other settings .*store_size: 8 -> 12"):
-        prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=12, **SYNTH)
-
-
-def test_a_process_sees_its_own_gpu_or_the_one_it_was_given():
-    assert prism.process_gpu(0, 8) == 0 and prism.process_gpu(5, 8) == 5
-    assert prism.process_gpu(5, 1) == 0  # a launcher gave each process one GPU (CUDA_VISIBLE_DEVICES)
-    with pytest.raises(prism.UsageError, match="process 8 of this node has no GPU of its own"):
-        prism.process_gpu(8, 8)
-
-
-def test_default_workers_and_channels_last_follow_the_machine(monkeypatch):
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert prism.default_workers() == max(0, cores - 1)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
-    assert prism.default_workers() == 0
-    assert prism.parse_args(["--out", "x"]).workers == prism.default_workers()
-    # channels_last: on with CUDA (faster convolutions there), off on a CPU, unless a flag says
-    assert prism.parse_args(["--device", "cuda:1"]).channels_last is True
-    assert prism.parse_args(["--device", "cpu"]).channels_last is False
-    assert prism.parse_args(["--device", "cpu", "--channels-last"]).channels_last is True
-    assert prism.parse_args(["--device", "cuda", "--no-channels-last"]).channels_last is False
-
-
-def test_evaluate_known_answer(tmp_path):
-    colours = {"0_red": [(255, 0, 0), (0, 0, 255)], "1_green": [(0, 255, 0)], "2_blue": [(0, 0, 255)]}
-    for folder, images in colours.items():
-        (tmp_path / folder).mkdir()
-        for n, colour in enumerate(images):
-            Image.new("RGB", (20, 20), colour).save(tmp_path / folder / f"{n}.png")
-    result = prism.evaluate(ChannelMeans(), tmp_path, image_size=16, num_workers=0, progress=False)
-    assert result == {"top1": 75.0, "top5": 100.0, "images": 4}
-    (tmp_path / "3_extra").mkdir()
-    Image.new("RGB", (20, 20)).save(tmp_path / "3_extra" / "0.png")
-    with pytest.raises(prism.UsageError, match="4 class folders"):
-        prism.evaluate(ChannelMeans(), tmp_path, image_size=16, num_workers=0, progress=False)
 
 
 # ── labelled test sets: class mapping (ImageNet val, -V2, -Sketch, -R, -A layouts) ──────────
@@ -1162,6 +1169,131 @@ def test_evaluation_table_and_results_entries(tmp_path):
         "set         images  classes  teacher top-1   top-5  student top-1   top-5  gap top-1",
         "v2               4        4         100.00  100.00          25.00  100.00      75.00",
         "imagenet-r     300      2/4           5.50   61.25              -       -          -"])
+
+
+# ── classes and teacher loading ─────────────────────────────────────────────────────────────
+def test_class_list_file(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("mouse\tthe computer pointing device\n\ncrane\n")
+    assert prism.load_class_names(str(path)) == (["mouse", "crane"], ["the computer pointing device", ""])
+    path.write_text("tench\ngoldfish\n")
+    assert prism.load_class_names(str(path), num_classes=2) == (["tench", "goldfish"], None)
+    for text, message in (("", "empty"), ("a\nb\na\n", "twice")):
+        path.write_text(text)
+        with pytest.raises(prism.UsageError, match=message):
+            prism.load_class_names(str(path))
+    path.write_text("a\nb\n")
+    with pytest.raises(prism.UsageError, match="3 outputs"):
+        prism.load_class_names(str(path), num_classes=3)
+    with pytest.raises(prism.UsageError, match="is not a file"):
+        prism.load_class_names(str(tmp_path / "missing.txt"))
+
+
+@pytest.fixture(scope="session")
+def torchscript_teacher(tmp_path_factory):
+    """A plain CNN (no preprocessing inside) saved as TorchScript, with 4 outputs."""
+    model = prism.build_tiny_classifier(4)[1].eval()
+    path = tmp_path_factory.mktemp("ts") / "teacher.pt"
+    torch.jit.script(model).save(str(path))
+    return path, model
+
+
+def test_torchscript_teacher_folds_in_preprocessing(torchscript_teacher):
+    path, model = torchscript_teacher
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    teacher, names = prism.load_teacher(str(path), "cpu", input_size=24, mean=mean, std=std)
+    assert names is None and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    images = torch.rand(2, 3, 40, 40)
+    resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bilinear", antialias=True)
+    direct = model((resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    torch.testing.assert_close(teacher(images), direct)
+    assert prism.last_linear_module(teacher).weight.shape == (4, 32)  # neighbours work on TorchScript too
+
+
+def test_unknown_models_and_unloadable_paths_are_usage_errors(tmp_path):
+    with pytest.raises(prism.UsageError, match="unknown teacher"):
+        prism.load_teacher("no_such_net", "cpu")
+    with pytest.raises(prism.UsageError, match="unknown student"):
+        prism.build_student("no_such_net", 10)
+    with pytest.raises(prism.UsageError, match="--sd-model"):
+        prism.load_diffusion_pipeline(str(tmp_path / "no-model"), "cpu")
+    with pytest.raises(prism.UsageError, match="--llm"):
+        prism.load_llm(str(tmp_path / "no-llm"), "cpu")
+
+
+# ── the KD input path and the processes of a cluster ─────────────────────────────────────────
+def test_kd_batches_travel_as_uint8_and_equal_the_float_pipeline(image_dir):
+    """kd_loader's uint8 batches, made float on the device, are exactly the batches of the
+    float32 ToTensor pipeline (same crops and flips: the augmentation's random draws are kept)."""
+    from torchvision import transforms
+
+    loader, sampler = prism.kd_loader(image_dir, 8, image_size=32, num_workers=0, seed=3)
+    sampler.set_epoch(1)
+    got = [prism.to_unit_images(batch, "cpu") for batch, _ in loader]
+    assert next(iter(loader))[0].dtype == torch.uint8
+    float_augment = transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.25, 1.0)),
+                                        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), float_augment, 3)
+    tagged = list(sampler)  # epoch·N + i, as the loader's workers receive them
+    expected = [torch.stack([dataset[t][0] for t in tagged[k:k + 8]]) for k in range(0, len(tagged) - 7, 8)]
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_stored_size_is_recorded_and_a_stale_cache_is_refused(pipe, teacher, tmp_path):
+    prompts = prism.build_prompts(NAMES[:2], 2)[0]
+    full = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "full", per_class=2, **SYNTH)
+    small = prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=8, **SYNTH)
+    for path in (tmp_path / "small").glob("*/*.png"):
+        assert Image.open(path).size == (8, 8)
+    for path in (tmp_path / "full").glob("*/*.png"):
+        assert Image.open(path).size == (16, 16)
+    # the teacher's numbers are those of the full-size images
+    assert [r["energy"] for r in small] == [r["energy"] for r in full]
+    stored = np.asarray(Image.open(tmp_path / "small" / small[0]["file"]), dtype=np.float64)
+    resized = prism.resize_for_storage(torch.tensor(np.asarray(Image.open(tmp_path / "full" / full[0]["file"]),
+                                                                dtype=np.float32) / 255).permute(2, 0, 1)[None], 8)
+    assert np.abs(stored - resized[0].permute(1, 2, 0).numpy() * 255).max() <= 1.0
+    assert json.loads((tmp_path / "small" / "settings.json").read_text())["settings"]["store_size"] == 8
+    with pytest.raises(prism.UsageError, match="other settings .*store_size: 8 -> 12"):
+        prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=12, **SYNTH)
+
+
+def test_a_process_sees_its_own_gpu_or_the_one_it_was_given():
+    assert prism.process_gpu(0, 8) == 0 and prism.process_gpu(5, 8) == 5
+    assert prism.process_gpu(5, 1) == 0  # a launcher gave each process one GPU (CUDA_VISIBLE_DEVICES)
+    with pytest.raises(prism.UsageError, match="process 8 of this node has no GPU of its own"):
+        prism.process_gpu(8, 8)
+
+
+def test_default_workers_and_channels_last_follow_the_machine(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert prism.default_workers() == max(0, cores - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert prism.default_workers() == 0
+    assert prism.parse_args(["--out", "x"]).workers == prism.default_workers()
+    # channels_last: on with CUDA (faster convolutions there), off on a CPU, unless a flag says
+    assert prism.parse_args(["--device", "cuda:1"]).channels_last is True
+    assert prism.parse_args(["--device", "cpu"]).channels_last is False
+    assert prism.parse_args(["--device", "cpu", "--channels-last"]).channels_last is True
+    assert prism.parse_args(["--device", "cuda", "--no-channels-last"]).channels_last is False
+
+
+def test_evaluate_known_answer(tmp_path):
+    colours = {"0_red": [(255, 0, 0), (0, 0, 255)], "1_green": [(0, 255, 0)], "2_blue": [(0, 0, 255)]}
+    for folder, images in colours.items():
+        (tmp_path / folder).mkdir()
+        for n, colour in enumerate(images):
+            Image.new("RGB", (20, 20), colour).save(tmp_path / folder / f"{n}.png")
+    result = prism.evaluate(ChannelMeans(), tmp_path, image_size=16, num_workers=0, progress=False)
+    assert result == {"top1": 75.0, "top5": 100.0, "images": 4}
+    (tmp_path / "3_extra").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "3_extra" / "0.png")
+    with pytest.raises(prism.UsageError, match="4 class folders"):
+        prism.evaluate(ChannelMeans(), tmp_path, image_size=16, num_workers=0, progress=False)
 
 
 # ── main(): smoke run end to end, resume, and every bad input ───────────────────────────────
@@ -1934,166 +2066,49 @@ def test_ddp_with_global_batch_equals_one_process(teacher, tmp_path):
     assert student.state_dict()["1.2.weight"].sub(linear_student().state_dict()["1.2.weight"]).abs().max() > 1e-2
 
 
-# ── §5 measuring the synthetic set: precision, recall, density, coverage; reports; contact sheet ──
-def direct_prdc(real, fake, k):
-    """The four metrics straight from their definitions, with the full distance matrices (float64)."""
-    def distances(a, b):
-        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1).sqrt()
-
-    real_radii = distances(real, real).sort(dim=1).values[:, k]  # column 0 is the point itself
-    fake_radii = distances(fake, fake).sort(dim=1).values[:, k]
-    d = distances(real, fake)  # (N real, M fake)
-    return {"precision": (d < real_radii[:, None]).any(dim=0).double().mean().item(),
-            "recall": (d < fake_radii[None, :]).any(dim=1).double().mean().item(),
-            "density": (d < real_radii[:, None]).double().sum().item() / (k * len(fake)),
-            "coverage": (d.min(dim=1).values < real_radii).double().mean().item()}
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# PART III — TOOLS: --check-guidance and the benchmark
+# ══════════════════════════════════════════════════════════════════════════════════════════
 
 
-def test_precision_recall_equals_direct_computation_and_batching_changes_nothing():
-    generator = torch.Generator().manual_seed(0)
-    real = torch.randn(120, 16, generator=generator, dtype=torch.float64)
-    fake = 0.8 * torch.randn(90, 16, generator=generator, dtype=torch.float64) + 0.3
-    for k in (1, 3, 5):
-        whole = prism.precision_recall(real, fake, k=k, batch_size=10 ** 6)
-        for metric, value in direct_prdc(real, fake, k).items():
-            assert whole[metric] == pytest.approx(value, abs=1e-12), (k, metric)
-        assert 0 < whole["precision"] < 1 and 0 < whole["recall"] < 1  # a case that can tell them apart
-        assert prism.precision_recall(real, fake, k=k, batch_size=7) == whole
+# ── --check-guidance: the measurement a user runs on real weights ────────────────────────────
+def test_check_guidance_numbers_equal_a_direct_computation(pipe, teacher, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    tiny = prism.load_guidance_vae(tmp_path / "taesd", "cpu")
+    start, ids = latents(4), [0, 1, 2, 3]
+    result = prism.check_guidance(pipe, teacher, PROMPTS, ids, start, guidance_vae=tiny, class_names=NAMES,
+                                  progress=False, **SAMPLE)
+    modes = {row["mode"]: row for row in result["modes"]}
+    assert list(modes) == ["unguided", "approx (default)", "exact", "approx, --guidance-vae decode"]
+    _, unguided = prism.energy_guided_sample(pipe, teacher, PROMPTS, ids, latents=start,
+                                             **dict(SAMPLE, energy_scale=0.0, class_scale=0.0))
+    assert modes["unguided"]["energy"] == pytest.approx(unguided["energy"].mean().item(), rel=1e-5)
+    assert modes["unguided"]["top1"] == pytest.approx(100 * (unguided["top1"] == torch.tensor(ids)).float().mean())
+    assert modes["approx (default)"]["energy"] < modes["unguided"]["energy"]
+    assert [r["step"] for r in result["fidelity"]] == [0, 0, 5, 5, 9, 9]  # early, middle, late × two modes
+    exact_row = next(r for r in result["fidelity"] if r["mode"] == "exact" and r["step"] == 5)
+    noisy, t, alpha_bar = state_on_a_trajectory(pipe, teacher, step=5)
+    objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
+    direct = cosines(direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=True, objective=objective),
+                     direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=False, objective=objective))
+    assert exact_row["cosine_mean"] == pytest.approx(direct.mean().item(), abs=1e-4)
+    assert exact_row["cosine_min"] == pytest.approx(direct.min().item(), abs=1e-4)
+    per_class = {row["name"]: row for row in result["per_class"]}
+    assert per_class["kite"]["unguided"]["energy"] == pytest.approx(unguided["energy"][2].item(), rel=1e-5)
 
 
-def test_precision_recall_constructed_cases():
-    generator = torch.Generator().manual_seed(1)
-    points = torch.randn(200, 8, generator=generator)
-    same = prism.precision_recall(points, points.clone(), k=3)
-    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
-    far = prism.precision_recall(points, points + 1000.0, k=3)
-    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
-
-    # Ten well separated modes. A fake set on all of them vs one of the same size on half of them.
-    centres = 50.0 * torch.eye(10, 8 + 2)
-
-    def sample(modes, count):
-        picks = torch.tensor(modes).repeat(count // len(modes))
-        return centres[picks] + torch.randn(len(picks), 10, generator=generator)
-
-    real = sample(range(10), 600)
-    on_all, on_half = (prism.precision_recall(real, sample(modes, 600), k=3) for modes in (range(10), range(5)))
-    assert on_half["recall"] == pytest.approx(on_all["recall"] / 2, rel=0.15)
-    assert on_half["precision"] == pytest.approx(on_all["precision"], abs=0.1)
-    assert on_half["coverage"] == pytest.approx(on_all["coverage"] / 2, rel=0.15)
-
-
-def test_extract_features_are_the_input_of_the_teachers_last_linear(image_dir, teacher, torchscript_teacher):
-    features, logits, labels = prism.extract_features(teacher, image_dir, image_size=32, num_workers=0, progress=False)
-    dataset = prism.image_folder(image_dir, prism.eval_transform(32))
-    images = torch.stack([image for image, _ in dataset])
-    with torch.no_grad():
-        torch.testing.assert_close(features, teacher[1][:-1](teacher[0](images)))  # pooled penultimate layer
-        torch.testing.assert_close(logits, teacher(images))
-    assert labels.tolist() == [label for _, label in dataset.samples] and features.shape == (24, 32)
-    scripted = prism.load_teacher(str(torchscript_teacher[0]), "cpu", input_size=32)[0]
-    features, logits, _ = prism.extract_features(scripted, image_dir, image_size=32, num_workers=0, progress=False)
-    assert torch.equal(features, logits)  # no hooks in TorchScript: logits stand in
-
-
-def test_synthetic_set_report_per_class_and_worst_classes():
-    names = ["mouse", "crane", "kite"]
-    generator = torch.Generator().manual_seed(2)
-    records, features = [], []
-    for c, (spread, agreeing) in enumerate([(1.0, 3), (0.1, 1), (3.0, 2)]):  # crane: least diverse, least agreeing
-        for i in range(3):
-            records.append({"class": c, "index": i, "top1": c if i < agreeing else (c + 1) % 3,
-                            "energy": -5.0 - c - i, "p_class": 0.5, "guidance_skipped": int(c == 2 and i == 0),
-                            "resampled_unguided": c == 1 and i > 0})
-            features.append(spread * torch.randn(4, generator=generator))
-    features = torch.stack(features)
-    report = prism.synthetic_set_report(records, features, names, worst=2)
-    assert [entry["name"] for entry in report["per_class"]] == names
-    assert [entry["agreement"] for entry in report["per_class"]] == pytest.approx([1.0, 1 / 3, 2 / 3])
-    assert report["agreement"] == pytest.approx(6 / 9) and report["guidance_skipped_images"] == 1
-    assert report["resampled_unguided_images"] == 2
-    assert report["per_class"][1]["mean_energy"] == pytest.approx(-7.0)
-    kite = features[6:9]
-    direct = np.mean([(kite[a] - kite[b]).norm().item() for a in range(3) for b in range(a + 1, 3)])
-    assert report["per_class"][2]["diversity"] == pytest.approx(direct)
-    assert report["lowest_agreement"] == ["crane", "kite"] and report["lowest_diversity"][0] == "crane"
-
-
-def test_precision_recall_report_is_class_conditional():
-    generator = torch.Generator().manual_seed(3)
-    real = torch.randn(60, 6, generator=generator, dtype=torch.float64)
-    fake = torch.randn(45, 6, generator=generator, dtype=torch.float64)
-    real_labels, fake_labels = torch.arange(60) % 3, torch.arange(45) % 3
-    fake[fake_labels == 2] += 100.0  # class 2's synthetic images are nowhere near its real ones
-    report = prism.precision_recall_report(real, real_labels, fake, fake_labels, ["a", "b", "c"], k=3, worst=1)
-    assert len(report["per_class"]) == 3 and report["lowest_precision"] == ["c"] == report["lowest_recall"]
-    for c, entry in enumerate(report["per_class"]):
-        expected = prism.precision_recall(real[real_labels == c], fake[fake_labels == c], k=3)
-        assert {m: entry[m] for m in expected} == expected
-    assert {m: report[m] for m in ("precision", "recall")} == {
-        m: prism.precision_recall(real, fake, k=3)[m] for m in ("precision", "recall")}
-    tiny = prism.precision_recall_report(real[:6], real_labels[:6], fake, fake_labels, ["a", "b", "c"], k=3)
-    assert all(entry["precision"] is None for entry in tiny["per_class"])  # 2 real images a class: no k-NN ball
-
-
-def test_contact_sheet_has_a_row_per_class_and_a_tile_per_image(image_dir, tmp_path):
-    names = ["mouse", "crane", "kite", "tank"]
-    tiles = prism.contact_sheet(image_dir, names, tmp_path / "sheet.png", per_row=4, tile=20, label_width=60)
-    assert tiles == 16  # 6 images a class, 4 a row
-    with Image.open(tmp_path / "sheet.png") as sheet:
-        assert sheet.format == "PNG" and sheet.size == (60 + 4 * 20, 4 * 20)
-        pixels = np.asarray(sheet.convert("RGB"))
-    first = sorted((image_dir / "0001").iterdir())[0]  # row 1, column 0
-    expected = np.asarray(Image.open(first).convert("RGB").resize((20, 20)))
-    assert np.array_equal(pixels[20:40, 60:80], expected)
-    assert (pixels[:, :60] < 128).any()  # the class names are written
-    assert prism.contact_sheet(image_dir, names, tmp_path / "two.png", max_classes=2, per_row=8, tile=20) == 12
-    prism.contact_sheet(image_dir, names, tmp_path / "sourced.png", per_row=4, tile=20, label_width=60,
-                        sources=["llm", "file", "name", "neighbours"])
-    with Image.open(tmp_path / "sourced.png") as sheet:  # each class's source is written under its name
-        sourced = np.asarray(sheet.convert("RGB"))
-    assert np.array_equal(sourced[:, 60:], pixels[:, 60:])
-    assert all((sourced[row * 20 + 14:row * 20 + 20, :60] != pixels[row * 20 + 14:row * 20 + 20, :60]).any()
-               for row in range(4))
-
-
-def test_ablations_turn_each_part_of_the_prompts_off(pipe):
-    teacher, text_encoder = prism.build_tiny_classifier(4), (pipe.tokenizer, pipe.text_encoder)
-    build = lambda **kw: prism.build_prompts(NAMES, 6, teacher=teacher, text_encoder=text_encoder,  # noqa: E731
-                                             **kw)
-    full, classes = build()
-    assert all(e["source"] == "neighbours" and e["scene_source"].startswith("built-in")
-               for e in classes)
-    plain, classes = build(disambiguate=False)
-    assert all(e["source"] == "name" and e["scene_source"] == "built-in any" for e in classes)
-    for name, ps in zip(NAMES, plain):
-        assert all(split_prompt(p, f"a {name}")[1] in prism.SCENES["any"] for p in ps)
-    no_content, classes = build(vary_content=False)
-    for entry, with_scene, without in zip(classes, full, no_content):
-        subject = f"a {entry['name']}, {entry['description']}"
-        assert all(p.split(" of ", 1)[1] == subject for p in without)  # styles vary, nothing else
-        assert len({p.split(" of ", 1)[1] for p in with_scene}) > 1  # the scenes that are gone
-    no_style, _ = build(vary_style=False)
-    assert all(p.startswith("a photo of ") for c in no_style for p in c)
-    bare, _ = build(disambiguate=False, vary_content=False, vary_style=False)
-    assert bare == [[f"a photo of a {name}"] * 6 for name in NAMES]
-
-
-def test_ablation_run_measures_without_distilling(tmp_path):
-    out = tmp_path / "no-guidance"
-    assert prism.main(["--smoke", "--out", str(out), "--ablate", "guidance", "style", "--epochs", "0"]) == 0
-    settings = json.loads((out / "synthetic" / "settings.json").read_text())["settings"]
-    assert settings["energy_scale"] == settings["class_scale"] == 0.0
-    prompts = json.loads((out / "prompts.json").read_text())
-    assert prompts["settings"]["ablate"] == ["style"] and all(p.startswith("a photo of ") for c in prompts["prompts"]
-                                                                for p in c)
-    results = json.loads((out / "results.json").read_text())
-    assert results["ablate"] == ["guidance", "style"] and "distill" not in results
-    assert not (out / "checkpoint.pt").exists() and not (out / "student.pt").exists()
-    assert len(results["synthetic"]["per_class"]) == 4 == len(results["precision_recall"]["per_class"])
-    [stand_in] = results["evaluation"]["sets"]  # no student: no student numbers, no gap
-    assert "student" not in stand_in and "gap_top1" not in stand_in and "teacher" in stand_in
-    assert (out / "contact_sheet.png").exists()
+def test_check_guidance_command_writes_its_tables(tmp_path, capsys):
+    out = tmp_path / "check"
+    assert prism.main(["--smoke", "--check-guidance", "--out", str(out)]) == 0
+    result = json.loads((out / "check_guidance.json").read_text())
+    assert [row["mode"] for row in result["modes"]] == ["unguided", "approx (default)", "exact"]
+    assert len(result["per_class"]) == 4 and all(row["images"] == 2 for row in result["per_class"])
+    table = (out / "check_guidance.md").read_text()
+    assert table.count("| exact |") == 4 and "| 3 tank | 2 |" in table
+    assert "cosine with the method's g" in capsys.readouterr().out
 
 
 # ── benchmark (plumbing only: timings are machine-dependent and never asserted) ─────────────
