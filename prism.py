@@ -463,15 +463,16 @@ SCENES = {
                "walking across an open field at dawn", "in its natural habitat, seen from the side",
                "close up, looking at the camera", "in a forest clearing in soft light",
                "on a rock under an overcast sky", "in the snow on a winter morning"),
-    "water": ("swimming in clear blue water", "underwater near a coral reef",
+    "water": ("swimming in clear blue water", "underwater among rocks and sea plants",
               "at the surface of a calm lake", "in an aquarium with soft lighting",
               "near the shore on a bright day", "seen from above in shallow water",
               "in a river among stones", "in the open sea on a cloudy day"),
     "plant": ("growing in a garden in morning light", "in a meadow on a sunny day",
-              "close up with dew drops", "in a clay pot on a windowsill", "in a forest after rain",
-              "seen from above on the ground", "in a greenhouse in soft light",
+              "close up with dew drops", "growing by a sunny window indoors",
+              "in a forest after rain",
+              "seen from above on the ground", "under glass in soft light",
               "in a park on an overcast day"),
-    "food": ("on a white plate on a wooden table", "served in a restaurant in warm light",
+    "food": ("served on a wooden table", "served at a dinner in warm light",
              "on a kitchen counter, seen from above", "at a market stall in daylight",
              "on a picnic blanket outdoors", "close up on a dark background",
              "on a cutting board in a home kitchen", "on a cafe table by the window"),
@@ -479,7 +480,7 @@ SCENES = {
                 "driving on a country road", "in a parking lot on an overcast day",
                 "seen from the side on a highway", "in a garage under bright lights",
                 "at a crossing in the rain", "on display at a show"),
-    "object": ("on a wooden desk in soft window light", "held in a person's hand",
+    "object": ("on a wooden table in soft window light", "held in a person's hand",
                "on a shelf in a store", "on a table, seen from above",
                "on a plain white background", "next to everyday things on a counter",
                "in use at home in the evening",
@@ -489,7 +490,7 @@ SCENES = {
                "in a room, seen from the doorway", "on a plain white background",
                "in a cosy apartment in the evening", "in a store among others for sale",
                "close up in soft light"),
-    "clothing": ("worn by a person on a city street", "hanging in a wardrobe",
+    "clothing": ("worn by a person on a city street", "hanging on a rail at home",
                  "folded on a bed in soft light", "on a mannequin in a shop window",
                  "worn outdoors on an autumn day", "laid flat on a plain background",
                  "worn by a person at home", "on a clothes rail in a store"),
@@ -504,9 +505,9 @@ SCENES = {
 
 # Categories a class's teacher neighbours can point to (§3, no LLM), each with its scene group.
 CATEGORIES = {
-    "mammal": "animal", "bird": "animal", "reptile": "animal", "amphibian": "animal",
+    "mammal": "animal", "bird": "animal", "reptile": "animal", "frog": "animal",
     "insect": "animal", "dog": "animal", "cat": "animal", "monkey": "animal", "fish": "water",
-    "sea creature": "water", "plant": "plant", "flower": "plant", "mushroom": "plant",
+    "sea creature": "water", "plant": "plant", "flower": "plant", "fungus": "plant",
     "fruit": "food", "vegetable": "food", "dish": "food", "drink": "food", "car": "vehicle",
     "truck": "vehicle", "military vehicle": "vehicle", "train": "vehicle", "bicycle": "vehicle",
     "boat": "place", "aircraft": "place", "electronic device": "object", "tool": "object",
@@ -651,10 +652,23 @@ def sanitize_phrase(text, max_words=12, max_chars=100):
     return text if re.search(r"[A-Za-z]{3}", text) else ""
 
 
-def names_any(text, names):
-    """True if `text` contains one of `names` (case-insensitive): a phrase that would have the
-    diffusion model draw another class."""
-    return any(name.lower() in text.lower() for name in names)
+def names_any(text, names, own=""):
+    """True if `text` names one of `names` as whole words (any case, plurals too) once the
+    class's `own` name is taken out: a phrase that would have the diffusion model draw another
+    class. "ant" is not in "elephant"; "tiger" is not named by "tiger cat" itself."""
+    if own:
+        text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE)
+    words = re.findall(r"[\w'-]+", text.lower())
+    spans = {" ".join(words[i:i + n]) for n in range(1, 6) for i in range(len(words) - n + 1)}
+    spans |= {span[:-1] for span in spans if span.endswith("s")}  # plurals: kites, foxes
+    spans |= {span[:-2] for span in spans if span.endswith("es")}
+    return any(name.lower() in spans for name in names)
+
+
+def free_of_classes(phrases, class_names):
+    """The phrases of a built-in list (SCENES, CATEGORIES) that name no class of `class_names`:
+    "on a white plate" would have ImageNet's "plate" drawn into every image it is given to."""
+    return [phrase for phrase in phrases if not names_any(phrase, class_names)]
 
 
 def with_article(phrase):
@@ -671,21 +685,25 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
     Description, best source first: the user's file; "a kind of {category}", the category the
     teacher's neighbours point to (neighbour_categories, which needs a CLIP `text_encoder`);
     none, leaving the bare name. Scenes: the built-in SCENES of the category's group ("any"
-    without a category). add_llm_answers then puts the LLM's answers in where it gives them."""
+    without a category). Categories and scenes that name a class are never used (a prompt
+    names no class but its own). add_llm_answers then puts the LLM's answers in."""
     neighbours = neighbours or [[] for _ in class_names]
-    categories = (neighbour_categories(neighbours, text_encoder) if text_encoder is not None
-                  else [None] * len(class_names))
+    allowed = free_of_classes(CATEGORIES, class_names)  # no category names a class
+    categories = (neighbour_categories(neighbours, text_encoder, allowed)
+                  if text_encoder is not None else [None] * len(class_names))
+    scenes = {group: free_of_classes(phrases, class_names) for group, phrases in SCENES.items()}
     classes = []
     for c, name in enumerate(class_names):
         group = CATEGORIES.get(categories[c], "any")
+        group = group if scenes[group] else "any"
         entry = {"name": name, "description": "", "source": "name", "neighbours": neighbours[c],
                  "category": categories[c], "scenes": [], "scene_source": "none"}
         if descriptions and descriptions[c]:
             entry.update(description=descriptions[c], source="file")
         elif categories[c]:
             entry.update(description=f"a kind of {categories[c]}", source="neighbours")
-        if vary_content:
-            entry.update(scenes=list(SCENES[group]), scene_source=f"built-in {group}")
+        if vary_content and scenes[group]:
+            entry.update(scenes=list(scenes[group]), scene_source=f"built-in {group}")
         classes.append(entry)
     return classes
 
@@ -704,7 +722,7 @@ def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
     for c, answer in zip(todo, described):
         entry, answer = classes[c], sanitize_phrase(answer, max_words=8)
         if answer and answer.lower() != entry["name"].lower() and not names_any(
-                answer, entry["neighbours"]):
+                answer, entry["neighbours"], entry["name"]):
             entry.update(description=answer, source="llm")
     if not vary_content:
         return classes
@@ -712,7 +730,7 @@ def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
                         max_new_tokens=24 * scenes_per_class)
     for entry, answer in zip(classes, listed):
         scenes = dict.fromkeys(sanitize_phrase(line) for line in answer.splitlines())
-        scenes = [s for s in scenes if s and not names_any(s, entry["neighbours"])]
+        scenes = [s for s in scenes if s and not names_any(s, entry["neighbours"], entry["name"])]
         if scenes:
             entry.update(scenes=scenes[:scenes_per_class], scene_source="llm")
     return classes
@@ -1629,7 +1647,10 @@ def check_images_load(data_dir, what):
     from PIL import Image
 
     rank, world = rank_and_world()
-    samples = image_folder(data_dir, None).samples
+    try:
+        samples = image_folder(data_dir, None).samples
+    except UsageError as error:
+        raise UsageError(f"{what}: {error}")
     paths = [path for path, _ in samples][rank::world]
     problem = ""
     for path in tqdm(paths, desc=f"checking {what}", unit="img",
@@ -1974,7 +1995,12 @@ def image_folder(data_dir, transform, classes=None):
         dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform,
                                                    target_transform=target)
     except (FileNotFoundError, NotADirectoryError) as error:
-        raise UsageError(f"cannot read images from {data_dir}: {first_line(error)}")
+        empty = [f for f in folder_classes(data_dir) if not any(
+            p.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS
+            for p in Path(data_dir, f).rglob("*"))] if Path(data_dir).is_dir() else []
+        reason = (f"{len(empty)} class folders hold no image file (.jpg, .png, ...), e.g. "
+                  f"'{empty[0]}'" if empty else first_line(error)[:200])
+        raise UsageError(f"cannot read images from {data_dir}: {reason}")
     if classes is not None and len(classes) != len(dataset.classes):
         raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders, {len(classes)} "
                          f"were mapped to classes: was it changed during the run?")
@@ -2035,9 +2061,10 @@ def no_class_for(folders, class_names, reference_ids):
     lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f.lower() in known
                                             or f in (reference_ids or ()))), folders[0])
     return UsageError(f"folder '{lost}' maps to no class (the folder names must be all class "
-                      f"indices, all class names or all ids of the reference list); give "
-                      f"--class-ids FILE (one id a line, in label order), or the full set "
-                      f"(ImageNet val) as another --val-dir, or name the folders by class index")
+                      f"indices, all class names, all ids of the reference list or, for a full "
+                      f"set, all WordNet ids); give --class-ids FILE (one id a line, in label "
+                      f"order), or the full set (ImageNet val) as another --val-dir, or name the "
+                      f"folders by class index")
 
 
 def class_mapping(folders, num_classes, class_names, reference_ids=None, reference="reference"):
@@ -2047,9 +2074,11 @@ def class_mapping(folders, num_classes, class_names, reference_ids=None, referen
       2. every name a class name (case-insensitive) → its index in `class_names`
       3. every name an id of `reference_ids` (the classes' ids in label order, e.g. ImageNet's
          wnids; `reference` says where the list came from) → its position there
-      4. exactly num_classes folders → their sorted order (ImageNet val in wnid folders)
+      4. exactly num_classes folders, every name a WordNet id (n01440764), and no --class-ids
+         list → their sorted order (ImageNet val and -Sketch: sorted wnids are ImageNet's order)
     Otherwise, or for a class out of range, an ambiguous name or two folders of one class: a
-    UsageError naming the folder."""
+    UsageError naming the folder. Rule 4 asks for WordNet ids so that a near miss ("tanks" for
+    "tank", "great_white_shark") is refused rather than scored against the wrong class."""
     if not folders:
         raise UsageError("has no class folders")
     by_name = {}
@@ -2066,7 +2095,8 @@ def class_mapping(folders, num_classes, class_names, reference_ids=None, referen
     elif reference_ids and all(f in reference_ids for f in folders):
         position = {id_: index for index, id_ in enumerate(reference_ids)}
         classes, rule = [position[f] for f in folders], f"ids via {reference}"
-    elif len(folders) == num_classes:
+    elif (len(folders) == num_classes and all(re.fullmatch(r"[a-z][0-9]{8}", f) for f in folders)
+          and not (reference or "").startswith("--class-ids")):
         order = {f: index for index, f in enumerate(sorted(folders))}
         classes, rule = [order[f] for f in folders], "sorted folder names"
     else:
@@ -2118,7 +2148,7 @@ def labelled_sets(named_sets, class_names, class_ids=None):
         except UsageError as error:
             raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
     for s in sets:
-        s["images"] = check_images_load(s["data"], "--val-dir")
+        s["images"] = check_images_load(s["data"], f"--val-dir {s['name']}")
     return sets
 
 
@@ -2156,6 +2186,25 @@ def gather_from_ranks(items):
 def sum_over_ranks(numbers):
     """Element-wise sum over the ranks of a list of Python numbers, on every rank."""
     return [sum(column) for column in zip(*gather_from_ranks(numbers))]
+
+
+def on_rank_zero(work):
+    """Runs work() on rank 0 alone, the other ranks waiting, and raises its error, if any, on
+    every rank (a UsageError as one, any other as a RunFailure on the other ranks), so that no
+    rank waits for one that failed."""
+    rank, world = rank_and_world()
+    error = None
+    if rank == 0:
+        try:
+            work()
+        except Exception as caught:  # raised below, on every rank
+            error = caught
+    shared = gather_from_ranks([None if error is None else
+                                [isinstance(error, UsageError), str(error)]])[0][0]
+    if error is None and shared is not None:
+        error = (UsageError if shared[0] else RunFailure)(shared[1])
+    if error is not None:
+        raise error
 
 
 def broadcast_from_rank_zero(module):
@@ -2271,20 +2320,23 @@ def locate_model(name_or_path, flag, alternative=""):
 
     if Path(name_or_path).is_dir():
         return str(name_or_path), True
-    name, tail = str(name_or_path), f" {alternative}" if alternative else ""
+    name, tail = str(name_or_path), f"; or use {alternative}" if alternative else ""
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise UsageError(f"{flag} {name}: no such folder{tail}")
+    gated = f"{flag} {name}: accept its licence on huggingface.co, then `hf auth login`{tail}"
     if not constants.HF_HUB_OFFLINE:
         try:
-            huggingface_hub.model_info(name, timeout=10)
-            return name, False
+            info = huggingface_hub.model_info(name, timeout=10)
         except errors.GatedRepoError:
-            raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then run "
-                             f"`hf auth login`{tail}")
+            raise UsageError(gated)
         except (errors.RepositoryNotFoundError, errors.HFValidationError):
             raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
         except Exception:  # the hub cannot be reached: the cache may still hold the model
-            pass
+            info = None
+        if info is not None and info.gated and not huggingface_hub.get_token():
+            raise UsageError(gated)
+        if info is not None:
+            return name, False
     try:
         huggingface_hub.snapshot_download(name, local_files_only=True)
         return name, True
@@ -2413,7 +2465,7 @@ def load_llm(name_or_path, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, local_only = locate_model(name_or_path, "--llm",
-                                      "or --llm none for the built-in prompts")
+                                      "--llm none for the built-in prompts")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
@@ -2717,6 +2769,7 @@ def prompt_settings(args, class_names, descriptions, identity):
     llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
     return {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
             "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
+            "scenes_per_class": args.scenes_per_class,
             "llm": llm, "teacher": identity["teacher"], "text_encoder": identity["sd_model"],
             **({"ablate": ablate} if ablate else {})}
 
@@ -2890,33 +2943,42 @@ def load_sampler(args, device, out):
 
 def prompts_stage(args, out, models, pipe, device):
     """Stage 1 (§3): the prompts of every class and where each part came from, (prompts,
-    classes), made once and reused from OUT/prompts.json (with OUT/prompts.md, to read). Rank 0
-    alone builds them (and loads the LLM, unless OUT/llm_answers.json holds every answer); the
-    other ranks read the file it writes."""
-    path, answers_path = out / "prompts.json", out / "llm_answers.json"
+    classes), made once (make_prompts, on rank 0) and reused from OUT/prompts.json; OUT/prompts.md
+    shows them to a person. The other ranks read the file rank 0 writes."""
+    path = out / "prompts.json"
     settings, num_classes = models.prompt_settings, len(models.class_names)
     reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
     barrier()  # every rank has its verdict before rank 0 may replace the file
-    if rank_and_world()[0] == 0 and not reuse:
-        cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
-        answers = dict(cache.get(models.llm, {}))
-        llm = (build_tiny_llm(out / "tiny-models" / "llm", seed=args.seed)
-               if models.llm == "tiny-random" else models.llm)
-        prompts, classes = build_prompts(
-            models.class_names, args.per_class, teacher=models.teacher, llm=llm,
-            descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
-            answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
-            seed=args.seed, llm_device=device, disambiguate="disambiguation" not in args.ablate,
-            vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-        if models.llm:  # the other LLMs' answers are kept
-            write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
-        write_json_atomic({"settings": settings, "prompts": prompts, "classes": classes}, path)
-    barrier()
+    on_rank_zero(lambda: reuse or make_prompts(args, out, models, pipe, device))
     prompts, classes = read_prompts(path, num_classes, args.per_class)
-    if rank_and_world()[0] == 0 and (not reuse or not (out / "prompts.md").exists()):
-        text = prompts_markdown(classes, prompts, models.llm)
-        atomic_write(out / "prompts.md", lambda temp: temp.write_text(text, encoding="utf-8"))
+    text = prompts_markdown(classes, prompts, models.llm)
+    markdown = out / "prompts.md"  # rewritten whenever it is not what prompts.json holds
+    if rank_and_world()[0] == 0 and (not markdown.exists() or markdown.read_bytes()
+                                     != text.encode("utf-8")):
+        atomic_write(markdown, lambda temp: temp.write_text(text, encoding="utf-8"))
     return prompts, classes
+
+
+def make_prompts(args, out, models, pipe, device):
+    """Builds the prompts (build_prompts with the command line's options) and writes them to
+    OUT/prompts.json, after the LLM's answers to OUT/llm_answers.json: the LLM is loaded only
+    for questions that file does not answer yet."""
+    answers_path = out / "llm_answers.json"
+    cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
+    answers = dict(cache.get(models.llm, {}))
+    llm = (build_tiny_llm(out / "tiny-models" / "llm") if models.llm == "tiny-random"
+           else models.llm)
+    prompts, classes = build_prompts(
+        models.class_names, args.per_class, teacher=models.teacher, llm=llm,
+        descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
+        answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
+        scenes_per_class=args.scenes_per_class, seed=args.seed, llm_device=device,
+        disambiguate="disambiguation" not in args.ablate,
+        vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
+    if models.llm:  # the other LLMs' answers are kept
+        write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
+    write_json_atomic({"settings": models.prompt_settings, "prompts": prompts,
+                       "classes": classes}, out / "prompts.json")
 
 
 def check_llm_available(args, out, settings):
@@ -2927,8 +2989,16 @@ def check_llm_available(args, out, settings):
     if reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
                         overwrite=args.overwrite):
         return
-    if settings["llm"] not in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite):
-        locate_model(args.llm, "--llm", "or --llm none for the built-in prompts")
+    if settings["llm"] in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite):
+        return
+    source, _ = locate_model(args.llm, "--llm", "--llm none for the built-in prompts")
+    if Path(source).is_dir():  # a local folder: is it a model at all (seconds, not minutes)?
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(source, local_files_only=True)
+        except Exception as error:  # any failure means this folder holds no usable LLM
+            raise UsageError(cannot_load("LLM", args.llm, error, "--llm none"))
 
 
 def prompts_written(out):
@@ -3015,10 +3085,13 @@ def measurement_stage(args, out, models, records, test_sets, results, device):
             real = test_sets[0]
             real_features, _, real_labels = extract_features(models.teacher, real["data"],
                                                              classes=real["classes"], **features)
+            # a set of some classes (ImageNet-R first) is compared with those classes' images
+            shared = torch.isin(fake_labels, torch.tensor(real["classes"]))
             results["precision_recall"] = {"set": real["name"], "data": real["data"],
+                                           "classes": len(real["classes"]),
                                            **precision_recall_report(
-                real_features.to(device), real_labels.to(device), fake_features.to(device),
-                fake_labels.to(device), models.class_names, k=args.pr_k)}
+                real_features.to(device), real_labels.to(device), fake_features[shared].to(device),
+                fake_labels[shared].to(device), models.class_names, k=args.pr_k)}
     barrier()
     if test_sets:
         student = models.student if args.epochs > 0 else None

@@ -656,6 +656,27 @@ def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
     assert not any(prism.names_any(p, e["neighbours"]) for e, ps in zip(classes, prompts) for p in ps)
 
 
+def test_names_are_whole_words_and_built_in_phrases_never_name_a_class(pipe):
+    assert prism.names_any("two foxes by the road", ["fox"])
+    assert prism.names_any("next to a Computer Keyboard", ["computer keyboard"])
+    assert not prism.names_any("a small plant-sucking insect on an elephant", ["ant"])
+    assert not prism.names_any("a tiger cat in the grass", ["tiger"], own="tiger cat")
+    assert prism.names_any("a tiger cat next to a tiger", ["tiger"], own="tiger cat")
+    # a neighbour named like a category ("mushroom") or a scene word ("plate") is never drawn
+    names = ["agaric", "mushroom", "pizza", "plate", "bolete"]
+    assert prism.free_of_classes(["mushroom", "fungus", "dish"], names) == ["fungus", "dish"]
+    imagenet, _ = prism.load_class_names("imagenet")
+    for phrases in [list(prism.CATEGORIES), *map(list, prism.SCENES.values())]:  # no ImageNet class
+        assert prism.free_of_classes(phrases, imagenet) == phrases
+    teacher = nn.Sequential(nn.Flatten(), nn.LazyLinear(3), nn.Linear(3, 5))
+    prompts, classes = prism.build_prompts(names, 40, teacher=teacher, neighbours=2,
+                                           text_encoder=(pipe.tokenizer, pipe.text_encoder))
+    for entry, class_prompts in zip(classes, prompts):
+        others = [n for n in names if n != entry["name"]]
+        assert entry["category"] in prism.free_of_classes(prism.CATEGORIES, names)
+        assert not any(prism.names_any(p, others, own=entry["name"]) for p in class_prompts)
+
+
 def test_sanitize_phrase():
     assert prism.sanitize_phrase("  1. A dog on a beach at dawn.\nsecond line") == "A dog on a beach at dawn"
     assert prism.sanitize_phrase("- \"in the rain\"") == "in the rain"
@@ -1074,11 +1095,14 @@ def test_class_mapping_rules_and_refusals():
     wnids = ["n01", "n02", "n03", "n04"]
     assert prism.class_mapping(["n02", "n04"], 4, names, wnids, "--class-ids ids.txt") == (
         [1, 3], "ids via --class-ids ids.txt")
-    assert prism.class_mapping(["w", "x", "y", "z"], 4, names) == ([0, 1, 2, 3], "sorted folder names")
+    assert prism.class_mapping(["n00000009", "n00000002", "n00000005", "n00000007"], 4, names) == (
+        [3, 0, 1, 2], "sorted folder names")  # a full set of WordNet ids: ImageNet's sorted order
     refusals = {"folder '4' is class 4, but the teacher's classes are 0 to 3": (["0", "4"], names),
                 "folders '0003' and '3' are both class 3": (["0003", "3"], names),
                 "folder 'n05' maps to no class": (["n02", "n05"], names, wnids),
                 "folder 'x' maps to no class": (["mouse", "x", "kite"], names),
+                "folder 'tanks' maps to no class": (["crane", "kite", "mouse", "tanks"], names),
+                "folder 'w' maps to no class": (["w", "x", "y", "z"], names),  # not ids: refused
                 "folder 'a' names classes \\[0, 2\\]": (["a", "b"], ["a", "b", "A", "c"]),
                 "no class folders": ([], names)}
     for message, (folders, class_names, *reference) in refusals.items():
@@ -1123,11 +1147,11 @@ def test_numeric_v2_tree_is_scored_in_integer_order(tmp_path):
 def test_subset_is_scored_with_restricted_logits_and_mapped_through_the_full_sets_wnids(tmp_path):
     """A full set in wnid folders (one per class: ImageNet val, -Sketch) gives the wnids' label
     order; a subset of its wnids (ImageNet-R/-A) is scored over its classes' logits only."""
-    wnids = [f"n0{c}" for c in range(8)]
+    wnids = [f"n{c:08d}" for c in range(8)]
     full = grey_tree(tmp_path / "val", {w: [c] for c, w in enumerate(wnids)})
     # classes 1, 3, 4; NearestGrey gets the second image of n03 wrong (grey 4), and class 6's grey
     # in n04 right once the logits are restricted (4 is the nearest of 1, 3, 4)
-    subset = grey_tree(tmp_path / "r", {"n03": [3, 4], "n01": [1], "n04": [4, 6]})
+    subset = grey_tree(tmp_path / "r", {"n00000003": [3, 4], "n00000001": [1], "n00000004": [4, 6]})
     names = [f"class {c}" for c in range(8)]
     sets = prism.labelled_sets([("val", full), ("r", subset)], names)
     assert [(s["mapping"], s["classes"]) for s in sets] == [
@@ -1135,20 +1159,21 @@ def test_subset_is_scored_with_restricted_logits_and_mapped_through_the_full_set
         ("ids via sorted folders of set val", [1, 3, 4])]
     biased = NearestGrey(8, bias=[0] * 7 + [1e4])  # class 7 wins every image over all logits
     result = prism.evaluate(biased, subset, classes=sets[1]["classes"], **EVAL)
-    assert result == direct_accuracy(biased, subset, {"n01": 1, "n03": 3, "n04": 4})
+    assert result == direct_accuracy(biased, subset, {"n00000001": 1, "n00000003": 3, "n00000004": 4})
     assert result == {"top1": 80.0, "top5": 100.0, "images": 5}  # top-5 of 3 classes: all of them
-    unrestricted = direct_accuracy(biased, subset, {"n01": 1, "n03": 3, "n04": 4}, range(8))
+    unrestricted = direct_accuracy(biased, subset,
+                                {"n00000001": 1, "n00000003": 3, "n00000004": 4}, range(8))
     assert unrestricted == {"top1": 0.0, "top5": 100.0, "images": 5}
     assert prism.evaluate(biased, full, classes=sets[0]["classes"], **EVAL)["top1"] == 100 / 8
 
     # a random teacher on random images: the same numbers as the direct computation
     teacher = prism.build_tiny_classifier(8, seed=2).eval()
-    noise = noise_tree(tmp_path / "noise", ["n01", "n05", "n06"], per_folder=4)
+    noise = noise_tree(tmp_path / "noise", ["n00000001", "n00000005", "n00000006"], per_folder=4)
     [mapped] = prism.labelled_sets([("r", noise)], names, ("ids.txt", wnids))
     assert mapped["mapping"] == "ids via --class-ids ids.txt" and mapped["classes"] == [1, 5, 6]
     assert (prism.evaluate(teacher, noise, classes=mapped["classes"], **EVAL)
-            == direct_accuracy(teacher, noise, {"n01": 1, "n05": 5, "n06": 6}))
-    with pytest.raises(prism.UsageError, match=r"--val-dir r \(.*\): folder 'n01' maps to no class"):
+            == direct_accuracy(teacher, noise, {"n00000001": 1, "n00000005": 5, "n00000006": 6}))
+    with pytest.raises(prism.UsageError, match=r"--val-dir r \(.*\): folder 'n00000001' maps to no class"):
         prism.labelled_sets([("r", subset)], names)  # no full set, no --class-ids: refused
 
 
@@ -1505,7 +1530,7 @@ def test_a_model_that_cannot_be_found_is_one_short_line_at_once(tmp_path, capsys
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     for load, flag, extra in ((prism.load_diffusion_pipeline, "--sd-model", ""),
-                              (prism.load_llm, "--llm", "or --llm none"),
+                              (prism.load_llm, "--llm", "; or use --llm none"),
                               (prism.load_guidance_vae, "--guidance-vae", "")):
         with pytest.raises(prism.UsageError) as error:
             load("someone/no-such-model", "cpu")
@@ -1522,6 +1547,10 @@ def test_a_model_that_cannot_be_found_is_one_short_line_at_once(tmp_path, capsys
     assert code == 2 and len(err) < 300
     one_line(err, f"prism: error: --llm {prism.MODELS.llm}: not in the local cache")
     assert "--llm none" in err and not (tmp_path / "out" / "prompts.json").exists()
+    (tmp_path / "empty-llm").mkdir()  # a folder, but no model: said before SD loads
+    code, err = run_main(argv + ["--llm", str(tmp_path / "empty-llm")], capsys)
+    assert code == 2 and len(err) < 300
+    one_line(err, f"prism: error: cannot load LLM {tmp_path / 'empty-llm'} (")
 
 
 # ── several processes (torchrun, gloo on CPU) and faults (SIGKILL, full disk) ───────────────
@@ -1804,10 +1833,10 @@ def test_several_val_dirs_are_scored_side_by_side(finished_run, tmp_path, capsys
     precision/recall's in-distribution set), a V2-style numeric one named by its folder, and a
     subset of two of the wnids. Each is scored for teacher and student as a direct computation
     does, and the stdout table is evaluation_table's."""
-    wnids = ["n02", "n05", "n07", "n09"]  # sorted: the label order
+    wnids = ["n00000002", "n00000005", "n00000007", "n00000009"]  # sorted: the label order
     full = noise_tree(tmp_path / "val", wnids, per_folder=2, size=32, seed=1)
     v2 = noise_tree(tmp_path / "imagenetv2", ["0", "1", "2", "3"], per_folder=2, size=32, seed=2)
-    subset = noise_tree(tmp_path / "r", ["n05", "n09"], per_folder=3, size=32, seed=3)
+    subset = noise_tree(tmp_path / "r", ["n00000005", "n00000009"], per_folder=3, size=32, seed=3)
     capsys.readouterr()
     assert prism.main(["--smoke", "--out", str(finished_run), "--val-dir", f"val={full}",
                        "--val-dir", str(v2), "--val-dir", f"imagenet-r={subset}"]) == 0
@@ -1818,11 +1847,11 @@ def test_several_val_dirs_are_scored_side_by_side(finished_run, tmp_path, capsys
         ("val", str(full), "all 4 classes", "ids via sorted folders of set val"),
         ("imagenetv2", str(v2), "all 4 classes", "integer folder names"),
         ("imagenet-r", str(subset), "restricted to 2 of 4 classes", "ids via sorted folders of set val")]
-    assert sets[2]["per_class"] == [{"folder": "n05", "class": 1}, {"folder": "n09", "class": 3}]
+    assert sets[2]["per_class"] == [{"folder": "n00000005", "class": 1}, {"folder": "n00000009", "class": 3}]
     teacher = prism.build_tiny_classifier(4, seed=0)
     student = prism.build_tiny_classifier(4, width=8, seed=1)
     student.load_state_dict(torch.load(finished_run / "student.pt", weights_only=True))
-    labels = ({w: c for c, w in enumerate(wnids)}, {str(c): c for c in range(4)}, {"n05": 1, "n09": 3})
+    labels = ({w: c for c, w in enumerate(wnids)}, {str(c): c for c in range(4)}, {"n00000005": 1, "n00000009": 3})
     for entry, root, class_of_folder in zip(sets, (full, v2, subset), labels):
         assert entry["teacher"] == direct_accuracy(teacher, root, class_of_folder, image_size=32)
         assert entry["student"] == direct_accuracy(student, root, class_of_folder, image_size=32)
@@ -1832,6 +1861,34 @@ def test_several_val_dirs_are_scored_side_by_side(finished_run, tmp_path, capsys
     table = prism.evaluation_table(sets, 4)
     assert table in stdout and table.splitlines()[3].startswith("imagenet-r")
     assert table.splitlines()[3].split()[:3] == ["imagenet-r", "6", "2/4"]
+
+
+def test_a_subset_first_is_compared_with_the_synthetic_images_of_its_classes(finished_run,
+                                                                             tmp_path):
+    """ImageNet-R first: precision/recall compare its classes' real images with the synthetic
+    images of those classes only, as a direct computation on the features does."""
+    subset = noise_tree(tmp_path / "r", ["1", "3"], per_folder=5, size=32, seed=4)
+    assert prism.main(["--smoke", "--out", str(finished_run), "--val-dir", f"r={subset}"]) == 0
+    report = json.loads((finished_run / "results.json").read_text())["precision_recall"]
+    assert (report["set"], report["classes"], report["real_images"]) == ("r", 2, 10)
+    assert report["synthetic_images"] == 8  # 4 images of class 1 and 4 of class 3, of 16
+    teacher = prism.build_tiny_classifier(4, seed=0)
+    features = dict(image_size=32, num_workers=0, progress=False)
+    fake, _, fake_labels = prism.extract_features(teacher, finished_run / "synthetic", **features)
+    real, _, _ = prism.extract_features(teacher, subset, classes=[1, 3], **features)
+    shared = (fake_labels == 1) | (fake_labels == 3)
+    expected = prism.precision_recall(real, fake[shared], k=3)
+    assert {m: report[m] for m in expected} == pytest.approx(expected)
+    assert [e["real_images"] for e in report["per_class"]] == [0, 5, 0, 5]
+
+
+def test_a_stale_prompts_md_is_rewritten(finished_run, capsys):
+    """prompts.md is what a person reads before the long run: it always shows prompts.json."""
+    (finished_run / "prompts.md").write_text("# Prompts\n\nLLM: none (built-in lists).\n")
+    assert prism.main(["--smoke", "--out", str(finished_run), "--prompts-only"]) == 0
+    stored = json.loads((finished_run / "prompts.json").read_text())
+    assert (finished_run / "prompts.md").read_text() == prism.prompts_markdown(
+        stored["classes"], stored["prompts"], "tiny-random")
 
 
 def test_rejected_height_records_nothing_and_the_fixed_rerun_works(tmp_path, capsys):
@@ -1865,13 +1922,14 @@ def test_settings_that_do_nothing_are_refused_or_warned(tmp_path, capsys):
 def test_corrupt_validation_image_is_found_before_synthesis(tmp_path, capsys):
     val = tmp_path / "val"
     for c in range(4):
-        (val / f"c{c}").mkdir(parents=True)
-        Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(val / f"c{c}" / "ok.png")
-    (val / "c2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        (val / f"{c}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(val / f"{c}" / "ok.png")
+    (val / "2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out = tmp_path / "out"
     code, err = run_main(["--smoke", "--out", str(out), "--val-dir", str(val)], capsys)
     assert code == 2
-    one_line(err, f"prism: error: --val-dir: {val / 'c2' / 'broken.png'} is not a readable image")
+    one_line(err, f"prism: error: --val-dir val: {val / '2' / 'broken.png'} is not a readable "
+                  f"image")
     assert not (out / "synthetic").exists() and not (out / "prompts.json").exists()
 
 
