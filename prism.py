@@ -227,8 +227,7 @@ def guidance_loss(logits, class_ids, *, energy_scale, class_scale,
     """Per-sample guidance objective (§1):  s_E · E(x) + s_C · CE(f(x), y).
 
     This is s · L(x, y) with L = E + λ_cls · CE, s = energy_scale, λ_cls = class_scale /
-    energy_scale;
-    two scales instead of (s, λ) let either term be used alone.
+    energy_scale; two scales instead of (s, λ) let either term be used alone.
     """
     loss = energy_scale * teacher_energy(logits, temperature)
     if class_scale:
@@ -282,8 +281,8 @@ def tweedie_clean_latent(noisy_latents, epsilon, alpha_bar):
 
 
 def decode_to_unit(vae, latents):
-    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2,
-    clamped."""
+    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2, clamped.
+    """
     images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
     return (images / 2 + 0.5).clamp(0, 1)
 
@@ -430,8 +429,8 @@ class Preprocess(nn.Module):
 
 
 def with_preprocessing(model, input_size, mean=MODELS.teacher_mean, std=MODELS.teacher_std):
-    """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any
-    size."""
+    """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size.
+    """
     return nn.Sequential(Preprocess(input_size, mean, std), model)
 
 
@@ -520,8 +519,7 @@ CATEGORIES = {
 
 def last_linear_module(model):
     """The last nn.Linear met walking `model.modules()` (a scripted one in TorchScript too), or
-    None:
-    a classifier's head. Its weight (C, D) has one row per class, its input is the penultimate
+    None: a classifier's head. Its weight (C, D) has one row per class, its input is the penultimate
     layer."""
     linear = None
     for module in model.modules():
@@ -958,8 +956,8 @@ def sampler_defaults():
 # Stage 3. The synthetic set: every image made once, with its seed and teacher scores
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def derived_seed(*parts):
-    """A 63-bit seed hashed from `parts`: independent streams for every (purpose, seed, ...)
-    tuple."""
+    """A 63-bit seed hashed from `parts`: independent streams for every (purpose, seed, ...) tuple.
+    """
     digest = hashlib.sha256("/".join(["prism", *map(str, parts)]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
@@ -971,8 +969,8 @@ def image_seed(seed, class_index, image_index):
 
 
 def initial_latents(seeds, shape):
-    """Stacks one N(0, I) latent of `shape` per seed, drawn on the CPU so every device sees the
-    same noise."""
+    """Stacks one N(0, I) latent of `shape` per seed, drawn on the CPU so every device sees the same
+    noise."""
     return torch.stack([torch.randn(shape,
                                     generator=torch.Generator().manual_seed(s)) for s in seeds])
 
@@ -1112,8 +1110,8 @@ def kd_loader(data_dir, batch_size, *, image_size=DISTILL.image_size, num_worker
 
 
 def to_unit_images(batch, device, memory_format=torch.contiguous_format):
-    """A uint8 batch from kd_loader as float images in [0, 1] on `device`: x / 255, computed
-    there."""
+    """A uint8 batch from kd_loader as float images in [0, 1] on `device`: x / 255, computed there.
+    """
     batch = batch.to(device, non_blocking=True).to(memory_format=memory_format)
     return batch.float().div_(255)
 
@@ -1507,8 +1505,8 @@ def first_line(error):
 
 
 def damaged(path, error, way_out):
-    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way
-    out."""
+    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way out.
+    """
     return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
 
 
@@ -1612,8 +1610,8 @@ def read_json(path, way_out):
 
 def save_image_atomic(image, path):
     """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns
-    its
-    size in bytes. A non-finite image is refused: NaN pixels would be written as a black image."""
+    its size in bytes. A non-finite image is refused: NaN pixels would be written as a black image.
+    """
     from PIL import Image
 
     if not torch.isfinite(image).all():
@@ -1627,8 +1625,8 @@ def save_image_atomic(image, path):
 
 
 def image_is_readable(path, expected_bytes):
-    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies
-    it."""
+    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies it.
+    """
     from PIL import Image
 
     try:
@@ -1735,8 +1733,8 @@ def check_settings(path, settings, *, overwrite, what):
 
 def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs,
                        store_size=None):
-    """Everything that decides the pixels of the cached images (not the batch size, which does
-    not)."""
+    """Everything that decides the pixels of the cached images (not the batch size, which does not).
+    """
     prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {"per_class": per_class, "seed": seed, "image_format": image_format,
             "prompts_sha256": prompts_hash,
@@ -2008,8 +2006,8 @@ def image_folder(data_dir, transform, classes=None):
 
 
 def folder_classes(data_dir):
-    """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as
-    is)."""
+    """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as is).
+    """
     path = Path(data_dir)
     if not path.is_dir():
         raise UsageError(f"{data_dir} is not a directory of class folders")
@@ -2536,8 +2534,8 @@ def model_dtype(name, device):
 # The command line: every flag, and the one check of their values
 # ──────────────────────────────────────────────────────────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage +
-    exit."""
+    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit.
+    """
 
     def error(self, message):
         raise UsageError(message)
@@ -3305,8 +3303,7 @@ RANDOM_PIPELINES = {
 def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon",
                     seed=0):
     """A randomly initialised StableDiffusionPipeline of one of RANDOM_PIPELINES (UNet, VAE, CLIP
-    text
-    encoder, DDIM with SD's schedule) and a character-level CLIP tokenizer whose files go to
+    text encoder, DDIM with SD's schedule) and a character-level CLIP tokenizer whose files go to
     `vocab_dir`."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
