@@ -44,7 +44,8 @@ The file has three parts. Part I is the method, in the order data flows: default
 equations, then the stages and main(). Part II is plumbing (errors, files, resume, several
 processes, the command line, model loading): nothing in it changes what is computed. Part III
 holds tools: reports, tiny random models for the smoke run and tests, the benchmark. Every
-function stands alone: its inputs are arguments, its docstring names the § it implements.
+function takes its inputs as arguments and its docstring names the § it implements; a copy takes
+along UsageError and, for several processes, rank_and_world and its kin (Part II).
 """
 import collections
 import contextlib
@@ -217,18 +218,18 @@ SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefau
 # The equations (§1, §2, §4), one small function each
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def teacher_energy(logits, temperature=SAMPLING.energy_temperature):
-    """Per-sample energy (§1, Liu et al. 2020):  E(x) = -τ · logsumexp(f(x) / τ).  Low =
-    in-distribution."""
+    """The teacher's energy of each sample (§1, Liu et al. 2020): low on what it finds
+    in-distribution. `logits` are f_T(x), `temperature` is τ."""
+    # E(x) = -τ · logsumexp(f_T(x) / τ)
     return -temperature * torch.logsumexp(logits / temperature, dim=-1)
 
 
 def guidance_loss(logits, class_ids, *, energy_scale, class_scale,
                   temperature=SAMPLING.energy_temperature):
-    """Per-sample guidance objective (§1):  s_E · E(x) + s_C · CE(f(x), y).
-
-    This is s · L(x, y) with L = E + λ_cls · CE, s = energy_scale, λ_cls = class_scale /
-    energy_scale; two scales instead of (s, λ) let either term be used alone.
-    """
+    """The guidance loss L(x, y) of §1 for each sample: energy (precision) plus the cross-entropy
+    of the intended class y; `energy_scale` is s_E, `class_scale` s_C. Two scales rather than
+    one scale and a ratio let either term be used alone."""
+    # L(x, y) = s_E · E(x) + s_C · CE(f_T(x), y)
     loss = energy_scale * teacher_energy(logits, temperature)
     if class_scale:
         loss = loss + class_scale * F.cross_entropy(logits, class_ids, reduction="none")
@@ -236,28 +237,30 @@ def guidance_loss(logits, class_ids, *, energy_scale, class_scale,
 
 
 def to_epsilon(model_output, noisy_latents, alpha_bar, prediction_type):
-    """The scheduler's prediction as ε (§2): v-prediction gives ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·z_t."""
+    """The scheduler's prediction as ε (§2), whatever the model predicts (ε or v)."""
     if prediction_type == "epsilon":
         return model_output
     if prediction_type == "v_prediction":
+        # ε = sqrt(ᾱ)·v + sqrt(1 - ᾱ)·z_t
         return alpha_bar ** 0.5 * model_output + (1 - alpha_bar) ** 0.5 * noisy_latents
     raise UsageError(f"energy guidance supports epsilon and v_prediction schedulers, "
                      f"not '{prediction_type}'")
 
 
 def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
-    """Inverse of to_epsilon: v = (ε - sqrt(1-ᾱ)·z_t) / sqrt(ᾱ), so the scheduler steps as it
-    expects."""
+    """Inverse of to_epsilon: the model output the scheduler expects, from ε."""
     if prediction_type == "epsilon":
         return epsilon
+    # v = (ε - sqrt(1 - ᾱ)·z_t) / sqrt(ᾱ)
     return (epsilon - (1 - alpha_bar) ** 0.5 * noisy_latents) / alpha_bar ** 0.5
 
 
 def alpha_bar_at(scheduler, timestep):
-    """ᾱ_t of the current step. Sigma-based schedulers (Euler, DPM-Solver) define σ² = (1-ᾱ)/ᾱ
-    on possibly fractional timesteps, so ᾱ = 1/(1+σ²); the others index alphas_cumprod."""
+    """ᾱ_t of the scheduler's current step. Sigma-based schedulers (Euler, DPM-Solver) step on
+    σ, possibly between the trained timesteps; the others index alphas_cumprod."""
     sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
     if sigmas is not None and index is not None:
+        # σ² = (1 - ᾱ) / ᾱ, so ᾱ = 1 / (1 + σ²)
         return 1.0 / (1.0 + float(sigmas[index]) ** 2)
     return float(scheduler.alphas_cumprod[int(timestep)])
 
@@ -281,8 +284,8 @@ def tweedie_clean_latent(noisy_latents, epsilon, alpha_bar):
 
 
 def decode_to_unit(vae, latents):
-    """VAE decode D(z) of SD latents to images in [0, 1]:  D(z / scaling_factor) / 2 + 1/2, clamped.
-    """
+    """D(z): SD latents decoded by `vae` to images in [0, 1] (§2)."""
+    # the VAE decodes z / scaling_factor to [-1, 1]; x = D / 2 + 1/2, clamped
     images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
     return (images / 2 + 0.5).clamp(0, 1)
 
@@ -394,10 +397,9 @@ def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
 
 
 def kd_loss(student_logits, teacher_logits, temperature=DISTILL.kd_temperature):
-    """Hinton et al. 2015 (§4):  L_KD = τ² · KL( softmax(f_T/τ) || softmax(f_S/τ) ), batch mean.
-
-    The τ² keeps gradient magnitudes comparable across temperatures.
-    """
+    """The distillation loss of Hinton et al. 2015 (§4), the batch mean; `temperature` is τ_kd.
+    The τ_kd² keeps gradient magnitudes comparable across temperatures."""
+    # L_KD = τ_kd² · KL(softmax(f_T/τ_kd) ‖ softmax(f_S/τ_kd))
     return F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=-1),
                     F.log_softmax(teacher_logits.float() / temperature, dim=-1),
                     log_target=True, reduction="batchmean") * temperature ** 2
@@ -515,6 +517,30 @@ CATEGORIES = {
     "sports equipment": "object", "machine": "place", "garment": "clothing",
     "accessory": "clothing", "building": "place", "structure": "place", "landscape": "place",
 }
+
+
+def with_article(phrase):
+    """'a mouse', 'an iron': the article CLIP's captions use before a noun phrase."""
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def names_any(text, names, own=""):
+    """True if `text` names one of `names` as whole words (any case, plurals too) once the
+    class's `own` name is taken out: a phrase that would have the diffusion model draw another
+    class. "ant" is not in "elephant"; "tiger" is not named by "tiger cat" itself."""
+    if own:
+        text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE)
+    words = re.findall(r"[\w'-]+", text.lower())
+    spans = {" ".join(words[i:i + n]) for n in range(1, 6) for i in range(len(words) - n + 1)}
+    spans |= {span[:-1] for span in spans if span.endswith("s")}  # plurals: kites, foxes
+    spans |= {span[:-2] for span in spans if span.endswith("es")}
+    return any(name.lower() in spans for name in names)
+
+
+def free_of_classes(phrases, class_names):
+    """The phrases of a built-in list (SCENES, CATEGORIES) that name no class of `class_names`:
+    "on a white plate" would have ImageNet's "plate" drawn into every image it is given to."""
+    return [phrase for phrase in phrases if not names_any(phrase, class_names)]
 
 
 def last_linear_module(model):
@@ -650,30 +676,6 @@ def sanitize_phrase(text, max_words=12, max_chars=100):
     return text if re.search(r"[A-Za-z]{3}", text) else ""
 
 
-def names_any(text, names, own=""):
-    """True if `text` names one of `names` as whole words (any case, plurals too) once the
-    class's `own` name is taken out: a phrase that would have the diffusion model draw another
-    class. "ant" is not in "elephant"; "tiger" is not named by "tiger cat" itself."""
-    if own:
-        text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE)
-    words = re.findall(r"[\w'-]+", text.lower())
-    spans = {" ".join(words[i:i + n]) for n in range(1, 6) for i in range(len(words) - n + 1)}
-    spans |= {span[:-1] for span in spans if span.endswith("s")}  # plurals: kites, foxes
-    spans |= {span[:-2] for span in spans if span.endswith("es")}
-    return any(name.lower() in spans for name in names)
-
-
-def free_of_classes(phrases, class_names):
-    """The phrases of a built-in list (SCENES, CATEGORIES) that name no class of `class_names`:
-    "on a white plate" would have ImageNet's "plate" drawn into every image it is given to."""
-    return [phrase for phrase in phrases if not names_any(phrase, class_names)]
-
-
-def with_article(phrase):
-    """'a mouse', 'an iron': the article CLIP's captions use before a noun phrase."""
-    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
-
-
 def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
                      vary_content=True):
     """What the prompts of each class say besides their style, without an LLM (§3): one dict
@@ -797,8 +799,8 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
 def guided_step_indices(num_steps, start, end, every):
     """Indices i of the sampling steps that get guidance: start ≤ i / num_steps < end, every k-th.
     `num_steps` is the scheduler's own count of timesteps (PNDM makes one more than asked)."""
-    return set(range(math.ceil(start * num_steps), min(num_steps, math.ceil(end * num_steps)),
-                     every))
+    first, last = math.ceil(start * num_steps), min(num_steps, math.ceil(end * num_steps))
+    return set(range(first, last, every))
 
 
 def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, prediction_type):
@@ -810,31 +812,41 @@ def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, predic
     return predict
 
 
+def guided_prediction(unet, scheduler, vae, teacher, noisy, t, text, uncond, class_ids, *,
+                      cfg_scale, exact, normalize, guidance_batch, **objective):
+    """The model output of one guided step (§2), as the scheduler expects it (ε or v), with
+    `finite` (per sample: False where g was not finite and the step went unguided) and g."""
+    alpha_bar = alpha_bar_at(scheduler, t)
+    prediction_type = scheduler.config.prediction_type
+    predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar, prediction_type)
+    # ε̂ and g = ∇_{z_t} L(D(ẑ0(z_t)), y)
+    epsilon, grad = guidance_gradient(predict, vae, teacher, noisy, alpha_bar, class_ids,
+                                      exact=exact, batch_size=guidance_batch, **objective)
+    # ε̂' = ε̂ + sqrt(1 - ᾱ_t)·g
+    total_scale = objective["energy_scale"] + objective["class_scale"]
+    guided, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=total_scale,
+                                    normalize=normalize)
+    return from_epsilon(guided, noisy, alpha_bar, prediction_type), finite, grad
+
+
 def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_scale, guided_steps,
             exact_grad, normalize_grad, guidance_batch, guidance_vae, trace, **objective):
     """The sampling loop (§2): initial latents to final latents, guidance on `guided_steps`.
     Returns (latents, skipped): per sample, the guided steps whose gradient was not finite."""
     scheduler, unet = pipe.scheduler, pipe.unet
-    prediction_type = scheduler.config.prediction_type
     step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
     skipped = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
-    total_scale = objective["energy_scale"] + objective["class_scale"]
     for i, t in enumerate(scheduler.timesteps):
-        # The UNet sees scale_model_input(latents): the variance-preserving z_t for every scheduler.
+        # The UNet sees scale_model_input(latents): the variance-preserving z_t for every scheduler
         noisy = scheduler.scale_model_input(latents, t)
-        if i in guided_steps:
-            alpha_bar = alpha_bar_at(scheduler, t)
-            predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar,
-                                        prediction_type)
-            epsilon, grad = guidance_gradient(predict, guidance_vae, teacher, noisy, alpha_bar,
-                                              class_ids, exact=exact_grad,
-                                              batch_size=guidance_batch, **objective)
-            guided, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=total_scale,
-                                            normalize=normalize_grad)
+        if i in guided_steps:  # the teacher steers this step
+            output, finite, grad = guided_prediction(
+                unet, scheduler, guidance_vae, teacher, noisy, t, text, uncond, class_ids,
+                cfg_scale=cfg_scale, exact=exact_grad, normalize=normalize_grad,
+                guidance_batch=guidance_batch, **objective)
             skipped += (~finite).long()
-            output = from_epsilon(guided, noisy, alpha_bar, prediction_type)
             if trace is not None:  # for check_guidance: the states where g was taken
-                trace.append({"step": i, "timestep": t, "alpha_bar": alpha_bar,
+                trace.append({"step": i, "timestep": t, "alpha_bar": alpha_bar_at(scheduler, t),
                               "noisy": noisy.detach().clone(), "grad": grad.detach().clone()})
         else:
             with torch.no_grad():
@@ -947,7 +959,8 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
 
 
 def sampler_defaults():
-    """The default keyword arguments of energy_guided_sample (written once, in its signature)."""
+    """The default keyword arguments of energy_guided_sample (SamplingDefaults' values and the
+    rest of its signature), to complete a partial set of sampling options."""
     parameters = inspect.signature(energy_guided_sample).parameters.values()
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
@@ -1032,8 +1045,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=RUN.s
             latents = initial_latents(seeds, shape).to(pipe.device, pipe.unet.dtype)
             # stochastic schedulers' step noise: one generator per image, so an image is a
             # function of its own seed whatever batch it is made in
-            step_noise = [torch.Generator().manual_seed(derived_seed("step-noise",
-                                                                     s)) for s in seeds]
+            step_noise = [torch.Generator().manual_seed(derived_seed("step-noise", s))
+                          for s in seeds]
             images, stats = energy_guided_sample(
                 pipe, teacher, [prompts[c][i] for c, i in batch], [c for c, _ in batch],
                 latents=latents, generator=step_noise, guidance_vae=guidance_vae,
@@ -1221,9 +1234,8 @@ def knn_radii(features, k, batch_size=MEASURE.distance_block):
     k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
     if len(features) <= k:
         raise UsageError(f"k-NN radii need more than k={k} points, got {len(features)}")
-    # k + 1: each
+    # the (k + 1)-th smallest distance: each point is its own 1st
     radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values
-             # point is its own 1st
              for start in range(0, len(features), batch_size)]
     return torch.cat(radii)
 
@@ -1243,17 +1255,15 @@ def precision_recall(real_features, fake_features, k=MEASURE.pr_k,
     computed in blocks of `batch_size` fake rows against all real rows, so 100,000 × 50,000
     features never need the full distance matrix; the dtype and device are those of the inputs.
     """
-    real_radii, fake_radii = knn_radii(real_features, k, batch_size), knn_radii(fake_features, k,
-                                                                                batch_size)
-    inside_real = 0             # fakes inside at least one real ball (precision)
-    real_ball_hits = 0          # (fake, real ball) pairs (density)
-    # recall
-    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)
-    nearest_fake = torch.full((len(real_features),), float("inf"), dtype=real_features.dtype,
-                              # coverage
-                              device=real_features.device)
+    real_radii = knn_radii(real_features, k, batch_size)
+    fake_radii = knn_radii(fake_features, k, batch_size)
+    device, dtype = real_features.device, real_features.dtype
+    inside_real = 0  # fakes inside at least one real ball (precision)
+    real_ball_hits = 0  # (fake, real ball) pairs (density)
+    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=device)  # recall
+    nearest_fake = torch.full((len(real_features),), math.inf, dtype=dtype, device=device)
     for start in range(0, len(fake_features), batch_size):
-        # (block, N)
+        # (block, N): this block of fakes against every real row
         distances = torch.cdist(fake_features[start:start + batch_size], real_features)
         in_real_ball = distances < real_radii.unsqueeze(0)
         inside_real += in_real_ball.any(dim=1).sum().item()
@@ -1367,9 +1377,9 @@ def precision_recall_report(real_features, real_labels, fake_features, fake_labe
         real, fake = real_features[real_labels == c], fake_features[fake_labels == c]
         entry = {"class": c, "name": name, "real_images": len(real), "synthetic_images": len(fake)}
         enough = min(len(real), len(fake)) > k
+        metrics = ("precision", "recall", "density", "coverage")
         for metric, value in (precision_recall(real, fake, k, batch_size) if enough else
-                              dict.fromkeys(("precision", "recall", "density",
-                                             "coverage"))).items():
+                              dict.fromkeys(metrics)).items():
             entry[metric] = value
         per_class.append(entry)
     return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
@@ -1437,14 +1447,185 @@ def evaluate_sets(sets, teacher, student, num_classes, **evaluation):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
+# The stages of main(): each made once and reused from --out, checked before work
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def sampling_options(args):
+    """The keyword arguments of energy_guided_sample that the command line sets (all of them
+    decide the pixels, so they are recorded in the synthetic set's settings)."""
+    guided = "guidance" not in args.ablate
+    return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
+                energy_scale=args.energy_scale if guided else 0.0,
+                class_scale=args.class_scale if guided else 0.0,
+                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
+                guidance_every=args.guidance_every, exact_grad=args.exact_grad,
+                normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
+
+
+def prompts_stage(args, out, models, pipe, device):
+    """Stage 1 (§3): the prompts of every class and where each part came from, (prompts,
+    classes), made once (make_prompts, on rank 0) and reused from OUT/prompts.json; OUT/prompts.md
+    shows them to a person. The other ranks read the file rank 0 writes."""
+    path = out / "prompts.json"
+    settings, num_classes = models.prompt_settings, len(models.class_names)
+    reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
+    barrier()  # every rank has its verdict before rank 0 may replace the file
+    on_rank_zero(lambda: reuse or make_prompts(args, out, models, pipe, device))
+    prompts, classes = read_prompts(path, num_classes, args.per_class)
+    text = prompts_markdown(classes, prompts, models.llm)
+    markdown = out / "prompts.md"  # rewritten whenever it is not what prompts.json holds
+    if rank_and_world()[0] == 0 and (not markdown.exists() or markdown.read_bytes()
+                                     != text.encode("utf-8")):
+        atomic_write(markdown, lambda temp: temp.write_text(text, encoding="utf-8"))
+    return prompts, classes
+
+
+def make_prompts(args, out, models, pipe, device):
+    """Builds the prompts (build_prompts with the command line's options) and writes them to
+    OUT/prompts.json, after the LLM's answers to OUT/llm_answers.json: the LLM is loaded only
+    for questions that file does not answer yet."""
+    answers_path = out / "llm_answers.json"
+    cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
+    answers = dict(cache.get(models.llm, {}))
+    llm = (build_tiny_llm(out / "tiny-models" / "llm") if models.llm == "tiny-random"
+           else models.llm)
+    prompts, classes = build_prompts(
+        models.class_names, args.per_class, teacher=models.teacher, llm=llm,
+        descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
+        answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
+        scenes_per_class=args.scenes_per_class, seed=args.seed, llm_device=device,
+        disambiguate="disambiguation" not in args.ablate,
+        vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
+    if models.llm:  # the other LLMs' answers are kept
+        write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
+    write_json_atomic({"settings": models.prompt_settings, "prompts": prompts,
+                       "classes": classes}, out / "prompts.json")
+
+
+def prompts_written(out):
+    """--prompts-only: says where the prompts are and what to do next; the exit code 0."""
+    if rank_and_world()[0] == 0:
+        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
+              f"then run the same command without --prompts-only")
+    return 0
+
+
+def synthesis_stage(args, out, models, prompts, pipe, guidance_vae):
+    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic, checked against its
+    settings first, resumed image by image, split over the ranks. Returns (records, settings),
+    records None while images are missing (--max-new-images), and draws the contact sheet."""
+    rank, synthetic = rank_and_world()[0], out / "synthetic"
+    sample_kwargs = sampling_options(args)
+    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
+                                  image_format=args.image_format, identity=models.identity,
+                                  store_size=args.store_size or None, sample_kwargs=sample_kwargs)
+    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite,
+                   what="synthetic images")
+    if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
+        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
+    records = synthesize_dataset(
+        pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
+        batch_size=args.gen_batch, image_format=args.image_format, identity=models.identity,
+        store_size=args.store_size or None, overwrite=args.overwrite,
+        max_new_images=args.max_new_images, guidance_vae=guidance_vae,
+        guidance_batch=args.guidance_batch, **sample_kwargs)
+    wanted = len(models.class_names) * args.per_class
+    if len(records) < wanted:
+        if rank == 0:
+            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command "
+                  f"to continue")
+        return None, settings
+    sheet = out / "contact_sheet.png"
+    if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns
+                      < (synthetic / "manifest.jsonl").stat().st_mtime_ns):  # the set changed
+        classes = read_prompts(out / "prompts.json", len(models.class_names), args.per_class)[1]
+        contact_sheet(synthetic, models.class_names, sheet, max_classes=args.sheet_classes,
+                      sources=[entry["source"] for entry in classes])
+    return records, settings
+
+
+def distillation_stage(args, out, models, data_settings, results, device):
+    """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
+    OUT/checkpoint.pt (--epochs 0: none). Adds the KD losses to `results` and saves student.pt;
+    False while epochs are missing (--epochs-this-run)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the diffusion model held
+    if args.epochs == 0:
+        return True
+    history = distill(
+        models.teacher, models.student, out / "synthetic", epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
+        checkpoint_path=out / "checkpoint.pt", device=device, image_size=args.image_size,
+        weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
+        data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
+        overwrite=args.overwrite)
+    results["distill"] = {"epochs_done": len(history), "kd_loss": history}
+    if len(history) < args.epochs:
+        if rank_and_world()[0] == 0:
+            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
+                  f"command to continue")
+        return False
+    if rank_and_world()[0] == 0:
+        save_torch_atomic(models.student.state_dict(), out / "student.pt")
+    return True
+
+
+def measurement_stage(args, out, models, records, test_sets, results, device):
+    """Stage 5 (§5): the synthetic set in the teacher's features, against the first (the
+    in-distribution) test set when there is one (with --smoke and none, the synthetic set stands
+    in), then teacher and student on every test set. Adds both to `results`."""
+    synthetic, rank = out / "synthetic", rank_and_world()[0]
+    if not test_sets and args.smoke:
+        test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
+    if rank == 0:  # one process measures; the others wait at the barrier below
+        features = dict(image_size=models.teacher[0].input_size, device=device,
+                        num_workers=args.workers)
+        fake_features, _, fake_labels = extract_features(models.teacher, synthetic, **features)
+        results["synthetic"] = synthetic_set_report(records, fake_features, models.class_names)
+        if test_sets:
+            real = test_sets[0]
+            real_features, _, real_labels = extract_features(models.teacher, real["data"],
+                                                             classes=real["classes"], **features)
+            # a set of some classes (ImageNet-R first) is compared with those classes' images
+            shared = torch.isin(fake_labels, torch.tensor(real["classes"]))
+            results["precision_recall"] = {"set": real["name"], "data": real["data"],
+                                           "classes": len(real["classes"]),
+                                           **precision_recall_report(
+                real_features.to(device), real_labels.to(device), fake_features[shared].to(device),
+                fake_labels[shared].to(device), models.class_names, k=args.pr_k)}
+    barrier()
+    if test_sets:
+        student = models.student if args.epochs > 0 else None
+        results["evaluation"] = evaluate_sets(test_sets, models.teacher, student,
+                                              len(models.class_names), device=device,
+                                              image_size=args.image_size, num_workers=args.workers)
+
+
+def write_results(args, out, results, num_classes):
+    """Rank 0 writes OUT/results.json and prints its summary (no per-class lists) and the
+    teacher/student table of the test sets."""
+    if rank_and_world()[0] != 0:
+        return
+    write_json_atomic(results, out / "results.json")
+    print(json.dumps(without_per_class(results), indent=1))
+    if "evaluation" in results:
+        print(evaluation_table(results["evaluation"]["sets"], num_classes))
+    print(f"per-class reports: {out / 'results.json'}; what was generated: "
+          f"{out / 'contact_sheet.png'}")
+    if args.smoke:
+        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not "
+              "accuracy)")
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
 # main(): the stages in sequence
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def main(argv=None):
     """PRISM on the command line: the stages in sequence, each reused from --out when it is done
     (rerun the same command to resume). Returns the exit code: 0; 2 for bad input or damaged
     state in --out; 1 for a failed run; 130 when interrupted (one line on stderr for each)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     with errors_reported(argv) as status:  # Part II: any error → one line and an exit code
-        args = parse_args(sys.argv[1:] if argv is None else argv)  # every flag checked
+        args = parse_args(argv)  # every flag checked
         device = init_distributed(args.device)  # joins torchrun's processes, when there are some
         with exclusive_out(args.out):  # one run at a time per --out
             if args.benchmark or args.check_guidance:  # tools (Part III): they measure, not distil
@@ -1478,11 +1659,9 @@ def main(argv=None):
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# PART II — PLUMBING. Nothing below changes what is computed: errors, files, resume,
+# PART II — PLUMBING. Nothing below changes what is computed: errors, files, resume, labelled
+# folders, several processes, model loading and the command line.
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# several processes, the command line and model loading.
-
-
 import argparse
 import torch.distributed as dist
 
@@ -1616,8 +1795,8 @@ def save_image_atomic(image, path):
 
     if not torch.isfinite(image).all():
         raise ValueError(f"refusing to save non-finite pixels as {path}")
-    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2,
-                                                                                    0).cpu().numpy()
+    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    pixels = pixels.permute(1, 2, 0).cpu().numpy()
     jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
     options = {"format": "JPEG", "quality": 95} if jpeg else {"format": "PNG"}
     atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, **options))
@@ -1726,9 +1905,8 @@ def check_settings(path, settings, *, overwrite, what):
     if overwrite:
         return False
     raise UsageError(f"{path.parent} holds {what} made under other settings "
-                     f"({settings_difference(recorded, settings)}); " f"use another --out, or "
-                                                                      f"--overwrite to replace "
-                                                                      f"them")
+                     f"({settings_difference(recorded, settings)}); use another --out, or "
+                     f"--overwrite to replace them")
 
 
 def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs,
@@ -2258,12 +2436,17 @@ def init_distributed(device_name):
     return device
 
 
+def usable_cores():
+    """The CPU cores this process may use (its affinity, where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_workers():
     """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
     the processes of its node, leaving one for the training process itself (at least 0)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os,
-                                                    "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+    return max(0, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
 
 
 @contextlib.contextmanager
@@ -2390,9 +2573,8 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
             model = torchvision.models.get_model(name_or_path, weights=weights)
         except OSError as error:
             raise UsageError(f"could not download the teacher weights '{weights}' "
-                             f"({first_line(error)}); " f"offline, put them in "
-                                                        f"{torch.hub.get_dir()}/checkpoints or "
-                                                        f"pass --teacher-weights PATH")
+                             f"({first_line(error)}); offline, put them in "
+                             f"{torch.hub.get_dir()}/checkpoints or pass --teacher-weights PATH")
     teacher = with_preprocessing(model, input_size, mean,
                                  std).to(device).eval().requires_grad_(False)
     return teacher, class_names
@@ -2440,7 +2622,7 @@ def load_class_names(data, num_classes=None):
         names = [row[0].strip() for row in rows]
         if not all(names):
             raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no "
-                             f"name " f"before its tab")
+                             f"name before its tab")
         descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
         if not names:
             raise UsageError(f"class list {data} is empty")
@@ -2600,8 +2782,8 @@ def add_flags(parser, defaults):
         options = dict(field.metadata)
         if "help" not in options:
             continue  # not a flag
-        if "action" not in options and "type" not in options:
-            options["type"] = type(field.default)
+        if "action" not in options and "type" not in options:  # None: a path or a name
+            options["type"] = str if field.default is None else type(field.default)
         group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
 
 
@@ -2618,8 +2800,7 @@ def build_parser():
 def check_args(args):
     """Rejects impossible flag values with a UsageError before any model is loaded."""
     positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every",
-                "guidance_batch",
-                "teacher_input_size", "pr_k", "sheet_classes",
+                "guidance_batch", "teacher_input_size", "pr_k", "sheet_classes",
                 "check_classes", "check_seeds")
     if not args.out.strip():
         raise UsageError("--out must name a folder")
@@ -2629,8 +2810,7 @@ def check_args(args):
     named_val_sets(args.val_dir)  # names unique and non-empty
     if not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os,
-                                                    "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if args.workers > cores:
         raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this "
                          f"process may use")
@@ -2644,8 +2824,7 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got "
                              f"{value}")
     for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay",
-                 "epochs",
-                 "store_size"):
+                 "epochs", "store_size"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got "
                              f"{getattr(args, name)}")
@@ -2655,7 +2834,7 @@ def check_args(args):
                              f"{getattr(args, name)}")
     if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
         raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= "
-                         f"1, " f"got {args.guidance_start} and {args.guidance_end}")
+                         f"1, got {args.guidance_start} and {args.guidance_end}")
     if min(args.teacher_std) <= 0:
         raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
     if not 0.0 <= args.photo_share <= 1.0:
@@ -2716,7 +2895,7 @@ def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_s
     trained_steps = pipe.scheduler.config.num_train_timesteps
     if num_steps > trained_steps:
         raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model "
-                         f"was " f"trained with")
+                         f"was trained with")
     scheduler = type(pipe.scheduler).__name__
     if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
         raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "
@@ -2737,28 +2916,15 @@ def check_guidance_window(pipe, sample_kwargs):
     steps = len(pipe.scheduler.timesteps)
     start, end = options["guidance_start"], options["guidance_end"]
     every = options["guidance_every"]
-    if (options["energy_scale"] or options["class_scale"]) and not guided_step_indices(steps,
-                                                                                       start, end,
-                                                                                       every):
+    guided = guided_step_indices(steps, start, end, every)
+    if (options["energy_scale"] or options["class_scale"]) and not guided:
         raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the "
-                         f"{steps} " f"sampling steps, so guidance would do nothing: widen it, or "
-                                     f"--ablate guidance")
-
-
-def sampling_options(args):
-    """The keyword arguments of energy_guided_sample that the command line sets (all of them
-    decide the pixels, so they are recorded in the synthetic set's settings)."""
-    guided = "guidance" not in args.ablate
-    return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
-                energy_scale=args.energy_scale if guided else 0.0,
-                class_scale=args.class_scale if guided else 0.0,
-                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
-                guidance_every=args.guidance_every, exact_grad=args.exact_grad,
-                normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
+                         f"{steps} sampling steps, so guidance would do nothing: widen it, or "
+                         f"--ablate guidance")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# The stages of main() with their files: what is reused, what is checked first
+# Before any work: models loaded, inputs checked, what --out holds read; the frame of main()
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def prompt_settings(args, class_names, descriptions, identity):
     """Everything the prompts depend on (recorded in prompts.json; other settings mean other
@@ -2815,9 +2981,8 @@ def read_prompts(path, num_classes, per_class):
     stored = read_json(path, way_out)
     prompts, classes = stored.get("prompts"), stored.get("classes")
     if not (isinstance(prompts, list) and len(prompts) == num_classes
-            and all(isinstance(p, list) and len(p) >= per_class and all(isinstance(s,
-                                                                                   str) for s in p)
-                    for p in prompts)):
+            and all(isinstance(p, list) and len(p) >= per_class
+                    and all(isinstance(s, str) for s in p) for p in prompts)):
         raise damaged(path, "no list of prompts for every class", way_out)
     if not (isinstance(classes, list) and len(classes) == num_classes and all(
             isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in CLASS_KEYS.items())
@@ -2939,46 +3104,6 @@ def load_sampler(args, device, out):
     return pipe, guidance_vae
 
 
-def prompts_stage(args, out, models, pipe, device):
-    """Stage 1 (§3): the prompts of every class and where each part came from, (prompts,
-    classes), made once (make_prompts, on rank 0) and reused from OUT/prompts.json; OUT/prompts.md
-    shows them to a person. The other ranks read the file rank 0 writes."""
-    path = out / "prompts.json"
-    settings, num_classes = models.prompt_settings, len(models.class_names)
-    reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
-    barrier()  # every rank has its verdict before rank 0 may replace the file
-    on_rank_zero(lambda: reuse or make_prompts(args, out, models, pipe, device))
-    prompts, classes = read_prompts(path, num_classes, args.per_class)
-    text = prompts_markdown(classes, prompts, models.llm)
-    markdown = out / "prompts.md"  # rewritten whenever it is not what prompts.json holds
-    if rank_and_world()[0] == 0 and (not markdown.exists() or markdown.read_bytes()
-                                     != text.encode("utf-8")):
-        atomic_write(markdown, lambda temp: temp.write_text(text, encoding="utf-8"))
-    return prompts, classes
-
-
-def make_prompts(args, out, models, pipe, device):
-    """Builds the prompts (build_prompts with the command line's options) and writes them to
-    OUT/prompts.json, after the LLM's answers to OUT/llm_answers.json: the LLM is loaded only
-    for questions that file does not answer yet."""
-    answers_path = out / "llm_answers.json"
-    cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
-    answers = dict(cache.get(models.llm, {}))
-    llm = (build_tiny_llm(out / "tiny-models" / "llm") if models.llm == "tiny-random"
-           else models.llm)
-    prompts, classes = build_prompts(
-        models.class_names, args.per_class, teacher=models.teacher, llm=llm,
-        descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
-        answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
-        scenes_per_class=args.scenes_per_class, seed=args.seed, llm_device=device,
-        disambiguate="disambiguation" not in args.ablate,
-        vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-    if models.llm:  # the other LLMs' answers are kept
-        write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
-    write_json_atomic({"settings": models.prompt_settings, "prompts": prompts,
-                       "classes": classes}, out / "prompts.json")
-
-
 def check_llm_available(args, out, settings):
     """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
     that cannot be found and whose answers are not cached in OUT/llm_answers.json."""
@@ -2997,121 +3122,6 @@ def check_llm_available(args, out, settings):
             AutoConfig.from_pretrained(source, local_files_only=True)
         except Exception as error:  # any failure means this folder holds no usable LLM
             raise UsageError(cannot_load("LLM", args.llm, error, "--llm none"))
-
-
-def prompts_written(out):
-    """--prompts-only: says where the prompts are and what to do next; the exit code 0."""
-    if rank_and_world()[0] == 0:
-        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
-              f"then run the same command without --prompts-only")
-    return 0
-
-
-def synthesis_stage(args, out, models, prompts, pipe, guidance_vae):
-    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic, checked against its
-    settings first, resumed image by image, split over the ranks. Returns (records, settings),
-    records None while images are missing (--max-new-images), and draws the contact sheet."""
-    rank, synthetic = rank_and_world()[0], out / "synthetic"
-    sample_kwargs = sampling_options(args)
-    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
-                                  image_format=args.image_format, identity=models.identity,
-                                  store_size=args.store_size or None, sample_kwargs=sample_kwargs)
-    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite,
-                   what="synthetic images")
-    if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
-        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
-    records = synthesize_dataset(
-        pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
-        batch_size=args.gen_batch, image_format=args.image_format, identity=models.identity,
-        store_size=args.store_size or None, overwrite=args.overwrite,
-        max_new_images=args.max_new_images, guidance_vae=guidance_vae,
-        guidance_batch=args.guidance_batch, **sample_kwargs)
-    wanted = len(models.class_names) * args.per_class
-    if len(records) < wanted:
-        if rank == 0:
-            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command "
-                  f"to continue")
-        return None, settings
-    sheet = out / "contact_sheet.png"
-    if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns
-                      < (synthetic / "manifest.jsonl").stat().st_mtime_ns):  # the set changed
-        classes = read_prompts(out / "prompts.json", len(models.class_names), args.per_class)[1]
-        contact_sheet(synthetic, models.class_names, sheet, max_classes=args.sheet_classes,
-                      sources=[entry["source"] for entry in classes])
-    return records, settings
-
-
-def distillation_stage(args, out, models, data_settings, results, device):
-    """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
-    OUT/checkpoint.pt (--epochs 0: none). Adds the KD losses to `results` and saves student.pt;
-    False while epochs are missing (--epochs-this-run)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # what the diffusion model held
-    if args.epochs == 0:
-        return True
-    history = distill(
-        models.teacher, models.student, out / "synthetic", epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
-        checkpoint_path=out / "checkpoint.pt", device=device, image_size=args.image_size,
-        weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
-        data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
-        overwrite=args.overwrite)
-    results["distill"] = {"epochs_done": len(history), "kd_loss": history}
-    if len(history) < args.epochs:
-        if rank_and_world()[0] == 0:
-            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
-                  f"command to continue")
-        return False
-    if rank_and_world()[0] == 0:
-        save_torch_atomic(models.student.state_dict(), out / "student.pt")
-    return True
-
-
-def measurement_stage(args, out, models, records, test_sets, results, device):
-    """Stage 5 (§5): the synthetic set in the teacher's features, against the first (the
-    in-distribution) test set when there is one (with --smoke and none, the synthetic set stands
-    in), then teacher and student on every test set. Adds both to `results`."""
-    synthetic, rank = out / "synthetic", rank_and_world()[0]
-    if not test_sets and args.smoke:
-        test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
-    if rank == 0:  # one process measures; the others wait at the barrier below
-        features = dict(image_size=models.teacher[0].input_size, device=device,
-                        num_workers=args.workers)
-        fake_features, _, fake_labels = extract_features(models.teacher, synthetic, **features)
-        results["synthetic"] = synthetic_set_report(records, fake_features, models.class_names)
-        if test_sets:
-            real = test_sets[0]
-            real_features, _, real_labels = extract_features(models.teacher, real["data"],
-                                                             classes=real["classes"], **features)
-            # a set of some classes (ImageNet-R first) is compared with those classes' images
-            shared = torch.isin(fake_labels, torch.tensor(real["classes"]))
-            results["precision_recall"] = {"set": real["name"], "data": real["data"],
-                                           "classes": len(real["classes"]),
-                                           **precision_recall_report(
-                real_features.to(device), real_labels.to(device), fake_features[shared].to(device),
-                fake_labels[shared].to(device), models.class_names, k=args.pr_k)}
-    barrier()
-    if test_sets:
-        student = models.student if args.epochs > 0 else None
-        results["evaluation"] = evaluate_sets(test_sets, models.teacher, student,
-                                              len(models.class_names), device=device,
-                                              image_size=args.image_size, num_workers=args.workers)
-
-
-def write_results(args, out, results, num_classes):
-    """Rank 0 writes OUT/results.json and prints its summary (no per-class lists) and the
-    teacher/student table of the test sets."""
-    if rank_and_world()[0] != 0:
-        return
-    write_json_atomic(results, out / "results.json")
-    print(json.dumps(without_per_class(results), indent=1))
-    if "evaluation" in results:
-        print(evaluation_table(results["evaluation"]["sets"], num_classes))
-    print(f"per-class reports: {out / 'results.json'}; what was generated: "
-          f"{out / 'contact_sheet.png'}")
-    if args.smoke:
-        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not "
-              "accuracy)")
 
 
 @contextlib.contextmanager
@@ -3141,7 +3151,7 @@ def errors_reported(argv):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if failure is not None:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
+        if "--debug" in argv:
             traceback.print_exception(failure)
         report(kind, message)
 
@@ -3471,7 +3481,7 @@ def time_guidance_parts(pipe, teacher, latents, class_ids, *,
         return torch.autograd.grad(loss.sum(), images)
 
     parts = {"UNet step (CFG pair)": lambda: cfg_prediction(pipe.unet, latents, t, text, uncond,
-                                                            cfg_scale=3.0),
+                                                            cfg_scale=SAMPLING.cfg),
              "guidance gradient (decode + backward + teacher)": lambda: clean_latent_grad(
                  pipe.vae, teacher, latents, class_ids, batch_size=guidance_batch, **objective),
              "teacher alone (forward + backward)": teacher_alone,
@@ -3538,8 +3548,7 @@ def benchmark(device, work_dir, *, height=512, width=512, steps=SAMPLING.steps,
              "guided, default (approx, full-size decode)": {},
              "guided, VAE gradient checkpointing": dict(guidance_vae=checkpointed_vae),
              "guided, guidance batch 1": dict(guidance_batch=1),
-             "guided, tiny autoencoder decode (approximation)": dict(
-                 # TAESD's architecture
+             "guided, tiny autoencoder decode (approximation)": dict(  # TAESD's architecture
                  guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),
              "guided, exact (UNet backward)": dict(exact_grad=True)}
     rows = time_sampling_modes(pipe, teacher, prompts, class_ids, start, modes, repeats=repeats,
@@ -3581,9 +3590,8 @@ def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, ima
         sampler.set_epoch(epoch)
         _, loader_seconds = timed(device, lambda: [batch for batch, _ in loader])
     distill(teacher, students[0], folder, epochs=3, batch_size=kd_batch, lr=0.1,
-            image_size=image_size,
-            checkpoint_path=work_dir / "checkpoint.pt", device=device, num_workers=num_workers,
-            progress=progress, channels_last=channels_last)
+            image_size=image_size, checkpoint_path=work_dir / "checkpoint.pt", device=device,
+            num_workers=num_workers, progress=progress, channels_last=channels_last)
     loop_seconds = torch.load(work_dir / "checkpoint.pt", weights_only=True)["epoch_seconds"][-1]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     student = students[1].to(device, memory_format=memory_format)
@@ -3592,10 +3600,10 @@ def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, ima
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = [torch.rand(kd_batch, 3, image_size, image_size, device=device).contiguous(
         memory_format=memory_format) for _ in range(2)]
-    kd_step(teacher, student, optimizer, batches[0], 4.0, amp)  # warm-up
-    _, compute_seconds = timed(device, lambda: [kd_step(teacher, student, optimizer,
-                                                        batches[n % 2], 4.0, amp)
-                                                for n in range(8)])
+    temperature = DISTILL.kd_temperature
+    kd_step(teacher, student, optimizer, batches[0], temperature, amp)  # warm-up
+    _, compute_seconds = timed(device, lambda: [
+        kd_step(teacher, student, optimizer, batches[n % 2], temperature, amp) for n in range(8)])
     images = 8 * kd_batch
     loader, compute, loop = images / loader_seconds, images / compute_seconds, images / loop_seconds
     return {"loader_images_per_s": loader,
@@ -3641,8 +3649,8 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
     for entry in [trace[k] for k in early_middle_late]:
         alpha_bar, method_grad = entry["alpha_bar"], entry["grad"].flatten(1).double()
         predict = epsilon_predictor(pipe.unet, entry["timestep"], text, uncond,
-                                    options["cfg_scale"],
-                                    alpha_bar, pipe.scheduler.config.prediction_type)
+                                    options["cfg_scale"], alpha_bar,
+                                    pipe.scheduler.config.prediction_type)
         for mode in list(modes)[2:]:
             vae = modes[mode].get("guidance_vae", pipe.vae)
             _, grad = guidance_gradient(predict, vae, teacher, entry["noisy"], alpha_bar, ids,
@@ -3674,8 +3682,8 @@ def check_guidance_table(result):
     lines += ["", "| sampling mode | s / image | × unguided | energy | p(y) | top-1 % |",
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | "
-              f"" f"{r['energy']:.3f} | {r['p_class']:.4f} | {r['top1']:.1f} "
-                  f"|" for r in result["modes"]]
+              f"{r['energy']:.3f} | {r['p_class']:.4f} | {r['top1']:.1f} |"
+              for r in result["modes"]]
     lines += ["", "| class | images | energy: unguided → guided | p(y) | top-1 % |",
               "| --- | --- | --- | --- | --- |"]
     for r in result["per_class"]:
@@ -3710,12 +3718,12 @@ def benchmark_table(result, machine, *, num_steps=SAMPLING.steps, guided_steps=1
     kd = result["distill"]
     lines += ["", "| distillation | images / s | / pure compute |", "| --- | --- | --- |",
               f"| loader alone ({kd['workers']} workers: read, decode, augment, collate) | "
-              f"" f"{kd['loader_images_per_s']:.1f} ({kd['loader_images_per_s_per_worker']:.1f} "
-                  f"per worker) | " f"{kd['loader_vs_compute']:.2f} |",
-                  f"| pure compute (batches already on the device) | "
-                  f"{kd['compute_images_per_s']:.1f} | 1.00 |",
-                  f"| full KD loop (loader + copy + compute) | {kd['loop_images_per_s']:.1f} | "
-                  f"" f"{kd['loop_vs_compute']:.2f} |"]
+              f"{kd['loader_images_per_s']:.1f} ({kd['loader_images_per_s_per_worker']:.1f} "
+              f"per worker) | {kd['loader_vs_compute']:.2f} |",
+              f"| pure compute (batches already on the device) | "
+              f"{kd['compute_images_per_s']:.1f} | 1.00 |",
+              f"| full KD loop (loader + copy + compute) | {kd['loop_images_per_s']:.1f} | "
+              f"{kd['loop_vs_compute']:.2f} |"]
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ PROMPTS = [f"a photo of a {name}" for name in NAMES]
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# PART I — THE METHOD: equations, prompts, guided sampling, the set, distillation, §5
+# PART I — THE METHOD: equations, prompts, guided sampling, distillation, precision and recall
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -88,6 +88,154 @@ def test_guidance_loss_combines_energy_and_cross_entropy():
     expected = 0.7 * prism.teacher_energy(logits, 2.0) + 0.2 * ce
     torch.testing.assert_close(prism.guidance_loss(logits, ids, energy_scale=0.7, class_scale=0.2, temperature=2.0),
                                expected)
+
+
+# ── §3 prompts ───────────────────────────────────────────────────────────────────────────────
+def split_prompt(prompt, subject):
+    """(style, scene) of a prompt "{style} of {subject}, {scene}"."""
+    style, rest = prompt.split(" of ", 1)
+    assert rest.startswith(subject), (prompt, subject)
+    return style, rest[len(subject):].removeprefix(", ")
+
+
+def test_imagenet_prompts_deterministic_named_and_each_scene_one_whole_phrase():
+    names, _ = prism.load_class_names("imagenet")
+    prompts, classes = prism.build_prompts(names, 5, seed=0)
+    assert prompts == prism.build_prompts(names, 5, seed=0)[0]
+    assert prompts != prism.build_prompts(names, 5, seed=1)[0]
+    assert len(prompts) == 1000 and all(len(set(class_prompts)) == 5 for class_prompts in prompts)
+    for name, entry, class_prompts in zip(names, classes, prompts):
+        assert entry["source"] == "name" and entry["scene_source"] == "built-in any"
+        for prompt in class_prompts:  # "{style} of a {name}, {scene}": one phrase of one list
+            style, scene = split_prompt(prompt, prism.with_article(name))
+            assert style in prism.PHOTO_STYLES + prism.OTHER_STYLES and scene in prism.SCENES["any"]
+
+
+def test_a_class_repeats_a_prompt_only_after_every_style_scene_pair():
+    classes = prism.describe_classes(NAMES[:1])
+    pairs = len(prism.PHOTO_STYLES) * len(prism.SCENES["any"])
+    prompts = prism.compose_prompts(classes, pairs + 3, photo_share=1.0)[0]
+    assert len(set(prompts[:pairs])) == pairs and set(prompts[pairs:]) <= set(prompts[:pairs])
+
+
+def test_photo_share_picks_styles():
+    photos, _ = prism.build_prompts(NAMES, 20, photo_share=1.0)
+    others, _ = prism.build_prompts(NAMES, 20, photo_share=0.0)
+    starts_with = lambda p, styles: any(p.startswith(s + " of ") for s in styles)  # noqa: E731
+    assert all(starts_with(p, prism.PHOTO_STYLES) for ps in photos for p in ps)
+    assert all(starts_with(p, prism.OTHER_STYLES) for ps in others for p in ps)
+
+
+def head_teacher():
+    """A teacher whose last linear layer decides the neighbours: rows 0 and 2 nearly parallel."""
+    weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.2, 1.0]])
+    linear = nn.Linear(3, 4)
+    linear.weight.data.copy_(weight)
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(3), linear), weight
+
+
+def test_teacher_neighbours_tell_the_sense_as_a_category_and_are_never_drawn(pipe):
+    teacher, weight = head_teacher()
+    unit = torch.nn.functional.normalize(weight, dim=1)
+    assert prism.nearest_classes(weight, 1) == (unit @ unit.T).fill_diagonal_(-2).argmax(
+        1, keepdim=True).tolist()
+    text_encoder = (pipe.tokenizer, pipe.text_encoder)
+    prompts, classes = prism.build_prompts(NAMES, 6, teacher=teacher, neighbours=1,
+                                           text_encoder=text_encoder)
+    assert classes[0]["neighbours"] == ["kite"] and classes[2]["neighbours"] == ["mouse"]
+    categories = list(prism.CATEGORIES)  # direct: the category nearest to the neighbour's text
+    embed = prism.text_embeddings(text_encoder, [f"a photo of {prism.with_article(x)}"
+                                                 for x in categories + NAMES])
+    for c, entry in enumerate(classes):
+        neighbour = embed[len(categories) + NAMES.index(entry["neighbours"][0])]
+        category = categories[(embed[:len(categories)] @ neighbour).argmax().item()]
+        assert entry["category"] == category and entry["source"] == "neighbours"
+        assert entry["description"] == f"a kind of {category}"
+        group = prism.SCENES[prism.CATEGORIES[category]]
+        for prompt in prompts[c]:
+            assert not prism.names_any(prompt, entry["neighbours"])  # told, not drawn
+            assert split_prompt(prompt, f"a {NAMES[c]}, a kind of {category}")[1] in group
+    described, classes = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1,
+                                             text_encoder=text_encoder,
+                                             descriptions=["a small rodent", "", "", ""])
+    assert all(p.split(" of ", 1)[1].startswith("a mouse, a small rodent, ") for p in described[0])
+    assert classes[0]["source"] == "file" and classes[1]["source"] == "neighbours"
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A tiny random GPT-2 with a byte-level tokenizer, saved like a hub model."""
+    return prism.build_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "model")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_llm_prompts_are_sanitised_and_cached_answers_need_no_llm(tiny_llm_dir, chat):
+    """Random LLM output must still give named, bounded prompts, with or without a chat
+    template; with its answers cached, the same prompts come without loading any LLM."""
+    llm = prism.load_llm(str(tiny_llm_dir), "cpu")
+    if chat:
+        llm[1].chat_template = "{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}<assistant> "
+    answers = {}
+    prompts, classes = prism.build_prompts(NAMES, 6, llm=llm, answers=answers, scenes_per_class=3)
+    assert len(answers) == 2 * len(NAMES)  # a description and a scene list per class
+    again = prism.build_prompts(NAMES, 6, llm="/no/such/llm", answers=dict(answers),
+                                scenes_per_class=3)
+    assert again == (prompts, classes)
+    if not chat:  # a name is loaded and gives the same answers as the loaded model
+        assert prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir), scenes_per_class=3)[0] == prompts
+    flat = [p for ps in prompts for p in ps]
+    assert all(f" {name}" in p and len(p) < 400 and p.isprintable()
+               for name, ps in zip(NAMES, prompts) for p in ps)
+    assert len(set(flat)) == len(flat) == 24
+
+
+def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
+    teacher, _ = head_teacher()
+    answers = {}
+    for name, near, description, scenes in (
+            ("mouse", ["kite"], "a toy on a string like a kite", "1. on a desk\n2. next to a kite"),
+            ("crane", ["tank"], "a tall lifting machine", "- at a building site\n- at a port"),
+            ("kite", ["mouse"], "Kite", "\n"),
+            ("tank", ["crane"], "", "in a field at dawn")):
+        describe, where = prism.llm_questions(name, near, 12)
+        answers.update({describe: description, where: scenes})
+        assert all(n in describe and n in where for n in near)  # the neighbours are in the question
+    prompts, classes = prism.build_prompts(NAMES, 4, teacher=teacher, neighbours=1, llm="/no/llm",
+                                           answers=answers)
+    assert [e["source"] for e in classes] == ["name", "llm", "name", "name"]
+    assert classes[1]["description"] == "a tall lifting machine"
+    assert [e["scenes"] for e in classes] == [["on a desk"], ["at a building site", "at a port"],
+                                             list(prism.SCENES["any"]), ["in a field at dawn"]]
+    assert [e["scene_source"] for e in classes] == ["llm", "llm", "built-in any", "llm"]
+    assert not any(prism.names_any(p, e["neighbours"]) for e, ps in zip(classes, prompts) for p in ps)
+
+
+def test_names_are_whole_words_and_built_in_phrases_never_name_a_class(pipe):
+    assert prism.names_any("two foxes by the road", ["fox"])
+    assert prism.names_any("next to a Computer Keyboard", ["computer keyboard"])
+    assert not prism.names_any("a small plant-sucking insect on an elephant", ["ant"])
+    assert not prism.names_any("a tiger cat in the grass", ["tiger"], own="tiger cat")
+    assert prism.names_any("a tiger cat next to a tiger", ["tiger"], own="tiger cat")
+    # a neighbour named like a category ("mushroom") or a scene word ("plate") is never drawn
+    names = ["agaric", "mushroom", "pizza", "plate", "bolete"]
+    assert prism.free_of_classes(["mushroom", "fungus", "dish"], names) == ["fungus", "dish"]
+    imagenet, _ = prism.load_class_names("imagenet")
+    for phrases in [list(prism.CATEGORIES), *map(list, prism.SCENES.values())]:  # no ImageNet class
+        assert prism.free_of_classes(phrases, imagenet) == phrases
+    teacher = nn.Sequential(nn.Flatten(), nn.LazyLinear(3), nn.Linear(3, 5))
+    prompts, classes = prism.build_prompts(names, 40, teacher=teacher, neighbours=2,
+                                           text_encoder=(pipe.tokenizer, pipe.text_encoder))
+    for entry, class_prompts in zip(classes, prompts):
+        others = [n for n in names if n != entry["name"]]
+        assert entry["category"] in prism.free_of_classes(prism.CATEGORIES, names)
+        assert not any(prism.names_any(p, others, own=entry["name"]) for p in class_prompts)
+
+
+def test_sanitize_phrase():
+    assert prism.sanitize_phrase("  1. A dog on a beach at dawn.\nsecond line") == "A dog on a beach at dawn"
+    assert prism.sanitize_phrase("- \"in the rain\"") == "in the rain"
+    assert prism.sanitize_phrase("\x00\x01 ?? 12") == ""
+    assert len(prism.sanitize_phrase("word " * 50).split()) == 12
 
 
 # ── §2 sampling: equivalence with diffusers, gradient, monotone effects ─────────────────────
@@ -536,154 +684,6 @@ def test_stochastic_scheduler_noise_is_per_image(pipe, teacher, tmp_path):
     same_images(tree(tmp_path / "batch3"), tree(tmp_path / "batch1"))
 
 
-# ── §3 prompts ───────────────────────────────────────────────────────────────────────────────
-def split_prompt(prompt, subject):
-    """(style, scene) of a prompt "{style} of {subject}, {scene}"."""
-    style, rest = prompt.split(" of ", 1)
-    assert rest.startswith(subject), (prompt, subject)
-    return style, rest[len(subject):].removeprefix(", ")
-
-
-def test_imagenet_prompts_deterministic_named_and_each_scene_one_whole_phrase():
-    names, _ = prism.load_class_names("imagenet")
-    prompts, classes = prism.build_prompts(names, 5, seed=0)
-    assert prompts == prism.build_prompts(names, 5, seed=0)[0]
-    assert prompts != prism.build_prompts(names, 5, seed=1)[0]
-    assert len(prompts) == 1000 and all(len(set(class_prompts)) == 5 for class_prompts in prompts)
-    for name, entry, class_prompts in zip(names, classes, prompts):
-        assert entry["source"] == "name" and entry["scene_source"] == "built-in any"
-        for prompt in class_prompts:  # "{style} of a {name}, {scene}": one phrase of one list
-            style, scene = split_prompt(prompt, prism.with_article(name))
-            assert style in prism.PHOTO_STYLES + prism.OTHER_STYLES and scene in prism.SCENES["any"]
-
-
-def test_a_class_repeats_a_prompt_only_after_every_style_scene_pair():
-    classes = prism.describe_classes(NAMES[:1])
-    pairs = len(prism.PHOTO_STYLES) * len(prism.SCENES["any"])
-    prompts = prism.compose_prompts(classes, pairs + 3, photo_share=1.0)[0]
-    assert len(set(prompts[:pairs])) == pairs and set(prompts[pairs:]) <= set(prompts[:pairs])
-
-
-def test_photo_share_picks_styles():
-    photos, _ = prism.build_prompts(NAMES, 20, photo_share=1.0)
-    others, _ = prism.build_prompts(NAMES, 20, photo_share=0.0)
-    starts_with = lambda p, styles: any(p.startswith(s + " of ") for s in styles)  # noqa: E731
-    assert all(starts_with(p, prism.PHOTO_STYLES) for ps in photos for p in ps)
-    assert all(starts_with(p, prism.OTHER_STYLES) for ps in others for p in ps)
-
-
-def head_teacher():
-    """A teacher whose last linear layer decides the neighbours: rows 0 and 2 nearly parallel."""
-    weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.2, 1.0]])
-    linear = nn.Linear(3, 4)
-    linear.weight.data.copy_(weight)
-    return nn.Sequential(nn.Flatten(), nn.LazyLinear(3), linear), weight
-
-
-def test_teacher_neighbours_tell_the_sense_as_a_category_and_are_never_drawn(pipe):
-    teacher, weight = head_teacher()
-    unit = torch.nn.functional.normalize(weight, dim=1)
-    assert prism.nearest_classes(weight, 1) == (unit @ unit.T).fill_diagonal_(-2).argmax(
-        1, keepdim=True).tolist()
-    text_encoder = (pipe.tokenizer, pipe.text_encoder)
-    prompts, classes = prism.build_prompts(NAMES, 6, teacher=teacher, neighbours=1,
-                                           text_encoder=text_encoder)
-    assert classes[0]["neighbours"] == ["kite"] and classes[2]["neighbours"] == ["mouse"]
-    categories = list(prism.CATEGORIES)  # direct: the category nearest to the neighbour's text
-    embed = prism.text_embeddings(text_encoder, [f"a photo of {prism.with_article(x)}"
-                                                 for x in categories + NAMES])
-    for c, entry in enumerate(classes):
-        neighbour = embed[len(categories) + NAMES.index(entry["neighbours"][0])]
-        category = categories[(embed[:len(categories)] @ neighbour).argmax().item()]
-        assert entry["category"] == category and entry["source"] == "neighbours"
-        assert entry["description"] == f"a kind of {category}"
-        group = prism.SCENES[prism.CATEGORIES[category]]
-        for prompt in prompts[c]:
-            assert not prism.names_any(prompt, entry["neighbours"])  # told, not drawn
-            assert split_prompt(prompt, f"a {NAMES[c]}, a kind of {category}")[1] in group
-    described, classes = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1,
-                                             text_encoder=text_encoder,
-                                             descriptions=["a small rodent", "", "", ""])
-    assert all(p.split(" of ", 1)[1].startswith("a mouse, a small rodent, ") for p in described[0])
-    assert classes[0]["source"] == "file" and classes[1]["source"] == "neighbours"
-
-
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory):
-    """A tiny random GPT-2 with a byte-level tokenizer, saved like a hub model."""
-    return prism.build_tiny_llm(tmp_path_factory.mktemp("tiny-llm") / "model")
-
-
-@pytest.mark.parametrize("chat", [False, True])
-def test_llm_prompts_are_sanitised_and_cached_answers_need_no_llm(tiny_llm_dir, chat):
-    """Random LLM output must still give named, bounded prompts, with or without a chat
-    template; with its answers cached, the same prompts come without loading any LLM."""
-    llm = prism.load_llm(str(tiny_llm_dir), "cpu")
-    if chat:
-        llm[1].chat_template = "{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}<assistant> "
-    answers = {}
-    prompts, classes = prism.build_prompts(NAMES, 6, llm=llm, answers=answers, scenes_per_class=3)
-    assert len(answers) == 2 * len(NAMES)  # a description and a scene list per class
-    again = prism.build_prompts(NAMES, 6, llm="/no/such/llm", answers=dict(answers),
-                                scenes_per_class=3)
-    assert again == (prompts, classes)
-    if not chat:  # a name is loaded and gives the same answers as the loaded model
-        assert prism.build_prompts(NAMES, 6, llm=str(tiny_llm_dir), scenes_per_class=3)[0] == prompts
-    flat = [p for ps in prompts for p in ps]
-    assert all(f" {name}" in p and len(p) < 400 and p.isprintable()
-               for name, ps in zip(NAMES, prompts) for p in ps)
-    assert len(set(flat)) == len(flat) == 24
-
-
-def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
-    teacher, _ = head_teacher()
-    answers = {}
-    for name, near, description, scenes in (
-            ("mouse", ["kite"], "a toy on a string like a kite", "1. on a desk\n2. next to a kite"),
-            ("crane", ["tank"], "a tall lifting machine", "- at a building site\n- at a port"),
-            ("kite", ["mouse"], "Kite", "\n"),
-            ("tank", ["crane"], "", "in a field at dawn")):
-        describe, where = prism.llm_questions(name, near, 12)
-        answers.update({describe: description, where: scenes})
-        assert all(n in describe and n in where for n in near)  # the neighbours are in the question
-    prompts, classes = prism.build_prompts(NAMES, 4, teacher=teacher, neighbours=1, llm="/no/llm",
-                                           answers=answers)
-    assert [e["source"] for e in classes] == ["name", "llm", "name", "name"]
-    assert classes[1]["description"] == "a tall lifting machine"
-    assert [e["scenes"] for e in classes] == [["on a desk"], ["at a building site", "at a port"],
-                                             list(prism.SCENES["any"]), ["in a field at dawn"]]
-    assert [e["scene_source"] for e in classes] == ["llm", "llm", "built-in any", "llm"]
-    assert not any(prism.names_any(p, e["neighbours"]) for e, ps in zip(classes, prompts) for p in ps)
-
-
-def test_names_are_whole_words_and_built_in_phrases_never_name_a_class(pipe):
-    assert prism.names_any("two foxes by the road", ["fox"])
-    assert prism.names_any("next to a Computer Keyboard", ["computer keyboard"])
-    assert not prism.names_any("a small plant-sucking insect on an elephant", ["ant"])
-    assert not prism.names_any("a tiger cat in the grass", ["tiger"], own="tiger cat")
-    assert prism.names_any("a tiger cat next to a tiger", ["tiger"], own="tiger cat")
-    # a neighbour named like a category ("mushroom") or a scene word ("plate") is never drawn
-    names = ["agaric", "mushroom", "pizza", "plate", "bolete"]
-    assert prism.free_of_classes(["mushroom", "fungus", "dish"], names) == ["fungus", "dish"]
-    imagenet, _ = prism.load_class_names("imagenet")
-    for phrases in [list(prism.CATEGORIES), *map(list, prism.SCENES.values())]:  # no ImageNet class
-        assert prism.free_of_classes(phrases, imagenet) == phrases
-    teacher = nn.Sequential(nn.Flatten(), nn.LazyLinear(3), nn.Linear(3, 5))
-    prompts, classes = prism.build_prompts(names, 40, teacher=teacher, neighbours=2,
-                                           text_encoder=(pipe.tokenizer, pipe.text_encoder))
-    for entry, class_prompts in zip(classes, prompts):
-        others = [n for n in names if n != entry["name"]]
-        assert entry["category"] in prism.free_of_classes(prism.CATEGORIES, names)
-        assert not any(prism.names_any(p, others, own=entry["name"]) for p in class_prompts)
-
-
-def test_sanitize_phrase():
-    assert prism.sanitize_phrase("  1. A dog on a beach at dawn.\nsecond line") == "A dog on a beach at dawn"
-    assert prism.sanitize_phrase("- \"in the rain\"") == "in the rain"
-    assert prism.sanitize_phrase("\x00\x01 ?? 12") == ""
-    assert len(prism.sanitize_phrase("word " * 50).split()) == 12
-
-
 # ── §4 distillation and evaluation ──────────────────────────────────────────────────────────
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory):
@@ -769,7 +769,7 @@ class ChannelMeans(nn.Module):
         return images.mean(dim=(2, 3)) * 10
 
 
-# ── §5 measuring the synthetic set: precision, recall, density, coverage; reports; contact sheet ──
+# ── §5 measuring the synthetic set: precision, recall, density, coverage; reports ────────────
 def direct_prdc(real, fake, k):
     """The four metrics straight from their definitions, with the full distance matrices (float64)."""
     def distances(a, b):
@@ -869,27 +869,6 @@ def test_precision_recall_report_is_class_conditional():
         m: prism.precision_recall(real, fake, k=3)[m] for m in ("precision", "recall")}
     tiny = prism.precision_recall_report(real[:6], real_labels[:6], fake, fake_labels, ["a", "b", "c"], k=3)
     assert all(entry["precision"] is None for entry in tiny["per_class"])  # 2 real images a class: no k-NN ball
-
-
-def test_contact_sheet_has_a_row_per_class_and_a_tile_per_image(image_dir, tmp_path):
-    names = ["mouse", "crane", "kite", "tank"]
-    tiles = prism.contact_sheet(image_dir, names, tmp_path / "sheet.png", per_row=4, tile=20, label_width=60)
-    assert tiles == 16  # 6 images a class, 4 a row
-    with Image.open(tmp_path / "sheet.png") as sheet:
-        assert sheet.format == "PNG" and sheet.size == (60 + 4 * 20, 4 * 20)
-        pixels = np.asarray(sheet.convert("RGB"))
-    first = sorted((image_dir / "0001").iterdir())[0]  # row 1, column 0
-    expected = np.asarray(Image.open(first).convert("RGB").resize((20, 20)))
-    assert np.array_equal(pixels[20:40, 60:80], expected)
-    assert (pixels[:, :60] < 128).any()  # the class names are written
-    assert prism.contact_sheet(image_dir, names, tmp_path / "two.png", max_classes=2, per_row=8, tile=20) == 12
-    prism.contact_sheet(image_dir, names, tmp_path / "sourced.png", per_row=4, tile=20, label_width=60,
-                        sources=["llm", "file", "name", "neighbours"])
-    with Image.open(tmp_path / "sourced.png") as sheet:  # each class's source is written under its name
-        sourced = np.asarray(sheet.convert("RGB"))
-    assert np.array_equal(sourced[:, 60:], pixels[:, 60:])
-    assert all((sourced[row * 20 + 14:row * 20 + 20, :60] != pixels[row * 20 + 14:row * 20 + 20, :60]).any()
-               for row in range(4))
 
 
 def test_ablations_turn_each_part_of_the_prompts_off(pipe):
@@ -1882,6 +1861,18 @@ def test_a_subset_first_is_compared_with_the_synthetic_images_of_its_classes(fin
     assert [e["real_images"] for e in report["per_class"]] == [0, 5, 0, 5]
 
 
+def test_class_ids_from_the_command_line_map_a_subset(finished_run, tmp_path):
+    ids = ["n00000002", "n00000005", "n00000007", "n00000009"]
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    subset = noise_tree(tmp_path / "r", ["n00000009", "n00000005"], per_folder=4, size=32, seed=5)
+    assert prism.main(["--smoke", "--out", str(finished_run), "--class-ids",
+                       str(tmp_path / "ids.txt"), "--val-dir", f"r={subset}"]) == 0
+    [entry] = json.loads((finished_run / "results.json").read_text())["evaluation"]["sets"]
+    assert entry["mapping"] == f"ids via --class-ids {tmp_path / 'ids.txt'}"
+    assert entry["per_class"] == [{"folder": "n00000005", "class": 1},
+                                  {"folder": "n00000009", "class": 3}]
+
+
 def test_a_stale_prompts_md_is_rewritten(finished_run, capsys):
     """prompts.md is what a person reads before the long run: it always shows prompts.json."""
     (finished_run / "prompts.md").write_text("# Prompts\n\nLLM: none (built-in lists).\n")
@@ -2125,8 +2116,30 @@ def test_ddp_with_global_batch_equals_one_process(teacher, tmp_path):
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# PART III — TOOLS: --check-guidance and the benchmark
+# PART III — TOOLS: reports, --check-guidance and the benchmark
 # ══════════════════════════════════════════════════════════════════════════════════════════
+
+
+# ── reports: the contact sheet ───────────────────────────────────────────────────────────────
+def test_contact_sheet_has_a_row_per_class_and_a_tile_per_image(image_dir, tmp_path):
+    names = ["mouse", "crane", "kite", "tank"]
+    tiles = prism.contact_sheet(image_dir, names, tmp_path / "sheet.png", per_row=4, tile=20, label_width=60)
+    assert tiles == 16  # 6 images a class, 4 a row
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.format == "PNG" and sheet.size == (60 + 4 * 20, 4 * 20)
+        pixels = np.asarray(sheet.convert("RGB"))
+    first = sorted((image_dir / "0001").iterdir())[0]  # row 1, column 0
+    expected = np.asarray(Image.open(first).convert("RGB").resize((20, 20)))
+    assert np.array_equal(pixels[20:40, 60:80], expected)
+    assert (pixels[:, :60] < 128).any()  # the class names are written
+    assert prism.contact_sheet(image_dir, names, tmp_path / "two.png", max_classes=2, per_row=8, tile=20) == 12
+    prism.contact_sheet(image_dir, names, tmp_path / "sourced.png", per_row=4, tile=20, label_width=60,
+                        sources=["llm", "file", "name", "neighbours"])
+    with Image.open(tmp_path / "sourced.png") as sheet:  # each class's source is written under its name
+        sourced = np.asarray(sheet.convert("RGB"))
+    assert np.array_equal(sourced[:, 60:], pixels[:, 60:])
+    assert all((sourced[row * 20 + 14:row * 20 + 20, :60] != pixels[row * 20 + 14:row * 20 + 20, :60]).any()
+               for row in range(4))
 
 
 # ── --check-guidance: the measurement a user runs on real weights ────────────────────────────
