@@ -201,10 +201,11 @@ class MeasureDefaults:
                                  "(ImageNet: its wnids), for --val-dir sets in id folders; "
                                  "default: the sorted folders of a --val-dir set with one "
                                  "folder per class", metavar="FILE")
-    ablate: tuple = flag((), "turn parts of the method off (one --out per variant), then "
-                         "compare precision and recall in results.json; with --epochs 0 only "
-                         "the synthetic set is made and measured", nargs="+",
-                         choices=("guidance", "disambiguation", "content", "style"), type=str)
+    ablate: list | None = flag(None, "turn parts of the method off (one --out per variant), "
+                               "then compare precision and recall in results.json; with --epochs "
+                               "0 only the synthetic set is made and measured", nargs="+",
+                               choices=("guidance", "disambiguation", "content", "style"),
+                               type=str, action="extend")
     eval_batch: int = 100        # images per evaluation batch
     worst: int = 10              # classes named as the worst in each report
     distance_block: int = 1024   # rows per block of k-NN distances (memory)
@@ -2728,7 +2729,8 @@ SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, e
                       guidance_end=1.0, guidance_every=1)
 
 
-BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8, workers=2)
+BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8,
+                              workers=min(2, usable_cores()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2774,6 +2776,15 @@ class SpeedOptions:
                          action="store_true")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, but none where there is none (None) or it is off."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_flags(parser, defaults):
     """An argument group of `parser` for a defaults class (titled by its docstring): the flag
     --field-name for each field that has a help text, with that field's default."""
@@ -2789,8 +2800,8 @@ def add_flags(parser, defaults):
 
 def build_parser():
     """Every flag of the program, with its default and what it controls (--help shows both)."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                            formatter_class=DefaultsHelpFormatter)
     for defaults in (CommandLineOptions(), RUN, MODELS, PROMPTS, SAMPLING, SpeedOptions(),
                      DISTILL, MEASURE):
         add_flags(parser, defaults)
@@ -2800,7 +2811,7 @@ def build_parser():
 def check_args(args):
     """Rejects impossible flag values with a UsageError before any model is loaded."""
     positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every",
-                "guidance_batch", "teacher_input_size", "pr_k", "sheet_classes",
+                "guidance_batch", "teacher_input_size", "pr_k", "sheet_classes", "scenes_per_class",
                 "check_classes", "check_seeds")
     if not args.out.strip():
         raise UsageError("--out must name a folder")
@@ -2861,6 +2872,7 @@ def parse_args(argv):
     if known.benchmark and on_cpu:
         parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
     args = parser.parse_args(argv)
+    args.ablate = list(dict.fromkeys(args.ablate or []))  # --ablate a --ablate b: both, once
     if args.workers is None:
         args.workers = default_workers()
     if args.channels_last is None:
@@ -2933,7 +2945,7 @@ def prompt_settings(args, class_names, descriptions, identity):
     llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
     return {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
             "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
-            "scenes_per_class": args.scenes_per_class,
+            **({"scenes_per_class": args.scenes_per_class} if llm else {}),  # the LLM's alone
             "llm": llm, "teacher": identity["teacher"], "text_encoder": identity["sd_model"],
             **({"ablate": ablate} if ablate else {})}
 
@@ -3146,7 +3158,8 @@ def errors_reported(argv):
     except (UsageError, OSError) as error:
         status.code, kind, message, failure = 2, "error", str(error), error
     except Exception as error:  # a failure: say what, in one line; --debug shows where
-        status.code, kind, message, failure = 1, "failed", failure_message(error), error
+        status.code, kind, failure = 1, "failed", error
+        message = failure_message(error, debug="--debug" in argv)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -3156,7 +3169,7 @@ def errors_reported(argv):
         report(kind, message)
 
 
-def failure_message(error):
+def failure_message(error, debug=False):
     """The line for a failed run: a RunFailure's own words, the way out of GPU memory, or the
     exception's type and first line."""
     if isinstance(error, torch.OutOfMemoryError):
@@ -3164,7 +3177,8 @@ def failure_message(error):
                 "--guidance-batch (or --vae-checkpointing): nothing done is redone")
     if isinstance(error, RunFailure):
         return str(error)
-    return f"{type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)"
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    return f"{type(error).__name__}: {first_line(error)}{hint}"
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -3801,5 +3815,7 @@ def run_check_guidance(args, device):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, main() reports it
     exit_code = main()
-    signal.signal(signal.SIGINT, lambda *_: os._exit(exit_code))  # the run is over: end as it did
+    # the run is over: end as it did. SIG_IGN, not a Python handler: Python puts its own handlers
+    # back to the default (killed by Ctrl-C) while it shuts down, but leaves SIG_IGN alone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(exit_code)

@@ -1351,6 +1351,8 @@ BAD_FLAGS = {
         "more steps than trained": ["--smoke", "--steps", "2000"],
         "empty out": ["--out", ""],
         "empty llm": ["--llm", " "],
+        "zero scenes per class": ["--scenes-per-class", "0"],
+        "abbreviated flag": ["--smoke", "--per", "3"],
         "huge seed": ["--seed", "99999999999999999999999"],
         "huge lr": ["--lr", "1e308"],
         "too many workers": ["--workers", "100000"],
@@ -1490,6 +1492,18 @@ def test_llm_none_uses_the_built_in_prompts(tmp_path, capsys):
     assert {e["source"] for e in stored["classes"]} == {"neighbours"}
     assert all(e["scene_source"].startswith("built-in ") for e in stored["classes"])
     assert "LLM: none (built-in lists)." in (out / "prompts.md").read_text()
+    before = (out / "prompts.json").read_bytes()  # without an LLM its scene count changes nothing
+    assert prism.main(["--smoke", "--out", str(out), "--prompts-only", "--llm", "none",
+                       "--scenes-per-class", "5"]) == 0
+    assert (out / "prompts.json").read_bytes() == before
+
+
+def test_repeated_ablations_add_up_and_help_shows_only_real_defaults():
+    args = prism.parse_args(["--smoke", "--ablate", "content", "--ablate", "style", "content"])
+    assert args.ablate == ["content", "style"] and prism.parse_args(["--smoke"]).ablate == []
+    text = " ".join(prism.build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "denoising steps (default: 50)" in text and "--seed SEED seed of prompts" in text
 
 
 def test_damaged_llm_answers_are_named_and_overwrite_remakes_them(tmp_path, capsys):
