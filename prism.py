@@ -1510,10 +1510,11 @@ def prompts_written(out):
     return 0
 
 
-def synthesis_stage(args, out, models, prompts, pipe, guidance_vae):
+def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
     """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic, checked against its
     settings first, resumed image by image, split over the ranks. Returns (records, settings),
-    records None while images are missing (--max-new-images), and draws the contact sheet."""
+    records None while images are missing (--max-new-images), and draws the contact sheet with
+    each class's prompt source (`classes`: describe_classes' entries)."""
     rank, synthetic = rank_and_world()[0], out / "synthetic"
     sample_kwargs = sampling_options(args)
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
@@ -1538,7 +1539,6 @@ def synthesis_stage(args, out, models, prompts, pipe, guidance_vae):
     sheet = out / "contact_sheet.png"
     if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns
                       < (synthetic / "manifest.jsonl").stat().st_mtime_ns):  # the set changed
-        classes = read_prompts(out / "prompts.json", len(models.class_names), args.per_class)[1]
         contact_sheet(synthetic, models.class_names, sheet, max_classes=args.sheet_classes,
                       sources=[entry["source"] for entry in classes])
     return records, settings
@@ -1643,7 +1643,8 @@ def main(argv=None):
                 return prompts_written(out)
 
             # Stages 2-3 (§1-2): energy-guided synthesis of the set, cached in OUT/synthetic.
-            records, data = synthesis_stage(args, out, models, prompts, pipe, guidance_vae)
+            records, data = synthesis_stage(args, out, models, prompts, classes, pipe,
+                                            guidance_vae)
             del pipe, guidance_vae  # the diffusion model leaves the GPU before training
             if records is None:
                 return 0
