@@ -2344,18 +2344,36 @@ def rank_and_world():
     return 0, 1
 
 
+BARRIERS = itertools.count(1)  # every rank passes the same barriers in the same order
+
+
 def barrier():
-    """Waits until every rank has reached this point (nothing to wait for in one process)."""
-    if rank_and_world()[1] > 1:
-        dist.barrier()
+    """Waits until every rank has reached this point, however long that takes (nothing to wait
+    for in one process). Ranks that finish their share of the images hours apart must not meet
+    the collective timeout, whose watchdog would abort the whole job: so each rank counts itself
+    in at a key of the process group's store and polls it, and no collective is pending while it
+    waits. A rank that dies ends the job through torchrun, not through this wait."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    # a key per barrier and per torchrun restart (the agent's store outlives a restart)
+    key = f"prism/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/barrier/{next(BARRIERS)}"
+    store.add(key, 1)
+    delay = 0.01
+    while store.add(key, 0) < world:
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
 
 
 def gather_from_ranks(items):
     """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every
-    rank."""
+    rank. The ranks first meet at barrier(), so the time one rank spends on work before it never
+    counts against the collective timeout."""
     world = rank_and_world()[1]
     if world == 1:
         return [list(items)]
+    barrier()
     parts = [None] * world
     dist.all_gather_object(parts, list(items))
     return parts
@@ -2389,6 +2407,7 @@ def broadcast_from_rank_zero(module):
     """Copies rank 0's parameters and buffers into `module` on every rank (nothing to do in one
     process)."""
     if rank_and_world()[1] > 1:
+        barrier()  # rank 0 may still be writing its checkpoint
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
@@ -2418,10 +2437,12 @@ def process_gpu(local_rank, visible_gpus):
     return local_rank
 
 
-def init_distributed(device_name):
+def init_distributed(device_name, timeout=timedelta(minutes=30)):
     """Returns this process's torch device. Under torchrun (WORLD_SIZE > 1) it first joins the
     process group: NCCL with one GPU per process (process_gpu), whatever --device names, or gloo
-    when the device is the CPU. A plain `python prism.py` starts no group."""
+    when the device is the CPU. A plain `python prism.py` starts no group. `timeout` bounds one
+    collective once every rank is in it (a hung GPU); waits for other ranks' work go through
+    barrier(), which has no bound."""
     device = pick_device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
@@ -2431,9 +2452,7 @@ def init_distributed(device_name):
         device = torch.device("cuda", process_gpu(int(os.environ.get("LOCAL_RANK", "0")),
                                                   torch.cuda.device_count()))
         torch.cuda.set_device(device)
-    # A long timeout: ranks wait at a barrier while rank 0 alone builds the prompts (an LLM may
-    # take a while) or merges a large manifest.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2),
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     return device
 

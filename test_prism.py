@@ -2076,6 +2076,30 @@ def test_full_disk_exits_2_and_keeps_what_was_written(pipe_dir, tmp_path):
         assert snapshot() == before, step  # nothing written before is lost or changed, no temp file left
 
 
+LATE_RANK = """
+import sys, time
+from datetime import timedelta
+sys.path.insert(0, sys.argv[1])
+import prism
+prism.init_distributed("cpu", timeout=timedelta(seconds=3))
+rank = prism.rank_and_world()[0]
+time.sleep(7 if rank == 1 else 0)  # rank 1's share of the images takes longer
+prism.barrier()
+prism.on_rank_zero(lambda: time.sleep(7))  # rank 0 alone builds the prompts
+print(rank, prism.sum_over_ranks([rank + 1]))
+"""
+
+
+def test_ranks_late_by_more_than_the_collective_timeout_still_meet(tmp_path):
+    """Waits that scale with the work are not bounded by the collective timeout (3 s here)."""
+    (tmp_path / "late.py").write_text(LATE_RANK)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(tmp_path / "late.py"), str(HERE)],
+                            capture_output=True, text=True, timeout=120, env=OFFLINE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(result.stdout.split("\n")) == ["", "0 [3]", "1 [3]"]
+
+
 def test_torchrun_global_batch_must_split_over_the_processes(tmp_path):
     result = torchrun_two_processes(["--smoke", "--out", str(tmp_path / "out"), "--batch-size", "7"])
     assert result.returncode != 0  # torchrun's own code: a worker failed
