@@ -155,6 +155,11 @@ class SamplingDefaults:
                                  "holding no step is refused)")
     guidance_end: float = flag(0.7, "guidance window end, fraction of steps")
     guidance_every: int = flag(2, "guide every k-th step inside the window")
+    scheduler: str = flag("DDIMScheduler", "a diffusers scheduler class, made from the model's "
+                          "own scheduler config, or 'model' for the model's own (SD 1.5: PNDM). "
+                          "A multistep scheduler (PNDM, LMS, DPM++, UniPC, DEIS, Heun) reuses "
+                          "past steps' ε̂, so guiding only some steps see-saws: it is refused "
+                          "unless every step is guided")
     exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
     no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
     guidance_batch: int = flag(4, "images per guidance decode with its backward pass (about 3 "
@@ -1517,8 +1522,9 @@ def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
     each class's prompt source (`classes`: describe_classes' entries)."""
     rank, synthetic = rank_and_world()[0], out / "synthetic"
     sample_kwargs = sampling_options(args)
+    identity = {**models.identity, "scheduler": type(pipe.scheduler).__name__}
     settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
-                                  image_format=args.image_format, identity=models.identity,
+                                  image_format=args.image_format, identity=identity,
                                   store_size=args.store_size or None, sample_kwargs=sample_kwargs)
     check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite,
                    what="synthetic images")
@@ -1526,7 +1532,7 @@ def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
         print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
     records = synthesize_dataset(
         pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
-        batch_size=args.gen_batch, image_format=args.image_format, identity=models.identity,
+        batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
         store_size=args.store_size or None, overwrite=args.overwrite,
         max_new_images=args.max_new_images, guidance_vae=guidance_vae,
         guidance_batch=args.guidance_batch, **sample_kwargs)
@@ -1650,7 +1656,8 @@ def main(argv=None):
                 return 0
 
             # Stage 4 (§4): distillation, resumed from OUT/checkpoint.pt.
-            results = {"ablate": args.ablate, "prompts": prompt_sources(classes, models.llm)}
+            results = {"ablate": args.ablate, "scheduler": data["scheduler"],
+                       "prompts": prompt_sources(classes, models.llm)}
             if not distillation_stage(args, out, models, data, results, device):
                 return 0
 
@@ -2940,19 +2947,35 @@ def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_s
     return height, width
 
 
+# What a scheduler keeps of past steps (PNDM, LMS, DPM++ and UniPC/DEIS; Heun's and KDPM2's
+# first-order stage): with it, a guided ε̂ enters later updates too.
+PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample")
+
+
 def check_guidance_window(pipe, sample_kwargs):
-    """Refuses a guidance window that holds none of the scheduler's own timesteps (PNDM makes one
-    more than asked) while a guidance scale is on: guidance would silently do nothing."""
+    """Refuses, while a guidance scale is on, a guidance window that holds none of the
+    scheduler's own timesteps (PNDM makes one more than asked): guidance would silently do
+    nothing; and a multistep scheduler guided on only some steps. A multistep update mixes the
+    last few ε̂, so a push on every second step enters four later updates with weights of both
+    signs: along g, SD 1.5's PNDM moves the latent +15, -3, +26, +2, +31 where DDIM moves +7,
+    +7, +13, +13. The push of §2 is a single-step scheduler's."""
     options = {**sampler_defaults(), **sample_kwargs}
     pipe.scheduler.set_timesteps(options["num_steps"])
-    steps = len(pipe.scheduler.timesteps)
+    steps, name = len(pipe.scheduler.timesteps), type(pipe.scheduler).__name__
     start, end = options["guidance_start"], options["guidance_end"]
     every = options["guidance_every"]
     guided = guided_step_indices(steps, start, end, every)
-    if (options["energy_scale"] or options["class_scale"]) and not guided:
+    if not (options["energy_scale"] or options["class_scale"]):
+        return
+    if not guided:
         raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the "
                          f"{steps} sampling steps, so guidance would do nothing: widen it, or "
                          f"--ablate guidance")
+    if guided != set(range(steps)) and any(hasattr(pipe.scheduler, a) for a in PAST_STEP_STATE):
+        raise UsageError(f"{name} is a multistep scheduler: it reuses past steps' noise "
+                         f"predictions, so guiding only some steps pushes the latents back and "
+                         f"forth; use --scheduler DDIMScheduler (the default), or guide every "
+                         f"step (--guidance-start 0 --guidance-end 1 --guidance-every 1)")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -3128,6 +3151,15 @@ def load_sampler(args, device, out):
         pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype),
                                  channels_last=args.channels_last, compile_unet=args.compile)
         guidance_vae = args.guidance_vae and load_guidance_vae(args.guidance_vae, device, dtype)
+    if args.scheduler != "model":
+        import diffusers
+
+        kind = getattr(diffusers, args.scheduler, None)
+        if kind not in pipe.scheduler.compatibles:
+            names = sorted(k.__name__ for k in pipe.scheduler.compatibles)
+            raise UsageError(f"--scheduler {args.scheduler}: not a scheduler this model can use; "
+                             f"give 'model' or one of {', '.join(names)}")
+        pipe.scheduler = kind.from_config(pipe.scheduler.config)
     if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
         (guidance_vae or pipe.vae).enable_gradient_checkpointing()
     sample_kwargs = sampling_options(args)

@@ -1916,12 +1916,61 @@ def test_settings_that_do_nothing_are_refused_or_warned(tmp_path, capsys):
     pipe = prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu")
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     window = dict(num_steps=10, guidance_start=0.81, guidance_end=0.9, guidance_every=1)
-    prism.check_guidance_window(pipe, window)  # PNDM's 11 timesteps: step 9 is in the window
+    with pytest.raises(prism.UsageError, match="multistep"):  # PNDM's 11 timesteps: step 9 is in
+        prism.check_guidance_window(pipe, window)  # the window, so it is the multistep rule that refuses
     with pytest.raises(prism.UsageError, match="none of the 10 sampling"):  # DDIM's 10: none is
         prism.check_guidance_window(prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu"),
                                     window)
     code, err = run_main(["--smoke", "--out", str(tmp_path / "b"), "--cfg", "1", "--epochs", "0"], capsys)
     assert code == 0 and err.startswith("prism: warning: --cfg 1.0 <= 1 turns classifier-free guidance off")
+
+
+def displacement_along_g(pipe, teacher, steps=20):
+    """Per step from the first guided one, each image's guided − unguided latent along the unit
+    direction of its first guided push, -g (default window, every 2nd step, the same noise)."""
+    states = {}
+    for guided in (True, False):
+        seen, step = [], pipe.scheduler.step
+        pipe.scheduler.step = lambda *a, **k: (lambda out: seen.append(out[0]) or out)(step(*a, **k))
+        trace = []
+        scales = {} if guided else dict(energy_scale=0.0, class_scale=0.0)
+        prism.energy_guided_sample(pipe, teacher, PROMPTS, [0, 1, 2, 3], latents=latents(4),
+                                   num_steps=steps, trace=trace, **scales)
+        pipe.scheduler.step = step
+        states[guided] = torch.stack(seen), trace
+    (path, trace), (unguided, _) = states[True], states[False]
+    unit = -torch.nn.functional.normalize(trace[0]["grad"].flatten(1), dim=1)  # L descends
+    first, last = trace[0]["step"], trace[-1]["step"]
+    return torch.stack([((path[k] - unguided[k]).flatten(1) * unit).sum(1)
+                        for k in range(first, last + 2)])
+
+
+def test_guided_runs_use_a_single_step_scheduler_made_from_the_models_config(pipe_dir, teacher,
+                                                                             tmp_path, capsys):
+    """SD 1.5 ships PNDM, a multistep method: guided on every second step, its push see-saws
+    along g. Loaded as the real command loads it, the pipeline samples with DDIM made from its
+    config, and the push only grows; PNDM itself is refused, and said in the settings."""
+    from diffusers import PNDMScheduler
+
+    pndm = prism.load_diffusion_pipeline(pipe_dir, "cpu")
+    pndm.scheduler = PNDMScheduler.from_config(pndm.scheduler.config, skip_prk_steps=True)
+    pndm.save_pretrained(tmp_path / "pndm")
+    argv, cpu = ["--sd-model", str(tmp_path / "pndm"), "--out", str(tmp_path / "out")], torch.device("cpu")
+    pipe, _ = prism.load_sampler(prism.parse_args(argv), cpu, tmp_path / "out")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.beta_schedule == pndm.scheduler.config.beta_schedule
+    along = displacement_along_g(pipe, teacher)
+    assert (along[0] > 0).all() and (along.diff(dim=0) > 0).all()  # no reversal, image by image
+    see_saw = displacement_along_g(prism.load_diffusion_pipeline(tmp_path / "pndm", "cpu"), teacher)
+    assert (see_saw.diff(dim=0) < 0).any()  # what the test catches
+    with pytest.raises(prism.UsageError, match="PNDMScheduler is a multistep scheduler"):
+        prism.load_sampler(prism.parse_args(argv + ["--scheduler", "model"]), cpu, tmp_path)
+    every_step = ["--guidance-start", "0", "--guidance-end", "1", "--guidance-every", "1"]
+    pipe, _ = prism.load_sampler(prism.parse_args(argv + ["--scheduler", "model"] + every_step), cpu,
+                                 tmp_path / "out")
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    with pytest.raises(prism.UsageError, match="--scheduler Nope: not a scheduler"):
+        prism.load_sampler(prism.parse_args(argv + ["--scheduler", "Nope"]), cpu, tmp_path)
 
 
 def test_corrupt_validation_image_is_found_before_synthesis(tmp_path, capsys):
