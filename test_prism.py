@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from PIL import Image
 
 import prism
@@ -734,6 +736,18 @@ def test_distill_resumes_from_checkpoint_exactly(image_dir, teacher, tmp_path):
                       **dict(DISTILL, lr=0.01))
 
 
+def test_the_distillation_stage_trains_in_channels_last_when_asked(image_dir, teacher, tmp_path):
+    """--channels-last (on by default with CUDA) reaches distill(), as the benchmark times it."""
+    shutil.copytree(image_dir, tmp_path / "synthetic")
+    for flag, expected in (("--channels-last", True), ("--no-channels-last", False)):
+        args = prism.parse_args(["--smoke", "--out", str(tmp_path), flag, "--epochs", "1", "--overwrite"])
+        student = prism.build_tiny_classifier(4, width=8, seed=1)
+        models = types.SimpleNamespace(teacher=teacher, student=student)
+        assert prism.distillation_stage(args, tmp_path, models, {}, {}, torch.device("cpu"))
+        weight = student[1][0].weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is expected
+
+
 def test_persistent_workers_and_channels_last_train_the_same_student(image_dir, teacher, tmp_path):
     """Augmentations are seeded per (epoch, image), so two persistent worker processes give the
     batches of the main process; channels_last changes the memory layout, not the result."""
@@ -819,16 +833,16 @@ def test_precision_recall_constructed_cases():
 
 
 def test_extract_features_are_the_input_of_the_teachers_last_linear(image_dir, teacher, torchscript_teacher):
-    features, logits, labels = prism.extract_features(teacher, image_dir, image_size=32, num_workers=0, progress=False)
+    features, labels = prism.extract_features(teacher, image_dir, image_size=32, num_workers=0, progress=False)
     dataset = prism.image_folder(image_dir, prism.eval_transform(32))
     images = torch.stack([image for image, _ in dataset])
     with torch.no_grad():
         torch.testing.assert_close(features, teacher[1][:-1](teacher[0](images)))  # pooled penultimate layer
-        torch.testing.assert_close(logits, teacher(images))
     assert labels.tolist() == [label for _, label in dataset.samples] and features.shape == (24, 32)
     scripted = prism.load_teacher(str(torchscript_teacher[0]), "cpu", input_size=32)[0]
-    features, logits, _ = prism.extract_features(scripted, image_dir, image_size=32, num_workers=0, progress=False)
-    assert torch.equal(features, logits)  # no hooks in TorchScript: logits stand in
+    features, _ = prism.extract_features(scripted, image_dir, image_size=32, num_workers=0, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(features, scripted(images))  # no hooks in TorchScript: logits stand in
 
 
 def test_synthetic_set_report_per_class_and_worst_classes():
@@ -1119,7 +1133,7 @@ def test_numeric_v2_tree_is_scored_in_integer_order(tmp_path):
     assert result == direct_accuracy(NearestGrey(12), root, {str(c): c for c in range(12)})
     assert result == {"top1": 100.0, "top5": 100.0, "images": 24}
     assert prism.evaluate(NearestGrey(12), root, **EVAL)["top1"] == 100.0 * 4 / 24  # string order
-    features, _, labels = prism.extract_features(NearestGrey(12), root, classes=v2["classes"], **EVAL)
+    features, labels = prism.extract_features(NearestGrey(12), root, classes=v2["classes"], **EVAL)
     assert labels.tolist() == [int(folder) for folder in v2["folders"] for _ in range(2)]
 
 
@@ -1215,6 +1229,17 @@ def test_torchscript_teacher_folds_in_preprocessing(torchscript_teacher):
     assert prism.last_linear_module(teacher).weight.shape == (4, 32)  # neighbours work on TorchScript too
 
 
+def test_a_torchvision_teacher_is_preprocessed_and_evaluated_as_its_weights_define(tmp_path):
+    """resnet50's DEFAULT (V2) weights: resize 232, crop 224 — its published top-1's protocol."""
+    weights = torchvision.models.ResNet50_Weights.DEFAULT
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pt")
+    teacher, _ = prism.load_teacher("resnet50", "cpu", weights_path=tmp_path / "r50.pt")
+    assert prism.teacher_sizes(teacher) == {"image_size": 224, "resize_size": 232}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    ours = prism.eval_transform(**prism.teacher_sizes(teacher))(image).unsqueeze(0)
+    torch.testing.assert_close(teacher[0](ours)[0], weights.transforms()(image), atol=2e-2, rtol=0)
+
+
 def test_unknown_models_and_unloadable_paths_are_usage_errors(tmp_path):
     with pytest.raises(prism.UsageError, match="unknown teacher"):
         prism.load_teacher("no_such_net", "cpu")
@@ -1275,9 +1300,14 @@ def test_a_process_sees_its_own_gpu_or_the_one_it_was_given():
 def test_default_workers_and_channels_last_follow_the_machine(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert prism.default_workers() == max(0, cores - 1)
+    assert prism.default_workers() == min(12, max(0, cores - 1))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
     assert prism.default_workers() == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(224)))  # a big node
+    assert prism.default_workers() == 12  # 8 processes: 27 cores each, capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert prism.default_workers() == 12  # not 223
+    monkeypatch.undo()
     assert prism.parse_args(["--out", "x"]).workers == prism.default_workers()
     # channels_last: on with CUDA (faster convolutions there), off on a CPU, unless a flag says
     assert prism.parse_args(["--device", "cuda:1"]).channels_last is True
@@ -1867,8 +1897,8 @@ def test_a_subset_first_is_compared_with_the_synthetic_images_of_its_classes(fin
     assert report["synthetic_images"] == 8  # 4 images of class 1 and 4 of class 3, of 16
     teacher = prism.build_tiny_classifier(4, seed=0)
     features = dict(image_size=32, num_workers=0, progress=False)
-    fake, _, fake_labels = prism.extract_features(teacher, finished_run / "synthetic", **features)
-    real, _, _ = prism.extract_features(teacher, subset, classes=[1, 3], **features)
+    fake, fake_labels = prism.extract_features(teacher, finished_run / "synthetic", **features)
+    real, _ = prism.extract_features(teacher, subset, classes=[1, 3], **features)
     shared = (fake_labels == 1) | (fake_labels == 3)
     expected = prism.precision_recall(real, fake[shared], k=3)
     assert {m: report[m] for m in expected} == pytest.approx(expected)
