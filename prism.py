@@ -677,19 +677,72 @@ def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
     return [answers[question] for question in questions], llm
 
 
-def sanitize_phrase(text, max_words=12, max_chars=100):
-    """Cleans one line of LLM output into a short phrase; "" if nothing usable is left.
+# Words where a phrase begins (PHRASE_STARTS) and words a phrase cannot end on (DANGLING): a cut
+# just before one of the first leaves whole phrases: "a small device | that is used to ...".
+# Some prepositions end a phrase too: "seen from above".
+PHRASE_STARTS = set("of in on at to for with by from into onto near next under over above below "
+                    "between through during across against behind beside among inside outside "
+                    "like as about along around without within and or but nor while when where "
+                    "whose which that who used".split())
+DANGLING = (PHRASE_STARTS - set("above below behind inside outside around along across about "
+                                "without within".split())
+            | set("a an the its their his her our your my this these is are was were be being "
+                  "been has have can will very such".split()))
+# What chat models write around an answer: preambles ("Sure! Here are 12 scenes:") and closing
+# remarks ("These scenes capture ...", "Let me know ..."); also any sentence that ends in ':',
+# '?' or '!' ("Great question!"), which no scene or description does.
+CHAT_DEBRIS = re.compile(r"(?:sure|certainly|of course|absolutely|okay|(?:here|below)"
+                         r"(?: are| is|'s)|these|this list|i hope|hope|i'm|i am|i've|let me"
+                         r"|feel free|note|each of these|all of these|in summary|overall)\b",
+                         re.IGNORECASE)
+# The questions ask for 8 and 12 words; a phrase may run a little over. Prompts stay well
+# within CLIP's 77 tokens: style, name, description and scene together.
+PHRASE_WORDS = 14
 
-    Keeps the first line, strips list markers, quotes and control characters, caps words and
-    characters, and rejects text without a real word, so random or chatty output cannot break a
-    prompt.
-    """
-    text = (text.strip().splitlines() or [""])[0]
-    text = re.sub(r"^\s*(?:[-*•]+|\(?\d+[.):])\s*", "", text)
-    text = "".join(ch for ch in text if ch.isprintable())
-    text = " ".join(text.split()[:max_words])[:max_chars]
-    text = text.strip(" \"'`.,;:!?-*")
-    return text if re.search(r"[A-Za-z]{3}", text) else ""
+
+def whole_phrase(text, max_words=PHRASE_WORDS):
+    """`text`'s longest start of at most `max_words` words that ends a phrase: at its end or just
+    before a word of PHRASE_STARTS or a dash, and never on a word of DANGLING ("the", "to",
+    "used"); "" if there is none. A cut-off answer or a long sentence never ends mid-phrase."""
+    words = text.split()
+    for n in range(min(len(words), max_words), 0, -1):
+        ends = n == len(words) or words[n].lower() in PHRASE_STARTS | {"-", "–", "—"}
+        if ends and words[n - 1].lower().strip(",;") not in DANGLING:
+            return " ".join(words[:n]).rstrip(",;")
+    return ""
+
+
+def clean_line(line):
+    """One line of an LLM's answer as a bare phrase: its first sentence that is not chat debris
+    (CHAT_DEBRIS), without list marker, markdown, double quotes and control characters, and
+    without its heading ("**Office Desk**: a cluttered desk" keeps the text, a heading alone
+    stays); "" for a markdown title ("### Outdoors") or when no sentence has a real word."""
+    line = "".join(ch for ch in line if ch.isprintable()).replace("’", "'")
+    if line.lstrip().startswith("#"):  # a markdown title of the lines that follow
+        return ""
+    line = re.sub(r"^\s*(?:[-*+]\s+|•\s*|\(?\d+[.)]\s+)", "", line)  # list marker
+    line = re.sub(r"(\*\*|__)(.+?)\1\s*[-–—]\s+", r"\2: ", line)  # "**Heading** – text"
+    line = re.sub(r"\*\*|__|[`\"“”]", "", line)
+    for sentence in re.split(r"(?<=[.!?])\s+", line):
+        head, _, text = sentence.partition(": ")
+        text = (text or head).strip(" '‘.,;:!?-*")
+        if (re.search(r"[A-Za-z]{3}", text) and not CHAT_DEBRIS.match(text)
+                and not re.search(r"[:?!]\W*$", sentence)):
+            # "On a desk" → "on a desk"; a proper noun is in neither set
+            lower = text.split()[0].lower() in DANGLING | PHRASE_STARTS
+            return text[0].lower() + text[1:] if lower else text
+    return ""
+
+
+def llm_description(answer, name):
+    """What the LLM's `answer` says class `name` is, as a noun phrase: the phrase of its first
+    line that has one (clean_line), without an opening that names the class ("A mouse is a
+    small ..." → "a small ...", "Mouse - a ..."), cut to a whole phrase (whole_phrase); "" if
+    none is left."""
+    text = next(filter(None, map(clean_line, answer.splitlines())), "")
+    subject = rf"(?:(?:a|an|the)\s+)?'?{re.escape(name)}(?:e?s)?'?|it|this"
+    opening = rf"^(?:{subject})(?:,|\s+[-–—]|\s+(?:is|are|refers to|means)\b)\s*"
+    return whole_phrase(re.sub(opening, "", text, flags=re.IGNORECASE))
 
 
 def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
@@ -727,28 +780,38 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
 def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
                     scenes_per_class=PROMPTS.scenes_per_class, device="cpu"):
     """Puts the LLM's answers into describe_classes' entries (§3): its description of what the
-    class is (not for a class described by the user's file) and its scenes. An answer that
-    names one of the class's teacher neighbours is dropped, since the diffusion model would draw
-    that other class; so is an empty one (sanitize_phrase). `answers` caches the LLM (ask_llm).
-    Returns `classes`."""
+    class is (llm_description; not for a class described by the user's file) and its scenes
+    (clean_line, whole_phrase: one per line, in order, without repeats). An answer that names
+    one of the class's teacher neighbours is dropped, since the diffusion model would draw that
+    other class; so is an empty one and a description that is only the name. An answer that
+    cleaning changed is kept as the LLM wrote it in the entry's "llm_raw", for prompts.md.
+    `answers` caches the LLM (ask_llm). Returns `classes`."""
     asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
     todo = [c for c, entry in enumerate(classes) if describe and entry["source"] != "file"]
-    described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=32,
+    # room for a chat preamble before the answer
+    described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=48,
                              device=device)
     for c, answer in zip(todo, described):
-        entry, answer = classes[c], sanitize_phrase(answer, max_words=8)
-        if answer and answer.lower() != entry["name"].lower() and not names_any(
-                answer, entry["neighbours"], entry["name"]):
-            entry.update(description=answer, source="llm")
+        entry, description = classes[c], llm_description(answer, classes[c]["name"])
+        if names_any(description, entry["neighbours"], entry["name"]) or re.sub(
+                r"^(?:a|an|the) ", "", description.lower()) == entry["name"].lower():
+            description = ""
+        if description:
+            entry.update(description=description, source="llm")
+        if description != answer.strip():
+            entry.setdefault("llm_raw", {})["description"] = answer
     if not vary_content:
         return classes
     listed, _ = ask_llm(llm, [q[1] for q in asked], answers, device=device,
-                        max_new_tokens=24 * scenes_per_class)
+                        max_new_tokens=32 * scenes_per_class)
     for entry, answer in zip(classes, listed):
-        scenes = dict.fromkeys(sanitize_phrase(line) for line in answer.splitlines())
-        scenes = [s for s in scenes if s and not names_any(s, entry["neighbours"], entry["name"])]
+        scenes = dict.fromkeys(whole_phrase(clean_line(line)) for line in answer.splitlines())
+        scenes = [s for s in scenes if s and not names_any(s, entry["neighbours"], entry["name"])
+                  ][:scenes_per_class]
         if scenes:
-            entry.update(scenes=scenes[:scenes_per_class], scene_source="llm")
+            entry.update(scenes=scenes, scene_source="llm")
+        if scenes != [line.strip() for line in answer.splitlines() if line.strip()]:
+            entry.setdefault("llm_raw", {})["scenes"] = answer
     return classes
 
 
@@ -3066,6 +3129,8 @@ def read_prompts(path, num_classes, per_class):
         raise damaged(path, "no list of prompts for every class", way_out)
     if not (isinstance(classes, list) and len(classes) == num_classes and all(
             isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in CLASS_KEYS.items())
+            and isinstance(e.get("llm_raw", {}), dict)  # optional: what the LLM said, uncleaned
+            and all(isinstance(raw, str) for raw in e.get("llm_raw", {}).values())
             for e in classes)):
         raise damaged(path, "no description of every class", way_out)
     return prompts, classes
@@ -3280,10 +3345,24 @@ SOURCE_WORDS = {"file": "the class file", "llm": "the LLM", "name": "none: the b
                 "neighbours": "the teacher's neighbours (their category)"}
 
 
+def llm_said(entry, part, *, max_lines=20, width=160):
+    """prompts.md lines that show the LLM's answer for `part` ("description" or "scenes") as it
+    wrote it, where cleaning changed it (the entry's "llm_raw"), trimmed; [] where it did not."""
+    raw = entry.get("llm_raw", {}).get(part)
+    if raw is None:
+        return []
+    said = ["".join(ch for ch in line if ch.isprintable())[:width]
+            for line in raw.splitlines() if line.strip()]
+    more = [f"  ... ({len(said) - max_lines} more lines)"] if len(said) > max_lines else []
+    return [f"- the LLM said ({part}), before cleaning:", "  ```text",
+            *[f"  {line}" for line in said[:max_lines]], *more, "  ```"]
+
+
 def prompts_markdown(classes, prompts, llm, *, shown=5):
     """prompts.md: for a person to read before the long run. A count of the sources, then per
     class its description and where it came from, its teacher neighbours (which tell the sense
-    and are not drawn), where its scenes came from and `shown` of its prompts."""
+    and are not drawn), where its scenes came from and `shown` of its prompts; beside the
+    description and scenes, the LLM's answer as it wrote it where cleaning changed it."""
     sources = prompt_sources(classes, llm)
     lines = ["# Prompts", "", f"LLM: {llm or 'none (built-in lists)'}. Descriptions from: "
              + ", ".join(f"{SOURCE_WORDS.get(k, k)} {n}" for k, n in
@@ -3297,8 +3376,10 @@ def prompts_markdown(classes, prompts, llm, *, shown=5):
         lines += [f"## {c} {entry['name']}", "",
                   f"- description: {entry['description'] or '(none)'} — from "
                   f"{SOURCE_WORDS.get(entry['source'], entry['source'])}",
+                  *llm_said(entry, "description"),
                   f"- teacher neighbours: {', '.join(entry['neighbours']) or '(none)'}",
                   f"- scenes: {len(entry['scenes'])} from {entry['scene_source']}",
+                  *llm_said(entry, "scenes"),
                   f"- {min(shown, len(class_prompts))} of its {len(class_prompts)} prompts:"]
         lines += [f"  - {prompt}" for prompt in class_prompts[:shown]] + [""]
     return "\n".join(lines)
@@ -3453,7 +3534,7 @@ def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", 
 def build_tiny_llm(model_dir, *, seed=0):
     """Builds a tiny randomly initialised GPT-2 with a byte-level tokenizer, saves it to
     `model_dir` like a hub model and returns that folder, which load_llm opens as it opens a
-    real LLM. Its answers are random text: sanitize_phrase and the fallbacks must cope."""
+    real LLM. Its answers are random text: clean_line and the fallbacks must cope."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
     model_dir = Path(model_dir)
