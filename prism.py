@@ -62,6 +62,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import time
 import types
@@ -1110,8 +1111,10 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=RUN.s
                                   store_size=store_size)
     open_image_set(out_dir, settings, num_classes, overwrite=overwrite)
     file_of = image_files(num_classes, per_class, image_format)
-    wanted, missing = images_to_make(out_dir, file_of, num_classes, per_class, max_new_images)
-    todo, digest = missing[rank::world], settings_digest(settings)
+    digest = settings_digest(settings)
+    wanted, missing = images_to_make(out_dir, file_of, num_classes, per_class, max_new_images,
+                                     digest)
+    todo = missing[rank::world]
     shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
     bar = tqdm(total=len(wanted) if world == 1 else len(todo), unit="img",
                initial=len(wanted) - len(missing) if world == 1 else 0,
@@ -1870,40 +1873,46 @@ def read_json(path, way_out):
     return data
 
 
-def save_image_atomic(image, path):
-    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically; returns
-    its size in bytes. A non-finite image is refused: NaN pixels would be written as a black image.
-    """
+def save_image_atomic(image, path, note=None):
+    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically, with
+    the text `note` in its own metadata (read_note); returns its size in bytes. A non-finite
+    image is refused: NaN pixels would be written as a black image."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     if not torch.isfinite(image).all():
         raise ValueError(f"refusing to save non-finite pixels as {path}")
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
     pixels = pixels.permute(1, 2, 0).cpu().numpy()
     jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    options = {"format": "JPEG", "quality": 95} if jpeg else {"format": "PNG"}
+    png = PngInfo()
+    if note is not None:
+        png.add_text("prism", note)
+    options = {"format": "JPEG", "quality": 95, "comment": note} if jpeg else {"format": "PNG",
+                                                                               "pnginfo": png}
     atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, **options))
     return Path(path).stat().st_size
 
 
-def image_is_readable(path, expected_bytes):
-    """True if `path` holds a complete image: the size the manifest recorded, and PIL verifies it.
-    """
+def read_note(path):
+    """The text save_image_atomic put in an image's metadata, or None: none there, or the image
+    does not decode whole."""
     from PIL import Image
 
     try:
-        if expected_bytes is None or os.path.getsize(path) != expected_bytes:
-            return False
         with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # any failure to open or verify means "regenerate it"
-        return False
+            image.load()
+            note = image.info.get("prism", image.info.get("comment"))
+        return note.decode("utf-8") if isinstance(note, bytes) else note
+    except Exception:  # whatever PIL says, this is no image of ours
+        return None
 
 
-def check_images_load(data_dir, what):
+def check_images_load(data_dir, what, checked=()):
     """Decodes every image of the ImageFolder tree `data_dir` (the ranks share the work); the
-    first one that does not load is a UsageError naming the file. Returns the number of images."""
+    first one that does not load is a UsageError naming the file. Returns (the number of images,
+    a stamp of the tree: every file's name, size and modification time). A tree whose stamp is
+    in `checked` was decoded whole before and is not again: a resumed run starts in seconds."""
     from PIL import Image
 
     rank, world = rank_and_world()
@@ -1911,6 +1920,10 @@ def check_images_load(data_dir, what):
         samples = image_folder(data_dir, None).samples
     except UsageError as error:
         raise UsageError(f"{what}: {error}")
+    listing = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path, _ in samples]
+    stamp = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    if stamp in checked:
+        return len(samples), stamp
     paths = [path for path, _ in samples][rank::world]
     problem = ""
     for path in tqdm(paths, desc=f"checking {what}", unit="img",
@@ -1925,7 +1938,7 @@ def check_images_load(data_dir, what):
     problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
     if problem:
         raise UsageError(problem)
-    return len(samples)
+    return len(samples), stamp
 
 
 TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.tmp<pid>
@@ -2010,9 +2023,10 @@ def settings_digest(settings):
 
 def start_new_set(out_dir, settings):
     """Records new synthesis settings in `out_dir` (rank 0; the recorded ones differ or are
-    damaged, and --overwrite was given). Images whose manifest record carries these settings'
-    digest are kept; the rest of the old set is deleted. Killed half way, it leaves either the
-    old settings (the next run refuses again) or the new ones with only images made under them."""
+    damaged, and --overwrite was given). Images whose record (in the manifest, else in the image)
+    carries these settings' digest are kept; the rest of the old set is deleted. Killed half way,
+    it leaves the old settings (the next run refuses again) or the new ones with only images made
+    under them."""
     digest, manifest_path = settings_digest(settings), out_dir / "manifest.jsonl"
     keep = {r["file"]: r for r in read_manifest(out_dir).values() if r.get("settings") == digest}
     kept = "".join(json.dumps(record) + "\n" for record in keep.values())
@@ -2021,7 +2035,8 @@ def start_new_set(out_dir, settings):
         journal.unlink()
     for folder in [p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()]:
         for image in folder.iterdir():
-            if f"{folder.name}/{image.name}" not in keep:
+            name = f"{folder.name}/{image.name}"
+            if name not in keep and image_record(image).get("settings") != digest:
                 image.unlink()
     write_json_atomic({"settings": settings}, out_dir / "settings.json")
 
@@ -2061,19 +2076,50 @@ def open_image_set(out_dir, settings, num_classes, *, overwrite):
     barrier()
 
 
-def images_to_make(out_dir, file_of, num_classes, per_class, max_new_images):
-    """(wanted, missing): every (class, index) of the set, and those without a readable image
-    that its manifest record vouches for (at most `max_new_images`), the same list on every
-    rank. Each rank checks a share of the files; a folder where an image belongs is refused."""
+def file_size(path):
+    """The size of a file in bytes, None if there is none (a folder has none)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+def images_to_make(out_dir, file_of, num_classes, per_class, max_new_images, digest):
+    """(wanted, missing): every (class, index) of the set, and those without an image (at most
+    `max_new_images`), the same list on every rank; each rank checks a share of the files.
+
+    An image is there when its file has the size its manifest record gives: files are written
+    whole (atomic_write), so a stat per image suffices and a resumed run starts in seconds. An
+    image without an intact record keeps its own (in its metadata, saved under the settings of
+    `digest`): it is read again from there, journaled and said, never made again. A folder where
+    an image belongs is refused."""
     rank, world = rank_and_world()
     records = read_manifest(out_dir)
     wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
-    mine = [key for key in wanted[rank::world]
-            if not image_is_readable(out_dir / file_of(*key), records.get(key, {}).get("bytes"))]
+    mine, found = [], []
+    for key in wanted[rank::world]:
+        path, size = out_dir / file_of(*key), file_size(out_dir / file_of(*key))
+        if size is not None and size == records.get(key, {}).get("bytes"):
+            continue
+        record = image_record(path) if size else {}
+        ours = [record.get(k) for k in ("file", "class", "index", "settings")]
+        if valid_record(record) and ours == [file_of(*key), *key, digest]:
+            found.append(record)
+        else:
+            mine.append(key)
+    if found:
+        append_to_journal(out_dir / f"manifest.rank{rank}.jsonl", found)
     blocked = [out_dir / file_of(*key) for key in mine if (out_dir / file_of(*key)).is_dir()]
     if blocked:
         raise UsageError(f"{blocked[0]} is a folder where an image belongs: remove it and rerun")
-    missing = sorted(tuple(key) for part in gather_from_ranks(mine) for key in part)
+    parts = gather_from_ranks([mine, len(found)])
+    lost = sum(count for _, count in parts)
+    if lost and rank == 0:
+        report("warning", f"{out_dir / 'manifest.jsonl'} had no intact record of {lost} images "
+                          f"on disk; each was read again from the image's own metadata, and "
+                          f"none is made again")
+    missing = sorted(tuple(key) for part, _ in parts for key in part)
     return wanted, missing if max_new_images is None else missing[:max_new_images]
 
 
@@ -2082,13 +2128,26 @@ def save_generated(image, out_dir, file, c, i, prompt, noise_seed, stats, digest
     prompt, seed, the teacher's final energy, top-1 and p_class, the guidance steps skipped,
     whether it was made again unguided, its bytes and the digest of its set's settings."""
     (out_dir / file).parent.mkdir(exist_ok=True)
-    size = save_image_atomic(image, out_dir / file)
-    return {"file": file, "class": c, "index": i, "prompt": prompt, "seed": noise_seed,
-            "energy": round(stats["energy"].item(), 5), "top1": stats["top1"].item(),
-            "p_class": round(stats["p_class"].item(), 6),
-            "guidance_skipped": stats["guidance_skipped"].item(),
-            "resampled_unguided": bool(stats["resampled_unguided"]), "bytes": size,
-            "settings": digest}
+    record = {"file": file, "class": c, "index": i, "prompt": prompt, "seed": noise_seed,
+              "energy": round(stats["energy"].item(), 5), "top1": stats["top1"].item(),
+              "p_class": round(stats["p_class"].item(), 6),
+              "guidance_skipped": stats["guidance_skipped"].item(),
+              "resampled_unguided": bool(stats["resampled_unguided"]), "bytes": None,
+              "settings": digest}
+    # the image keeps its own record (all but its size), so a lost manifest line costs nothing
+    note = json.dumps(finite_or_none(record), allow_nan=False)
+    record["bytes"] = save_image_atomic(image, out_dir / file, note)
+    return record
+
+
+def image_record(path):
+    """The manifest record an image keeps in its own metadata (save_generated), with its size;
+    {} when it has none or does not decode whole."""
+    try:
+        record = json.loads(read_note(path) or "{}")
+    except ValueError:
+        return {}
+    return {**record, "bytes": file_size(path)} if isinstance(record, dict) and record else {}
 
 
 def merge_journals(out_dir, wanted):
@@ -2388,12 +2447,19 @@ def reference_list(sets, class_names, class_ids=None):
     return None, None
 
 
-def labelled_sets(named_sets, class_names, class_ids=None):
+def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
     """Each (name, path) of named_sets as a dict: name, data (the path), folders (sorted),
     classes (class_mapping's class of each folder), mapping (its rule), images (their count).
     Every folder is mapped, then every image decoded, now: a bad set is a UsageError naming it
-    before any work. `class_ids`: (path, ids) of --class-ids, or None."""
-    sets = []
+    before any work. `class_ids`: (path, ids) of --class-ids, or None. `checked_file` keeps the
+    stamps of trees decoded whole, which are not decoded again while unchanged; a cache, so when
+    it is damaged the trees are just decoded again."""
+    sets, checked = [], set()
+    if checked_file and Path(checked_file).exists():
+        try:
+            checked = set(json.loads(Path(checked_file).read_bytes().decode("utf-8"))["stamps"])
+        except (ValueError, KeyError, TypeError):  # damaged: it costs one more decode
+            pass
     for name, path in named_sets:
         try:
             sets.append({"name": name, "data": str(path), "folders": folder_classes(path)})
@@ -2407,7 +2473,10 @@ def labelled_sets(named_sets, class_names, class_ids=None):
         except UsageError as error:
             raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
     for s in sets:
-        s["images"] = check_images_load(s["data"], f"--val-dir {s['name']}")
+        s["images"], stamp = check_images_load(s["data"], f"--val-dir {s['name']}", checked)
+        checked.add(stamp)
+    if checked_file and rank_and_world()[0] == 0:
+        write_json_atomic({"stamps": sorted(checked)}, checked_file)
     return sets
 
 
@@ -3220,7 +3289,8 @@ def labelled_test_sets(args, models):
     checked now although evaluation reads them last; and --pr-k against the set sizes."""
     class_ids = (None if args.class_ids is None else
                  (args.class_ids, load_class_ids(args.class_ids, len(models.class_names))))
-    test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids)
+    test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids,
+                              checked_file=Path(args.out) / "checked_images.json")
     real_images = test_sets[0]["images"] if test_sets else math.inf  # precision/recall's set
     smallest = min(len(models.class_names) * args.per_class, real_images)
     if args.pr_k >= smallest:

@@ -1867,22 +1867,28 @@ def test_every_json_written_is_strict(tmp_path):
         {"a": [1.0, None], "b": {"c": None}}
 
 
-@pytest.mark.parametrize("damage", ["non-UTF-8 byte", "garbage", "infinite energy", "text p_class"])
-def test_damaged_manifest_redoes_only_its_images(finished_run, capsys, damage):
+@pytest.mark.parametrize("damage", ["non-UTF-8 byte", "garbage line", "infinite energy", "text p_class",
+                                    "all garbage", "deleted"])
+def test_damaged_manifest_loses_no_image_and_says_how_many_records(finished_run, capsys, damage):
+    """Each image keeps its record in its own metadata: lost manifest lines are read again from
+    the images, said in one line (the file, how many), and no image is made again."""
     manifest = finished_run / "synthetic" / "manifest.jsonl"
+    original = manifest.read_text()
     lines = manifest.read_bytes().splitlines(keepends=True)
     record = json.loads(lines[5])
-    lines[5] = {"non-UTF-8 byte": lines[5][:20] + b"\xff\xfe" + lines[5][20:], "garbage": b"{{{ garbage\n",
+    lines[5] = {"non-UTF-8 byte": lines[5][:20] + b"\xff\xfe" + lines[5][20:], "garbage line": b"{{{ garbage\n",
                 "infinite energy": json.dumps({**record, "energy": 1e999}).encode() + b"\n",
-                "text p_class": json.dumps({**record, "p_class": "zz"}).encode() + b"\n"}[damage]
-    manifest.write_bytes(b"".join(lines))
+                "text p_class": json.dumps({**record, "p_class": "zz"}).encode() + b"\n"}.get(damage, lines[5])
+    manifest.write_bytes({"all garbage": b"\x00garbage" * 100, "deleted": b""}.get(damage, b"".join(lines)))
+    if damage == "deleted":
+        manifest.unlink()
     times = image_times(finished_run)
     code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
     assert code == 0, err
-    changed = [p for p, t in times.items() if p.stat().st_mtime_ns != t]
-    assert [p.name for p in changed] == ["00001.png"] and changed[0].parent.name == "0001"  # line 5: (1, 1)
-    assert [json.loads(line)["index"] for line in manifest.read_text().splitlines()] == list(range(4)) * 4
-    assert "Infinity" not in manifest.read_text() and "NaN" not in manifest.read_text()
+    assert [p for p, t in times.items() if p.stat().st_mtime_ns != t] == []  # none made again
+    lost = 16 if damage in ("all garbage", "deleted") else 1
+    assert f"prism: warning: {manifest} had no intact record of {lost} images on disk" in err
+    assert manifest.read_text() == original
 
 
 @pytest.mark.parametrize("name", ["prompts.json", "synthetic/settings.json"])
@@ -2139,6 +2145,26 @@ def test_corrupt_validation_image_is_found_before_synthesis(tmp_path, capsys):
     one_line(err, f"prism: error: --val-dir val: {val / '2' / 'broken.png'} is not a readable "
                   f"image")
     assert not (out / "synthetic").exists() and not (out / "prompts.json").exists()
+
+
+def test_a_val_set_decoded_whole_once_is_not_decoded_again_until_it_changes(tmp_path):
+    """Decoding every --val-dir image at each start would cost minutes at ImageNet scale."""
+    val, checked = tmp_path / "val", tmp_path / "checked_images.json"
+    for c in range(4):
+        (val / f"{c}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(val / f"{c}" / "ok.png")
+    [first] = prism.labelled_sets([("val", val)], NAMES, checked_file=checked)
+    broken = val / "2" / "ok.png"
+    when = broken.stat().st_mtime_ns
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * (broken.stat().st_size - 8))  # same size
+    os.utime(broken, ns=(when, when))  # and time: the tree's stamp is unchanged, so not decoded
+    assert prism.labelled_sets([("val", val)], NAMES, checked_file=checked) == [first]
+    os.utime(broken, ns=(when + 10 ** 9, when + 10 ** 9))  # a changed tree is decoded again
+    with pytest.raises(prism.UsageError, match="ok.png is not a readable image"):
+        prism.labelled_sets([("val", val)], NAMES, checked_file=checked)
+    checked.write_bytes(b"garbage")  # a damaged cache only costs a decode
+    with pytest.raises(prism.UsageError, match="ok.png is not a readable image"):
+        prism.labelled_sets([("val", val)], NAMES, checked_file=checked)
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
