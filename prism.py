@@ -187,7 +187,9 @@ class DistillDefaults:
     batch_size: int = flag(256, "global KD batch size (split over torchrun processes)")
     lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)")
     weight_decay: float = flag(1e-4, "SGD weight decay")
-    kd_temperature: float = flag(4.0, "τ_kd of the KD loss")
+    kd_temperature: float = flag(10.0, "τ_kd of the KD loss (DM-KD's)")
+    crop_scale: float = flag(0.08, "smallest share of an image a KD crop covers: "
+                             "RandomResizedCrop's scale (s, 1) (torchvision's and DM-KD's)")
     image_size: int = flag(224, "student (and KD crop) input size")
 
 
@@ -1178,7 +1180,8 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
         return (self.epoch * len(self.dataset) + index for index in super().__iter__())
 
 
-def kd_loader(data_dir, batch_size, *, image_size=DISTILL.image_size, num_workers=RUN.workers,
+def kd_loader(data_dir, batch_size, *, image_size=DISTILL.image_size,
+              crop_scale=DISTILL.crop_scale, num_workers=RUN.workers,
               seed=RUN.seed, pin_memory=False):
     """(loader, sampler) of KD batches from the ImageFolder tree `data_dir`, this rank's share.
 
@@ -1188,7 +1191,7 @@ def kd_loader(data_dir, batch_size, *, image_size=DISTILL.image_size, num_worker
     ranks takes batch_size / N. Full batches only (BatchNorm cannot train on a ragged batch of
     one); a set smaller than one batch is a single batch. Workers persist across epochs."""
     rank, world = rank_and_world()
-    augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(0.25, 1.0)),
+    augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1)),
                                   transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
     dataset = SeededAugmentation(image_folder(data_dir, transform=None), augment, seed)
     rank_batch = min(batch_size, len(dataset)) // world
@@ -1251,6 +1254,7 @@ def kd_epoch(teacher, model, optimizer, schedule, loader, *, temperature, amp, d
 
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_path,
             temperature=DISTILL.kd_temperature, device="cpu", image_size=DISTILL.image_size,
+            crop_scale=DISTILL.crop_scale,
             weight_decay=DISTILL.weight_decay, momentum=0.9, num_workers=RUN.workers,
             seed=RUN.seed, data_settings=None, epochs_this_run=None, overwrite=False,
             progress=True, channels_last=False):
@@ -1268,6 +1272,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_pa
                          f"and the global batch_size {batch_size} a multiple of the {world} ranks")
     device = torch.device(device)
     loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, seed=seed,
+                                crop_scale=crop_scale,
                                 num_workers=num_workers, pin_memory=device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher.to(device, memory_format=memory_format).eval()
@@ -1278,7 +1283,8 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_pa
     optimizer, schedule = kd_optimizer(student, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                        total_steps=epochs * (len(sampler) // loader.batch_size))
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-              "image_size": image_size, "weight_decay": weight_decay, "momentum": momentum,
+              "image_size": image_size, "crop_scale": crop_scale,
+              "weight_decay": weight_decay, "momentum": momentum,
               "seed": seed, "images": len(loader.dataset),
               "classes": len(loader.dataset.images.classes), "data": data_settings}
     history, first_epoch, epoch_seconds = resume_distillation(
@@ -1641,7 +1647,7 @@ def distillation_stage(args, out, models, data_settings, results, device):
         checkpoint_path=out / "checkpoint.pt", device=device, image_size=args.image_size,
         weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
         data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
-        overwrite=args.overwrite, channels_last=args.channels_last)
+        overwrite=args.overwrite, channels_last=args.channels_last, crop_scale=args.crop_scale)
     results["distill"] = {"epochs_done": len(history), "kd_loss": history}
     if len(history) < args.epochs:
         if rank_and_world()[0] == 0:
@@ -3032,6 +3038,8 @@ def check_args(args):
                          f"1, got {args.guidance_start} and {args.guidance_end}")
     if min(args.teacher_std) <= 0:
         raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
+    if not 0.0 < args.crop_scale <= 1.0:
+        raise UsageError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
     if not 0.0 <= args.photo_share <= 1.0:
         raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
     if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":

@@ -1385,7 +1385,7 @@ def test_kd_batches_travel_as_uint8_and_equal_the_float_pipeline(image_dir):
     sampler.set_epoch(1)
     got = [prism.to_unit_images(batch, "cpu") for batch, _ in loader]
     assert next(iter(loader))[0].dtype == torch.uint8
-    float_augment = transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.25, 1.0)),
+    float_augment = transforms.Compose([transforms.RandomResizedCrop(32, scale=(prism.DISTILL.crop_scale, 1)),
                                         transforms.RandomHorizontalFlip(), transforms.ToTensor()])
     dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), float_augment, 3)
     tagged = list(sampler)  # epoch·N + i, as the loader's workers receive them
