@@ -2478,11 +2478,12 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
                                                        reference_ids, reference)
         except UsageError as error:
             raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
+    stamps = set(checked)
     for s in sets:
-        s["images"], stamp = check_images_load(s["data"], f"--val-dir {s['name']}", checked)
-        checked.add(stamp)
-    if checked_file and rank_and_world()[0] == 0:
-        write_json_atomic({"stamps": sorted(checked)}, checked_file)
+        s["images"], stamp = check_images_load(s["data"], f"--val-dir {s['name']}", stamps)
+        stamps.add(stamp)
+    if checked_file and stamps != checked and rank_and_world()[0] == 0:
+        write_json_atomic({"stamps": sorted(stamps)}, checked_file)
     return sets
 
 

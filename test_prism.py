@@ -1298,9 +1298,10 @@ def test_evaluation_table_and_results_entries(tmp_path):
     root = grey_tree(tmp_path / "v2", {str(c): [c] for c in range(4)})
     [v2] = prism.labelled_sets([("v2", root)], NAMES)
     perfect, biased = NearestGrey(4), NearestGrey(4, bias=[0, 0, 0, 1e4])
-    [entry] = prism.evaluate_sets([v2], perfect, biased, 4, **EVAL)["sets"]
+    sizes = {"image_size": 8, "resize_size": 8}  # the teacher's own protocol, given
+    [entry] = prism.evaluate_sets([v2], perfect, biased, 4, teacher_sizes=sizes, **EVAL)["sets"]
     assert entry == {"name": "v2", "data": str(root), "classes": 4, "protocol": "all 4 classes",
-                     "mapping": "integer folder names",
+                     "mapping": "integer folder names", "teacher_sizes": sizes,
                      "teacher": {"top1": 100.0, "top5": 100.0, "images": 4},
                      "student": {"top1": 25.0, "top5": 100.0, "images": 4}, "gap_top1": 75.0,
                      "per_class": [{"folder": str(c), "class": c} for c in range(4)]}
@@ -2315,7 +2316,7 @@ rank = prism.rank_and_world()[0]
 time.sleep(7 if rank == 1 else 0)  # rank 1's share of the images takes longer
 prism.barrier()
 prism.on_rank_zero(lambda: time.sleep(7))  # rank 0 alone builds the prompts
-print(rank, prism.sum_over_ranks([rank + 1]))
+sys.stdout.write(f"{rank} {prism.sum_over_ranks([rank + 1])}\\n")  # one write: no interleaving
 """
 
 
