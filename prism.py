@@ -2034,7 +2034,9 @@ def start_new_set(out_dir, settings):
     it leaves the old settings (the next run refuses again) or the new ones with only images made
     under them."""
     digest, manifest_path = settings_digest(settings), out_dir / "manifest.jsonl"
-    keep = {r["file"]: r for r in read_manifest(out_dir).values() if r.get("settings") == digest}
+    records = read_manifest(out_dir).values()
+    keep = {r["file"]: r for r in records if r.get("settings") == digest}
+    recorded = {r["file"] for r in records}  # the others are read (decoded) one by one
     kept = "".join(json.dumps(record) + "\n" for record in keep.values())
     atomic_write(manifest_path, lambda temp: temp.write_text(kept, encoding="utf-8"))
     for journal in out_dir.glob("manifest.rank*.jsonl"):
@@ -2042,7 +2044,8 @@ def start_new_set(out_dir, settings):
     for folder in [p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()]:
         for image in folder.iterdir():
             name = f"{folder.name}/{image.name}"
-            if name not in keep and image_record(image).get("settings") != digest:
+            if name not in keep and (name in recorded
+                                     or image_record(image).get("settings") != digest):
                 image.unlink()
     write_json_atomic({"settings": settings}, out_dir / "settings.json")
 
