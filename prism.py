@@ -443,9 +443,9 @@ class Preprocess(nn.Module):
         return (images - self.mean) / self.std
 
 
-def teacher_sizes(teacher):
+def eval_sizes(classifier):
     """The evaluation sizes of a with_preprocessing classifier: its own crop and resize."""
-    return {"image_size": teacher[0].input_size, "resize_size": teacher[0].resize_size}
+    return {"image_size": classifier[0].input_size, "resize_size": classifier[0].resize_size}
 
 
 def with_preprocessing(model, input_size, mean=MODELS.teacher_mean, std=MODELS.teacher_std,
@@ -1667,7 +1667,7 @@ def measurement_stage(args, out, models, records, test_sets, results, device):
     if not test_sets and args.smoke:
         test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
     if rank == 0:  # one process measures; the others wait at the barrier below
-        features = dict(teacher_sizes(models.teacher), device=device, num_workers=args.workers)
+        features = dict(eval_sizes(models.teacher), device=device, num_workers=args.workers)
         fake_features, fake_labels = extract_features(models.teacher, synthetic, **features)
         results["synthetic"] = synthetic_set_report(records, fake_features, models.class_names)
         if test_sets:
@@ -1687,7 +1687,7 @@ def measurement_stage(args, out, models, records, test_sets, results, device):
         results["evaluation"] = evaluate_sets(test_sets, models.teacher, student,
                                               len(models.class_names), device=device,
                                               image_size=args.image_size, num_workers=args.workers,
-                                              teacher_sizes=teacher_sizes(models.teacher))
+                                              teacher_sizes=eval_sizes(models.teacher))
 
 
 def write_results(args, out, results, num_classes):
@@ -1926,7 +1926,8 @@ def check_images_load(data_dir, what, checked=()):
         samples = image_folder(data_dir, None).samples
     except UsageError as error:
         raise UsageError(f"{what}: {error}")
-    listing = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path, _ in samples]
+    listing = [(path, status.st_size, status.st_mtime_ns)
+               for path, status in ((path, os.stat(path)) for path, _ in samples)]
     stamp = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     if stamp in checked:
         return len(samples), stamp
@@ -2108,7 +2109,8 @@ def images_to_make(out_dir, file_of, num_classes, per_class, max_new_images, dig
     wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
     mine, found = [], []
     for key in wanted[rank::world]:
-        path, size = out_dir / file_of(*key), file_size(out_dir / file_of(*key))
+        path = out_dir / file_of(*key)
+        size = file_size(path)
         if size is not None and size == records.get(key, {}).get("bytes"):
             continue
         record = image_record(path) if size else {}
@@ -2752,21 +2754,19 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
         preset = weights.transforms()
         input_size, resize_size = preset.crop_size[0], preset.resize_size[0]
         mean, std = preset.mean, preset.std
-    if weights_path is not None and resize_size:
-        model = torchvision.models.get_model(name_or_path, weights=None, num_classes=num_classes)
         try:
-            model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        except Exception as error:
-            raise UsageError(f"cannot load teacher weights {weights_path} into {name_or_path}: "
-                             f"{first_line(error)}")
-    elif resize_size:
-        class_names = list(weights.meta["categories"])
-        try:
-            model = torchvision.models.get_model(name_or_path, weights=weights)
-        except OSError as error:
-            raise UsageError(f"could not download the teacher weights '{weights}' "
-                             f"({first_line(error)}); offline, put them in "
-                             f"{torch.hub.get_dir()}/checkpoints or pass --teacher-weights PATH")
+            if weights_path is None:
+                model = torchvision.models.get_model(name_or_path, weights=weights)
+                class_names = list(weights.meta["categories"])
+            else:
+                model = torchvision.models.get_model(name_or_path, num_classes=num_classes)
+                model.load_state_dict(torch.load(weights_path, map_location="cpu",
+                                                 weights_only=True))
+        except Exception as error:  # a download or a state dict that fails: say which, offline
+            raise UsageError(f"cannot load the {name_or_path} teacher's weights "
+                             f"{weights_path or weights} ({first_line(error)}); offline, put "
+                             f"them in {torch.hub.get_dir()}/checkpoints or pass "
+                             f"--teacher-weights PATH")
     teacher = with_preprocessing(model, input_size, mean, std, resize_size)
     return teacher.to(device).eval().requires_grad_(False), class_names
 

@@ -1359,9 +1359,9 @@ def test_a_torchvision_teacher_is_preprocessed_and_evaluated_as_its_weights_defi
     weights = torchvision.models.ResNet50_Weights.DEFAULT
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pt")
     teacher, _ = prism.load_teacher("resnet50", "cpu", weights_path=tmp_path / "r50.pt")
-    assert prism.teacher_sizes(teacher) == {"image_size": 224, "resize_size": 232}
+    assert prism.eval_sizes(teacher) == {"image_size": 224, "resize_size": 232}
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
-    ours = prism.eval_transform(**prism.teacher_sizes(teacher))(image).unsqueeze(0)
+    ours = prism.eval_transform(**prism.eval_sizes(teacher))(image).unsqueeze(0)
     torch.testing.assert_close(teacher[0](ours)[0], weights.transforms()(image), atol=2e-2, rtol=0)
 
 
@@ -1432,7 +1432,6 @@ def test_default_workers_and_channels_last_follow_the_machine(monkeypatch):
     assert prism.default_workers() == 12  # 8 processes: 27 cores each, capped
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert prism.default_workers() == 12  # not 223
-    monkeypatch.undo()
     assert prism.parse_args(["--out", "x"]).workers == prism.default_workers()
     # channels_last: on with CUDA (faster convolutions there), off on a CPU, unless a flag says
     assert prism.parse_args(["--device", "cuda:1"]).channels_last is True
