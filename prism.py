@@ -88,146 +88,10 @@ from tqdm.auto import tqdm
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # PART I — THE METHOD (§1-§5), in the order data flows
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# Defaults, each written once: the functions below take them as keyword defaults, and the command
-# line (build_parser) offers each field with its help as the flag --field-name.
-def flag(default, text, **options):
-    """A field of a defaults class and its command-line flag: the default, the help text and
-    command-line options (type, when the default does not give it; action; nargs; choices)."""
-    return dataclasses.field(default=default, metadata={"help": text, **options})
-
-
-@dataclasses.dataclass(frozen=True)
-class RunDefaults:
-    """run"""
-    out: str = flag("runs/prism", "output folder: prompts, images, checkpoints, results")
-    seed: int = flag(0, "seed of prompts, image noise and training")
-    device: str = flag("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...; under "
-                       "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
-    workers: int | None = flag(None, "data loading processes per torchrun process (default: "
-                               "the cores this process may use, shared by the node's "
-                               "processes, minus one, at most 12: 12 decode about 6,000 "
-                               "images/s, enough for one GPU)", type=int)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelDefaults:
-    """models and classes"""
-    teacher: str = flag("resnet50", "torchvision classifier name or TorchScript file")
-    teacher_weights: str | None = flag(None, "state dict for a torchvision --teacher instead of "
-                                       "downloading", type=str)
-    teacher_input_size: int = flag(224, "input size of a TorchScript teacher")
-    teacher_mean: tuple = flag((0.485, 0.456, 0.406), "mean of a TorchScript teacher",
-                               type=float, nargs=3)
-    teacher_std: tuple = flag((0.229, 0.224, 0.225), "std of a TorchScript teacher",
-                              type=float, nargs=3)
-    data: str = flag("imagenet", "'imagenet' or a class list file: one "
-                     "'name[<TAB>description]' a line")
-    student: str = flag("resnet18", "torchvision classifier trained from scratch")
-    sd_model: str = flag("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion "
-                         "1.x/2.x hub id or local folder")
-    llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned causal LM (hub id or local "
-                    "folder) that describes each class and writes its scenes (§3); none: the "
-                    "built-in lists and the teacher's neighbours, no LLM")
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptDefaults:
-    """prompts (§3)"""
-    per_class: int = flag(100, "synthetic images (and prompts) per class")
-    photo_share: float = flag(0.8, "share of prompts in a photo style; the rest: sketch, "
-                              "painting, cartoon, ...")
-    neighbours: int = flag(2, "teacher-nearest classes that tell which sense of a class name "
-                           "is meant (0: off); they are never drawn")
-    scenes_per_class: int = flag(12, "scenes the LLM writes for each class")
-    prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md (per "
-                              "class: description, its source, sample prompts), then stop: "
-                              "read it before the long run", action="store_true")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingDefaults:
-    """energy-guided sampling (§1-2)"""
-    steps: int = flag(50, "T, denoising steps")
-    cfg: float = flag(3.0, "classifier-free guidance scale w (low favours diversity; <= 1 "
-                      "turns classifier-free guidance off)")
-    energy_scale: float = flag(0.25, "s_E, weight of the teacher energy E")
-    class_scale: float = flag(0.25, "s_C, weight of the class cross-entropy")
-    energy_temperature: float = flag(1.0, "τ of the energy E = -τ logsumexp(f/τ)")
-    guidance_start: float = flag(0.1, "guidance window start, fraction of steps (a window "
-                                 "holding no step is refused)")
-    guidance_end: float = flag(0.7, "guidance window end, fraction of steps")
-    guidance_every: int = flag(2, "guide every k-th step inside the window")
-    scheduler: str = flag("DDIMScheduler", "a diffusers scheduler class, made from the model's "
-                          "own scheduler config, or 'model' for the model's own (SD 1.5: PNDM). "
-                          "A multistep scheduler (PNDM, LMS, DPM++, UniPC, DEIS, Heun) reuses "
-                          "past steps' ε̂, so guiding only some steps see-saws: it is refused "
-                          "unless every step is guided")
-    exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
-    no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
-    guidance_batch: int = flag(4, "images per guidance decode with its backward pass (about 3 "
-                               "GiB each at 512² in float16): bounds guidance memory whatever "
-                               "--gen-batch is; the result does not depend on it")
-    gen_batch: int = flag(8, "images per sampling batch (per torchrun process)")
-    height: int | None = flag(None, "image height (default: the model's)", type=int)
-    width: int | None = flag(None, "image width (default: the model's)", type=int)
-    image_format: str = flag("png", "cached image format (jpg: quality 95, smaller and faster "
-                             "to decode, lossy)", choices=("png", "jpg"))
-    max_new_images: int | None = flag(None, "generate at most this many images now (job time "
-                                      "limits)", type=int)
-    store_size: int = flag(320, "cache images with their shorter side at this size (0: as "
-                           "generated); the teacher's energy and p(y) are recorded at full size")
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillDefaults:
-    """distillation (§4)"""
-    epochs: int = flag(100, "KD epochs over the synthetic set (0: no distillation)")
-    epochs_this_run: int | None = flag(None, "train at most this many epochs now (job time "
-                                       "limits)", type=int)
-    batch_size: int = flag(256, "global KD batch size (split over torchrun processes)")
-    lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)")
-    weight_decay: float = flag(1e-4, "SGD weight decay")
-    kd_temperature: float = flag(10.0, "τ_kd of the KD loss (DM-KD's)")
-    crop_scale: float = flag(0.08, "smallest share of an image a KD crop covers: "
-                             "RandomResizedCrop's scale (s, 1) (torchvision's and DM-KD's)")
-    image_size: int = flag(224, "student (and KD crop) input size")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeasureDefaults:
-    """measuring the synthetic set (§5), evaluation and ablations"""
-    pr_k: int = flag(3, "k of the k-NN balls of precision, recall, density, coverage")
-    sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)")
-    val_dir: list | None = flag(None, "real labelled images, one folder per class, evaluated "
-                                "for teacher and student; repeat it for shifted test sets "
-                                "(ImageNet-V2, -Sketch, -R, -A). The first is the "
-                                "in-distribution set (precision/recall use it): put ImageNet "
-                                "val first. Folders named by class index (0 ... 999), class "
-                                "name or id (wnid); a set of fewer classes is scored over "
-                                "their logits only. Default NAME: the folder's",
-                                action="append", metavar="[NAME=]PATH")
-    class_ids: str | None = flag(None, "the ids of the classes in label order, one a line "
-                                 "(ImageNet: its wnids), for --val-dir sets in id folders; "
-                                 "default: the sorted folders of a --val-dir set with one "
-                                 "folder per class", metavar="FILE")
-    ablate: list | None = flag(None, "turn parts of the method off (one --out per variant), "
-                               "then compare precision and recall in results.json; with --epochs "
-                               "0 only the synthetic set is made and measured", nargs="+",
-                               choices=("guidance", "disambiguation", "content", "style"),
-                               type=str, action="extend")
-    eval_batch: int = 100        # images per evaluation batch
-    worst: int = 10              # classes named as the worst in each report
-    distance_block: int = 1024   # rows per block of k-NN distances (memory)
-
-
-RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
-SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # The equations (§1, §2, §4), one small function each
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def teacher_energy(logits, temperature=SAMPLING.energy_temperature):
+def teacher_energy(logits, temperature=1.0):
     """The teacher's energy of each sample (§1, Liu et al. 2020): low on what it finds
     in-distribution. `logits` are f_T(x), `temperature` is τ."""
     # E(x) = -τ · logsumexp(f_T(x) / τ)
@@ -235,7 +99,7 @@ def teacher_energy(logits, temperature=SAMPLING.energy_temperature):
 
 
 def guidance_loss(logits, class_ids, *, energy_scale, class_scale,
-                  temperature=SAMPLING.energy_temperature):
+                  temperature=1.0):
     """The guidance loss L(x, y) of §1 for each sample: energy (precision) plus the cross-entropy
     of the intended class y; `energy_scale` is s_E, `class_scale` s_C. Two scales rather than
     one scale and a ratio let either term be used alone."""
@@ -324,7 +188,7 @@ def scaled_vjp(outputs, inputs, vectors):
 
 
 def clean_latent_grad(vae, teacher, clean_latents, class_ids, *,
-                      batch_size=SAMPLING.guidance_batch, **objective):
+                      batch_size=4, **objective):
     """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
 
     D is the pipeline's own VAE decoder on the full-size ẑ0 (the method's gradient); the teacher,
@@ -348,7 +212,7 @@ def clean_latent_grad(vae, teacher, clean_latents, class_ids, *,
 
 
 def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
-                      exact=False, batch_size=SAMPLING.guidance_batch, **objective):
+                      exact=False, batch_size=4, **objective):
     """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32.
 
     predict_epsilon(z, rows) returns ε̂ for the samples `rows` of the batch, at z.
@@ -406,7 +270,7 @@ def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
     return (epsilon32 + (1 - alpha_bar) ** 0.5 * grad32).to(epsilon.dtype), finite
 
 
-def kd_loss(student_logits, teacher_logits, temperature=DISTILL.kd_temperature):
+def kd_loss(student_logits, teacher_logits, temperature=10.0):
     """The distillation loss of Hinton et al. 2015 (§4), the batch mean; `temperature` is τ_kd.
     The τ_kd² keeps gradient magnitudes comparable across temperatures."""
     # L_KD = τ_kd² · KL(softmax(f_T/τ_kd) ‖ softmax(f_S/τ_kd))
@@ -448,7 +312,7 @@ def eval_sizes(classifier):
     return {"image_size": classifier[0].input_size, "resize_size": classifier[0].resize_size}
 
 
-def with_preprocessing(model, input_size, mean=MODELS.teacher_mean, std=MODELS.teacher_std,
+def with_preprocessing(model, input_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                        resize_size=None):
     """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size.
     """
@@ -781,7 +645,7 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
 
 
 def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
-                    scenes_per_class=PROMPTS.scenes_per_class, device="cpu"):
+                    scenes_per_class=12, device="cpu"):
     """Puts the LLM's answers into describe_classes' entries (§3): its description of what the
     class is (llm_description; not for a class described by the user's file) and its scenes
     (clean_line, whole_phrase: one per line, in order, without repeats). An answer that names
@@ -818,7 +682,7 @@ def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
     return classes
 
 
-def compose_prompts(classes, per_class, *, photo_share=PROMPTS.photo_share, seed=RUN.seed,
+def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0,
                     vary_style=True):
     """`per_class` prompts for each of describe_classes' entries (§3):
 
@@ -848,9 +712,9 @@ def compose_prompts(classes, per_class, *, photo_share=PROMPTS.photo_share, seed
 
 
 def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None,
-                  text_encoder=None, answers=None, neighbours=PROMPTS.neighbours,
-                  photo_share=PROMPTS.photo_share, seed=RUN.seed,
-                  scenes_per_class=PROMPTS.scenes_per_class, llm_device="cpu", disambiguate=True,
+                  text_encoder=None, answers=None, neighbours=2,
+                  photo_share=0.8, seed=0,
+                  scenes_per_class=12, llm_device="cpu", disambiguate=True,
                   vary_content=True, vary_style=True):
     """Returns (prompts, classes): `per_class` prompts per class, deterministic for a seed, and
     describe_classes' entry per class, which says where each part came from (§3).
@@ -963,7 +827,7 @@ def latent_shape(pipe, height=None, width=None):
     return pipe.unet.config.in_channels, height // factor, width // factor
 
 
-def final_stats(teacher, images, class_ids, temperature=SAMPLING.energy_temperature):
+def final_stats(teacher, images, class_ids, temperature=1.0):
     """What every saved image keeps (§2): the teacher's final "energy" E(x), its "top1" class and
     "p_class", the probability of the intended class, so that precision can be filtered later."""
     with torch.no_grad():
@@ -980,14 +844,10 @@ def decode_images(pipe, latents):
 
 
 def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None,
-                         num_steps=SAMPLING.steps, cfg_scale=SAMPLING.cfg,
-                         energy_scale=SAMPLING.energy_scale, class_scale=SAMPLING.class_scale,
-                         guidance_start=SAMPLING.guidance_start,
-                         guidance_end=SAMPLING.guidance_end,
-                         guidance_every=SAMPLING.guidance_every, exact_grad=False,
-                         normalize_grad=True, temperature=SAMPLING.energy_temperature, height=None,
-                         width=None, guidance_batch=SAMPLING.guidance_batch, guidance_vae=None,
-                         trace=None):
+                         num_steps=50, cfg_scale=3.0, energy_scale=0.25, class_scale=0.25,
+                         guidance_start=0.1, guidance_end=0.7, guidance_every=2,
+                         exact_grad=False, normalize_grad=True, temperature=1.0, height=None,
+                         width=None, guidance_batch=4, guidance_vae=None, trace=None):
     """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2).
 
     Returns (images, stats): images in [0, 1], float32, (B, 3, H, W); stats as final_stats, plus
@@ -1003,13 +863,12 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     `generator`: a list of one torch.Generator per image makes a stochastic scheduler's step
     noise a function of each image's own generator. `trace`, a list, receives the state and g of
     every guided step. With both scales 0 this is exactly `pipe(prompts, latents=latents,
-    num_inference_steps=num_steps, guidance_scale=cfg_scale, output_type="pt")`.
+    num_inference_steps=num_steps, guidance_scale=cfg_scale, output_type="pt")`. The arguments
+    are trusted (the command line checks them); height and width default to the model's size.
     """
     scheduler, device = pipe.scheduler, pipe.device
-    height, width = check_sampler_arguments(
-        pipe, num_steps=num_steps, cfg_scale=cfg_scale, energy_scale=energy_scale,
-        class_scale=class_scale, guidance_start=guidance_start, guidance_end=guidance_end,
-        guidance_every=guidance_every, guidance_batch=guidance_batch, height=height, width=width)
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     class_ids = torch.as_tensor(class_ids, device=device)
 
     # The same preparation as StableDiffusionPipeline.__call__, through its own methods.
@@ -1035,16 +894,14 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
                             None if uncond is None else uncond[rows], class_ids[rows],
                             generator=generators(rows), guided_steps=set(), **loop)
         images[rows] = decode_images(pipe, redone)
-    refuse_non_finite(images, prompts, text.dtype)
+    finite = torch.isfinite(images.flatten(1)).all(1)
+    failed = [prompt for prompt, ok in zip(prompts, finite) if not ok]
+    if failed:  # the model fails even unguided: no image of NaN is ever returned
+        raise UsageError(f"the diffusion model gives non-finite pixels for '{failed[0]}' even "
+                         f"without guidance (in {text.dtype}): run it in float32 (--dtype "
+                         f"float32) or check its weights")
     stats = final_stats(teacher, images, class_ids, temperature)
     return images, dict(stats, guidance_skipped=skipped, resampled_unguided=resampled)
-
-
-def sampler_defaults():
-    """The default keyword arguments of energy_guided_sample (SamplingDefaults' values and the
-    rest of its signature), to complete a partial set of sampling options."""
-    parameters = inspect.signature(energy_guided_sample).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -1088,10 +945,10 @@ def resize_for_storage(images, store_size):
                          antialias=True).clamp(0, 1)
 
 
-def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=RUN.seed,
-                       batch_size=SAMPLING.gen_batch, image_format=SAMPLING.image_format,
+def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0,
+                       batch_size=8, image_format="png",
                        store_size=None, identity=None, overwrite=False, max_new_images=None,
-                       progress=True, guidance_vae=None, guidance_batch=SAMPLING.guidance_batch,
+                       progress=True, guidance_vae=None, guidance_batch=4,
                        **sample_kwargs):
     """Generates and caches `per_class` images per class; returns the manifest records, sorted.
 
@@ -1180,9 +1037,9 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
         return (self.epoch * len(self.dataset) + index for index in super().__iter__())
 
 
-def kd_loader(data_dir, batch_size, *, image_size=DISTILL.image_size,
-              crop_scale=DISTILL.crop_scale, num_workers=RUN.workers,
-              seed=RUN.seed, pin_memory=False):
+def kd_loader(data_dir, batch_size, *, image_size=224,
+              crop_scale=0.08, num_workers=0,
+              seed=0, pin_memory=False):
     """(loader, sampler) of KD batches from the ImageFolder tree `data_dir`, this rank's share.
 
     Each image is augmented once (random resized crop, flip: SeededAugmentation) and travels as
@@ -1253,10 +1110,10 @@ def kd_epoch(teacher, model, optimizer, schedule, loader, *, temperature, amp, d
 
 
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_path,
-            temperature=DISTILL.kd_temperature, device="cpu", image_size=DISTILL.image_size,
-            crop_scale=DISTILL.crop_scale,
-            weight_decay=DISTILL.weight_decay, momentum=0.9, num_workers=RUN.workers,
-            seed=RUN.seed, data_settings=None, epochs_this_run=None, overwrite=False,
+            temperature=10.0, device="cpu", image_size=224,
+            crop_scale=0.08,
+            weight_decay=1e-4, momentum=0.9, num_workers=0,
+            seed=0, data_settings=None, epochs_this_run=None, overwrite=False,
             progress=True, channels_last=False):
     """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4);
     returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
@@ -1317,7 +1174,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_pa
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # Stage 5. Precision and recall of the synthetic set (§5), accuracy on real test sets
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def knn_radii(features, k, batch_size=MEASURE.distance_block):
+def knn_radii(features, k, batch_size=1024):
     """Distance from every row of `features` to its k-th nearest other row: the radius of its
     k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
     if len(features) <= k:
@@ -1328,8 +1185,8 @@ def knn_radii(features, k, batch_size=MEASURE.distance_block):
     return torch.cat(radii)
 
 
-def precision_recall(real_features, fake_features, k=MEASURE.pr_k,
-                     batch_size=MEASURE.distance_block):
+def precision_recall(real_features, fake_features, k=3,
+                     batch_size=1024):
     """Precision and recall (Kynkäänniemi et al., NeurIPS 2019) and density and coverage (Naeem et
     al., ICML 2020) of fake features against real ones (§5), with Euclidean k-NN balls B(x, r_k(x))
     whose radius r_k is the distance to the k-th nearest neighbour within the point's own set:
@@ -1380,9 +1237,9 @@ def eval_loader(dataset, batch_size, num_workers, device):
 
 
 @torch.no_grad()
-def extract_features(teacher, data_dir, *, classes=None, image_size=DISTILL.image_size,
-                     resize_size=None, batch_size=MEASURE.eval_batch, device="cpu",
-                     num_workers=RUN.workers, progress=True):
+def extract_features(teacher, data_dir, *, classes=None, image_size=224,
+                     resize_size=None, batch_size=100, device="cpu",
+                     num_workers=0, progress=True):
     """Teacher features of every image of an ImageFolder tree, in its order: (features (N, D),
     labels (N,)), float32 on the CPU, under eval_transform(image_size, resize_size). The
     features are the input of the teacher's last nn.Linear: the global-pooled penultimate layer
@@ -1422,7 +1279,7 @@ def lowest(entries, key, count):
     return [entry["name"] for entry in sorted(scored, key=lambda entry: entry[key])[:count]]
 
 
-def synthetic_set_report(records, features, class_names, *, worst=MEASURE.worst):
+def synthetic_set_report(records, features, class_names, *, worst=10):
     """What can be measured without real data (§2, §5), overall and per class, from the manifest
     `records` (sorted by class, index) and the teacher `features` of the same images in that order:
     agreement (share of images whose teacher top-1 is the intended class), the mean and spread of
@@ -1453,8 +1310,8 @@ def synthetic_set_report(records, features, class_names, *, worst=MEASURE.worst)
 
 
 def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names, *,
-                            k=MEASURE.pr_k,
-                            batch_size=MEASURE.distance_block, worst=MEASURE.worst):
+                            k=3,
+                            batch_size=1024, worst=10):
     """precision_recall of the synthetic set against real images (§5): overall, and per class
     (class-conditional: synthetic class c against real class c). A class with k or fewer images
     on either side has no per-class numbers (None). The `worst` classes by precision and by recall
@@ -1476,8 +1333,8 @@ def precision_recall_report(real_features, real_labels, fake_features, fake_labe
 
 
 @torch.no_grad()
-def evaluate(model, data_dir, *, classes=None, batch_size=MEASURE.eval_batch, device="cpu",
-             image_size=DISTILL.image_size, resize_size=None, num_workers=RUN.workers,
+def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu",
+             image_size=224, resize_size=None, num_workers=0,
              progress=True):
     """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree under
     eval_transform(image_size, resize_size). `classes`: the model class of each sorted class folder
@@ -1758,6 +1615,157 @@ import argparse
 import torch.distributed as dist
 
 
+# The command line's defaults, each written once: a flag of the method reads its default from the
+# signature of the Part I function that uses it (keyword_defaults); build_parser offers each field
+# with its help as the flag --field-name.
+def keyword_defaults(function):
+    """{name: default} of `function`'s keywords: a method's values, written once, in Part I."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def flag(default, text, **options):
+    """A field of a defaults class and its command-line flag: the default, the help text and
+    command-line options (type, when the default does not give it; action; nargs; choices)."""
+    return dataclasses.field(default=default, metadata={"help": text, **options})
+
+
+SAMPLER, PROMPTING = keyword_defaults(energy_guided_sample), keyword_defaults(build_prompts)
+NORMALISATION = keyword_defaults(with_preprocessing)
+CACHING, KD = keyword_defaults(synthesize_dataset), keyword_defaults(distill)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDefaults:
+    """run"""
+    out: str = flag("runs/prism", "output folder: prompts, images, checkpoints, results")
+    seed: int = flag(0, "seed of prompts, image noise and training")
+    device: str = flag("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...; under "
+                       "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
+    workers: int | None = flag(None, "data loading processes per torchrun process (default: "
+                               "the cores this process may use, shared by the node's "
+                               "processes, minus one, at most 12: 12 decode about 6,000 "
+                               "images/s, enough for one GPU)", type=int)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDefaults:
+    """models and classes"""
+    teacher: str = flag("resnet50", "torchvision classifier name or TorchScript file")
+    teacher_weights: str | None = flag(None, "state dict for a torchvision --teacher instead of "
+                                       "downloading", type=str)
+    teacher_input_size: int = flag(224, "input size of a TorchScript teacher")
+    teacher_mean: tuple = flag(NORMALISATION["mean"], "mean of a TorchScript teacher",
+                               type=float, nargs=3)
+    teacher_std: tuple = flag(NORMALISATION["std"], "std of a TorchScript teacher",
+                              type=float, nargs=3)
+    data: str = flag("imagenet", "'imagenet' or a class list file: one "
+                     "'name[<TAB>description]' a line")
+    student: str = flag("resnet18", "torchvision classifier trained from scratch")
+    sd_model: str = flag("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion "
+                         "1.x/2.x hub id or local folder")
+    llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned causal LM (hub id or local "
+                    "folder) that describes each class and writes its scenes (§3); none: the "
+                    "built-in lists and the teacher's neighbours, no LLM")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptDefaults:
+    """prompts (§3)"""
+    per_class: int = flag(100, "synthetic images (and prompts) per class")
+    photo_share: float = flag(PROMPTING["photo_share"], "share of prompts in a photo style; "
+                              "the rest: sketch, painting, cartoon, ...")
+    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes that tell which "
+                           "sense of a class name is meant (0: off); they are never drawn")
+    scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes for each "
+                                 "class")
+    prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md (per "
+                              "class: description, its source, sample prompts), then stop: "
+                              "read it before the long run", action="store_true")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """energy-guided sampling (§1-2)"""
+    steps: int = flag(SAMPLER["num_steps"], "T, denoising steps")
+    cfg: float = flag(SAMPLER["cfg_scale"], "classifier-free guidance scale w (low favours "
+                      "diversity; <= 1 turns classifier-free guidance off)")
+    energy_scale: float = flag(SAMPLER["energy_scale"], "s_E, weight of the teacher energy E")
+    class_scale: float = flag(SAMPLER["class_scale"], "s_C, weight of the class cross-entropy")
+    energy_temperature: float = flag(SAMPLER["temperature"], "τ of the energy "
+                                     "E = -τ logsumexp(f/τ)")
+    guidance_start: float = flag(SAMPLER["guidance_start"], "guidance window start, fraction "
+                                 "of steps (a window holding no step is refused)")
+    guidance_end: float = flag(SAMPLER["guidance_end"], "guidance window end, fraction of steps")
+    guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step inside the "
+                               "window")
+    scheduler: str = flag("DDIMScheduler", "a diffusers scheduler class, made from the model's "
+                          "own scheduler config, or 'model' for the model's own (SD 1.5: PNDM). "
+                          "A multistep scheduler (PNDM, LMS, DPM++, UniPC, DEIS, Heun) reuses "
+                          "past steps' ε̂, so guiding only some steps see-saws: it is refused "
+                          "unless every step is guided")
+    exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
+    no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
+    guidance_batch: int = flag(SAMPLER["guidance_batch"], "images per guidance decode with its "
+                               "backward pass (about 3 GiB each at 512² in float16): bounds "
+                               "guidance memory whatever --gen-batch is; the result does not "
+                               "depend on it")
+    gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch (per torchrun "
+                          "process)")
+    height: int | None = flag(None, "image height (default: the model's)", type=int)
+    width: int | None = flag(None, "image width (default: the model's)", type=int)
+    image_format: str = flag(CACHING["image_format"], "cached image format (jpg: quality 95, "
+                             "smaller and faster to decode, lossy)", choices=("png", "jpg"))
+    max_new_images: int | None = flag(None, "generate at most this many images now (job time "
+                                      "limits)", type=int)
+    store_size: int = flag(320, "cache images with their shorter side at this size (0: as "
+                           "generated); the teacher's energy and p(y) are recorded at full size")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillDefaults:
+    """distillation (§4)"""
+    epochs: int = flag(100, "KD epochs over the synthetic set (0: no distillation)")
+    epochs_this_run: int | None = flag(None, "train at most this many epochs now (job time "
+                                       "limits)", type=int)
+    batch_size: int = flag(256, "global KD batch size (split over torchrun processes)")
+    lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)")
+    weight_decay: float = flag(KD["weight_decay"], "SGD weight decay")
+    kd_temperature: float = flag(KD["temperature"], "τ_kd of the KD loss (DM-KD's)")
+    crop_scale: float = flag(KD["crop_scale"], "smallest share of an image a KD crop covers: "
+                             "RandomResizedCrop's scale (s, 1) (torchvision's and DM-KD's)")
+    image_size: int = flag(KD["image_size"], "student (and KD crop) input size")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureDefaults:
+    """measuring the synthetic set (§5), evaluation and ablations"""
+    pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of the k-NN balls of "
+                     "precision, recall, density, coverage")
+    sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)")
+    val_dir: list | None = flag(None, "real labelled images, one folder per class, evaluated "
+                                "for teacher and student; repeat it for shifted test sets "
+                                "(ImageNet-V2, -Sketch, -R, -A). The first is the "
+                                "in-distribution set (precision/recall use it): put ImageNet "
+                                "val first. Folders named by class index (0 ... 999), class "
+                                "name or id (wnid); a set of fewer classes is scored over "
+                                "their logits only. Default NAME: the folder's",
+                                action="append", metavar="[NAME=]PATH")
+    class_ids: str | None = flag(None, "the ids of the classes in label order, one a line "
+                                 "(ImageNet: its wnids), for --val-dir sets in id folders; "
+                                 "default: the sorted folders of a --val-dir set with one "
+                                 "folder per class", metavar="FILE")
+    ablate: list | None = flag(None, "turn parts of the method off (one --out per variant), "
+                               "then compare precision and recall in results.json; with --epochs "
+                               "0 only the synthetic set is made and measured", nargs="+",
+                               choices=("guidance", "disambiguation", "content", "style"),
+                               type=str, action="extend")
+
+
+RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
+SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
+
+
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # Errors: bad input is one line and exit code 2, a failed run one line and exit code 1
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -1787,17 +1795,6 @@ def cannot_load(what, name_or_path, error, alternative=""):
     reason = reason if len(reason) <= 120 else reason[:117] + "..."
     return (f"cannot load {what} {name_or_path} ({type(error).__name__}: {reason}); check that "
             f"the folder is complete" + (f", or use {alternative}" if alternative else ""))
-
-
-def refuse_non_finite(images, prompts, dtype):
-    """Raises UsageError if an image is still not finite after an unguided resample: the model
-    itself fails (an overflow in float16, or broken weights)."""
-    failed = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
-    if failed:
-        way_out = ("check its weights" if dtype == torch.float32
-                   else f"it overflows in {dtype}; run it in float32 (--dtype float32)")
-        raise UsageError(f"the diffusion model gives non-finite pixels for '{prompts[failed[0]]}' "
-                         f"even without guidance: {way_out}")
 
 
 def report(kind, message):
@@ -2061,7 +2058,7 @@ def check_synthesis_arguments(pipe, prompts, per_class, batch_size, image_format
         raise UsageError(f"image_format must be png or jpg, got {image_format}")
     if any(len(p) < per_class for p in prompts):
         raise UsageError(f"every class needs at least per_class={per_class} prompts")
-    check_sampler_arguments(pipe, **{**sampler_defaults(), **sample_kwargs})
+    check_sampler_arguments(pipe, **{**SAMPLER, **sample_kwargs})
 
 
 def open_image_set(out_dir, settings, num_classes, *, overwrite):
@@ -3128,7 +3125,7 @@ def check_guidance_window(pipe, sample_kwargs):
     last few ε̂, so a push on every second step enters four later updates with weights of both
     signs: along g, SD 1.5's PNDM moves the latent +15, -3, +26, +2, +31 where DDIM moves +7,
     +7, +13, +13. The push of §2 is a single-step scheduler's."""
-    options = {**sampler_defaults(), **sample_kwargs}
+    options = {**SAMPLER, **sample_kwargs}
     pipe.scheduler.set_timesteps(options["num_steps"])
     steps, name = len(pipe.scheduler.timesteps), type(pipe.scheduler).__name__
     start, end = options["guidance_start"], options["guidance_end"]
@@ -3885,7 +3882,7 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
     mean final teacher energy, p(y) and top-1 accuracy. per_class: those three, unguided and
     with the default guidance, for each class.
     """
-    options = {**sampler_defaults(), **sample_kwargs}
+    options = {**SAMPLER, **sample_kwargs}
     modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0), "approx (default)": {},
              "exact": dict(exact_grad=True)}
     if guidance_vae is not None:

@@ -537,11 +537,12 @@ def test_guidance_outside_window_changes_nothing(pipe, teacher):
     torch.testing.assert_close(empty_window, plain, atol=0, rtol=0)
 
 
-def test_sampler_rejects_bad_arguments(pipe, teacher):
+def test_sampler_arguments_are_checked_where_they_enter(pipe):
+    """The sampler trusts its inputs; the command line checks them against the model first."""
     for bad in (dict(num_steps=0), dict(energy_scale=-1.0), dict(guidance_start=0.5, guidance_end=0.4),
-                dict(guidance_end=1.5), dict(guidance_every=0), dict(height=21)):
+                dict(guidance_end=1.5), dict(guidance_every=0), dict(height=21), dict(num_steps=1001)):
         with pytest.raises(prism.UsageError):
-            prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], **bad)
+            prism.check_sampler_arguments(pipe, **{**prism.SAMPLER, **bad})
 
 
 # ── §2 the guidance gradient: the method's own, in float32 and float16, at bounded memory ────
@@ -674,7 +675,7 @@ def test_vae_gradient_checkpointing_keeps_the_gradient_and_saves_memory(pipe, te
 def test_default_scales_lower_energy_and_raise_class_probability(pipe, teacher):
     """At the defaults (50 steps, 15 guided, s_E = s_C = 0.25 with the ‖ε̂‖ rescale) guidance has
     an effect well above float noise, and it grows with the scales."""
-    defaults = prism.sampler_defaults()
+    defaults = prism.SAMPLER
     assert len(prism.guided_step_indices(50, defaults["guidance_start"], defaults["guidance_end"],
                                          defaults["guidance_every"])) == 15
     start, prompts, ids = latents(8), PROMPTS * 2, [0, 1, 2, 3] * 2
@@ -773,9 +774,9 @@ def test_alpha_bar_at_follows_each_scheduler_and_kdpm2_is_refused(pipe, teacher,
         assert drift > 1.0  # why it is refused
         pipe.scheduler = scheduler
         with pytest.raises(prism.UsageError, match="cannot use KDPM2DiscreteScheduler"):
-            prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], latents=latents(1), **SAMPLE)
-        prism.energy_guided_sample(pipe, teacher, PROMPTS[:1], [0], latents=latents(1),  # unguided is fine
-                                   **dict(SAMPLE, energy_scale=0.0, class_scale=0.0))
+            prism.check_sampler_arguments(pipe, **{**prism.SAMPLER, **SAMPLE})
+        prism.check_sampler_arguments(pipe, **{**prism.SAMPLER, **SAMPLE, "energy_scale": 0.0,
+                                               "class_scale": 0.0})  # unguided is fine
     else:
         assert drift < 1e-4
     if name == "DDIMScheduler":
@@ -2316,6 +2317,7 @@ time.sleep(7 if rank == 1 else 0)  # rank 1's share of the images takes longer
 prism.barrier()
 prism.on_rank_zero(lambda: time.sleep(7))  # rank 0 alone builds the prompts
 sys.stdout.write(f"{rank} {prism.sum_over_ranks([rank + 1])}\\n")  # one write: no interleaving
+prism.dist.destroy_process_group()  # as main() does: gloo's threads end before the process
 """
 
 
