@@ -1050,11 +1050,10 @@ def kd_loader(data_dir, batch_size, *, image_size=224,
     rank, world = rank_and_world()
     augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1)),
                                   transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
-    dataset = SeededAugmentation(image_folder(data_dir, transform=None), augment, seed)
+    dataset = SeededAugmentation(torchvision.datasets.ImageFolder(data_dir), augment, seed)
     rank_batch = min(batch_size, len(dataset)) // world
     if rank_batch < 1:
         raise UsageError(f"{data_dir} has {len(dataset)} images, fewer than the {world} processes")
-    num_workers = default_workers() if num_workers is None else num_workers
     sampler = EpochTaggedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=rank_batch, sampler=sampler,
@@ -1109,28 +1108,38 @@ def kd_epoch(teacher, model, optimizer, schedule, loader, *, temperature, amp, d
     return total.item(), count, batch  # .item() waits for the GPU
 
 
-def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_path,
-            temperature=10.0, device="cpu", image_size=224,
-            crop_scale=0.08,
-            weight_decay=1e-4, momentum=0.9, num_workers=0,
-            seed=0, data_settings=None, epochs_this_run=None, overwrite=False,
-            progress=True, channels_last=False):
-    """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4);
-    returns the mean KD loss of every epoch done so far. Each batch is augmented once (random
-    resized crop, flip) and shown to both the teacher (online, frozen) and the student.
+def student_is_finite(student, batch, amp=contextlib.nullcontext()):
+    """True if every weight of the student and its outputs on `batch` (as it will be used: eval
+    mode) are finite. Weights can be finite yet so large that every output overflows."""
+    if not all(torch.isfinite(t).all() for t in student.state_dict().values()
+               if t.is_floating_point()):
+        return False
+    student.eval()
+    with torch.no_grad(), amp:
+        finite = bool(torch.isfinite(student(batch)).all())
+    student.train()
+    return finite
 
-    `batch_size` and `lr` are global (split over torchrun's ranks). A checkpoint after each epoch
-    is resumed by the next call (resume_distillation); all randomness derives from (seed, epoch,
-    image), so a resumed run ends where an uninterrupted one would. `epochs_this_run` stops
-    early. bf16 autocast on CUDA; `channels_last` for faster convolutions."""
+
+def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=10.0, device="cpu",
+            image_size=224, crop_scale=0.08, weight_decay=1e-4, momentum=0.9, num_workers=0,
+            seed=0, channels_last=False, progress=True, resume=None, stop_after=None,
+            on_epoch=None):
+    """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4)
+    and returns the mean KD loss of every epoch done. Each batch is augmented once (random resized
+    crop, flip) and shown to the teacher (online, frozen) and to the student. `batch_size` and
+    `lr` are global: under torchrun each rank trains on its share (DistributedDataParallel).
+
+    After each epoch `on_epoch(state)` receives {epoch, history, epoch_seconds, student,
+    optimizer, schedule}; given back as `resume`, training goes on after that epoch as if it had
+    never stopped (all randomness derives from (seed, epoch, image)). `stop_after` epochs end
+    this call early. A loss, weight or output that stops being finite is a RunFailure before
+    on_epoch sees it. bf16 autocast on CUDA; `channels_last` for faster convolutions."""
     rank, world = rank_and_world()
-    if min(epochs, batch_size, image_size) < 1 or lr <= 0 or temperature <= 0 or batch_size % world:
-        raise UsageError(f"epochs, batch_size, image_size, lr and temperature must be positive, "
-                         f"and the global batch_size {batch_size} a multiple of the {world} ranks")
     device = torch.device(device)
     loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, seed=seed,
-                                crop_scale=crop_scale,
-                                num_workers=num_workers, pin_memory=device.type == "cuda")
+                                crop_scale=crop_scale, num_workers=num_workers,
+                                pin_memory=device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher.to(device, memory_format=memory_format).eval()
     model = student.to(device, memory_format=memory_format).train()
@@ -1139,16 +1148,13 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_pa
             student, device_ids=[device] if device.type == "cuda" else None)
     optimizer, schedule = kd_optimizer(student, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                        total_steps=epochs * (len(sampler) // loader.batch_size))
-    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-              "image_size": image_size, "crop_scale": crop_scale,
-              "weight_decay": weight_decay, "momentum": momentum,
-              "seed": seed, "images": len(loader.dataset),
-              "classes": len(loader.dataset.images.classes), "data": data_settings}
-    history, first_epoch, epoch_seconds = resume_distillation(
-        Path(checkpoint_path), device, student, optimizer, schedule, config, overwrite=overwrite)
-    last_epoch = epochs if epochs_this_run is None else min(epochs, first_epoch + epochs_this_run)
+    state = {"epoch": 0, "history": [], "epoch_seconds": []}
+    if resume is not None:
+        for part, saved in ((student, "student"), (optimizer, "optimizer"), (schedule, "schedule")):
+            part.load_state_dict(resume[saved])
+        state = {key: copy.deepcopy(resume.get(key, [])) for key in state}
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for epoch in range(first_epoch, last_epoch):
+    for epoch in range(state["epoch"], min(epochs, state["epoch"] + (stop_after or epochs))):
         started = time.perf_counter()
         sampler.set_epoch(epoch)  # the shuffle of epoch e: the same permutation on every rank
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -1157,18 +1163,23 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, checkpoint_pa
                 teacher, model, optimizer, schedule, loader, temperature=temperature, amp=amp,
                 device=device, memory_format=memory_format, progress=progress and rank == 0,
                 description=f"distill {epoch + 1}/{epochs}")
-        loss_sum, batches = sum_over_ranks([loss_sum, batches])
-        refuse_divergence(loss_sum, student, last, amp, epoch=epoch, lr=lr,
-                          checkpoint_path=checkpoint_path)
-        history.append(loss_sum / max(batches, 1))
-        epoch_seconds.append(time.perf_counter() - started)
-        if rank == 0:
-            save_torch_atomic({"epoch": epoch + 1, "config": config, "history": history,
-                               "epoch_seconds": epoch_seconds, "student": student.state_dict(),
-                               "optimizer": optimizer.state_dict(),
-                               "schedule": schedule.state_dict()}, Path(checkpoint_path))
-    broadcast_from_rank_zero(student)  # BatchNorm statistics drift apart on the ranks
-    return history
+        # summed over the ranks: the loss, the batches, and the ranks whose student fails
+        totals = torch.tensor([loss_sum, batches, not student_is_finite(student, last, amp)],
+                              dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+        if not math.isfinite(totals[0]) or totals[2] > 0:
+            raise RunFailure(f"distillation diverged in epoch {epoch + 1} (KD loss {totals[0]:.4g}"
+                             f"; its weights or outputs are not finite); epoch {epoch} was the "
+                             f"last good one. The learning rate {lr} is likely too high: lower "
+                             f"--lr and rerun with --overwrite (the images are kept)")
+        state["history"].append(totals[0].item() / max(totals[1].item(), 1))
+        state["epoch_seconds"].append(time.perf_counter() - started)
+        state["epoch"] = epoch + 1
+        if on_epoch is not None:
+            on_epoch({**state, "student": student.state_dict(),
+                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+    return state["history"]
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -1498,10 +1509,10 @@ def distillation_stage(args, out, models, data_settings, results, device):
         torch.cuda.empty_cache()  # what the diffusion model held
     if args.epochs == 0:
         return True
-    history = distill(
-        models.teacher, models.student, out / "synthetic", epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
-        checkpoint_path=out / "checkpoint.pt", device=device, image_size=args.image_size,
+    history = distill_resumable(
+        models.teacher, models.student, out / "synthetic", out / "checkpoint.pt",
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
+        device=device, image_size=args.image_size,
         weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
         data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
         overwrite=args.overwrite, channels_last=args.channels_last, crop_scale=args.crop_scale)
@@ -2262,50 +2273,32 @@ def load_checkpoint(path, device, student, *, overwrite=False):
                                    "images are kept), or delete it")
 
 
-def student_is_finite(student, batch, amp=contextlib.nullcontext()):
-    """True if every weight of the student and its outputs on `batch` (as it will be used: eval
-    mode) are finite. Weights can be finite yet so large that every output overflows."""
-    if not all(torch.isfinite(t).all() for t in student.state_dict().values()
-               if t.is_floating_point()):
-        return False
-    student.eval()
-    with torch.no_grad(), amp:
-        finite = bool(torch.isfinite(student(batch)).all())
-    student.train()
-    return finite
-
-
-def resume_distillation(checkpoint_path, device, student, optimizer, schedule, config, *,
-                        overwrite):
-    """(history, epochs done, epoch seconds) from the checkpoint at `checkpoint_path` made under
-    `config`, its weights, optimiser and schedule loaded into those given; ([], 0, []) without
-    one. A checkpoint of another config is a UsageError, or ignored with `overwrite`."""
-    checkpoint = load_checkpoint(checkpoint_path, device, student, overwrite=overwrite)
-    resumed = [], 0, []
-    if checkpoint is not None and checkpoint["config"] == config:
-        student.load_state_dict(checkpoint["student"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        resumed = checkpoint["history"], checkpoint["epoch"], checkpoint.get("epoch_seconds", [])
-    elif checkpoint is not None and not overwrite:
-        raise UsageError(f"{checkpoint_path} was made under other settings "
-                         f"({settings_difference(checkpoint['config'], config)}); use --overwrite "
-                         f"to restart")
+def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=False,
+                      data_settings=None, epochs_this_run=None, **options):
+    """distill() with its state in `checkpoint_path` after every epoch (rank 0 writes it
+    atomically), resumed from there by the next call. A checkpoint made under other options or
+    data (`data_settings`) is a UsageError, or with `overwrite` training starts again. At the end
+    every rank takes rank 0's weights (BatchNorm statistics drift apart on the ranks)."""
+    config = {key: value for key, value in {**KD, **options, "data": data_settings}.items()
+              if key not in ("device", "num_workers", "progress", "channels_last", "resume",
+                             "stop_after", "on_epoch")}
+    checkpoint = load_checkpoint(checkpoint_path, options.get("device", "cpu"), student,
+                                 overwrite=overwrite)
+    if checkpoint is not None and checkpoint["config"] != config:
+        if not overwrite:
+            raise UsageError(f"{checkpoint_path} was made under other settings "
+                             f"({settings_difference(checkpoint['config'], config)}); use "
+                             f"--overwrite to restart")
+        checkpoint = None
     barrier()  # no rank may still be reading the checkpoint when rank 0 replaces it
-    return resumed
 
-
-def refuse_divergence(loss_sum, student, batch, amp, *, epoch, lr, checkpoint_path):
-    """A RunFailure when an epoch's summed KD loss is not finite or the student's weights, or its
-    outputs on the epoch's last `batch`, are not (on any rank): the checkpoint keeps the last
-    good epoch, and nothing non-finite is saved."""
-    weights_finite = student_is_finite(student, batch, amp)  # the loss predates the last step
-    if math.isfinite(loss_sum) and not sum_over_ranks([not weights_finite])[0]:
-        return
-    raise RunFailure(f"distillation diverged in epoch {epoch + 1}: the KD loss is {loss_sum} and "
-                     f"the weights are{'' if weights_finite else ' not'} finite; "
-                     f"{checkpoint_path} keeps epoch {epoch}. The learning rate {lr} is likely "
-                     f"too high: lower --lr and rerun with --overwrite (the images are kept)")
+    def save(state):
+        if rank_and_world()[0] == 0:
+            save_torch_atomic({**state, "config": config}, Path(checkpoint_path))
+    history = distill(teacher, student, data_dir, resume=checkpoint, stop_after=epochs_this_run,
+                      on_epoch=save, **options)
+    broadcast_from_rank_zero(student)
+    return history
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -3840,10 +3833,11 @@ def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, ima
     for epoch in range(2):  # the first epoch starts the workers
         sampler.set_epoch(epoch)
         _, loader_seconds = timed(device, lambda: [batch for batch, _ in loader])
+    states = []
     distill(teacher, students[0], folder, epochs=3, batch_size=kd_batch, lr=0.1,
-            image_size=image_size, checkpoint_path=work_dir / "checkpoint.pt", device=device,
-            num_workers=num_workers, progress=progress, channels_last=channels_last)
-    loop_seconds = torch.load(work_dir / "checkpoint.pt", weights_only=True)["epoch_seconds"][-1]
+            image_size=image_size, device=device, num_workers=num_workers, progress=progress,
+            channels_last=channels_last, on_epoch=states.append)
+    loop_seconds = states[-1]["epoch_seconds"][-1]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     student = students[1].to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True,

@@ -837,28 +837,28 @@ DISTILL = dict(batch_size=8, lr=0.05, temperature=4.0, image_size=32, num_worker
 def test_distill_lowers_kd_loss(image_dir, teacher, tmp_path):
     student = prism.build_tiny_classifier(4, width=8, seed=1)
     before = fixed_kd_loss(student, teacher, image_dir)
-    history = prism.distill(teacher, student, image_dir, epochs=6, checkpoint_path=tmp_path / "ckpt.pt", **DISTILL)
+    history = prism.distill(teacher, student, image_dir, epochs=6, **DISTILL)
     assert len(history) == 6 and all(np.isfinite(history))
     assert fixed_kd_loss(student, teacher, image_dir) < 0.5 * before
 
 
 def test_distill_resumes_from_checkpoint_exactly(image_dir, teacher, tmp_path):
     whole = prism.build_tiny_classifier(4, width=8, seed=1)
-    prism.distill(teacher, whole, image_dir, epochs=3, checkpoint_path=tmp_path / "whole.pt", **DISTILL)
+    prism.distill(teacher, whole, image_dir, epochs=3, **DISTILL)
 
     interrupted = prism.build_tiny_classifier(4, width=8, seed=1)
-    first = prism.distill(teacher, interrupted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
-                          epochs_this_run=1, **DISTILL)
+    first = prism.distill_resumable(teacher, interrupted, image_dir, tmp_path / "part.pt", epochs=3,
+                                    epochs_this_run=1, **DISTILL)
     assert len(first) == 1 and torch.load(tmp_path / "part.pt", weights_only=True)["epoch"] == 1
     restarted = prism.build_tiny_classifier(4, width=8, seed=1)  # a new process starts from scratch,
     torch.rand(1000)  # with another history of the global RNG
-    history = prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt", **DISTILL)
+    history = prism.distill_resumable(teacher, restarted, image_dir, tmp_path / "part.pt", epochs=3, **DISTILL)
     assert len(history) == 3 and history[0] == first[0]
     for a, b in zip(whole.state_dict().values(), restarted.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     with pytest.raises(prism.UsageError, match="lr"):
-        prism.distill(teacher, restarted, image_dir, epochs=3, checkpoint_path=tmp_path / "part.pt",
-                      **dict(DISTILL, lr=0.01))
+        prism.distill_resumable(teacher, restarted, image_dir, tmp_path / "part.pt", epochs=3,
+                                **dict(DISTILL, lr=0.01))
 
 
 def test_the_distillation_stage_trains_in_channels_last_when_asked(image_dir, teacher, tmp_path):
@@ -879,8 +879,7 @@ def test_persistent_workers_and_channels_last_train_the_same_student(image_dir, 
     results = {}
     for name, options in {"plain": {}, "workers": dict(num_workers=2), "channels_last": dict(channels_last=True)}.items():
         student = prism.build_tiny_classifier(4, width=8, seed=1)
-        history = prism.distill(teacher, student, image_dir, epochs=2, checkpoint_path=tmp_path / f"{name}.pt",
-                                **dict(DISTILL, **options))
+        history = prism.distill(teacher, student, image_dir, epochs=2, **dict(DISTILL, **options))
         results[name] = history, student.state_dict()
     for name in ("workers", "channels_last"):
         np.testing.assert_allclose(results[name][0], results["plain"][0], rtol=1e-5)
@@ -1811,8 +1810,7 @@ def test_distillation_killed_mid_way_resumes_at_its_last_epoch(killed_then_finis
     # The same 40 epochs in one uninterrupted call give the same weights.
     student = prism.build_tiny_classifier(4, width=8, input_size=32, seed=1)
     whole = prism.distill(prism.build_tiny_classifier(4, seed=0), student, out / "synthetic", epochs=40, batch_size=8,
-                          lr=0.05, image_size=32, num_workers=0, checkpoint_path=out / "uninterrupted.pt",
-                          progress=False)
+                          lr=0.05, image_size=32, num_workers=0, progress=False)
     np.testing.assert_allclose(whole, history, rtol=1e-4)
     resumed = torch.load(out / "student.pt", weights_only=True)
     for name, value in student.state_dict().items():
@@ -2353,7 +2351,7 @@ def distill_and_evaluate(rank, world, folder, teacher, results):
     torch.distributed.init_process_group("gloo", init_method=f"file://{results}.rendezvous", rank=rank,
                                          world_size=world)
     student = linear_student()
-    history = prism.distill(teacher, student, folder, epochs=3, checkpoint_path=Path(results).with_suffix(".pt"),
+    history = prism.distill(teacher, student, folder, epochs=3,
                             **dict(DISTILL, lr=0.5))
     outcome = {"history": history, "student": student.state_dict(), "rank": rank,
                "evaluation": prism.evaluate(ChannelMeans(), folder, image_size=16, num_workers=0, progress=False)}
@@ -2373,7 +2371,7 @@ def test_ddp_with_global_batch_equals_one_process(teacher, tmp_path):
     two = [torch.load(f"{tmp_path / 'two'}.rank{rank}", weights_only=True) for rank in (0, 1)]
 
     student = linear_student()
-    history = prism.distill(teacher, student, folder, epochs=3, checkpoint_path=tmp_path / "one.pt",
+    history = prism.distill(teacher, student, folder, epochs=3,
                             **dict(DISTILL, lr=0.5))
     for outcome in two:  # both ranks end with the same weights and the same loss history
         np.testing.assert_allclose(outcome["history"], history, rtol=1e-5)
