@@ -111,14 +111,11 @@ def guidance_loss(logits, class_ids, *, energy_scale, class_scale,
 
 
 def to_epsilon(model_output, noisy_latents, alpha_bar, prediction_type):
-    """The scheduler's prediction as ε (§2), whatever the model predicts (ε or v)."""
+    """The model's prediction as ε (§2), whether it predicts ε or v (v-prediction)."""
     if prediction_type == "epsilon":
         return model_output
-    if prediction_type == "v_prediction":
-        # ε = sqrt(ᾱ)·v + sqrt(1 - ᾱ)·z_t
-        return alpha_bar ** 0.5 * model_output + (1 - alpha_bar) ** 0.5 * noisy_latents
-    raise UsageError(f"energy guidance supports epsilon and v_prediction schedulers, "
-                     f"not '{prediction_type}'")
+    # ε = sqrt(ᾱ)·v + sqrt(1 - ᾱ)·z_t
+    return alpha_bar ** 0.5 * model_output + (1 - alpha_bar) ** 0.5 * noisy_latents
 
 
 def from_epsilon(epsilon, noisy_latents, alpha_bar, prediction_type):
@@ -170,14 +167,10 @@ def at_least_float32(x):
 
 
 def scaled_vjp(outputs, inputs, vectors):
-    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, in float32 (or wider).
-
-    Guidance gradients are tiny per value (a scale of 0.1 spread over 10⁵-10⁶ pixels), below
-    float16's normal range: a float16 VAE or UNet backward pass would flush them to zero. So each
-    sample's v is first scaled by a power of two to max|v| in [0.5, 1) and the result scaled
-    back (loss scaling, per sample). Powers of two are exact: in float32 this is autograd.grad.
-    A sample whose v is zero or not finite keeps scale 1, so 0 stays 0 and NaN stays NaN.
-    """
+    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, in float32 (or wider). Per
+    value, guidance gradients lie below float16's normal range, so a float16 backward pass would
+    flush them to zero: each sample's v is scaled by a power of two to max|v| in [½, 1), the
+    result scaled back (exact: in float32 this is autograd.grad; 0 and NaN stay as they are)."""
     vectors = at_least_float32(vectors.detach())
     peak = vectors.flatten(1).abs().amax(dim=1)
     # peak = m·2^e with m in [½, 1); v·2^-e has its largest value in [½, 1)
@@ -190,14 +183,9 @@ def scaled_vjp(outputs, inputs, vectors):
 def clean_latent_grad(vae, teacher, clean_latents, class_ids, *,
                       batch_size=4, **objective):
     """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
-
-    D is the pipeline's own VAE decoder on the full-size ẑ0 (the method's gradient); the teacher,
-    preprocessing included, scores the decoded image in float32. The backward pass is split at
-    the image: ∇_x L first (float32), then through the decoder by scaled_vjp, so that a float16
-    decoder keeps the gradient's direction. `batch_size` samples at a time bound the memory of
-    the decode with its backward pass (about 3 GiB per 512² image in float16); samples are
-    independent, so the micro-batch size does not change the result.
-    """
+    D is the VAE decoder on the full-size ẑ0; the teacher scores D(ẑ0) in float32, and ∇_x L
+    enters the decoder through scaled_vjp, so that a float16 decoder keeps its direction.
+    `batch_size` samples at a time bound the decode's memory; it does not change the result."""
     grads = []
     for start in range(0, len(clean_latents), batch_size):
         latents = clean_latents[start:start + batch_size].detach().requires_grad_(True)
@@ -213,13 +201,9 @@ def clean_latent_grad(vae, teacher, clean_latents, class_ids, *,
 
 def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
                       exact=False, batch_size=4, **objective):
-    """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32.
-
-    predict_epsilon(z, rows) returns ε̂ for the samples `rows` of the batch, at z.
-    approx (default): ε̂ held constant, so ∂ẑ0/∂z_t = I / sqrt(ᾱ_t): no UNet backward pass.
-    exact: the UNet is differentiated too, `batch_size` samples at a time (its activations are
-    kept for the backward pass, so this bounds them with the decoder's).
-    """
+    """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32;
+    predict_epsilon(z, rows) gives ε̂ for the samples `rows` at z. approx (default): ε̂ held
+    constant, no UNet backward pass. exact: through the UNet too, `batch_size` samples at a time."""
     if not exact:
         with torch.no_grad():
             epsilon = predict_epsilon(noisy_latents, slice(None))
@@ -248,14 +232,10 @@ def per_sample_norm(x):
 
 
 def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
-    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2). Returns (ε̂', finite): a sample whose g is not finite is left
-    unguided at this step and marked False in `finite`.
-
-    With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (total_scale = s_E + s_C),
-    so the scales are fractions of the noise prediction; its direction is that of
-    ∇(s_E·E + s_C·CE). The arithmetic is float32 whatever the dtype of ε̂: in float16, norms of
-    tiny gradients underflow and their ratios overflow.
-    """
+    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2), and `finite`: False for a sample whose g is not finite (left
+    unguided). With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (s_E + s_C:
+    fractions of the noise prediction). In float32 whatever ε̂'s dtype: in float16, tiny norms
+    underflow and their ratios overflow."""
     epsilon32, grad32 = at_least_float32(epsilon), at_least_float32(grad)
     finite = torch.isfinite(grad32.flatten(1)).all(dim=1)
     grad32 = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad32, 0.0)
@@ -758,56 +738,37 @@ def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, predic
     return predict
 
 
-def guided_prediction(unet, scheduler, vae, teacher, noisy, t, text, uncond, class_ids, *,
-                      cfg_scale, exact, normalize, guidance_batch, **objective):
-    """The model output of one guided step (§2), as the scheduler expects it (ε or v), with
-    `finite` (per sample: False where g was not finite and the step went unguided) and g."""
-    alpha_bar = alpha_bar_at(scheduler, t)
-    prediction_type = scheduler.config.prediction_type
-    predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar, prediction_type)
-    # ε̂ and g = ∇_{z_t} L(D(ẑ0(z_t)), y)
-    epsilon, grad = guidance_gradient(predict, vae, teacher, noisy, alpha_bar, class_ids,
-                                      exact=exact, batch_size=guidance_batch, **objective)
-    # ε̂' = ε̂ + sqrt(1 - ᾱ_t)·g
-    total_scale = objective["energy_scale"] + objective["class_scale"]
-    guided, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=total_scale,
-                                    normalize=normalize)
-    return from_epsilon(guided, noisy, alpha_bar, prediction_type), finite, grad
-
-
 def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_scale, guided_steps,
             exact_grad, normalize_grad, guidance_batch, guidance_vae, trace, **objective):
-    """The sampling loop (§2): initial latents to final latents, guidance on `guided_steps`.
-    Returns (latents, skipped): per sample, the guided steps whose gradient was not finite."""
-    scheduler, unet = pipe.scheduler, pipe.unet
+    """The sampling loop (§2), initial to final latents; on `guided_steps` ε̂ becomes ε̂' before
+    the scheduler's own step. Returns (latents, skipped): per sample, the guided steps whose g
+    was not finite (left unguided there)."""
+    scheduler, unet, kind = pipe.scheduler, pipe.unet, pipe.scheduler.config.prediction_type
     step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
     skipped = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
     for i, t in enumerate(scheduler.timesteps):
-        # The UNet sees scale_model_input(latents): the variance-preserving z_t for every scheduler
+        # the UNet sees scale_model_input(latents): the variance-preserving z_t for every scheduler
         noisy = scheduler.scale_model_input(latents, t)
-        if i in guided_steps:  # the teacher steers this step
-            output, finite, grad = guided_prediction(
-                unet, scheduler, guidance_vae, teacher, noisy, t, text, uncond, class_ids,
-                cfg_scale=cfg_scale, exact=exact_grad, normalize=normalize_grad,
-                guidance_batch=guidance_batch, **objective)
-            skipped += (~finite).long()
+        if i in guided_steps:
+            alpha_bar = alpha_bar_at(scheduler, t)
+            predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar, kind)
+            # ε̂ and g = ∇_{z_t} L(D(ẑ0(z_t)), y)
+            epsilon, grad = guidance_gradient(predict, guidance_vae, teacher, noisy, alpha_bar,
+                                              class_ids, exact=exact_grad,
+                                              batch_size=guidance_batch, **objective)
+            # ε̂' = ε̂ + sqrt(1 - ᾱ_t)·g
+            total_scale = objective["energy_scale"] + objective["class_scale"]  # s_E + s_C
+            guided, finite = apply_guidance(epsilon, grad, alpha_bar, total_scale=total_scale,
+                                            normalize=normalize_grad)
+            output, skipped = from_epsilon(guided, noisy, alpha_bar, kind), skipped + ~finite
             if trace is not None:  # for check_guidance: the states where g was taken
-                trace.append({"step": i, "timestep": t, "alpha_bar": alpha_bar_at(scheduler, t),
+                trace.append({"step": i, "timestep": t, "alpha_bar": alpha_bar,
                               "noisy": noisy.detach().clone(), "grad": grad.detach().clone()})
         else:
             with torch.no_grad():
                 output = cfg_prediction(unet, noisy, t, text, uncond, cfg_scale)
         latents = scheduler.step(output.detach(), t, latents, **step_kwargs, return_dict=False)[0]
     return latents, skipped
-
-
-def fresh_generators(generator):
-    """A function of rows giving generators in the state `generator` has now: a list (one per
-    image) is copied per row; a single generator or None is passed on as it is."""
-    if not isinstance(generator, list):
-        return lambda rows: generator
-    states = [g.get_state() for g in generator]
-    return lambda rows: [torch.Generator(generator[k].device).set_state(states[k]) for k in rows]
 
 
 def encode_prompts(pipe, prompts, cfg_scale):
@@ -827,56 +788,29 @@ def latent_shape(pipe, height=None, width=None):
     return pipe.unet.config.in_channels, height // factor, width // factor
 
 
-def final_stats(teacher, images, class_ids, temperature=1.0):
-    """What every saved image keeps (§2): the teacher's final "energy" E(x), its "top1" class and
-    "p_class", the probability of the intended class, so that precision can be filtered later."""
-    with torch.no_grad():
-        logits = at_least_float32(teacher(images))
-    return {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
-            "p_class": logits.softmax(dim=-1).gather(1, class_ids.view(-1, 1)).squeeze(1)}
-
-
-def decode_images(pipe, latents):
-    """The pipeline's own final decode: images in [0, 1], float32, (B, 3, H, W)."""
-    with torch.no_grad():
-        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type="pt").float()
-
-
+@torch.no_grad()
 def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, generator=None,
                          num_steps=50, cfg_scale=3.0, energy_scale=0.25, class_scale=0.25,
                          guidance_start=0.1, guidance_end=0.7, guidance_every=2,
                          exact_grad=False, normalize_grad=True, temperature=1.0, height=None,
                          width=None, guidance_batch=4, guidance_vae=None, trace=None):
-    """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2).
-
-    Returns (images, stats): images in [0, 1], float32, (B, 3, H, W); stats as final_stats, plus
-    "guidance_skipped" (guided steps whose g was not finite, left unguided for that image) and
-    "resampled_unguided" (True where guidance drove the latents to non-finite values and the
-    image was made again unguided: no NaN or black image is ever returned).
-
-    On guided steps (window [guidance_start, guidance_end) of the trajectory, every
-    `guidance_every`-th) ε̂ is shifted by the teacher's gradient g (guidance_gradient,
-    apply_guidance), then the scheduler steps as usual. g decodes ẑ0 at full size with the
-    pipeline's VAE, `guidance_batch` images at a time, or with `guidance_vae` (e.g. a diffusers
-    AutoencoderTiny: an approximation, to measure with check_guidance before trusting it).
-    `generator`: a list of one torch.Generator per image makes a stochastic scheduler's step
-    noise a function of each image's own generator. `trace`, a list, receives the state and g of
-    every guided step. With both scales 0 this is exactly `pipe(prompts, latents=latents,
-    num_inference_steps=num_steps, guidance_scale=cfg_scale, output_type="pt")`. The arguments
-    are trusted (the command line checks them); height and width default to the model's size.
-    """
+    """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2),
+    guided on the steps in [guidance_start, guidance_end) of the trajectory, every k-th. With
+    both scales 0 it is exactly `pipe(prompts, latents=latents, num_inference_steps=num_steps,
+    guidance_scale=cfg_scale, output_type="pt")`. Returns images in [0, 1] (float32) and per
+    image the teacher's final "energy", "top1", "p_class", "guidance_skipped" (steps whose g
+    was not finite) and "resampled_unguided" (remade unguided from the same noise: no NaN
+    image is returned). `generator`: one per image, for stochastic schedulers; `guidance_vae`
+    decodes for g instead of the pipeline's VAE; `trace` (a list) receives each guided g."""
     scheduler, device = pipe.scheduler, pipe.device
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's own image size
     class_ids = torch.as_tensor(class_ids, device=device)
-
-    # The same preparation as StableDiffusionPipeline.__call__, through its own methods.
+    # the same preparation as StableDiffusionPipeline.__call__, through its own methods
     text, uncond = encode_prompts(pipe, prompts, cfg_scale)
     scheduler.set_timesteps(num_steps, device=device)
-    start = pipe.prepare_latents(len(prompts), pipe.unet.config.in_channels, height, width,
-                                 text.dtype, device, generator, latents)
-    generators = fresh_generators(generator)  # the step noise's state now, for a resample
+    start = pipe.prepare_latents(len(prompts), pipe.unet.config.in_channels, height or size,
+                                 width or size, text.dtype, device, generator, latents)
+    noise_states = [g.get_state() for g in generator] if isinstance(generator, list) else None
     guided_steps = set() if not (energy_scale or class_scale) else guided_step_indices(
         len(scheduler.timesteps), guidance_start, guidance_end, guidance_every)
     loop = dict(cfg_scale=cfg_scale, exact_grad=exact_grad, normalize_grad=normalize_grad,
@@ -884,24 +818,25 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
                 energy_scale=energy_scale, class_scale=class_scale, temperature=temperature)
     final, skipped = denoise(pipe, teacher, start, text, uncond, class_ids, generator=generator,
                              guided_steps=guided_steps, **loop)
-    images = decode_images(pipe, final)
+    images = decode_to_unit(pipe.vae, final).float()
 
     resampled = ~torch.isfinite(images.flatten(1)).all(dim=1)
     if resampled.any() and guided_steps:  # guidance overflowed (e.g. in float16): redo unguided
         rows = resampled.nonzero().flatten().tolist()
+        noise = generator if noise_states is None else [  # each image's step noise, from its
+            torch.Generator(generator[k].device).set_state(noise_states[k]) for k in rows]  # start
         scheduler.set_timesteps(num_steps, device=device)
         redone, _ = denoise(pipe, teacher, start[rows], text[rows],
                             None if uncond is None else uncond[rows], class_ids[rows],
-                            generator=generators(rows), guided_steps=set(), **loop)
-        images[rows] = decode_images(pipe, redone)
-    finite = torch.isfinite(images.flatten(1)).all(1)
-    failed = [prompt for prompt, ok in zip(prompts, finite) if not ok]
-    if failed:  # the model fails even unguided: no image of NaN is ever returned
-        raise UsageError(f"the diffusion model gives non-finite pixels for '{failed[0]}' even "
-                         f"without guidance (in {text.dtype}): run it in float32 (--dtype "
-                         f"float32) or check its weights")
-    stats = final_stats(teacher, images, class_ids, temperature)
-    return images, dict(stats, guidance_skipped=skipped, resampled_unguided=resampled)
+                            generator=noise, guided_steps=set(), **loop)
+        images[rows] = decode_to_unit(pipe.vae, redone).float()
+    if not torch.isfinite(images).all():  # the model fails even unguided: no image of NaN
+        raise UsageError(f"the diffusion model gives non-finite pixels even without guidance "
+                         f"(in {text.dtype}): run it in float32 (--dtype float32) or check it")
+    logits = at_least_float32(teacher(images))
+    return images, {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
+                    "p_class": logits.softmax(-1).gather(1, class_ids.view(-1, 1)).squeeze(1),
+                    "guidance_skipped": skipped, "resampled_unguided": resampled}
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -3094,7 +3029,10 @@ def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_s
     if num_steps > trained_steps:
         raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model "
                          f"was trained with")
-    scheduler = type(pipe.scheduler).__name__
+    scheduler, prediction = type(pipe.scheduler).__name__, pipe.scheduler.config.prediction_type
+    if (energy_scale or class_scale) and prediction not in ("epsilon", "v_prediction"):
+        raise UsageError(f"energy guidance supports epsilon and v_prediction models, not "
+                         f"'{prediction}'")
     if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
         raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "
                          f"ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
@@ -3718,7 +3656,7 @@ def time_guidance_parts(pipe, teacher, latents, class_ids, *,
     pipe.scheduler.set_timesteps(50, device=device)
     t = pipe.scheduler.timesteps[10]
     class_ids = torch.as_tensor(class_ids, device=device)
-    images = decode_images(pipe, latents).requires_grad_(True)
+    images = decode_to_unit(pipe.vae, latents).float().requires_grad_(True)
 
     def teacher_alone():
         loss = guidance_loss(teacher(images), class_ids, **objective)
@@ -3729,7 +3667,7 @@ def time_guidance_parts(pipe, teacher, latents, class_ids, *,
              "guidance gradient (decode + backward + teacher)": lambda: clean_latent_grad(
                  pipe.vae, teacher, latents, class_ids, batch_size=guidance_batch, **objective),
              "teacher alone (forward + backward)": teacher_alone,
-             "final decode": lambda: decode_images(pipe, latents)}
+             "final decode": lambda: decode_to_unit(pipe.vae, latents)}
     seconds = {}
     for name, part in parts.items():
         with torch.no_grad() if name.startswith(("UNet", "final")) else contextlib.nullcontext():
