@@ -671,10 +671,6 @@ def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0,
     Image i takes a photo style with probability `photo_share` (another style otherwise) and the
     next (style, scene) pair of that kind from the class's shuffled list of all such pairs, so a
     class repeats a prompt only once every pair has been used. Deterministic for a seed."""
-    if per_class < 1:
-        raise UsageError(f"per_class must be positive, got {per_class}")
-    if not 0.0 <= photo_share <= 1.0:
-        raise UsageError(f"photo_share must be in [0, 1], got {photo_share}")
     prompts = []
     for c, entry in enumerate(classes):
         rng = random.Random(f"prism-prompts/{seed}/{c}")  # str seeds are stable across runs
@@ -896,8 +892,6 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0,
     are a UsageError unless `overwrite` (open_image_set). `max_new_images` stops early, for
     time-limited jobs. Under torchrun the missing images are dealt out to the ranks; every image
     is written atomically before its record (README: "Resuming, and what is never lost")."""
-    check_synthesis_arguments(pipe, prompts, per_class, batch_size, image_format,
-                              {**sample_kwargs, "guidance_batch": guidance_batch})
     rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
     settings = synthesis_settings(prompts, per_class=per_class, seed=seed, identity=identity or {},
@@ -1994,19 +1988,6 @@ def start_new_set(out_dir, settings):
     write_json_atomic({"settings": settings}, out_dir / "settings.json")
 
 
-def check_synthesis_arguments(pipe, prompts, per_class, batch_size, image_format, sample_kwargs):
-    """Refuses synthesize_dataset's arguments that cannot work (UsageError), before anything is
-    recorded: counts, the image format, prompts for every image, and the sampler's own."""
-    if per_class < 1 or batch_size < 1:
-        raise UsageError(f"per_class and batch_size must be positive, got {per_class} and "
-                         f"{batch_size}")
-    if image_format not in ("png", "jpg"):
-        raise UsageError(f"image_format must be png or jpg, got {image_format}")
-    if any(len(p) < per_class for p in prompts):
-        raise UsageError(f"every class needs at least per_class={per_class} prompts")
-    check_sampler_arguments(pipe, **{**SAMPLER, **sample_kwargs})
-
-
 def open_image_set(out_dir, settings, num_classes, *, overwrite):
     """Makes `out_dir` ready for images made under `settings`: created, holding no folder that is
     not a class of the set (distillation would read it as one), and its settings.json the same
@@ -3010,65 +2991,48 @@ def parse_args(argv):
 UNGUIDABLE_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 
-def check_sampler_arguments(pipe, *, num_steps, cfg_scale, energy_scale, class_scale,
-                            guidance_start, guidance_end, guidance_every, guidance_batch, height,
-                            width, **other_options):
-    """Raises UsageError for sampler arguments that cannot mean what they say; returns the image
-    (height, width), the model's own size where not given. `other_options` are not checked."""
-    if num_steps < 1 or guidance_every < 1 or guidance_batch < 1:
-        raise UsageError(f"num_steps, guidance_every and guidance_batch must be positive, got "
-                         f"{num_steps}, {guidance_every} and {guidance_batch}")
-    scales = (cfg_scale, energy_scale, class_scale)
-    if not all(math.isfinite(s) and s >= 0 for s in scales):
-        raise UsageError(f"cfg_scale, energy_scale and class_scale must be finite and "
-                         f"non-negative, got {scales}")
-    if not 0.0 <= guidance_start < guidance_end <= 1.0:
-        raise UsageError(f"guidance window must satisfy 0 <= start < end <= 1, "
-                         f"got [{guidance_start}, {guidance_end}]")
-    trained_steps = pipe.scheduler.config.num_train_timesteps
-    if num_steps > trained_steps:
-        raise UsageError(f"num_steps {num_steps} is more than the {trained_steps} steps the model "
-                         f"was trained with")
-    scheduler, prediction = type(pipe.scheduler).__name__, pipe.scheduler.config.prediction_type
-    if (energy_scale or class_scale) and prediction not in ("epsilon", "v_prediction"):
-        raise UsageError(f"energy guidance supports epsilon and v_prediction models, not "
-                         f"'{prediction}'")
-    if (energy_scale or class_scale) and scheduler in UNGUIDABLE_SCHEDULERS:
-        raise UsageError(f"energy guidance cannot use {scheduler} (its second-order stage has no "
-                         f"ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
-    factor = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
-    if height % factor or width % factor:
-        raise UsageError(f"height and width must be multiples of {factor}, got {height}x{width}")
-    return height, width
-
-
 # What a scheduler keeps of past steps (PNDM, LMS, DPM++ and UniPC/DEIS; Heun's and KDPM2's
 # first-order stage): with it, a guided ε̂ enters later updates too.
 PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample")
 
 
-def check_guidance_window(pipe, sample_kwargs):
-    """Refuses, while a guidance scale is on, a guidance window that holds none of the
-    scheduler's own timesteps (PNDM makes one more than asked): guidance would silently do
-    nothing; and a multistep scheduler guided on only some steps. A multistep update mixes the
-    last few ε̂, so a push on every second step enters four later updates with weights of both
-    signs: along g, SD 1.5's PNDM moves the latent +15, -3, +26, +2, +31 where DDIM moves +7,
-    +7, +13, +13. The push of §2 is a single-step scheduler's."""
-    options = {**SAMPLER, **sample_kwargs}
-    pipe.scheduler.set_timesteps(options["num_steps"])
-    steps, name = len(pipe.scheduler.timesteps), type(pipe.scheduler).__name__
-    start, end = options["guidance_start"], options["guidance_end"]
-    every = options["guidance_every"]
-    guided = guided_step_indices(steps, start, end, every)
+def check_sampler(pipe, options):
+    """Refuses sampling options (energy_guided_sample's keywords) that cannot mean what they say
+    with this model; check_args has checked their ranges. Always: more steps than the model was
+    trained with, a size that is no multiple of the VAE's factor. With guidance on: a model
+    that predicts neither ε nor v, KDPM2, a window that holds none of the scheduler's own
+    timesteps (PNDM makes one more than asked: guidance would silently do nothing), and a
+    multistep scheduler guided on some steps only. A multistep update mixes the last few ε̂, so
+    a push on every second step enters four later updates with weights of both signs: along g,
+    SD 1.5's PNDM moves the latent +15, -3, +26, +2, +31 where DDIM moves +7, +7, +13, +13. The
+    push of §2 is a single-step scheduler's."""
+    options, scheduler = {**SAMPLER, **options}, pipe.scheduler
+    name, steps = type(scheduler).__name__, options["num_steps"]
+    trained = scheduler.config.num_train_timesteps
+    if steps > trained:
+        raise UsageError(f"--steps {steps} is more than the {trained} steps the model was "
+                         f"trained with")
+    factor, size = pipe.vae_scale_factor, pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if (options["height"] or size) % factor or (options["width"] or size) % factor:
+        raise UsageError(f"--height and --width must be multiples of {factor}, got "
+                         f"{options['height'] or size}x{options['width'] or size}")
     if not (options["energy_scale"] or options["class_scale"]):
         return
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise UsageError(f"energy guidance supports epsilon and v_prediction models, not "
+                         f"'{scheduler.config.prediction_type}'")
+    if name in UNGUIDABLE_SCHEDULERS:
+        raise UsageError(f"energy guidance cannot use {name} (its second-order stage has no "
+                         f"ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
+    scheduler.set_timesteps(steps)
+    start, end, every = (options[k] for k in ("guidance_start", "guidance_end", "guidance_every"))
+    guided = guided_step_indices(len(scheduler.timesteps), start, end, every)
     if not guided:
         raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the "
-                         f"{steps} sampling steps, so guidance would do nothing: widen it, or "
-                         f"--ablate guidance")
-    if guided != set(range(steps)) and any(hasattr(pipe.scheduler, a) for a in PAST_STEP_STATE):
+                         f"{len(scheduler.timesteps)} sampling steps, so guidance would do "
+                         f"nothing: widen it, or --ablate guidance")
+    if guided != set(range(len(scheduler.timesteps))) and any(
+            hasattr(scheduler, state) for state in PAST_STEP_STATE):
         raise UsageError(f"{name} is a multistep scheduler: it reuses past steps' noise "
                          f"predictions, so guiding only some steps pushes the latents back and "
                          f"forth; use --scheduler DDIMScheduler (the default), or guide every "
@@ -3263,8 +3227,7 @@ def load_sampler(args, device, out):
     if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
         (guidance_vae or pipe.vae).enable_gradient_checkpointing()
     sample_kwargs = sampling_options(args)
-    check_sampler_arguments(pipe, **{**sample_kwargs, "guidance_batch": args.guidance_batch})
-    check_guidance_window(pipe, sample_kwargs)
+    check_sampler(pipe, sample_kwargs)
     return pipe, guidance_vae
 
 

@@ -538,11 +538,14 @@ def test_guidance_outside_window_changes_nothing(pipe, teacher):
 
 
 def test_sampler_arguments_are_checked_where_they_enter(pipe):
-    """The sampler trusts its inputs; the command line checks them against the model first."""
-    for bad in (dict(num_steps=0), dict(energy_scale=-1.0), dict(guidance_start=0.5, guidance_end=0.4),
-                dict(guidance_end=1.5), dict(guidance_every=0), dict(height=21), dict(num_steps=1001)):
+    """The sampler trusts its inputs: the command line checks their ranges, then the model."""
+    for bad in (["--steps", "0"], ["--energy-scale", "-1"], ["--guidance-start", "0.5", "--guidance-end", "0.4"],
+                ["--guidance-end", "1.5"], ["--guidance-every", "0"]):
         with pytest.raises(prism.UsageError):
-            prism.check_sampler_arguments(pipe, **{**prism.SAMPLER, **bad})
+            prism.parse_args(bad)
+    for bad in (dict(height=21), dict(num_steps=1001)):
+        with pytest.raises(prism.UsageError, match="multiples of 2|more than the 1000 steps"):
+            prism.check_sampler(pipe, bad)
 
 
 # ── §2 the guidance gradient: the method's own, in float32 and float16, at bounded memory ────
@@ -774,9 +777,8 @@ def test_alpha_bar_at_follows_each_scheduler_and_kdpm2_is_refused(pipe, teacher,
         assert drift > 1.0  # why it is refused
         pipe.scheduler = scheduler
         with pytest.raises(prism.UsageError, match="cannot use KDPM2DiscreteScheduler"):
-            prism.check_sampler_arguments(pipe, **{**prism.SAMPLER, **SAMPLE})
-        prism.check_sampler_arguments(pipe, **{**prism.SAMPLER, **SAMPLE, "energy_scale": 0.0,
-                                               "class_scale": 0.0})  # unguided is fine
+            prism.check_sampler(pipe, SAMPLE)
+        prism.check_sampler(pipe, {**SAMPLE, "energy_scale": 0.0, "class_scale": 0.0})  # unguided is fine
     else:
         assert drift < 1e-4
     if name == "DDIMScheduler":
@@ -2059,7 +2061,7 @@ def test_rejected_height_records_nothing_and_the_fixed_rerun_works(tmp_path, cap
     out = tmp_path / "height"
     code, err = run_main(["--smoke", "--out", str(out), "--height", "25"], capsys)
     assert code == 2
-    one_line(err, "prism: error: height and width must be multiples of 2")
+    one_line(err, "prism: error: --height and --width must be multiples of 2")
     assert not (out / "synthetic" / "settings.json").exists()
     assert run_main(["--smoke", "--out", str(out), "--height", "24", "--epochs", "0"], capsys)[0] == 0
 
@@ -2076,9 +2078,9 @@ def test_settings_that_do_nothing_are_refused_or_warned(tmp_path, capsys):
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     window = dict(num_steps=10, guidance_start=0.81, guidance_end=0.9, guidance_every=1)
     with pytest.raises(prism.UsageError, match="multistep"):  # PNDM's 11 timesteps: step 9 is in
-        prism.check_guidance_window(pipe, window)  # the window, so it is the multistep rule that refuses
+        prism.check_sampler(pipe, window)  # the window, so it is the multistep rule that refuses
     with pytest.raises(prism.UsageError, match="none of the 10 sampling"):  # DDIM's 10: none is
-        prism.check_guidance_window(prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu"),
+        prism.check_sampler(prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu"),
                                     window)
     code, err = run_main(["--smoke", "--out", str(tmp_path / "b"), "--cfg", "1", "--epochs", "0"], capsys)
     assert code == 0 and err.startswith("prism: warning: --cfg 1.0 <= 1 turns classifier-free guidance off")
