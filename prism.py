@@ -4,8 +4,8 @@ A single-file reference implementation of "Precision-Recall Informed Data-Free K
 Distillation via Generative Diffusion" (arXiv 2509.16897). A teacher classifier f_T is distilled
 into a student f_S using only images that Stable Diffusion makes; two ideas steer them:
 precision (images on the teacher's in-distribution manifold: §1-2) and recall (images spread
-over that manifold: §3). The paper's full text is not public; the formulation below is ours,
-built from its abstract and the literature it rests on (the README lists our choices).
+over that manifold: §3). The formulation below is ours, built from the paper's abstract and the
+literature it rests on (the README lists our choices).
 
     python prism.py --teacher resnet50 --data imagenet     # the real run (GPU)
     python prism.py --smoke --out /tmp/prism-smoke          # offline plumbing check on a CPU
@@ -40,8 +40,9 @@ Notation
    synthetic features inside the k-NN balls of real ones, and the reverse, in the teacher's
    penultimate features; then the student's top-1/top-5 on real test sets.
 
-The file has three parts. Part I is the method, in the order data flows: defaults, the
-equations, then the stages and main(). Part II is plumbing (errors, files, resume, several
+The file has three parts. Part I is the method, in the order data flows: the equations, the
+stages, main(); each function takes the method's values as its own keyword defaults (the command
+line reads them from there). Part II is plumbing (errors, files, resume, several
 processes, the command line, model loading): nothing in it changes what is computed. Part III
 holds tools: reports, tiny random models for the smoke run and tests, the benchmark. Every
 function takes its inputs as arguments and its docstring names the § it implements; a copy takes
