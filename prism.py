@@ -42,11 +42,11 @@ Notation
 
 The file has three parts. Part I is the method, in the order data flows: the equations, the
 stages, main(); each function takes the method's values as its own keyword defaults (the command
-line reads them from there). Part II is plumbing (errors, files, resume, several
-processes, the command line, model loading): nothing in it changes what is computed. Part III
-holds tools: reports, tiny random models for the smoke run and tests, the benchmark. Every
-function takes its inputs as arguments and its docstring names the § it implements; a copy takes
-along UsageError and, for several processes, rank_and_world and its kin (Part II).
+line reads them from there). Part II is plumbing (the stage functions main() runs, errors, files,
+resume, several processes, the command line, model loading): nothing in it changes what is
+computed. Part III holds tools: reports, tiny random models for the smoke run and tests, the
+benchmark. Every function takes its inputs as arguments and its docstring names the § it
+implements; a copy takes along UsageError, RunFailure and rank_and_world (Part II).
 """
 import collections
 import contextlib
@@ -1331,177 +1331,6 @@ def evaluate_sets(sets, teacher, student, num_classes, *, teacher_sizes=None, **
         entry["per_class"] = [{"folder": f, "class": c} for f, c in zip(s["folders"], s["classes"])]
         entries.append(entry)
     return {"sets": entries}
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# The stages of main(): each made once and reused from --out, checked before work
-# ──────────────────────────────────────────────────────────────────────────────────────────
-def sampling_options(args):
-    """The keyword arguments of energy_guided_sample that the command line sets (all of them
-    decide the pixels, so they are recorded in the synthetic set's settings)."""
-    guided = "guidance" not in args.ablate
-    return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
-                energy_scale=args.energy_scale if guided else 0.0,
-                class_scale=args.class_scale if guided else 0.0,
-                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
-                guidance_every=args.guidance_every, exact_grad=args.exact_grad,
-                normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
-
-
-def prompts_stage(args, out, models, pipe, device):
-    """Stage 1 (§3): the prompts of every class and where each part came from, (prompts,
-    classes), made once (make_prompts, on rank 0) and reused from OUT/prompts.json; OUT/prompts.md
-    shows them to a person. The other ranks read the file rank 0 writes."""
-    path = out / "prompts.json"
-    settings, num_classes = models.prompt_settings, len(models.class_names)
-    reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
-    barrier()  # every rank has its verdict before rank 0 may replace the file
-    on_rank_zero(lambda: reuse or make_prompts(args, out, models, pipe, device))
-    prompts, classes = read_prompts(path, num_classes, args.per_class)
-    text = prompts_markdown(classes, prompts, models.llm)
-    markdown = out / "prompts.md"  # rewritten whenever it is not what prompts.json holds
-    if rank_and_world()[0] == 0 and (not markdown.exists() or markdown.read_bytes()
-                                     != text.encode("utf-8")):
-        atomic_write(markdown, lambda temp: temp.write_text(text, encoding="utf-8"))
-    return prompts, classes
-
-
-def make_prompts(args, out, models, pipe, device):
-    """Builds the prompts (build_prompts with the command line's options) and writes them to
-    OUT/prompts.json, after the LLM's answers to OUT/llm_answers.json: the LLM is loaded only
-    for questions that file does not answer yet."""
-    answers_path = out / "llm_answers.json"
-    cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
-    answers = dict(cache.get(models.llm, {}))
-    llm = (build_tiny_llm(out / "tiny-models" / "llm") if models.llm == "tiny-random"
-           else models.llm)
-    prompts, classes = build_prompts(
-        models.class_names, args.per_class, teacher=models.teacher, llm=llm,
-        descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
-        answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
-        scenes_per_class=args.scenes_per_class, seed=args.seed, llm_device=device,
-        disambiguate="disambiguation" not in args.ablate,
-        vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-    if models.llm:  # the other LLMs' answers are kept
-        write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
-    write_json_atomic({"settings": models.prompt_settings, "prompts": prompts,
-                       "classes": classes}, out / "prompts.json")
-
-
-def prompts_written(out):
-    """--prompts-only: says where the prompts are and what to do next; the exit code 0."""
-    if rank_and_world()[0] == 0:
-        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
-              f"then run the same command without --prompts-only")
-    return 0
-
-
-def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
-    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic, checked against its
-    settings first, resumed image by image, split over the ranks. Returns (records, settings),
-    records None while images are missing (--max-new-images), and draws the contact sheet with
-    each class's prompt source (`classes`: describe_classes' entries)."""
-    rank, synthetic = rank_and_world()[0], out / "synthetic"
-    sample_kwargs = sampling_options(args)
-    identity = {**models.identity, "scheduler": type(pipe.scheduler).__name__}
-    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
-                                  image_format=args.image_format, identity=identity,
-                                  store_size=args.store_size or None, sample_kwargs=sample_kwargs)
-    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite,
-                   what="synthetic images")
-    if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
-        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
-    records = synthesize_dataset(
-        pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
-        batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
-        store_size=args.store_size or None, overwrite=args.overwrite,
-        max_new_images=args.max_new_images, guidance_vae=guidance_vae,
-        guidance_batch=args.guidance_batch, **sample_kwargs)
-    wanted = len(models.class_names) * args.per_class
-    if len(records) < wanted:
-        if rank == 0:
-            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command "
-                  f"to continue")
-        return None, settings
-    sheet = out / "contact_sheet.png"
-    if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns
-                      < (synthetic / "manifest.jsonl").stat().st_mtime_ns):  # the set changed
-        contact_sheet(synthetic, models.class_names, sheet, max_classes=args.sheet_classes,
-                      sources=[entry["source"] for entry in classes])
-    return records, settings
-
-
-def distillation_stage(args, out, models, data_settings, results, device):
-    """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
-    OUT/checkpoint.pt (--epochs 0: none). Adds the KD losses to `results` and saves student.pt;
-    False while epochs are missing (--epochs-this-run)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # what the diffusion model held
-    if args.epochs == 0:
-        return True
-    history = distill_resumable(
-        models.teacher, models.student, out / "synthetic", out / "checkpoint.pt",
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
-        device=device, image_size=args.image_size,
-        weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
-        data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
-        overwrite=args.overwrite, channels_last=args.channels_last, crop_scale=args.crop_scale)
-    results["distill"] = {"epochs_done": len(history), "kd_loss": history}
-    if len(history) < args.epochs:
-        if rank_and_world()[0] == 0:
-            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
-                  f"command to continue")
-        return False
-    if rank_and_world()[0] == 0:
-        save_torch_atomic(models.student.state_dict(), out / "student.pt")
-    return True
-
-
-def measurement_stage(args, out, models, records, test_sets, results, device):
-    """Stage 5 (§5): the synthetic set in the teacher's features, against the first (the
-    in-distribution) test set when there is one (with --smoke and none, the synthetic set stands
-    in), then teacher and student on every test set. Adds both to `results`."""
-    synthetic, rank = out / "synthetic", rank_and_world()[0]
-    if not test_sets and args.smoke:
-        test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
-    if rank == 0:  # one process measures; the others wait at the barrier below
-        features = dict(eval_sizes(models.teacher), device=device, num_workers=args.workers)
-        fake_features, fake_labels = extract_features(models.teacher, synthetic, **features)
-        results["synthetic"] = synthetic_set_report(records, fake_features, models.class_names)
-        if test_sets:
-            real = test_sets[0]
-            real_features, real_labels = extract_features(models.teacher, real["data"],
-                                                             classes=real["classes"], **features)
-            # a set of some classes (ImageNet-R first) is compared with those classes' images
-            shared = torch.isin(fake_labels, torch.tensor(real["classes"]))
-            results["precision_recall"] = {"set": real["name"], "data": real["data"],
-                                           "classes": len(real["classes"]),
-                                           **precision_recall_report(
-                real_features.to(device), real_labels.to(device), fake_features[shared].to(device),
-                fake_labels[shared].to(device), models.class_names, k=args.pr_k)}
-    barrier()
-    if test_sets:
-        student = models.student if args.epochs > 0 else None
-        results["evaluation"] = evaluate_sets(test_sets, models.teacher, student,
-                                              len(models.class_names), device=device,
-                                              image_size=args.image_size, num_workers=args.workers,
-                                              teacher_sizes=eval_sizes(models.teacher))
-
-
-def write_results(args, out, results, num_classes):
-    """Rank 0 writes OUT/results.json and prints its summary (no per-class lists) and the
-    teacher/student table of the test sets."""
-    if rank_and_world()[0] != 0:
-        return
-    write_json_atomic(results, out / "results.json")
-    print(json.dumps(without_per_class(results), indent=1))
-    if "evaluation" in results:
-        print(evaluation_table(results["evaluation"]["sets"], num_classes))
-    print(f"per-class reports: {out / 'results.json'}; what was generated: "
-          f"{out / 'contact_sheet.png'}")
-    if args.smoke:
-        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not "
-              "accuracy)")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
@@ -3295,6 +3124,177 @@ def failure_message(error, debug=False):
         return str(error)
     hint = "" if debug else " (rerun with --debug for the traceback)"
     return f"{type(error).__name__}: {first_line(error)}{hint}"
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# The stages main() runs: the method's functions with resume, processes and files around them
+# ──────────────────────────────────────────────────────────────────────────────────────────
+def sampling_options(args):
+    """The keyword arguments of energy_guided_sample that the command line sets (all of them
+    decide the pixels, so they are recorded in the synthetic set's settings)."""
+    guided = "guidance" not in args.ablate
+    return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
+                energy_scale=args.energy_scale if guided else 0.0,
+                class_scale=args.class_scale if guided else 0.0,
+                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
+                guidance_every=args.guidance_every, exact_grad=args.exact_grad,
+                normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
+
+
+def prompts_stage(args, out, models, pipe, device):
+    """Stage 1 (§3): the prompts of every class and where each part came from, (prompts,
+    classes), made once (make_prompts, on rank 0) and reused from OUT/prompts.json; OUT/prompts.md
+    shows them to a person. The other ranks read the file rank 0 writes."""
+    path = out / "prompts.json"
+    settings, num_classes = models.prompt_settings, len(models.class_names)
+    reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
+    barrier()  # every rank has its verdict before rank 0 may replace the file
+    on_rank_zero(lambda: reuse or make_prompts(args, out, models, pipe, device))
+    prompts, classes = read_prompts(path, num_classes, args.per_class)
+    text = prompts_markdown(classes, prompts, models.llm)
+    markdown = out / "prompts.md"  # rewritten whenever it is not what prompts.json holds
+    if rank_and_world()[0] == 0 and (not markdown.exists() or markdown.read_bytes()
+                                     != text.encode("utf-8")):
+        atomic_write(markdown, lambda temp: temp.write_text(text, encoding="utf-8"))
+    return prompts, classes
+
+
+def make_prompts(args, out, models, pipe, device):
+    """Builds the prompts (build_prompts with the command line's options) and writes them to
+    OUT/prompts.json, after the LLM's answers to OUT/llm_answers.json: the LLM is loaded only
+    for questions that file does not answer yet."""
+    answers_path = out / "llm_answers.json"
+    cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
+    answers = dict(cache.get(models.llm, {}))
+    llm = (build_tiny_llm(out / "tiny-models" / "llm") if models.llm == "tiny-random"
+           else models.llm)
+    prompts, classes = build_prompts(
+        models.class_names, args.per_class, teacher=models.teacher, llm=llm,
+        descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
+        answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
+        scenes_per_class=args.scenes_per_class, seed=args.seed, llm_device=device,
+        disambiguate="disambiguation" not in args.ablate,
+        vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
+    if models.llm:  # the other LLMs' answers are kept
+        write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
+    write_json_atomic({"settings": models.prompt_settings, "prompts": prompts,
+                       "classes": classes}, out / "prompts.json")
+
+
+def prompts_written(out):
+    """--prompts-only: says where the prompts are and what to do next; the exit code 0."""
+    if rank_and_world()[0] == 0:
+        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
+              f"then run the same command without --prompts-only")
+    return 0
+
+
+def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
+    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic, checked against its
+    settings first, resumed image by image, split over the ranks. Returns (records, settings),
+    records None while images are missing (--max-new-images), and draws the contact sheet with
+    each class's prompt source (`classes`: describe_classes' entries)."""
+    rank, synthetic = rank_and_world()[0], out / "synthetic"
+    sample_kwargs = sampling_options(args)
+    identity = {**models.identity, "scheduler": type(pipe.scheduler).__name__}
+    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
+                                  image_format=args.image_format, identity=identity,
+                                  store_size=args.store_size or None, sample_kwargs=sample_kwargs)
+    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite,
+                   what="synthetic images")
+    if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
+        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
+    records = synthesize_dataset(
+        pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
+        batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
+        store_size=args.store_size or None, overwrite=args.overwrite,
+        max_new_images=args.max_new_images, guidance_vae=guidance_vae,
+        guidance_batch=args.guidance_batch, **sample_kwargs)
+    wanted = len(models.class_names) * args.per_class
+    if len(records) < wanted:
+        if rank == 0:
+            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command "
+                  f"to continue")
+        return None, settings
+    sheet = out / "contact_sheet.png"
+    if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns
+                      < (synthetic / "manifest.jsonl").stat().st_mtime_ns):  # the set changed
+        contact_sheet(synthetic, models.class_names, sheet, max_classes=args.sheet_classes,
+                      sources=[entry["source"] for entry in classes])
+    return records, settings
+
+
+def distillation_stage(args, out, models, data_settings, results, device):
+    """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
+    OUT/checkpoint.pt (--epochs 0: none). Adds the KD losses to `results` and saves student.pt;
+    False while epochs are missing (--epochs-this-run)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the diffusion model held
+    if args.epochs == 0:
+        return True
+    history = distill_resumable(
+        models.teacher, models.student, out / "synthetic", out / "checkpoint.pt",
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
+        device=device, image_size=args.image_size,
+        weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
+        data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
+        overwrite=args.overwrite, channels_last=args.channels_last, crop_scale=args.crop_scale)
+    results["distill"] = {"epochs_done": len(history), "kd_loss": history}
+    if len(history) < args.epochs:
+        if rank_and_world()[0] == 0:
+            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
+                  f"command to continue")
+        return False
+    if rank_and_world()[0] == 0:
+        save_torch_atomic(models.student.state_dict(), out / "student.pt")
+    return True
+
+
+def measurement_stage(args, out, models, records, test_sets, results, device):
+    """Stage 5 (§5): the synthetic set in the teacher's features, against the first (the
+    in-distribution) test set when there is one (with --smoke and none, the synthetic set stands
+    in), then teacher and student on every test set. Adds both to `results`."""
+    synthetic, rank = out / "synthetic", rank_and_world()[0]
+    if not test_sets and args.smoke:
+        test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
+    if rank == 0:  # one process measures; the others wait at the barrier below
+        features = dict(eval_sizes(models.teacher), device=device, num_workers=args.workers)
+        fake_features, fake_labels = extract_features(models.teacher, synthetic, **features)
+        results["synthetic"] = synthetic_set_report(records, fake_features, models.class_names)
+        if test_sets:
+            real = test_sets[0]
+            real_features, real_labels = extract_features(models.teacher, real["data"],
+                                                             classes=real["classes"], **features)
+            # a set of some classes (ImageNet-R first) is compared with those classes' images
+            shared = torch.isin(fake_labels, torch.tensor(real["classes"]))
+            results["precision_recall"] = {"set": real["name"], "data": real["data"],
+                                           "classes": len(real["classes"]),
+                                           **precision_recall_report(
+                real_features.to(device), real_labels.to(device), fake_features[shared].to(device),
+                fake_labels[shared].to(device), models.class_names, k=args.pr_k)}
+    barrier()
+    if test_sets:
+        student = models.student if args.epochs > 0 else None
+        results["evaluation"] = evaluate_sets(test_sets, models.teacher, student,
+                                              len(models.class_names), device=device,
+                                              image_size=args.image_size, num_workers=args.workers,
+                                              teacher_sizes=eval_sizes(models.teacher))
+
+
+def write_results(args, out, results, num_classes):
+    """Rank 0 writes OUT/results.json and prints its summary (no per-class lists) and the
+    teacher/student table of the test sets."""
+    if rank_and_world()[0] != 0:
+        return
+    write_json_atomic(results, out / "results.json")
+    print(json.dumps(without_per_class(results), indent=1))
+    if "evaluation" in results:
+        print(evaluation_table(results["evaluation"]["sets"], num_classes))
+    print(f"per-class reports: {out / 'results.json'}; what was generated: "
+          f"{out / 'contact_sheet.png'}")
+    if args.smoke:
+        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not "
+              "accuracy)")
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
