@@ -571,7 +571,7 @@ def clean_line(line):
     line = re.sub(r"^\s*(?:[-*+]\s+|•\s*|\(?\d+[.)]\s+)", "", line)  # list marker
     line = re.sub(r"(\*\*|__)(.+?)\1\s*[-–—]\s+", r"\2: ", line)  # "**Heading** – text"
     line = re.sub(r"\*\*|__|[`\"“”]", "", line)
-    for sentence in re.split(r"(?<=[.!?])\s+", line):
+    for sentence in re.split(r"(?<=[A-Za-z]{3}[.!?])\s+", line):  # not after "St." or "e.g."
         head, _, text = sentence.partition(": ")
         text = (text or head).strip(" '‘.,;:!?-*")
         if (re.search(r"[A-Za-z]{3}", text) and not CHAT_DEBRIS.match(text)
@@ -1684,8 +1684,9 @@ def read_note(path):
 def check_images_load(data_dir, what, checked=()):
     """Decodes every image of the ImageFolder tree `data_dir` (the ranks share the work); the
     first one that does not load is a UsageError naming the file. Returns (the number of images,
-    a stamp of the tree: every file's name, size and modification time). A tree whose stamp is
-    in `checked` was decoded whole before and is not again: a resumed run starts in seconds."""
+    each rank's stamp of the tree: every file's name, size and modification time). A tree whose
+    stamps are all in `checked` was decoded whole before and is not again: a resumed run starts
+    in seconds."""
     from PIL import Image
 
     rank, world = rank_and_world()
@@ -1695,9 +1696,11 @@ def check_images_load(data_dir, what, checked=()):
         raise UsageError(f"{what}: {error}")
     listing = [(path, status.st_size, status.st_mtime_ns)
                for path, status in ((path, os.stat(path)) for path, _ in samples)]
-    stamp = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    if stamp in checked:
-        return len(samples), stamp
+    # every rank's stamp (a node may hold its own copy): all skip the decode, or none does
+    stamps = [stamp for [stamp] in gather_from_ranks(
+        [hashlib.sha256(json.dumps(listing).encode()).hexdigest()])]
+    if all(stamp in checked for stamp in stamps):
+        return len(samples), stamps
     paths = [path for path, _ in samples][rank::world]
     problem = ""
     for path in tqdm(paths, desc=f"checking {what}", unit="img",
@@ -1712,7 +1715,7 @@ def check_images_load(data_dir, what, checked=()):
     problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
     if problem:
         raise UsageError(problem)
-    return len(samples), stamp
+    return len(samples), stamps
 
 
 TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.tmp<pid>
@@ -2221,8 +2224,8 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
             raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
     stamps = set(checked)
     for s in sets:
-        s["images"], stamp = check_images_load(s["data"], f"--val-dir {s['name']}", stamps)
-        stamps.add(stamp)
+        s["images"], seen = check_images_load(s["data"], f"--val-dir {s['name']}", stamps)
+        stamps.update(seen)
     if checked_file and stamps != checked and rank_and_world()[0] == 0:
         write_json_atomic({"stamps": sorted(stamps)}, checked_file)
     return sets
@@ -2821,9 +2824,10 @@ def parse_args(argv):
 UNGUIDABLE_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 
-# What a scheduler keeps of past steps (PNDM, LMS, DPM++ and UniPC/DEIS; Heun's and KDPM2's
-# first-order stage): with it, a guided ε̂ enters later updates too.
-PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample")
+# What a scheduler keeps of past steps (PNDM, LMS, DPM++ and UniPC/DEIS; the first stage of
+# second-order ones, which diffusers marks order 2: Heun, KDPM2, DPM-Solver SDE): with it, a
+# guided ε̂ enters later updates too.
+PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample", "prev_derivative")
 
 
 def check_sampler(pipe, options):
@@ -2861,8 +2865,9 @@ def check_sampler(pipe, options):
         raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the "
                          f"{len(scheduler.timesteps)} sampling steps, so guidance would do "
                          f"nothing: widen it, or --ablate guidance")
-    if guided != set(range(len(scheduler.timesteps))) and any(
-            hasattr(scheduler, state) for state in PAST_STEP_STATE):
+    multistep = getattr(scheduler, "order", 1) > 1 or any(
+        hasattr(scheduler, state) for state in PAST_STEP_STATE)
+    if multistep and guided != set(range(len(scheduler.timesteps))):
         raise UsageError(f"{name} is a multistep scheduler: it reuses past steps' noise "
                          f"predictions, so guiding only some steps pushes the latents back and "
                          f"forth; use --scheduler DDIMScheduler (the default), or guide every "

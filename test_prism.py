@@ -2134,6 +2134,26 @@ def test_guided_runs_use_a_single_step_scheduler_made_from_the_models_config(pip
         prism.load_sampler(prism.parse_args(argv + ["--scheduler", "Nope"]), cpu, tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' schedulers
+def test_every_multistep_scheduler_is_refused_when_only_some_steps_are_guided(pipe):
+    import diffusers
+
+    window = dict(num_steps=10, guidance_start=0.1, guidance_end=0.7, guidance_every=2)
+    every = dict(num_steps=10, guidance_start=0.0, guidance_end=1.0, guidance_every=1)
+    for name in ("PNDMScheduler", "DPMSolverMultistepScheduler",
+                 "UniPCMultistepScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler",
+                 "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+        single_step = name in ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                               "EulerAncestralDiscreteScheduler")
+        if single_step:
+            prism.check_sampler(pipe, window)
+        else:
+            with pytest.raises(prism.UsageError, match=f"{name} is a multistep scheduler"):
+                prism.check_sampler(pipe, window)
+        prism.check_sampler(pipe, every)  # every step guided: the push of every step is the method's
+
+
 def test_corrupt_validation_image_is_found_before_synthesis(tmp_path, capsys):
     val = tmp_path / "val"
     for c in range(4):
@@ -2166,6 +2186,30 @@ def test_a_val_set_decoded_whole_once_is_not_decoded_again_until_it_changes(tmp_
     checked.write_bytes(b"garbage")  # a damaged cache only costs a decode
     with pytest.raises(prism.UsageError, match="ok.png is not a readable image"):
         prism.labelled_sets([("val", val)], NAMES, checked_file=checked)
+
+
+def check_node_local_copy(rank, world, root):
+    """One rank of a gloo group whose val set is a copy of its own (another node's disk)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
+                                         world_size=world)
+    counts = []
+    for _ in range(2):  # a run, then a rerun that finds the cache
+        [s] = prism.labelled_sets([("val", root / f"val{rank}")], NAMES, checked_file=root / "checked.json")
+        counts.append(prism.sum_over_ranks([s["images"]])[0])  # the ranks are still in step
+    torch.save(counts, root / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_with_their_own_copy_of_a_val_set_decide_together(tmp_path):
+    """Copies on two nodes differ in modification times: every rank skips the decode, or none."""
+    for rank in (0, 1):
+        for c in range(4):
+            (tmp_path / f"val{rank}" / f"{c}").mkdir(parents=True)
+            Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(tmp_path / f"val{rank}" / f"{c}" / "ok.png")
+            os.utime(tmp_path / f"val{rank}" / f"{c}" / "ok.png", ns=(10 ** 9 * (rank + 1),) * 2)
+    torch.multiprocessing.spawn(check_node_local_copy, args=(2, tmp_path), nprocs=2)
+    assert [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)] == [[8, 8], [8, 8]]
+    assert len(json.loads((tmp_path / "checked.json").read_text())["stamps"]) == 2  # both copies
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
