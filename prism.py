@@ -525,74 +525,6 @@ def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
     return [answers[question] for question in questions], llm
 
 
-# Words where a phrase begins (PHRASE_STARTS) and words a phrase cannot end on (DANGLING): a cut
-# just before one of the first leaves whole phrases: "a small device | that is used to ...".
-# Some prepositions end a phrase too: "seen from above".
-PHRASE_STARTS = set("of in on at to for with by from into onto near next under over above below "
-                    "between through during across against behind beside among inside outside "
-                    "like as about along around without within and or but nor while when where "
-                    "whose which that who used".split())
-DANGLING = (PHRASE_STARTS - set("above below behind inside outside around along across about "
-                                "without within".split())
-            | set("a an the its their his her our your my this these is are was were be being "
-                  "been has have can will very such".split()))
-# What chat models write around an answer: preambles ("Sure! Here are 12 scenes:") and closing
-# remarks ("These scenes capture ...", "Let me know ..."); also any sentence that ends in ':',
-# '?' or '!' ("Great question!"), which no scene or description does.
-CHAT_DEBRIS = re.compile(r"(?:sure|certainly|of course|absolutely|okay|(?:here|below)"
-                         r"(?: are| is|'s)|these|this list|i hope|hope|i'm|i am|i've|let me"
-                         r"|feel free|note|each of these|all of these|in summary|overall)\b",
-                         re.IGNORECASE)
-# The questions ask for 8 and 12 words; a phrase may run a little over. Prompts stay well
-# within CLIP's 77 tokens: style, name, description and scene together.
-PHRASE_WORDS = 14
-
-
-def whole_phrase(text, max_words=PHRASE_WORDS):
-    """`text`'s longest start of at most `max_words` words that ends a phrase: at its end or just
-    before a word of PHRASE_STARTS or a dash, and never on a word of DANGLING ("the", "to",
-    "used"); "" if there is none. A cut-off answer or a long sentence never ends mid-phrase."""
-    words = text.split()
-    for n in range(min(len(words), max_words), 0, -1):
-        ends = n == len(words) or words[n].lower() in PHRASE_STARTS | {"-", "–", "—"}
-        if ends and words[n - 1].lower().strip(",;") not in DANGLING:
-            return " ".join(words[:n]).rstrip(",;")
-    return ""
-
-
-def clean_line(line):
-    """One line of an LLM's answer as a bare phrase: its first sentence that is not chat debris
-    (CHAT_DEBRIS), without list marker, markdown, double quotes and control characters, and
-    without its heading ("**Office Desk**: a cluttered desk" keeps the text, a heading alone
-    stays); "" for a markdown title ("### Outdoors") or when no sentence has a real word."""
-    line = "".join(ch for ch in line if ch.isprintable()).replace("’", "'")
-    if line.lstrip().startswith("#"):  # a markdown title of the lines that follow
-        return ""
-    line = re.sub(r"^\s*(?:[-*+]\s+|•\s*|\(?\d+[.)]\s+)", "", line)  # list marker
-    line = re.sub(r"(\*\*|__)(.+?)\1\s*[-–—]\s+", r"\2: ", line)  # "**Heading** – text"
-    line = re.sub(r"\*\*|__|[`\"“”]", "", line)
-    for sentence in re.split(r"(?<=[A-Za-z]{3}[.!?])\s+", line):  # not after "St." or "e.g."
-        head, _, text = sentence.partition(": ")
-        text = (text or head).strip(" '‘.,;:!?-*")
-        if (re.search(r"[A-Za-z]{3}", text) and not CHAT_DEBRIS.match(text)
-                and not re.search(r"[:?!]\W*$", sentence)):
-            # "On a desk" → "on a desk"; a proper noun is in neither set
-            lower = text.split()[0].lower() in DANGLING | PHRASE_STARTS
-            return text[0].lower() + text[1:] if lower else text
-    return ""
-
-
-def llm_description(answer, name):
-    """What the LLM's `answer` says class `name` is, as a noun phrase: the phrase of its first
-    line that has one (clean_line), without an opening that names the class ("A mouse is a
-    small ..." → "a small ...", "Mouse - a ..."), cut to a whole phrase (whole_phrase); "" if
-    none is left."""
-    text = next(filter(None, map(clean_line, answer.splitlines())), "")
-    subject = rf"(?:(?:a|an|the)\s+)?'?{re.escape(name)}(?:e?s)?'?|it|this"
-    opening = rf"^(?:{subject})(?:,|\s+[-–—]|\s+(?:is|are|refers to|means)\b)\s*"
-    return whole_phrase(re.sub(opening, "", text, flags=re.IGNORECASE))
-
-
 def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
                      vary_content=True):
     """What the prompts of each class say besides their style, without an LLM (§3): one dict
@@ -1534,6 +1466,77 @@ class MeasureDefaults:
 
 RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
 SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# An LLM's answers as whole phrases: what chat models write around them never reaches a prompt
+# ──────────────────────────────────────────────────────────────────────────────────────────
+# Words where a phrase begins (PHRASE_STARTS) and words a phrase cannot end on (DANGLING): a cut
+# just before one of the first leaves whole phrases: "a small device | that is used to ...".
+# Some prepositions end a phrase too: "seen from above".
+PHRASE_STARTS = set("of in on at to for with by from into onto near next under over above below "
+                    "between through during across against behind beside among inside outside "
+                    "like as about along around without within and or but nor while when where "
+                    "whose which that who used".split())
+DANGLING = (PHRASE_STARTS - set("above below behind inside outside around along across about "
+                                "without within".split())
+            | set("a an the its their his her our your my this these is are was were be being "
+                  "been has have can will very such".split()))
+# What chat models write around an answer: preambles ("Sure! Here are 12 scenes:") and closing
+# remarks ("These scenes capture ...", "Let me know ..."); also any sentence that ends in ':',
+# '?' or '!' ("Great question!"), which no scene or description does.
+CHAT_DEBRIS = re.compile(r"(?:sure|certainly|of course|absolutely|okay|(?:here|below)"
+                         r"(?: are| is|'s)|these|this list|i hope|hope|i'm|i am|i've|let me"
+                         r"|feel free|note|each of these|all of these|in summary|overall)\b",
+                         re.IGNORECASE)
+# The questions ask for 8 and 12 words; a phrase may run a little over. Prompts stay well
+# within CLIP's 77 tokens: style, name, description and scene together.
+PHRASE_WORDS = 14
+
+
+def whole_phrase(text, max_words=PHRASE_WORDS):
+    """`text`'s longest start of at most `max_words` words that ends a phrase: at its end or just
+    before a word of PHRASE_STARTS or a dash, and never on a word of DANGLING ("the", "to",
+    "used"); "" if there is none. A cut-off answer or a long sentence never ends mid-phrase."""
+    words = text.split()
+    for n in range(min(len(words), max_words), 0, -1):
+        ends = n == len(words) or words[n].lower() in PHRASE_STARTS | {"-", "–", "—"}
+        if ends and words[n - 1].lower().strip(",;") not in DANGLING:
+            return " ".join(words[:n]).rstrip(",;")
+    return ""
+
+
+def clean_line(line):
+    """One line of an LLM's answer as a bare phrase: its first sentence that is not chat debris
+    (CHAT_DEBRIS), without list marker, markdown, double quotes and control characters, and
+    without its heading ("**Office Desk**: a cluttered desk" keeps the text, a heading alone
+    stays); "" for a markdown title ("### Outdoors") or when no sentence has a real word."""
+    line = "".join(ch for ch in line if ch.isprintable()).replace("’", "'")
+    if line.lstrip().startswith("#"):  # a markdown title of the lines that follow
+        return ""
+    line = re.sub(r"^\s*(?:[-*+]\s+|•\s*|\(?\d+[.)]\s+)", "", line)  # list marker
+    line = re.sub(r"(\*\*|__)(.+?)\1\s*[-–—]\s+", r"\2: ", line)  # "**Heading** – text"
+    line = re.sub(r"\*\*|__|[`\"“”]", "", line)
+    for sentence in re.split(r"(?<=[A-Za-z]{3}[.!?])\s+", line):  # not after "St." or "e.g."
+        head, _, text = sentence.partition(": ")
+        text = (text or head).strip(" '‘.,;:!?-*")
+        if (re.search(r"[A-Za-z]{3}", text) and not CHAT_DEBRIS.match(text)
+                and not re.search(r"[:?!]\W*$", sentence)):
+            # "On a desk" → "on a desk"; a proper noun is in neither set
+            lower = text.split()[0].lower() in DANGLING | PHRASE_STARTS
+            return text[0].lower() + text[1:] if lower else text
+    return ""
+
+
+def llm_description(answer, name):
+    """What the LLM's `answer` says class `name` is, as a noun phrase: the phrase of its first
+    line that has one (clean_line), without an opening that names the class ("A mouse is a
+    small ..." → "a small ...", "Mouse - a ..."), cut to a whole phrase (whole_phrase); "" if
+    none is left."""
+    text = next(filter(None, map(clean_line, answer.splitlines())), "")
+    subject = rf"(?:(?:a|an|the)\s+)?'?{re.escape(name)}(?:e?s)?'?|it|this"
+    opening = rf"^(?:{subject})(?:,|\s+[-–—]|\s+(?:is|are|refers to|means)\b)\s*"
+    return whole_phrase(re.sub(opening, "", text, flags=re.IGNORECASE))
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
