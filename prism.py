@@ -809,39 +809,33 @@ def resize_for_storage(images, store_size):
                          antialias=True).clamp(0, 1)
 
 
-def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0,
-                       batch_size=8, image_format="png",
-                       store_size=None, identity=None, overwrite=False, max_new_images=None,
-                       progress=True, guidance_vae=None, guidance_batch=4,
+def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8,
+                       image_format="png", store_size=None, identity=None, overwrite=False,
+                       max_new_images=None, progress=True, guidance_vae=None, guidance_batch=4,
                        **sample_kwargs):
-    """Generates and caches `per_class` images per class; returns the manifest records, sorted.
+    """Makes and caches `per_class` images per class; returns their records, sorted.
 
     Image (c, i) is energy_guided_sample of prompts[c][i] from the noise of image_seed(seed, c, i),
-    written to `out_dir/<class>/<index>.<ext>` (an ImageFolder tree) with its shorter side at
-    `store_size` (None: as generated), and recorded in `manifest.jsonl` with its seed and the
-    teacher's numbers of the full-size image (energy, top-1, p_class). `sample_kwargs` go to the
-    sampler and, with `identity` (the models' names), into `settings.json`; `guidance_batch`, a
-    memory bound like `batch_size`, does not. A rerun makes only what is missing; other settings
-    are a UsageError unless `overwrite` (open_image_set). `max_new_images` stops early, for
-    time-limited jobs. Under torchrun the missing images are dealt out to the ranks; every image
-    is written atomically before its record (README: "Resuming, and what is never lost")."""
+    written atomically to `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), its shorter side
+    at `store_size`, with its record (prompt, seed, the teacher's energy, top-1 and p_class of the
+    full-size image) in its own metadata; manifest.jsonl indexes the records. `sample_kwargs` go
+    to the sampler and, with `identity` (the models' names), into settings.json. A rerun makes
+    only the missing images; other settings are a UsageError unless `overwrite`.
+    `max_new_images` stops early (job time limits). Under torchrun the ranks share the work."""
     rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
     settings = synthesis_settings(prompts, per_class=per_class, seed=seed, identity=identity or {},
                                   image_format=image_format, sample_kwargs=sample_kwargs,
                                   store_size=store_size)
     open_image_set(out_dir, settings, num_classes, overwrite=overwrite)
-    file_of = image_files(num_classes, per_class, image_format)
-    digest = settings_digest(settings)
-    wanted, missing = images_to_make(out_dir, file_of, num_classes, per_class, max_new_images,
-                                     digest)
+    file_of, digest = image_files(num_classes, per_class, image_format), settings_digest(settings)
+    wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
+    records = index_images(out_dir, file_of, wanted, digest)
+    missing = [key for key in wanted if key not in records][:max_new_images]
     todo = missing[rank::world]
     shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
-    bar = tqdm(total=len(wanted) if world == 1 else len(todo), unit="img",
-               initial=len(wanted) - len(missing) if world == 1 else 0,
-               desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}",
-               disable=not progress or rank != 0)
-    with bar:  # closed (its line ended) before an error message is printed
+    with tqdm(total=len(wanted), initial=len(wanted) - len(missing), unit="img", desc="synthesis",
+              disable=not progress or rank != 0) as bar:  # rank 0 counts its own share
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             seeds = [image_seed(seed, c, i) for c, i in batch]
@@ -855,12 +849,13 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0,
                 latents=latents, generator=step_noise, guidance_vae=guidance_vae,
                 guidance_batch=guidance_batch, **sample_kwargs)
             images = resize_for_storage(images, store_size)  # the teacher saw the full size
-            records = [save_generated(images[k], out_dir, file_of(c, i), c, i, prompts[c][i],
-                                      seeds[k], {key: v[k] for key, v in stats.items()}, digest)
-                       for k, (c, i) in enumerate(batch)]
-            append_to_journal(out_dir / f"manifest.rank{rank}.jsonl", records)
-            bar.update(len(batch))
-    return merge_journals(out_dir, wanted)
+            for k, (c, i) in enumerate(batch):
+                save_generated(images[k], out_dir / file_of(c, i), c, i, prompts[c][i], seeds[k],
+                               {key: value[k] for key, value in stats.items()}, digest)
+            bar.update(len(batch) * world)
+    if missing:  # the new images' records, read back from the images, join the index
+        records = index_images(out_dir, file_of, wanted, digest)
+    return [records[key] for key in wanted if key in records]
 
 
 def image_files(num_classes, per_class, image_format):
@@ -1802,33 +1797,22 @@ def settings_digest(settings):
 
 
 def start_new_set(out_dir, settings):
-    """Records new synthesis settings in `out_dir` (rank 0; the recorded ones differ or are
-    damaged, and --overwrite was given). Images whose record (in the manifest, else in the image)
-    carries these settings' digest are kept; the rest of the old set is deleted. Killed half way,
-    it leaves the old settings (the next run refuses again) or the new ones with only images made
-    under them."""
-    digest, manifest_path = settings_digest(settings), out_dir / "manifest.jsonl"
-    records = read_manifest(out_dir).values()
-    keep = {r["file"]: r for r in records if r.get("settings") == digest}
-    recorded = {r["file"] for r in records}  # the others are read (decoded) one by one
-    kept = "".join(json.dumps(record) + "\n" for record in keep.values())
-    atomic_write(manifest_path, lambda temp: temp.write_text(kept, encoding="utf-8"))
-    for journal in out_dir.glob("manifest.rank*.jsonl"):
-        journal.unlink()
-    for folder in [p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()]:
-        for image in folder.iterdir():
-            name = f"{folder.name}/{image.name}"
-            if name not in keep and (name in recorded
-                                     or image_record(image).get("settings") != digest):
-                image.unlink()
+    """Records new synthesis settings in `out_dir` (rank 0, with --overwrite): images whose own
+    record carries these settings' digest are kept, the others and the index deleted first. Killed
+    half way, the old settings stay recorded, and the next run refuses (or, again with --overwrite,
+    goes on)."""
+    digest = settings_digest(settings)
+    (out_dir / "manifest.jsonl").unlink(missing_ok=True)
+    for image in out_dir.glob("[0-9]*/*"):
+        if image.is_file() and image_record(image).get("settings") != digest:
+            image.unlink()
     write_json_atomic({"settings": settings}, out_dir / "settings.json")
 
 
 def open_image_set(out_dir, settings, num_classes, *, overwrite):
     """Makes `out_dir` ready for images made under `settings`: created, holding no folder that is
     not a class of the set (distillation would read it as one), and its settings.json the same
-    or, with `overwrite`, a new set started (start_new_set keeps the images whose record carries
-    the new settings' digest). Other or damaged settings without it: a UsageError."""
+    or, with `overwrite`, a new set started. Other or damaged settings without it: a UsageError."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -1855,134 +1839,59 @@ def file_size(path):
     return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
-def images_to_make(out_dir, file_of, num_classes, per_class, max_new_images, digest):
-    """(wanted, missing): every (class, index) of the set, and those without an image (at most
-    `max_new_images`), the same list on every rank; each rank checks a share of the files.
-
-    An image is there when its file has the size its manifest record gives: files are written
-    whole (atomic_write), so a stat per image suffices and a resumed run starts in seconds. An
-    image without an intact record keeps its own (in its metadata, saved under the settings of
-    `digest`): it is read again from there, journaled and said, never made again. A folder where
-    an image belongs is refused."""
+def index_images(out_dir, file_of, wanted, digest):
+    """{(class, index): record} of the images of `wanted` that are on disk, manifest.jsonl
+    rewritten to hold exactly those (rank 0; the ranks share the checks). The manifest is an
+    index: its record counts when the file has the size it gives (files are written whole, so a
+    stat suffices), else the image's own record is read (made under the settings of `digest`); an
+    image without one, or that does not decode, is missing. Losing the manifest costs nothing."""
     rank, world = rank_and_world()
-    records = read_manifest(out_dir)
-    wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
-    mine, found = [], []
+    path = out_dir / "manifest.jsonl"
+    indexed = {}
+    for line in path.read_bytes().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # a damaged line is re-read
+            record = json.loads(line)
+            indexed[(record["class"], record["index"])] = record
+    changes = []  # (key, its record read from the image, or None)
     for key in wanted[rank::world]:
-        path = out_dir / file_of(*key)
-        size = file_size(path)
-        if size is not None and size == records.get(key, {}).get("bytes"):
-            continue
-        record = image_record(path) if size else {}
-        ours = [record.get(k) for k in ("file", "class", "index", "settings")]
-        if valid_record(record) and ours == [file_of(*key), *key, digest]:
-            found.append(record)
-        else:
-            mine.append(key)
-    if found:
-        append_to_journal(out_dir / f"manifest.rank{rank}.jsonl", found)
-    blocked = [out_dir / file_of(*key) for key in mine if (out_dir / file_of(*key)).is_dir()]
-    if blocked:
-        raise UsageError(f"{blocked[0]} is a folder where an image belongs: remove it and rerun")
-    parts = gather_from_ranks([mine, len(found)])
-    lost = sum(count for _, count in parts)
-    if lost and rank == 0:
-        report("warning", f"{out_dir / 'manifest.jsonl'} had no intact record of {lost} images "
-                          f"on disk; each was read again from the image's own metadata, and "
-                          f"none is made again")
-    missing = sorted(tuple(key) for part, _ in parts for key in part)
-    return wanted, missing if max_new_images is None else missing[:max_new_images]
+        if indexed.get(key, {}).get("bytes") != file_size(out_dir / file_of(*key)):
+            record = image_record(out_dir / file_of(*key))
+            ours = record.get("file") == file_of(*key) and record.get("settings") == digest
+            changes.append((key, record if ours else None))
+    records = {key: indexed[key] for key in wanted if key in indexed}
+    for [part] in gather_from_ranks([changes]):
+        for key, record in part:
+            records.pop(key, None)
+            if record is not None:
+                records[key] = record
+    text = "".join(json.dumps(records[key]) + "\n" for key in wanted if key in records)
+    if rank == 0 and (not path.exists() or path.read_bytes() != text.encode("utf-8")):
+        atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+    barrier()  # the index is written before any rank goes on
+    return records
 
 
-def save_generated(image, out_dir, file, c, i, prompt, noise_seed, stats, digest):
-    """Writes one generated image atomically and returns its manifest record: file, class, index,
-    prompt, seed, the teacher's final energy, top-1 and p_class, the guidance steps skipped,
-    whether it was made again unguided, its bytes and the digest of its set's settings."""
-    (out_dir / file).parent.mkdir(exist_ok=True)
-    record = {"file": file, "class": c, "index": i, "prompt": prompt, "seed": noise_seed,
-              "energy": round(stats["energy"].item(), 5), "top1": stats["top1"].item(),
-              "p_class": round(stats["p_class"].item(), 6),
+def save_generated(image, path, c, i, prompt, noise_seed, stats, digest):
+    """Writes one generated image atomically with its record in its own metadata: file, class,
+    index, prompt, seed, the teacher's final energy, top-1 and p_class, the guidance steps
+    skipped, whether it was remade unguided, and the digest of its set's settings."""
+    path.parent.mkdir(exist_ok=True)
+    record = {"file": f"{path.parent.name}/{path.name}", "class": c, "index": i, "prompt": prompt,
+              "seed": noise_seed, "energy": round(stats["energy"].item(), 5),
+              "top1": stats["top1"].item(), "p_class": round(stats["p_class"].item(), 6),
               "guidance_skipped": stats["guidance_skipped"].item(),
-              "resampled_unguided": bool(stats["resampled_unguided"]), "bytes": None,
-              "settings": digest}
-    # the image keeps its own record (all but its size), so a lost manifest line costs nothing
-    note = json.dumps(finite_or_none(record), allow_nan=False)
-    record["bytes"] = save_image_atomic(image, out_dir / file, note)
-    return record
+              "resampled_unguided": bool(stats["resampled_unguided"]), "settings": digest}
+    save_image_atomic(image, path, json.dumps(finite_or_none(record), allow_nan=False))
 
 
 def image_record(path):
-    """The manifest record an image keeps in its own metadata (save_generated), with its size;
+    """The record an image keeps in its own metadata (save_generated), with its size in bytes;
     {} when it has none or does not decode whole."""
     try:
         record = json.loads(read_note(path) or "{}")
     except ValueError:
         return {}
     return {**record, "bytes": file_size(path)} if isinstance(record, dict) and record else {}
-
-
-def merge_journals(out_dir, wanted):
-    """Once every rank is done, rank 0 merges the ranks' journals into manifest.jsonl (rewritten
-    only when it changes) and deletes them. Returns the records of `wanted`, in its order."""
-    barrier()  # every rank's journal is complete
-    if rank_and_world()[0] == 0:
-        records = read_manifest(out_dir)
-        compacted = "".join(json.dumps(records[key]) + "\n" for key in wanted if key in records)
-        manifest = out_dir / "manifest.jsonl"
-        if not manifest.exists() or manifest.read_bytes() != compacted.encode("utf-8"):
-            atomic_write(manifest, lambda temp: temp.write_text(compacted, encoding="utf-8"))
-        for journal in out_dir.glob("manifest.rank*.jsonl"):
-            journal.unlink()
-    barrier()
-    records = read_manifest(out_dir)
-    return [records[key] for key in wanted if key in records]
-
-
-def valid_record(record):
-    """True if a manifest record has its keys with values of the right kind (finite numbers)."""
-    def number(x):
-        return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
-    integers = ("class", "index", "bytes")
-    return (isinstance(record, dict) and all(isinstance(record.get(k), int) for k in integers)
-            and isinstance(record.get("file"), str) and number(record.get("energy"))
-            and number(record.get("p_class")) and isinstance(record.get("top1"), int))
-
-
-def read_manifest(folder):
-    """Records of a synthetic set keyed by (class, index): manifest.jsonl, then the journals of the
-    ranks (manifest.rank<r>.jsonl) of an unfinished run. Later lines win; a damaged line (torn,
-    not UTF-8, not JSON) is ignored, so its image is checked and made again."""
-    records = {}
-    for path in [Path(folder) / "manifest.jsonl",
-                 *sorted(Path(folder).glob("manifest.rank*.jsonl"))]:
-        if not path.exists():
-            continue
-        for line in path.read_bytes().splitlines():
-            # a damaged line (torn by a kill, a bad byte) loses one record: that image is remade
-            try:
-                record = json.loads(line.decode("utf-8"))
-                if valid_record(record):
-                    records[(record["class"], record["index"])] = record
-            except ValueError:
-                continue
-    return records
-
-
-def append_to_journal(path, records):
-    """Appends `records` as JSON lines to the journal at `path` and forces them to disk, so a crash
-    loses at most the records of the batch being written (their images are then made again)."""
-    text = "".join(json.dumps(finite_or_none(record), allow_nan=False) + "\n" for record in records)
-    try:
-        with open(path, "ab+") as journal:
-            if journal.seek(0, os.SEEK_END) > 0:
-                journal.seek(-1, os.SEEK_END)
-                if journal.read(1) != b"\n":  # a run killed mid-line: start on a line of our own
-                    text = "\n" + text
-            journal.write(text.encode("utf-8"))
-            journal.flush()
-            os.fsync(journal.fileno())
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {first_line(error)}")
 
 
 CHECKPOINT_KEYS = ("epoch", "config", "history", "student", "optimizer", "schedule")
@@ -3198,26 +3107,20 @@ def prompts_written(out):
 
 
 def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
-    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic, checked against its
-    settings first, resumed image by image, split over the ranks. Returns (records, settings),
-    records None while images are missing (--max-new-images), and draws the contact sheet with
-    each class's prompt source (`classes`: describe_classes' entries)."""
+    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic (synthesize_dataset).
+    Returns (records, the set's settings), records None while images are missing
+    (--max-new-images); draws the contact sheet when the set changed."""
     rank, synthetic = rank_and_world()[0], out / "synthetic"
-    sample_kwargs = sampling_options(args)
-    identity = {**models.identity, "scheduler": type(pipe.scheduler).__name__}
-    settings = synthesis_settings(prompts, per_class=args.per_class, seed=args.seed,
-                                  image_format=args.image_format, identity=identity,
-                                  store_size=args.store_size or None, sample_kwargs=sample_kwargs)
-    check_settings(synthetic / "settings.json", settings, overwrite=args.overwrite,
-                   what="synthetic images")
     if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
         print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
     records = synthesize_dataset(
         pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
-        batch_size=args.gen_batch, image_format=args.image_format, identity=identity,
+        batch_size=args.gen_batch, image_format=args.image_format,
+        identity={**models.identity, "scheduler": type(pipe.scheduler).__name__},
         store_size=args.store_size or None, overwrite=args.overwrite,
         max_new_images=args.max_new_images, guidance_vae=guidance_vae,
-        guidance_batch=args.guidance_batch, **sample_kwargs)
+        guidance_batch=args.guidance_batch, **sampling_options(args))
+    settings = read_json(synthetic / "settings.json", "")["settings"]
     wanted = len(models.class_names) * args.per_class
     if len(records) < wanted:
         if rank == 0:
