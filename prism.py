@@ -40,36 +40,22 @@ Notation
    synthetic features inside the k-NN balls of real ones, and the reverse, in the teacher's
    penultimate features; then the student's top-1/top-5 on real test sets.
 
-The file has three parts. Part I is the method, in the order data flows: the equations, the
-stages, main(); each function takes the method's values as its own keyword defaults (the command
-line reads them from there). Part II is plumbing (the stage functions main() runs, errors, files,
-resume, several processes, the command line, model loading): nothing in it changes what is
-computed. Part III holds tools: reports, tiny random models for the smoke run and tests, the
-benchmark. Every function takes its inputs as arguments and its docstring names the § it
-implements; a copy takes along UsageError, RunFailure and rank_and_world (Part II).
-"""
-import collections
+Part I is the method in the order data flows, each function with the method's values as its
+keyword defaults; Part II is plumbing (the stages main() runs, files, resume, processes, the
+command line, model loading), which changes nothing computed; Part III holds tools (reports, tiny
+random models, the benchmark). A copied function takes along only UsageError, RunFailure and
+rank_and_world."""
 import contextlib
 import copy
-import dataclasses
-import fcntl
 import hashlib
-import inspect
-import io
 import itertools
 import json
 import math
 import os
 import random
 import re
-import shutil
-import stat
 import sys
 import time
-import types
-import traceback
-import warnings
-from datetime import timedelta
 from pathlib import Path
 
 # Ctrl-C while the libraries below load (seconds): one line, not a traceback
@@ -89,9 +75,7 @@ from tqdm.auto import tqdm
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # PART I — THE METHOD (§1-§5), in the order data flows
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# The equations (§1, §2, §4), one small function each
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── The equations (§1, §2, §4), one small function each ───────────────────────────────────────────
 def teacher_energy(logits, temperature=1.0):
     """The teacher's energy of each sample (§1, Liu et al. 2020): low on what it finds
     in-distribution. `logits` are f_T(x), `temperature` is τ."""
@@ -99,11 +83,9 @@ def teacher_energy(logits, temperature=1.0):
     return -temperature * torch.logsumexp(logits / temperature, dim=-1)
 
 
-def guidance_loss(logits, class_ids, *, energy_scale, class_scale,
-                  temperature=1.0):
-    """The guidance loss L(x, y) of §1 for each sample: energy (precision) plus the cross-entropy
-    of the intended class y; `energy_scale` is s_E, `class_scale` s_C. Two scales rather than
-    one scale and a ratio let either term be used alone."""
+def guidance_loss(logits, class_ids, *, energy_scale, class_scale, temperature=1.0):
+    """The guidance loss L(x, y) of §1 per sample: energy (precision) plus the cross-entropy of
+    the intended class y, weighted by s_E = `energy_scale` and s_C = `class_scale`."""
     # L(x, y) = s_E · E(x) + s_C · CE(f_T(x), y)
     loss = energy_scale * teacher_energy(logits, temperature)
     if class_scale:
@@ -167,6 +149,11 @@ def at_least_float32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def per_sample(values, like):
+    """One value per sample, shaped to broadcast over the batch `like`."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
 def scaled_vjp(outputs, inputs, vectors):
     """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, in float32 (or wider). Per
     value, guidance gradients lie below float16's normal range, so a float16 backward pass would
@@ -175,7 +162,7 @@ def scaled_vjp(outputs, inputs, vectors):
     vectors = at_least_float32(vectors.detach())
     peak = vectors.flatten(1).abs().amax(dim=1)
     # peak = m·2^e with m in [½, 1); v·2^-e has its largest value in [½, 1)
-    exponent = torch.frexp(peak)[1].view(-1, *([1] * (vectors.dim() - 1)))
+    exponent = per_sample(torch.frexp(peak)[1], vectors)
     scaled = torch.ldexp(vectors, -exponent).to(outputs.dtype)
     grad = torch.autograd.grad(outputs, inputs, grad_outputs=scaled)[0]
     return torch.ldexp(at_least_float32(grad), exponent)
@@ -184,9 +171,8 @@ def scaled_vjp(outputs, inputs, vectors):
 def clean_latent_grad(vae, teacher, clean_latents, class_ids, *,
                       batch_size=4, **objective):
     """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
-    D is the VAE decoder on the full-size ẑ0; the teacher scores D(ẑ0) in float32, and ∇_x L
-    enters the decoder through scaled_vjp, so that a float16 decoder keeps its direction.
-    `batch_size` samples at a time bound the decode's memory; it does not change the result."""
+    The teacher scores D(ẑ0) in float32; ∇_x L enters the decoder through scaled_vjp (a float16
+    decoder keeps its direction). `batch_size` samples at a time bound the decode's memory."""
     grads = []
     for start in range(0, len(clean_latents), batch_size):
         latents = clean_latents[start:start + batch_size].detach().requires_grad_(True)
@@ -227,50 +213,39 @@ def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, c
     return torch.cat(epsilons), torch.cat(grads)
 
 
-def per_sample_norm(x):
-    """Euclidean norm of each sample of a batch, shaped to broadcast over it."""
-    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
-
-
 def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
     """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2), and `finite`: False for a sample whose g is not finite (left
-    unguided). With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (s_E + s_C:
-    fractions of the noise prediction). In float32 whatever ε̂'s dtype: in float16, tiny norms
-    underflow and their ratios overflow."""
+    unguided). With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (s_E + s_C).
+    In float32 whatever ε̂'s dtype: in float16 tiny norms underflow, their ratios overflow."""
     epsilon32, grad32 = at_least_float32(epsilon), at_least_float32(grad)
     finite = torch.isfinite(grad32.flatten(1)).all(dim=1)
-    grad32 = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad32, 0.0)
+    grad32 = torch.where(per_sample(finite, grad), grad32, 0.0)
     if normalize:
+        norm = lambda x: per_sample(x.flatten(1).norm(dim=1), x)  # noqa: E731
         # g/‖g‖ computed as u/‖u‖ with u = g/max|g|, which cannot underflow; a zero g stays zero
         peak = grad32.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(grad32.dtype).tiny)
-        unit = grad32 / peak.view(-1, *([1] * (grad.dim() - 1)))
-        unit = unit / per_sample_norm(unit).clamp_min(1.0)  # ‖u‖ ≥ 1 unless u = 0
+        unit = grad32 / per_sample(peak, grad)
+        unit = unit / norm(unit).clamp_min(1.0)  # ‖u‖ ≥ 1 unless u = 0
         # g ← (s_E + s_C)·‖ε̂‖·g/‖g‖
-        grad32 = total_scale * per_sample_norm(epsilon32) * unit
+        grad32 = total_scale * norm(epsilon32) * unit
     # ε̂' = ε̂ + sqrt(1-ᾱ_t)·g
     return (epsilon32 + (1 - alpha_bar) ** 0.5 * grad32).to(epsilon.dtype), finite
 
 
 def kd_loss(student_logits, teacher_logits, temperature=10.0):
-    """The distillation loss of Hinton et al. 2015 (§4), the batch mean; `temperature` is τ_kd.
-    The τ_kd² keeps gradient magnitudes comparable across temperatures."""
+    """The distillation loss of Hinton et al. 2015 (§4), the batch mean; `temperature` is τ_kd
+    (τ_kd² keeps gradient magnitudes comparable across temperatures)."""
     # L_KD = τ_kd² · KL(softmax(f_T/τ_kd) ‖ softmax(f_S/τ_kd))
     return F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=-1),
                     F.log_softmax(teacher_logits.float() / temperature, dim=-1),
                     log_target=True, reduction="batchmean") * temperature ** 2
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images ───────────
 class Preprocess(nn.Module):
-    """Maps images in [0, 1] of any size to what a classifier expects: resize + normalise.
-
-    Folding preprocessing into the model lets every stage (guidance, KD, evaluation) hand it
-    plain [0, 1] images, and keeps the resize differentiable for the guidance gradient (§2).
-    `resize_size` is the shorter side real images are resized to before the centre crop of
-    evaluation (eval_transform): the classifier's own protocol (resnet50's V2 weights: 232).
-    """
+    """Maps [0, 1] images of any size to what a classifier expects: resize and normalise, so every
+    stage hands it plain images and the resize stays differentiable (§2). `resize_size`: the
+    shorter side of real images before evaluation's centre crop (resnet50's V2 weights: 232)."""
 
     def __init__(self, input_size, mean, std, resize_size=None):
         super().__init__()
@@ -288,83 +263,56 @@ class Preprocess(nn.Module):
         return (images - self.mean) / self.std
 
 
-def eval_sizes(classifier):
-    """The evaluation sizes of a with_preprocessing classifier: its own crop and resize."""
-    return {"image_size": classifier[0].input_size, "resize_size": classifier[0].resize_size}
-
-
 def with_preprocessing(model, input_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                        resize_size=None):
-    """Returns nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size.
-    """
+    """nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size."""
     return nn.Sequential(Preprocess(input_size, mean, std, resize_size), model)
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Stage 1. Diversified prompts (§3): "{style} of {name}, {description}, {scene}"
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Stage 1. Diversified prompts (§3): "{style} of {name}, {description}, {scene}" ────────────────
 # Style diversification. Photos serve accuracy on photos; the rest serve domain generalisation.
 PHOTO_STYLES = (
     "a photo", "a close-up photo", "a DSLR photo", "a wide-angle photo", "a candid photo",
     "a professional photo", "a snapshot", "a slightly blurry photo", "a black and white photo",
     "a low-light photo", "a high-resolution photo", "a cropped photo", "a phone photo",
-    "a macro photo", "a telephoto photo", "a vintage photo",
-)
-
-
+    "a macro photo", "a telephoto photo", "a vintage photo")
 OTHER_STYLES = (
     "a pencil sketch", "an oil painting", "a watercolor painting", "a cartoon", "a 3D render",
     "an embroidery", "a plastic toy", "a clay sculpture", "a tattoo", "an origami model",
     "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
-    "a children's drawing",
-)
+    "a children's drawing")
 
-
-# Content without an LLM: whole scene phrases, each written as one coherent scene (place, view
-# and light together), grouped by the kind of thing they suit. A class gets the group of its
-# category (below); "any" suits everything and serves classes whose category is unknown.
+# Content without an LLM: whole scene phrases (place, view and light together), grouped by the
+# kind of thing they suit. A class gets its category's group; "any" suits everything.
 SCENES = {
     "animal": ("in tall grass on a sunny afternoon", "resting in the shade of a tree",
-               "walking across an open field at dawn", "in its natural habitat, seen from the side",
-               "close up, looking at the camera", "in a forest clearing in soft light",
-               "on a rock under an overcast sky", "in the snow on a winter morning"),
+               "walking across an open field at dawn", "close up, looking at the camera",
+               "in a forest clearing in soft light", "in the snow on a winter morning"),
     "water": ("swimming in clear blue water", "underwater among rocks and sea plants",
               "at the surface of a calm lake", "in an aquarium with soft lighting",
-              "near the shore on a bright day", "seen from above in shallow water",
               "in a river among stones", "in the open sea on a cloudy day"),
     "plant": ("growing in a garden in morning light", "in a meadow on a sunny day",
               "close up with dew drops", "growing by a sunny window indoors",
-              "in a forest after rain",
-              "seen from above on the ground", "under glass in soft light",
-              "in a park on an overcast day"),
-    "food": ("served on a wooden table", "served at a dinner in warm light",
-             "on a kitchen counter, seen from above", "at a market stall in daylight",
-             "on a picnic blanket outdoors", "close up on a dark background",
-             "on a cutting board in a home kitchen", "on a cafe table by the window"),
+              "in a forest after rain", "in a park on an overcast day"),
+    "food": ("served on a wooden table", "on a kitchen counter, seen from above",
+             "at a market stall in daylight", "on a picnic blanket outdoors",
+             "close up on a dark background", "on a cafe table by the window"),
     "vehicle": ("on a city street in daylight", "parked by the road at sunset",
-                "driving on a country road", "in a parking lot on an overcast day",
-                "seen from the side on a highway", "in a garage under bright lights",
+                "driving on a country road", "seen from the side on a highway",
                 "at a crossing in the rain", "on display at a show"),
     "object": ("on a wooden table in soft window light", "held in a person's hand",
-               "on a shelf in a store", "on a table, seen from above",
-               "on a plain white background", "next to everyday things on a counter",
-               "in use at home in the evening",
-               "close up in bright daylight"),
+               "on a shelf in a store", "on a plain white background",
+               "next to everyday things on a counter", "close up in bright daylight"),
     "indoor": ("in a bright living room", "in a kitchen in morning light",
-               "on display in a showroom",
-               "in a room, seen from the doorway", "on a plain white background",
-               "in a cosy apartment in the evening", "in a store among others for sale",
-               "close up in soft light"),
-    "clothing": ("worn by a person on a city street", "hanging on a rail at home",
-                 "folded on a bed in soft light", "on a mannequin in a shop window",
-                 "worn outdoors on an autumn day", "laid flat on a plain background",
-                 "worn by a person at home", "on a clothes rail in a store"),
+               "on display in a showroom", "in a room, seen from the doorway",
+               "in a cosy apartment in the evening", "close up in soft light"),
+    "clothing": ("worn by a person on a city street", "folded on a bed in soft light",
+                 "on a mannequin in a shop window", "worn outdoors on an autumn day",
+                 "laid flat on a plain background", "on a clothes rail in a store"),
     "place": ("on a clear sunny day", "at sunset with long shadows", "seen from far away",
-              "on a misty morning", "from a low angle under a blue sky", "in winter with snow",
-              "at night under lights", "seen from above"),
+              "on a misty morning", "at night under lights", "seen from above"),
     "any": ("in soft natural light", "close up", "seen from the side", "in bright daylight",
-            "in the center of the frame", "seen from a distance", "in warm evening light",
-            "on an overcast day"),
+            "seen from a distance", "in warm evening light", "on an overcast day"),
 }
 
 
@@ -402,15 +350,13 @@ def names_any(text, names, own=""):
 
 
 def free_of_classes(phrases, class_names):
-    """The phrases of a built-in list (SCENES, CATEGORIES) that name no class of `class_names`:
-    "on a white plate" would have ImageNet's "plate" drawn into every image it is given to."""
+    """The phrases of a built-in list that name no class ("on a white plate" would draw "plate")."""
     return [phrase for phrase in phrases if not names_any(phrase, class_names)]
 
 
 def last_linear_module(model):
-    """The last nn.Linear met walking `model.modules()` (a scripted one in TorchScript too), or
-    None: a classifier's head. Its weight (C, D) has one row per class, its input is the penultimate
-    layer."""
+    """A classifier's head: the last nn.Linear (TorchScript's too) of `model`, or None. Its weight
+    has one row per class; its input is the penultimate layer."""
     linear = None
     for module in model.modules():
         if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
@@ -419,11 +365,8 @@ def last_linear_module(model):
 
 
 def nearest_classes(weight, k):
-    """For each class, the k other classes whose classifier weight rows are most cosine-similar.
-
-    The teacher's last linear layer holds one weight vector per class, so its neighbours are a
-    data-free context for an ambiguous name (§3): mouse → computer keyboard, desktop computer.
-    """
+    """For each class, the k other classes whose head weight rows are most cosine-similar: a
+    data-free context for an ambiguous name (§3): mouse → computer keyboard, desktop computer."""
     unit = F.normalize(weight.detach().float(), dim=1)
     similarity = unit @ unit.T
     similarity.fill_diagonal_(-float("inf"))
@@ -431,8 +374,7 @@ def nearest_classes(weight, k):
 
 
 def neighbour_names(class_names, teacher, k):
-    """For each class, the names of its k teacher-nearest classes (nearest_classes), or [] for
-    every class when k is 0 or the teacher has no last linear layer with one row per class."""
+    """For each class, the names of its k teacher-nearest classes, [] without a usable head."""
     head = last_linear_module(teacher) if teacher is not None and k > 0 else None
     if head is None or head.weight.shape[0] != len(class_names) or len(class_names) < 2:
         return [[] for _ in class_names]
@@ -453,13 +395,10 @@ def text_embeddings(text_encoder, texts, batch_size=256):
 
 
 def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES)):
-    """The category each class's teacher neighbours point to (§3 without an LLM), None for a class
-    without neighbours. With T the unit CLIP text embedding of "a photo of a {x}":
-
+    """The category each class's teacher neighbours point to (§3 without an LLM; None without
+    neighbours), with T the unit CLIP text embedding of "a photo of a {x}":
         category(c) = argmax_k cos(T(k), mean_{n ∈ neighbours(c)} T(n))
-
-    The neighbours name the sense ("mouse" next to computer keyboard and desktop computer points
-    to "electronic device"), yet only the category enters the prompt, so they are not drawn."""
+    Only the category enters the prompt, so the neighbours are never drawn."""
     names = sorted({n for row in neighbours for n in row})
     if not names:
         return [None] * len(neighbours)
@@ -467,15 +406,11 @@ def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES))
                                               [*categories, *names]])
     category_rows, name_rows = embedded[:len(categories)], embedded[len(categories):]
     index = {name: i for i, name in enumerate(names)}
-    result = []
-    for row in neighbours:
-        if not row:
-            result.append(None)
-            continue
-        # mean_{n ∈ neighbours(c)} T(n), then the nearest category by cosine
-        centre = F.normalize(name_rows[[index[n] for n in row]].mean(0), dim=0)
-        result.append(categories[(category_rows @ centre).argmax().item()])
-    return result
+    # mean_{n ∈ neighbours(c)} T(n), then the nearest category by cosine
+    centres = [F.normalize(name_rows[[index[n] for n in row]].mean(0), dim=0) if row else None
+               for row in neighbours]
+    return [None if centre is None else categories[(category_rows @ centre).argmax().item()]
+            for centre in centres]
 
 
 def llm_questions(name, neighbours, scenes_per_class):
@@ -490,52 +425,13 @@ def llm_questions(name, neighbours, scenes_per_class):
     return describe, scenes
 
 
-def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
-    """Greedy completions of `instructions` by llm = (model, tokenizer): one string each.
-
-    Greedy decoding (our choice) makes prompts a deterministic function of the inputs, with no
-    random state to seed. A chat template is used when the tokenizer has one.
-    """
-    model, tokenizer = llm
-    chat = getattr(tokenizer, "chat_template", None) is not None
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True) if chat else text + "\n"
-             for text in instructions]
-    completions = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="llm", unit="batch",
-                      disable=len(texts) <= batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=not chat).to(model.device)
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
-    return completions
-
-
-def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
-    """The LLM's answers to `questions`: from `answers` (a question → answer dict, updated in
-    place) where it holds them, from the LLM for the rest. `llm` is a loaded (model, tokenizer)
-    or a name, loaded only when a question is new. Returns (answers, llm)."""
-    missing = [question for question in dict.fromkeys(questions) if question not in answers]
-    if missing:
-        llm = load_llm(llm, device) if isinstance(llm, (str, os.PathLike)) else llm
-        answers.update(zip(missing, llm_generate(llm, missing, max_new_tokens=max_new_tokens)))
-    return [answers[question] for question in questions], llm
-
-
 def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
                      vary_content=True):
-    """What the prompts of each class say besides their style, without an LLM (§3): one dict
-    per class with "description" and its "source" ("file", "neighbours" or "name"), "scenes" and
-    their "scene_source", its teacher "neighbours" and their "category".
-
-    Description, best source first: the user's file; "a kind of {category}", the category the
-    teacher's neighbours point to (neighbour_categories, which needs a CLIP `text_encoder`);
-    none, leaving the bare name. Scenes: the built-in SCENES of the category's group ("any"
-    without a category). Categories and scenes that name a class are never used (a prompt
-    names no class but its own). add_llm_answers then puts the LLM's answers in."""
+    """What each class's prompts say besides their style, without an LLM (§3): a dict per class
+    with "description" and its "source" (best first: "file"; "neighbours": "a kind of
+    {category}", neighbour_categories with a CLIP `text_encoder`; "name": none), "scenes" (the
+    SCENES of the category's group) and "scene_source", "neighbours" and "category". Categories
+    and scenes that name a class are never used."""
     neighbours = neighbours or [[] for _ in class_names]
     allowed = free_of_classes(CATEGORIES, class_names)  # no category names a class
     categories = (neighbour_categories(neighbours, text_encoder, allowed)
@@ -559,13 +455,10 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
 
 def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
                     scenes_per_class=12, device="cpu"):
-    """Puts the LLM's answers into describe_classes' entries (§3): its description of what the
-    class is (llm_description; not for a class described by the user's file) and its scenes
-    (clean_line, whole_phrase: one per line, in order, without repeats). An answer that names
-    one of the class's teacher neighbours is dropped, since the diffusion model would draw that
-    other class; so is an empty one and a description that is only the name. An answer that
-    cleaning changed is kept as the LLM wrote it in the entry's "llm_raw", for prompts.md.
-    `answers` caches the LLM (ask_llm). Returns `classes`."""
+    """Puts the LLM's answers into describe_classes' entries (§3): what the class is (not for a
+    class the user's file describes) and its scenes, cleaned to whole phrases (llm_description,
+    clean_line). An answer naming a teacher neighbour is dropped (SD would draw that class), so
+    is an empty one or the bare name. An answer cleaning changed is kept in "llm_raw"."""
     asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
     todo = [c for c, entry in enumerate(classes) if describe and entry["source"] != "file"]
     # room for a chat preamble before the answer
@@ -597,13 +490,10 @@ def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
 
 def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0,
                     vary_style=True):
-    """`per_class` prompts for each of describe_classes' entries (§3):
-
+    """`per_class` prompts for each of describe_classes' entries (§3), deterministic for a seed:
         prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
-
-    Image i takes a photo style with probability `photo_share` (another style otherwise) and the
-    next (style, scene) pair of that kind from the class's shuffled list of all such pairs, so a
-    class repeats a prompt only once every pair has been used. Deterministic for a seed."""
+    A photo style with probability `photo_share`, and the next (style, scene) pair of that kind
+    from the class's shuffled list of them all: no repeat before every pair is used."""
     prompts = []
     for c, entry in enumerate(classes):
         rng = random.Random(f"prism-prompts/{seed}/{c}")  # str seeds are stable across runs
@@ -621,19 +511,14 @@ def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0,
 
 
 def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None,
-                  text_encoder=None, answers=None, neighbours=2,
-                  photo_share=0.8, seed=0,
-                  scenes_per_class=12, llm_device="cpu", disambiguate=True,
-                  vary_content=True, vary_style=True):
-    """Returns (prompts, classes): `per_class` prompts per class, deterministic for a seed, and
-    describe_classes' entry per class, which says where each part came from (§3).
-
-    The teacher's `neighbours` nearest classes (by its last linear layer) tell which sense of a
-    name is meant; `llm` (a name or a loaded (model, tokenizer); None: the built-in lists) writes
-    descriptions and scenes; `text_encoder` (CLIP: (tokenizer, model)) turns the neighbours into
-    a category without an LLM. Ablations (§5): `disambiguate=False` keeps the bare name (no file
-    descriptions, neighbours or LLM description), `vary_content=False` drops the scene and
-    `vary_style=False` makes every style "a photo"."""
+                  text_encoder=None, answers=None, neighbours=2, photo_share=0.8, seed=0,
+                  scenes_per_class=12, llm_device="cpu", disambiguate=True, vary_content=True,
+                  vary_style=True):
+    """(prompts, classes) of §3: `per_class` prompts per class and describe_classes' entries,
+    which say where each part came from. The teacher's `neighbours` nearest classes tell the
+    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists) writes
+    descriptions and scenes; `text_encoder` (CLIP) finds the neighbours' category. Ablations:
+    `disambiguate` (file, neighbours, LLM description), `vary_content`, `vary_style`."""
     if not disambiguate:
         descriptions, neighbours = None, 0
     near = neighbour_names(class_names, teacher, neighbours)
@@ -648,9 +533,7 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
     return prompts, classes
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Stage 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Stage 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler ───────────────
 def guided_step_indices(num_steps, start, end, every):
     """Indices i of the sampling steps that get guidance: start ≤ i / num_steps < end, every k-th.
     `num_steps` is the scheduler's own count of timesteps (PNDM makes one more than asked)."""
@@ -658,20 +541,10 @@ def guided_step_indices(num_steps, start, end, every):
     return set(range(first, last, every))
 
 
-def epsilon_predictor(unet, timestep, text, uncond, cfg_scale, alpha_bar, prediction_type):
-    """predict(z, rows): the CFG prediction as ε̂ for the samples `rows` of the batch at step t."""
-    def predict(noisy_latents, rows):
-        output = cfg_prediction(unet, noisy_latents, timestep, text[rows],
-                                None if uncond is None else uncond[rows], cfg_scale)
-        return to_epsilon(output, noisy_latents, alpha_bar, prediction_type)
-    return predict
-
-
 def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_scale, guided_steps,
             exact_grad, normalize_grad, guidance_batch, guidance_vae, trace, **objective):
-    """The sampling loop (§2), initial to final latents; on `guided_steps` ε̂ becomes ε̂' before
-    the scheduler's own step. Returns (latents, skipped): per sample, the guided steps whose g
-    was not finite (left unguided there)."""
+    """The sampling loop (§2); on `guided_steps` ε̂ becomes ε̂' before the scheduler's own step.
+    Returns (final latents, per sample the guided steps whose g was not finite)."""
     scheduler, unet, kind = pipe.scheduler, pipe.unet, pipe.scheduler.config.prediction_type
     step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
     skipped = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
@@ -680,7 +553,10 @@ def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_s
         noisy = scheduler.scale_model_input(latents, t)
         if i in guided_steps:
             alpha_bar = alpha_bar_at(scheduler, t)
-            predict = epsilon_predictor(unet, t, text, uncond, cfg_scale, alpha_bar, kind)
+
+            def predict(z, rows, t=t, alpha_bar=alpha_bar):  # ε̂ of the samples `rows` at z
+                pair = (text[rows], None if uncond is None else uncond[rows])
+                return to_epsilon(cfg_prediction(unet, z, t, *pair, cfg_scale), z, alpha_bar, kind)
             # ε̂ and g = ∇_{z_t} L(D(ẑ0(z_t)), y)
             epsilon, grad = guidance_gradient(predict, guidance_vae, teacher, noisy, alpha_bar,
                                               class_ids, exact=exact_grad,
@@ -691,7 +567,7 @@ def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_s
                                             normalize=normalize_grad)
             output, skipped = from_epsilon(guided, noisy, alpha_bar, kind), skipped + ~finite
             if trace is not None:  # for check_guidance: the states where g was taken
-                trace.append({"step": i, "timestep": t, "alpha_bar": alpha_bar,
+                trace.append({"step": i, "timestep": t, "alpha_bar": alpha_bar, "predict": predict,
                               "noisy": noisy.detach().clone(), "grad": grad.detach().clone()})
         else:
             with torch.no_grad():
@@ -723,14 +599,12 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
                          guidance_start=0.1, guidance_end=0.7, guidance_every=2,
                          exact_grad=False, normalize_grad=True, temperature=1.0, height=None,
                          width=None, guidance_batch=4, guidance_vae=None, trace=None):
-    """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2),
-    guided on the steps in [guidance_start, guidance_end) of the trajectory, every k-th. With
-    both scales 0 it is exactly `pipe(prompts, latents=latents, num_inference_steps=num_steps,
-    guidance_scale=cfg_scale, output_type="pt")`. Returns images in [0, 1] (float32) and per
-    image the teacher's final "energy", "top1", "p_class", "guidance_skipped" (steps whose g
-    was not finite) and "resampled_unguided" (remade unguided from the same noise: no NaN
-    image is returned). `generator`: one per image, for stochastic schedulers; `guidance_vae`
-    decodes for g instead of the pipeline's VAE; `trace` (a list) receives each guided g."""
+    """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2)
+    on the steps in [guidance_start, guidance_end), every k-th; with both scales 0, exactly
+    `pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=cfg_scale)`.
+    Returns [0, 1] float32 images and per image the teacher's final "energy", "top1", "p_class",
+    "guidance_skipped" (steps whose g was not finite) and "resampled_unguided" (a NaN image,
+    remade unguided from the same noise). `generator`: one per image; `trace` gets each g."""
     scheduler, device = pipe.scheduler, pipe.device
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's own image size
     class_ids = torch.as_tensor(class_ids, device=device)
@@ -759,47 +633,33 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
                             None if uncond is None else uncond[rows], class_ids[rows],
                             generator=noise, guided_steps=set(), **loop)
         images[rows] = decode_to_unit(pipe.vae, redone).float()
-    if not torch.isfinite(images).all():  # the model fails even unguided: no image of NaN
-        raise UsageError(f"the diffusion model gives non-finite pixels even without guidance "
-                         f"(in {text.dtype}): run it in float32 (--dtype float32) or check it")
     logits = at_least_float32(teacher(images))
     return images, {"energy": teacher_energy(logits, temperature), "top1": logits.argmax(dim=-1),
                     "p_class": logits.softmax(-1).gather(1, class_ids.view(-1, 1)).squeeze(1),
                     "guidance_skipped": skipped, "resampled_unguided": resampled}
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Stage 3. The synthetic set: every image made once, with its seed and teacher scores
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Stage 3. The synthetic set: every image made once, with its seed and teacher scores ───────────
 def derived_seed(*parts):
-    """A 63-bit seed hashed from `parts`: independent streams for every (purpose, seed, ...) tuple.
-    """
+    """A 63-bit seed hashed from `parts`: an independent stream per (purpose, seed, ...) tuple."""
     digest = hashlib.sha256("/".join(["prism", *map(str, parts)]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
 def image_seed(seed, class_index, image_index):
-    """The seed of image (class, index): a hash of (seed, class, index), so each image can be
-    regenerated alone, whatever the batch size, the number of processes or where a run resumed."""
+    """The seed of image (class, index): each image can be made alone, in any batch or process."""
     return derived_seed(seed, class_index, image_index)
 
 
 def initial_latents(seeds, shape):
-    """Stacks one N(0, I) latent of `shape` per seed, drawn on the CPU so every device sees the same
-    noise."""
-    return torch.stack([torch.randn(shape,
-                                    generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
-def class_folder(class_index, num_classes):
-    """Zero-padded folder name of a class, so that sorted folder names are the class order."""
-    return str(class_index).zfill(max(4, len(str(num_classes - 1))))
+    """One N(0, I) latent of `shape` per seed, drawn on the CPU: the same noise on every device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
 
 
 def resize_for_storage(images, store_size):
-    """Images with their shorter side brought down to `store_size` (antialiased bilinear; aspect
-    kept), or unchanged when None or already that small: the distillation copy at training scale,
-    a fraction of the bytes to store and decode."""
+    """Images with their shorter side brought down to `store_size` (antialiased; None: as they
+    are): the distillation copy at training scale, a fraction of the bytes to store and decode."""
     height, width = images.shape[-2:]
     if not store_size or min(height, width) <= store_size:
         return images
@@ -848,6 +708,9 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                 pipe, teacher, [prompts[c][i] for c, i in batch], [c for c, _ in batch],
                 latents=latents, generator=step_noise, guidance_vae=guidance_vae,
                 guidance_batch=guidance_batch, **sample_kwargs)
+            if not torch.isfinite(images).all():  # the model fails even unguided
+                raise UsageError(f"the diffusion model gives non-finite pixels even without "
+                                 f"guidance: run it in float32 (--dtype float32) or check it")
             images = resize_for_storage(images, store_size)  # the teacher saw the full size
             for k, (c, i) in enumerate(batch):
                 save_generated(images[k], out_dir / file_of(c, i), c, i, prompts[c][i], seeds[k],
@@ -858,20 +721,11 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     return [records[key] for key in wanted if key in records]
 
 
-def image_files(num_classes, per_class, image_format):
-    """file_of(c, i): the path of image i of class c in the set, relative to its folder."""
-    digits = max(5, len(str(per_class - 1)))
-    return lambda c, i: f"{class_folder(c, num_classes)}/{str(i).zfill(digits)}.{image_format}"
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Stage 4. Knowledge distillation (§4): the student matches the teacher's soft outputs
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Stage 4. Knowledge distillation (§4): the student matches the teacher's soft outputs ──────────
 class SeededAugmentation(torch.utils.data.Dataset):
-    """Item epoch·N + i of an N-image dataset, augmented with a seed of its own, derived from
-    (seed, epoch, i): image i gets the same crop and flip in epoch e whichever process, worker or
-    run loads it. So data-loading workers can persist across epochs, and a resumed or multi-GPU
-    run still sees the augmentations of an uninterrupted single-process one."""
+    """Item epoch·N + i of an N-image dataset, augmented with the seed (seed, epoch, i): the same
+    crop and flip whichever process, worker or run loads it (workers persist across epochs; a
+    resumed or multi-GPU run sees an uninterrupted single-process run's augmentations)."""
 
     def __init__(self, images, augment, seed):
         self.images, self.augment, self.seed = images, augment, seed
@@ -894,16 +748,12 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
         return (self.epoch * len(self.dataset) + index for index in super().__iter__())
 
 
-def kd_loader(data_dir, batch_size, *, image_size=224,
-              crop_scale=0.08, num_workers=0,
-              seed=0, pin_memory=False):
-    """(loader, sampler) of KD batches from the ImageFolder tree `data_dir`, this rank's share.
-
-    Each image is augmented once (random resized crop, flip: SeededAugmentation) and travels as
-    uint8 (a quarter of float32's bytes through worker queues, pinned memory and the copy to the
-    GPU); to_unit_images makes it float [0, 1] on the device. `batch_size` is global: each of N
-    ranks takes batch_size / N. Full batches only (BatchNorm cannot train on a ragged batch of
-    one); a set smaller than one batch is a single batch. Workers persist across epochs."""
+def kd_loader(data_dir, batch_size, *, image_size=224, crop_scale=0.08, num_workers=0, seed=0,
+              pin_memory=False):
+    """(loader, sampler) of this rank's share of KD batches from the ImageFolder `data_dir`:
+    random resized crop and flip (SeededAugmentation), as uint8 (a quarter of float32's bytes
+    through queues and copies). `batch_size` is global; full batches only (BatchNorm cannot
+    train on a batch of one), a set smaller than a batch is one batch."""
     rank, world = rank_and_world()
     augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1)),
                                   transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
@@ -921,15 +771,14 @@ def kd_loader(data_dir, batch_size, *, image_size=224,
 
 
 def to_unit_images(batch, device, memory_format=torch.contiguous_format):
-    """A uint8 batch from kd_loader as float images in [0, 1] on `device`: x / 255, computed there.
-    """
+    """A uint8 batch from kd_loader as [0, 1] float images on `device`: x / 255, computed there."""
     batch = batch.to(device, non_blocking=True).to(memory_format=memory_format)
     return batch.float().div_(255)
 
 
 def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nullcontext()):
-    """One KD step (§4) on a batch already on its device: the teacher's logits (no gradient), the
-    student's forward and backward pass on the same images, an optimiser step. Returns the loss."""
+    """One KD step (§4) on a batch on its device: the teacher's logits (no gradient), the student's
+    forward and backward pass on the same images, an optimiser step. Returns the loss."""
     with amp:
         with torch.no_grad():
             teacher_logits = teacher(images)
@@ -940,21 +789,9 @@ def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nul
     return loss.detach()
 
 
-def kd_optimizer(student, *, lr, momentum, weight_decay, total_steps):
-    """(optimizer, schedule): SGD with Nesterov momentum and a cosine learning rate per step,
-    lr_t = lr · ½(1 + cos(π t / total_steps)) (our choices)."""
-    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, nesterov=True,
-                                weight_decay=weight_decay)
-    # lr_t = lr · ½(1 + cos(π t / T))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    return optimizer, schedule
-
-
 def kd_epoch(teacher, model, optimizer, schedule, loader, *, temperature, amp, device,
              memory_format, description, progress=True):
-    """One pass of kd_step over `loader` (the sampler set to its epoch), the schedule stepped
-    after each batch. Returns (sum of the batch losses, batches, the last batch)."""
+    """kd_step over `loader`, the schedule stepped per batch: (loss sum, batches, last batch)."""
     total, count, batch = torch.zeros((), device=device), 0, None
     with tqdm(loader, desc=description, unit="batch", disable=not progress) as batches:
         for batch, _ in batches:
@@ -966,8 +803,8 @@ def kd_epoch(teacher, model, optimizer, schedule, loader, *, temperature, amp, d
 
 
 def student_is_finite(student, batch, amp=contextlib.nullcontext()):
-    """True if every weight of the student and its outputs on `batch` (as it will be used: eval
-    mode) are finite. Weights can be finite yet so large that every output overflows."""
+    """True if the student's weights and its eval-mode outputs on `batch` are finite (finite
+    weights can be so large that every output overflows)."""
     if not all(torch.isfinite(t).all() for t in student.state_dict().values()
                if t.is_floating_point()):
         return False
@@ -982,16 +819,13 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
             image_size=224, crop_scale=0.08, weight_decay=1e-4, momentum=0.9, num_workers=0,
             seed=0, channels_last=False, progress=True, resume=None, stop_after=None,
             on_epoch=None):
-    """Trains `student` (in place) on the cached images in `data_dir` by KD from `teacher` (§4)
-    and returns the mean KD loss of every epoch done. Each batch is augmented once (random resized
-    crop, flip) and shown to the teacher (online, frozen) and to the student. `batch_size` and
-    `lr` are global: under torchrun each rank trains on its share (DistributedDataParallel).
-
-    After each epoch `on_epoch(state)` receives {epoch, history, epoch_seconds, student,
-    optimizer, schedule}; given back as `resume`, training goes on after that epoch as if it had
-    never stopped (all randomness derives from (seed, epoch, image)). `stop_after` epochs end
-    this call early. A loss, weight or output that stops being finite is a RunFailure before
-    on_epoch sees it. bf16 autocast on CUDA; `channels_last` for faster convolutions."""
+    """Trains `student` in place by KD from `teacher` (§4) on the images in `data_dir`, each batch
+    augmented once and shown to both; returns the mean KD loss of every epoch done. `batch_size`
+    and `lr` are global (under torchrun: DistributedDataParallel). After each epoch
+    `on_epoch(state)` gets {epoch, history, epoch_seconds, student, optimizer, schedule}; given
+    back as `resume`, training goes on as if never stopped (all randomness derives from (seed,
+    epoch, image)). `stop_after` epochs end this call. A non-finite loss, weight or output is a
+    RunFailure before on_epoch sees it. bf16 autocast on CUDA."""
     rank, world = rank_and_world()
     device = torch.device(device)
     loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, seed=seed,
@@ -1003,8 +837,12 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device] if device.type == "cuda" else None)
-    optimizer, schedule = kd_optimizer(student, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                       total_steps=epochs * (len(sampler) // loader.batch_size))
+    # SGD with Nesterov momentum, lr_t = lr · ½(1 + cos(π t / T)) per step (our choices)
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, nesterov=True,
+                                weight_decay=weight_decay)
+    total_steps = epochs * (len(sampler) // loader.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     state = {"epoch": 0, "history": [], "epoch_seconds": []}
     if resume is not None:
         for part, saved in ((student, "student"), (optimizer, "optimizer"), (schedule, "schedule")):
@@ -1039,22 +877,17 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
     return state["history"]
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Stage 5. Precision and recall of the synthetic set (§5), accuracy on real test sets
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Stage 5. Precision and recall of the synthetic set (§5), accuracy on real test sets ───────────
 def knn_radii(features, k, batch_size=1024):
     """Distance from every row of `features` to its k-th nearest other row: the radius of its
     k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
-    if len(features) <= k:
-        raise UsageError(f"k-NN radii need more than k={k} points, got {len(features)}")
     # the (k + 1)-th smallest distance: each point is its own 1st
     radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values
              for start in range(0, len(features), batch_size)]
     return torch.cat(radii)
 
 
-def precision_recall(real_features, fake_features, k=3,
-                     batch_size=1024):
+def precision_recall(real_features, fake_features, k=3, batch_size=1024):
     """Precision and recall (Kynkäänniemi et al., NeurIPS 2019) and density and coverage (Naeem et
     al., ICML 2020) of fake features against real ones (§5), with Euclidean k-NN balls B(x, r_k(x))
     whose radius r_k is the distance to the k-th nearest neighbour within the point's own set:
@@ -1064,10 +897,8 @@ def precision_recall(real_features, fake_features, k=3,
         density   = 1/(kM) · Σ_j Σ_i 1[ ‖y_j − x_i‖ < r_k(x_i) ]     real balls around each fake
         coverage  = 1/N · Σ_i 1[ min_j ‖x_i − y_j‖ < r_k(x_i) ]      real balls that hold any fake
 
-    x: the N real rows, y: the M fake rows. Strict "<" as in the authors' code. Distances are
-    computed in blocks of `batch_size` fake rows against all real rows, so 100,000 × 50,000
-    features never need the full distance matrix; the dtype and device are those of the inputs.
-    """
+    x: the N real rows, y: the M fake rows; strict "<" as in the authors' code. Blocks of
+    `batch_size` fake rows against all real rows: no full distance matrix is ever held."""
     real_radii = knn_radii(real_features, k, batch_size)
     fake_radii = knn_radii(fake_features, k, batch_size)
     device, dtype = real_features.device, real_features.dtype
@@ -1090,179 +921,72 @@ def precision_recall(real_features, fake_features, k=3,
 
 
 def eval_transform(image_size, resize_size=None):
-    """The evaluation protocol: the shorter side resized to `resize_size` (default: the usual
+    """The evaluation protocol: the shorter side resized to `resize_size` (default
     image_size/0.875), a centre crop of image_size, a [0, 1] tensor."""
     return transforms.Compose([transforms.Resize(resize_size or round(image_size / 0.875)),
-                               transforms.CenterCrop(image_size),
-                               transforms.ToTensor()])
+                               transforms.CenterCrop(image_size), transforms.ToTensor()])
 
 
 def eval_loader(dataset, batch_size, num_workers, device):
-    """A DataLoader over `dataset` in order (num_workers None: default_workers())."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, pin_memory=torch.device(device).type == "cuda",
-        num_workers=default_workers() if num_workers is None else num_workers)
+    """A DataLoader over `dataset`, in order."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=torch.device(device).type == "cuda")
 
 
 @torch.no_grad()
-def extract_features(teacher, data_dir, *, classes=None, image_size=224,
-                     resize_size=None, batch_size=100, device="cpu",
-                     num_workers=0, progress=True):
-    """Teacher features of every image of an ImageFolder tree, in its order: (features (N, D),
-    labels (N,)), float32 on the CPU, under eval_transform(image_size, resize_size). The
-    features are the input of the teacher's last nn.Linear: the global-pooled penultimate layer
-    of a CNN (§5). A TorchScript teacher (no hooks) gives its logits as features instead. Labels:
-    the class of each sorted folder in `classes` (class_mapping), else its position."""
+def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_size=None,
+                     batch_size=100, device="cpu", num_workers=0, progress=True):
+    """(features (N, D), labels (N,)) of an ImageFolder tree, in order, under eval_transform:
+    the input of the teacher's last nn.Linear, a CNN's pooled penultimate layer (§5; a
+    TorchScript teacher takes no hooks: its logits). Labels: `classes` (class_mapping) of the
+    sorted folders, else their positions."""
     loader = eval_loader(image_folder(data_dir, eval_transform(image_size, resize_size), classes),
                          batch_size, num_workers, device)
     teacher.to(device).eval()
     head, captured = last_linear_module(teacher), []
     hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-            if isinstance(head, nn.Linear) else None)  # TorchScript modules take no hooks
+            if isinstance(head, nn.Linear) else None)
     features, labels = [], []
     try:
-        with tqdm(loader, desc=f"features of {Path(data_dir).name}", unit="batch",
-                  disable=not progress) as batches:
-            for images, targets in batches:
-                captured.clear()
-                logits = teacher(images.to(device))
-                features.append((captured[-1] if captured else logits).flatten(1).float().cpu())
-                labels.append(targets)
+        for images, targets in tqdm(loader, desc=f"features of {Path(data_dir).name}",
+                                    unit="batch", disable=not progress):
+            captured.clear()
+            logits = teacher(images.to(device))
+            features.append((captured[-1] if captured else logits).flatten(1).float().cpu())
+            labels.append(targets)
     finally:
         if hook is not None:
             hook.remove()
     return torch.cat(features), torch.cat(labels)
 
 
-def mean_pairwise_distance(features):
-    """Mean Euclidean distance over all pairs of rows: the diversity of one class's images (0 for <
-    2)."""
-    return torch.pdist(features).mean().item() if len(features) > 1 else 0.0
-
-
-def lowest(entries, key, count):
-    """Names of the `count` entries with the lowest `key` (ties: class order), skipping missing
-    values."""
-    scored = [entry for entry in entries if entry.get(key) is not None]
-    return [entry["name"] for entry in sorted(scored, key=lambda entry: entry[key])[:count]]
-
-
-def synthetic_set_report(records, features, class_names, *, worst=10):
-    """What can be measured without real data (§2, §5), overall and per class, from the manifest
-    `records` (sorted by class, index) and the teacher `features` of the same images in that order:
-    agreement (share of images whose teacher top-1 is the intended class), the mean and spread of
-    the final teacher energy, and diversity (mean pairwise feature distance within a class). The
-    `worst` classes by agreement and by diversity are named: there prompts or guidance fail."""
-    labels = torch.tensor([r["class"] for r in records])
-    energies = torch.tensor([math.nan if r["energy"] is None else r["energy"] for r in records],
-                            dtype=torch.float64)  # None: a teacher that gave NaN (strict JSON)
-    agree = torch.tensor([r["top1"] == r["class"] for r in records], dtype=torch.float64)
-    per_class = []
-    for c, name in enumerate(class_names):
-        mine = labels == c
-        per_class.append({"class": c, "name": name, "images": int(mine.sum()),
-                          "agreement": agree[mine].mean().item() if mine.any() else None,
-                          "mean_energy": energies[mine].mean().item() if mine.any() else None,
-                          "std_energy": energies[mine].std().item() if mine.sum() > 1 else None,
-                          "diversity": mean_pairwise_distance(features[mine])})
-    return {"images": len(records), "agreement": agree.mean().item(),
-            "mean_energy": energies.mean().item(),
-            "std_energy": energies.std().item() if len(records) > 1 else 0.0,
-            "mean_p_class": sum(math.nan if r["p_class"] is None else r["p_class"]
-                                for r in records) / len(records),
-            "guidance_skipped_images": sum(r.get("guidance_skipped", 0) > 0 for r in records),
-            "resampled_unguided_images": sum(bool(r.get("resampled_unguided")) for r in records),
-            "diversity": sum(entry["diversity"] for entry in per_class) / len(per_class),
-            "lowest_agreement": lowest(per_class, "agreement", worst),
-            "lowest_diversity": lowest(per_class, "diversity", worst), "per_class": per_class}
-
-
-def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names, *,
-                            k=3,
-                            batch_size=1024, worst=10):
-    """precision_recall of the synthetic set against real images (§5): overall, and per class
-    (class-conditional: synthetic class c against real class c). A class with k or fewer images
-    on either side has no per-class numbers (None). The `worst` classes by precision and by recall
-    are named."""
-    per_class = []
-    for c, name in enumerate(class_names):
-        real, fake = real_features[real_labels == c], fake_features[fake_labels == c]
-        entry = {"class": c, "name": name, "real_images": len(real), "synthetic_images": len(fake)}
-        enough = min(len(real), len(fake)) > k
-        metrics = ("precision", "recall", "density", "coverage")
-        for metric, value in (precision_recall(real, fake, k, batch_size) if enough else
-                              dict.fromkeys(metrics)).items():
-            entry[metric] = value
-        per_class.append(entry)
-    return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
-            **precision_recall(real_features, fake_features, k, batch_size),
-            "lowest_precision": lowest(per_class, "precision", worst),
-            "lowest_recall": lowest(per_class, "recall", worst), "per_class": per_class}
-
-
 @torch.no_grad()
-def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu",
-             image_size=224, resize_size=None, num_workers=0,
-             progress=True):
+def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", image_size=224,
+             resize_size=None, num_workers=0, progress=True):
     """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree under
-    eval_transform(image_size, resize_size). `classes`: the model class of each sorted class folder
-    (class_mapping); None: the sorted folders are the classes 0, 1, … of the model, all of them.
-    A set of K classes is scored over those K logits only: for K below the model's outputs that
-    is the ImageNet-R/-A protocol (200 of 1000 classes), for a full set it is every logit.
-    Several processes: rank r scores images r, r+N, r+2N, ... and the counts are summed, so every
-    rank returns exactly the single-process numbers."""
+    eval_transform. `classes`: the model class of each sorted folder (class_mapping); None: the
+    folders are classes 0, 1, .... A set of K classes is scored over those K logits only (for
+    K below the model's outputs, ImageNet-R/-A's protocol). Under torchrun rank r scores images
+    r, r+N, ... and the counts are summed: every rank returns the single-process numbers."""
     rank, world = rank_and_world()
     dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
-    model.to(device).eval()
-    # on every rank, even one without a share
-    outputs = model(dataset[0][0].unsqueeze(0).to(device)).shape[-1]
-    if classes is None and outputs != len(dataset.classes):
-        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders but the model has "
-                         f"{outputs} outputs")
     subset = torch.tensor(sorted(range(len(dataset.classes)) if classes is None else classes))
-    if subset.max() >= outputs:
-        raise UsageError(f"{data_dir} holds class {subset.max().item()} but the model has "
-                         f"{outputs} outputs")
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = eval_loader(share, batch_size, num_workers, device)
+    model.to(device).eval()
     top1 = top5 = 0
-    with tqdm(loader, desc="evaluate", unit="batch", disable=not progress or rank != 0) as batches:
-        for images, labels in batches:
-            logits = model(images.to(device))[:, subset.to(device)]
-            # restricted logits: the k best are S[topk_j f(x)_{S_j}] over the set's classes S
-            best = subset[logits.topk(min(5, len(subset)), dim=-1).indices.cpu()]
-            top1 += (best[:, 0] == labels).sum().item()
-            top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
+    for images, labels in tqdm(eval_loader(share, batch_size, num_workers, device),
+                               desc="evaluate", unit="batch", disable=not progress or rank != 0):
+        logits = model(images.to(device))[:, subset.to(device)]
+        # restricted logits: the k best are S[topk_j f(x)_{S_j}] over the set's classes S
+        best = subset[logits.topk(min(5, len(subset)), dim=-1).indices.cpu()]
+        top1 += (best[:, 0] == labels).sum().item()
+        top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
     top1, top5 = sum_over_ranks([top1, top5])
     return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset),
             "images": len(dataset)}
 
 
-def evaluate_sets(sets, teacher, student, num_classes, *, teacher_sizes=None, **evaluation):
-    """results.json's "evaluation": each of labelled_sets' `sets` scored (evaluate, with
-    `evaluation`'s options) for the teacher and, unless None, the student, side by side with the
-    teacher → student top-1 gap, how its folders were mapped, and per folder its class.
-    `teacher_sizes` (image_size, resize_size) is the teacher's own evaluation protocol, so that
-    its top-1 is the one published for its weights."""
-    entries, teacher_options = [], {**evaluation, **(teacher_sizes or {})}
-    for s in sets:
-        k = len(s["classes"])
-        entry = {"name": s["name"], "data": s["data"], "classes": k,
-                 "protocol": (f"all {k} classes" if k == num_classes else
-                              f"restricted to {k} of {num_classes} classes"),
-                 "mapping": s["mapping"], "teacher_sizes": teacher_sizes,
-                 "teacher": evaluate(teacher, s["data"], classes=s["classes"], **teacher_options)}
-        if student is not None:
-            entry["student"] = evaluate(student, s["data"], classes=s["classes"], **evaluation)
-            entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
-        entry["per_class"] = [{"folder": f, "class": c} for f, c in zip(s["folders"], s["classes"])]
-        entries.append(entry)
-    return {"sets": entries}
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# main(): the stages in sequence
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── main(): the stages in sequence ────────────────────────────────────────────────────────────────
 def main(argv=None):
     """PRISM on the command line: the stages in sequence, each reused from --out when it is done
     (rerun the same command to resume). Returns the exit code: 0; 2 for bad input or damaged
@@ -1309,6 +1033,18 @@ def main(argv=None):
 # folders, several processes, model loading and the command line.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 import argparse
+import collections
+import dataclasses
+import fcntl
+import inspect
+import io
+import shutil
+import stat
+import traceback
+import types
+import warnings
+from datetime import timedelta
+
 import torch.distributed as dist
 
 
@@ -1340,9 +1076,8 @@ class RunDefaults:
     device: str = flag("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...; under "
                        "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
     workers: int | None = flag(None, "data loading processes per torchrun process (default: "
-                               "the cores this process may use, shared by the node's "
-                               "processes, minus one, at most 12: 12 decode about 6,000 "
-                               "images/s, enough for one GPU)", type=int)
+                               "this process's share of the node's cores minus one, at most "
+                               "12, which feed one GPU)", type=int)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1376,9 +1111,8 @@ class PromptDefaults:
                            "sense of a class name is meant (0: off); they are never drawn")
     scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes for each "
                                  "class")
-    prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md (per "
-                              "class: description, its source, sample prompts), then stop: "
-                              "read it before the long run", action="store_true")
+    prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md, then "
+                              "stop: read it before the long run", action="store_true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1397,16 +1131,13 @@ class SamplingDefaults:
     guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step inside the "
                                "window")
     scheduler: str = flag("DDIMScheduler", "a diffusers scheduler class, made from the model's "
-                          "own scheduler config, or 'model' for the model's own (SD 1.5: PNDM). "
-                          "A multistep scheduler (PNDM, LMS, DPM++, UniPC, DEIS, Heun) reuses "
-                          "past steps' ε̂, so guiding only some steps see-saws: it is refused "
-                          "unless every step is guided")
+                          "config, or 'model' (SD 1.5: PNDM). A multistep one (PNDM, LMS, DPM++, "
+                          "UniPC, DEIS, Heun) is refused unless every step is guided")
     exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
     no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
     guidance_batch: int = flag(SAMPLER["guidance_batch"], "images per guidance decode with its "
-                               "backward pass (about 3 GiB each at 512² in float16): bounds "
-                               "guidance memory whatever --gen-batch is; the result does not "
-                               "depend on it")
+                               "backward pass (about 3 GiB each at 512² in float16); the "
+                               "result does not depend on it")
     gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch (per torchrun "
                           "process)")
     height: int | None = flag(None, "image height (default: the model's)", type=int)
@@ -1440,21 +1171,15 @@ class MeasureDefaults:
     pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of the k-NN balls of "
                      "precision, recall, density, coverage")
     sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)")
-    val_dir: list | None = flag(None, "real labelled images, one folder per class, evaluated "
-                                "for teacher and student; repeat it for shifted test sets "
-                                "(ImageNet-V2, -Sketch, -R, -A). The first is the "
-                                "in-distribution set (precision/recall use it): put ImageNet "
-                                "val first. Folders named by class index (0 ... 999), class "
-                                "name or id (wnid); a set of fewer classes is scored over "
-                                "their logits only. Default NAME: the folder's",
+    val_dir: list | None = flag(None, "real labelled images, a folder per class (named by class "
+                                "index, name or wnid), scored for teacher and student; repeat "
+                                "it for shifted sets (ImageNet-V2, -Sketch, -R, -A). The first "
+                                "is precision/recall's: put ImageNet val first",
                                 action="append", metavar="[NAME=]PATH")
-    class_ids: str | None = flag(None, "the ids of the classes in label order, one a line "
-                                 "(ImageNet: its wnids), for --val-dir sets in id folders; "
-                                 "default: the sorted folders of a --val-dir set with one "
-                                 "folder per class", metavar="FILE")
-    ablate: list | None = flag(None, "turn parts of the method off (one --out per variant), "
-                               "then compare precision and recall in results.json; with --epochs "
-                               "0 only the synthetic set is made and measured", nargs="+",
+    class_ids: str | None = flag(None, "the classes' ids in label order, one a line (ImageNet: "
+                                 "its wnids), for --val-dir sets in id folders", metavar="FILE")
+    ablate: list | None = flag(None, "turn parts of the method off (one --out per variant) and "
+                               "compare precision and recall in results.json", nargs="+",
                                choices=("guidance", "disambiguation", "content", "style"),
                                type=str, action="extend")
 
@@ -1463,9 +1188,7 @@ RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
 SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# An LLM's answers as whole phrases: what chat models write around them never reaches a prompt
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── The LLM: asking it (cached), and its answers as whole phrases ─────────────────────────────────
 # Words where a phrase begins (PHRASE_STARTS) and words a phrase cannot end on (DANGLING): a cut
 # just before one of the first leaves whole phrases: "a small device | that is used to ...".
 # Some prepositions end a phrase too: "seen from above".
@@ -1534,12 +1257,40 @@ def llm_description(answer, name):
     return whole_phrase(re.sub(opening, "", text, flags=re.IGNORECASE))
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Errors: bad input is one line and exit code 2, a failed run one line and exit code 1
-# ──────────────────────────────────────────────────────────────────────────────────────────
+def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
+    """Greedy completions (our choice: prompts are then a function of the inputs) of
+    `instructions` by llm = (model, tokenizer), through its chat template when it has one."""
+    model, tokenizer = llm
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True) if chat else text + "\n"
+             for text in instructions]
+    completions = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="llm", unit="batch",
+                      disable=len(texts) <= batch_size):
+        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=not chat).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
+                                              skip_special_tokens=True)
+    return completions
+
+
+def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
+    """(answers to `questions`, llm): from the cache `answers` (updated in place), else from `llm`,
+    a loaded (model, tokenizer) or a name, loaded only when a question is new."""
+    missing = [question for question in dict.fromkeys(questions) if question not in answers]
+    if missing:
+        llm = load_llm(llm, device) if isinstance(llm, (str, os.PathLike)) else llm
+        answers.update(zip(missing, llm_generate(llm, missing, max_new_tokens=max_new_tokens)))
+    return [answers[question] for question in questions], llm
+
+
+# ── Errors: bad input is one line and exit code 2, a failed run one line and exit code 1 ──────────
 class UsageError(ValueError):
-    """Bad input from the user, or damaged state in --out: main() prints it as one line on
-    stderr and exits with code 2."""
+    """Bad input or damaged state in --out: main() prints one line and exits with code 2."""
 
 
 class RunFailure(RuntimeError):
@@ -1552,8 +1303,7 @@ def first_line(error):
 
 
 def damaged(path, error, way_out):
-    """The one-line UsageError for damaged state in --out: which file, what is wrong, the way out.
-    """
+    """The UsageError for damaged state in --out: which file, what is wrong, the way out."""
     return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
 
 
@@ -1574,8 +1324,7 @@ def report(kind, message):
 
 
 def without_per_class(report):
-    """`report` without its "per_class" lists (at any depth, in lists too): the summary that
-    main() prints."""
+    """`report` without its "per_class" lists, at any depth: the summary main() prints."""
     if isinstance(report, dict):
         return {key: without_per_class(value) for key,
                 value in report.items() if key != "per_class"}
@@ -1584,9 +1333,7 @@ def without_per_class(report):
     return report
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Files: atomic writes, strict JSON, readable images
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Files: atomic writes, strict JSON, readable images ────────────────────────────────────────────
 def atomic_write(path, write):
     """Calls write(temp_path), forces the temp file to disk, then renames it onto `path`: a process
     killed at any moment (or a full disk) leaves the old file or the new one, never half of one.
@@ -1733,9 +1480,7 @@ def remove_stale_temps(out):
                 path.unlink(missing_ok=True)
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Resume: settings, manifest journals, checkpoints (nothing cached is lost or mixed)
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Resume: settings, manifest journals, checkpoints (nothing cached is lost or mixed) ────────────
 def file_fingerprint(path):
     """First 16 hex digits of a file's SHA-256: a model file changed under the same name is another
     model."""
@@ -1794,6 +1539,17 @@ def settings_digest(settings):
     """16 hex digits naming a settings dict; every manifest record carries the digest of the
     settings its image was made under, so an image can be trusted without settings.json."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def class_folder(class_index, num_classes):
+    """Zero-padded folder name of a class, so that sorted folder names are the class order."""
+    return str(class_index).zfill(max(4, len(str(num_classes - 1))))
+
+
+def image_files(num_classes, per_class, image_format):
+    """file_of(c, i): the path of image i of class c in the set, relative to its folder."""
+    digits = max(5, len(str(per_class - 1)))
+    return lambda c, i: f"{class_folder(c, num_classes)}/{str(i).zfill(digits)}.{image_format}"
 
 
 def start_new_set(out_dir, settings):
@@ -1894,42 +1650,25 @@ def image_record(path):
     return {**record, "bytes": file_size(path)} if isinstance(record, dict) and record else {}
 
 
-CHECKPOINT_KEYS = ("epoch", "config", "history", "student", "optimizer", "schedule")
-
-
-def tensor_shapes(state):
-    """{name: shape} of a state dict: what a checkpoint must match to load into a model."""
-    return {name: tuple(value.shape) for name, value in state.items()}
-
-
 def load_checkpoint(path, device, student, *, overwrite=False):
-    """distill's checkpoint at `path`, or None if there is none. One that does not load (empty,
-    truncated, garbage, another kind of file, or weights that do not fit `student`) is damaged:
-    a UsageError naming it, or None (start again) with `overwrite`."""
+    """distill's checkpoint at `path`, None if there is none. One that does not load into
+    `student` (truncated, garbage, another student, NaN weights) is damaged: a UsageError naming
+    it, or with `overwrite` None (start again)."""
     if not Path(path).exists():
         return None
     try:
-        # a damaged file is said in one line, without torch's warnings
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # a damaged file is said in one line, without warnings
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(checkpoint,
-                          dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
-            raise ValueError("not a PRISM distillation checkpoint")
-        if tensor_shapes(checkpoint["student"]) != tensor_shapes(student.state_dict()):
-            raise ValueError("its weights do not fit this student")
-        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values()
-                   if t.is_floating_point()):
-            raise ValueError("its student weights are not finite")
-        if not (isinstance(checkpoint["epoch"], int) and isinstance(checkpoint["history"], list)
+        copy.deepcopy(student).load_state_dict(checkpoint["student"])  # raises unless it fits
+        weights = [t for t in checkpoint["student"].values() if t.is_floating_point()]
+        if not (all(torch.isfinite(t).all() for t in weights)
                 and len(checkpoint["history"]) == checkpoint["epoch"]):
-            raise ValueError("its epoch count and loss history disagree")
+            raise ValueError("its weights are not finite or its epochs do not add up")
         return checkpoint
     except Exception as error:  # any failure to load it means: damaged
         if overwrite:
             return None
-        if "weights_only" in str(error):  # torch's advice to unpickle anything does not apply here
-            error = "it holds objects other than tensors"
         raise damaged(path, error, "rerun with --overwrite to restart distillation (the synthetic "
                                    "images are kept), or delete it")
 
@@ -1962,9 +1701,7 @@ def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=
     return history
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Labelled image folders: which folder is which class
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Labelled image folders: which folder is which class ───────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
     """torchvision ImageFolder of `data_dir`; a UsageError if unusable. Targets: the position of
     the image's folder among the sorted folder names, or with `classes` (class_mapping: the class
@@ -2143,9 +1880,7 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
     return sets
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Several processes (torchrun) and devices
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Several processes (torchrun) and devices ──────────────────────────────────────────────────────
 # Several processes (torchrun). `torchrun --nproc_per_node=N prism.py ...` starts N copies of this
 # program; init_distributed joins them into one process group. These helpers read that group, and
 # in a plain `python prism.py` (no group) they are those of rank 0 of 1, so every function below
@@ -2330,9 +2065,7 @@ def exclusive_out(out):
             handle.close()
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Model loading: a hub id or a local folder, or one line that says what to do
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Model loading: a hub id or a local folder, or one line that says what to do ───────────────────
 def locate_model(name_or_path, flag, alternative=""):
     """Where from_pretrained finds `name_or_path`: (source, local_files_only). A local folder as
     it is; a hub id from the hub when it answers (one request, 10 s at most), else from the
@@ -2558,9 +2291,7 @@ def model_dtype(name, device):
     return getattr(torch, name)
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# The command line: every flag, and the one check of their values
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── The command line: every flag, and the one check of their values ───────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit.
     """
@@ -2786,9 +2517,7 @@ def check_sampler(pipe, options):
                          f"step (--guidance-start 0 --guidance-end 1 --guidance-every 1)")
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Before any work: models loaded, inputs checked, what --out holds read; the frame of main()
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Before any work: models loaded, inputs checked, what --out holds read; the frame of main() ────
 def prompt_settings(args, class_names, descriptions, identity):
     """Everything the prompts depend on (recorded in prompts.json; other settings mean other
     prompts). "llm" is None without an LLM; with --smoke, a tiny random one."""
@@ -3043,9 +2772,7 @@ def failure_message(error, debug=False):
     return f"{type(error).__name__}: {first_line(error)}{hint}"
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# The stages main() runs: the method's functions with resume, processes and files around them
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── The stages main() runs: the method's functions with resume, processes and files around them ───
 def sampling_options(args):
     """The keyword arguments of energy_guided_sample that the command line sets (all of them
     decide the pixels, so they are recorded in the synthetic set's settings)."""
@@ -3161,6 +2888,85 @@ def distillation_stage(args, out, models, data_settings, results, device):
     return True
 
 
+def worst_classes(per_class, key, count=10):
+    """Names of the `count` entries of `per_class` with the lowest `key` (None skipped)."""
+    return [e["name"] for e in sorted((e for e in per_class if e[key] is not None),
+                                      key=lambda e: e[key])[:count]]
+
+
+def synthetic_set_report(records, features, class_names):
+    """What is measured without real data (§2, §5), overall and per class, from the `records`
+    and the teacher `features` of the same images: agreement (teacher top-1 = intended class),
+    mean and spread of the final energy, diversity (mean pairwise feature distance in a
+    class); the classes lowest in agreement and diversity are named."""
+    labels = torch.tensor([r["class"] for r in records])
+    nan = lambda x: math.nan if x is None else x  # noqa: E731  (None: NaN in strict JSON)
+    energies = torch.tensor([nan(r["energy"]) for r in records], dtype=torch.float64)
+    agree = torch.tensor([r["top1"] == r["class"] for r in records], dtype=torch.float64)
+    per_class = []
+    for c, name in enumerate(class_names):
+        mine = labels == c
+        n = int(mine.sum())
+        per_class.append({"class": c, "name": name, "images": n,
+                          "agreement": agree[mine].mean().item() if n else None,
+                          "mean_energy": energies[mine].mean().item() if n else None,
+                          "std_energy": energies[mine].std().item() if n > 1 else None,
+                          "diversity": torch.pdist(features[mine]).mean().item() if n > 1 else 0.0})
+    return {"images": len(records), "agreement": agree.mean().item(),
+            "mean_energy": energies.mean().item(),
+            "std_energy": energies.std().item() if len(records) > 1 else 0.0,
+            "mean_p_class": sum(nan(r["p_class"]) for r in records) / len(records),
+            "guidance_skipped_images": sum(r["guidance_skipped"] > 0 for r in records),
+            "resampled_unguided_images": sum(r["resampled_unguided"] for r in records),
+            "diversity": sum(e["diversity"] for e in per_class) / len(per_class),
+            "lowest_agreement": worst_classes(per_class, "agreement"),
+            "lowest_diversity": worst_classes(per_class, "diversity"), "per_class": per_class}
+
+
+def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names,
+                            *, k=3, batch_size=1024):
+    """precision_recall of the synthetic set against real images (§5): overall, and per class
+    (synthetic class c against real class c; None with k or fewer images on a side). The
+    classes lowest in precision and recall are named."""
+    per_class = []
+    for c, name in enumerate(class_names):
+        real, fake = real_features[real_labels == c], fake_features[fake_labels == c]
+        scores = (precision_recall(real, fake, k, batch_size) if min(len(real), len(fake)) > k
+                  else dict.fromkeys(("precision", "recall", "density", "coverage")))
+        per_class.append({"class": c, "name": name, "real_images": len(real),
+                          "synthetic_images": len(fake), **scores})
+    return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
+            **precision_recall(real_features, fake_features, k, batch_size),
+            "lowest_precision": worst_classes(per_class, "precision"),
+            "lowest_recall": worst_classes(per_class, "recall"), "per_class": per_class}
+
+
+def evaluate_sets(sets, teacher, student, num_classes, *, teacher_sizes=None, **evaluation):
+    """results.json's "evaluation": each of labelled_sets' `sets` scored (evaluate) for the
+    teacher, with its own sizes `teacher_sizes` (its published protocol), and the student
+    (unless None), the top-1 gap between them, the folder mapping, and each folder's class."""
+    entries = []
+    for s in sets:
+        k = len(s["classes"])
+        entry = {"name": s["name"], "data": s["data"], "classes": k,
+                 "protocol": (f"all {k} classes" if k == num_classes else
+                              f"restricted to {k} of {num_classes} classes"),
+                 "mapping": s["mapping"], "teacher_sizes": teacher_sizes,
+                 "teacher": evaluate(teacher, s["data"], classes=s["classes"],
+                                     **{**evaluation, **(teacher_sizes or {})})}
+        if student is not None:
+            entry["student"] = evaluate(student, s["data"], classes=s["classes"], **evaluation)
+            entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
+        entry["per_class"] = [{"folder": f, "class": c} for f, c in zip(s["folders"], s["classes"])]
+        entries.append(entry)
+    return {"sets": entries}
+
+
+def eval_sizes(classifier):
+    """The evaluation sizes of a with_preprocessing classifier: its own crop and resize."""
+    return {"image_size": classifier[0].input_size, "resize_size": classifier[0].resize_size}
+
+
 def measurement_stage(args, out, models, records, test_sets, results, device):
     """Stage 5 (§5): the synthetic set in the teacher's features, against the first (the
     in-distribution) test set when there is one (with --smoke and none, the synthetic set stands
@@ -3211,9 +3017,7 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # PART III — TOOLS: reports for a person to read, tiny models, the benchmark
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Reports: prompts.md, the contact sheet, the evaluation table
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Reports: prompts.md, the contact sheet, the evaluation table ──────────────────────────────────
 def prompt_sources(classes, llm):
     """Where the prompts' parts came from (§3), for results.json: how many classes took their
     description from each source ("file", "llm", "neighbours", "name") and their scenes from
@@ -3325,9 +3129,7 @@ def evaluation_table(sets, num_classes):
                      for row in rows)
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Tiny random components: the offline smoke run and the tests (plumbing, not accuracy)
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Tiny random components: the offline smoke run and the tests (plumbing, not accuracy) ──────────
 SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
 
 
@@ -3450,9 +3252,7 @@ def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
     return with_preprocessing(model, input_size)
 
 
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# Benchmark and --check-guidance: real architectures with random weights, timed
-# ──────────────────────────────────────────────────────────────────────────────────────────
+# ── Benchmark and --check-guidance: real architectures with random weights, timed ─────────────────
 def peak_memory_gib(device):
     """Peak memory since the last reset_peak_memory (GiB): GPU memory allocated by torch on CUDA;
     on the CPU the process's peak resident set size so far (it never goes down)."""
@@ -3699,16 +3499,13 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
     trace = []
     energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace,
                          **sample_kwargs)
-    text, uncond = encode_prompts(pipe, prompts, options["cfg_scale"])
     objective = {key: options[key] for key in ("energy_scale", "class_scale", "temperature")}
     ids = torch.as_tensor(class_ids, device=pipe.device)
     fidelity = []
     early_middle_late = sorted({0, len(trace) // 2, len(trace) - 1}) if trace else []
     for entry in [trace[k] for k in early_middle_late]:
         alpha_bar, method_grad = entry["alpha_bar"], entry["grad"].flatten(1).double()
-        predict = epsilon_predictor(pipe.unet, entry["timestep"], text, uncond,
-                                    options["cfg_scale"], alpha_bar,
-                                    pipe.scheduler.config.prediction_type)
+        predict = entry["predict"]
         for mode in list(modes)[2:]:
             vae = modes[mode].get("guidance_vae", pipe.vae)
             _, grad = guidance_gradient(predict, vae, teacher, entry["noisy"], alpha_bar, ids,
