@@ -1393,7 +1393,7 @@ def read_json(path, way_out):
 
 def save_image_atomic(image, path, note=None):
     """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically, with
-    the text `note` in its own metadata (read_note); returns its size in bytes. A non-finite
+    the text `note` in its own metadata (image_record); returns its size in bytes. A non-finite
     image is refused: NaN pixels would be written as a black image."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
@@ -1412,26 +1412,10 @@ def save_image_atomic(image, path, note=None):
     return Path(path).stat().st_size
 
 
-def read_note(path):
-    """The text save_image_atomic put in an image's metadata, or None: none there, or the image
-    does not decode whole."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            note = image.info.get("prism", image.info.get("comment"))
-        return note.decode("utf-8") if isinstance(note, bytes) else note
-    except Exception:  # whatever PIL says, this is no image of ours
-        return None
-
-
 def check_images_load(data_dir, what, checked=()):
-    """Decodes every image of the ImageFolder tree `data_dir` (the ranks share the work); the
-    first one that does not load is a UsageError naming the file. Returns (the number of images,
-    each rank's stamp of the tree: every file's name, size and modification time). A tree whose
-    stamps are all in `checked` was decoded whole before and is not again: a resumed run starts
-    in seconds."""
+    """Decodes every image of the ImageFolder `data_dir` (ranks share the work); one that does
+    not load is a UsageError naming it. Returns (image count, each rank's stamp of the tree: its
+    files' names, sizes, mtimes). A tree whose stamps are all in `checked` is not decoded again."""
     from PIL import Image
 
     rank, world = rank_and_world()
@@ -1467,9 +1451,8 @@ TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.
 
 
 def remove_stale_temps(out):
-    """Deletes the temp files of atomic writes that a killed run left in the folders prism writes
-    under `out` (--out, synthetic/ and benchmark/ with their class folders), and only files of
-    atomic_write's naming pattern: never a user's file. Call it holding the lock."""
+    """Deletes the temp files a killed run left in the folders prism writes under `out`, and only
+    files named as atomic_write names them: never a user's file. Call it holding the lock."""
     out = Path(out)
     folders = [out, out / "synthetic", out / "benchmark", out / "benchmark" / "images"]
     folders += [f for parent in (out / "synthetic", out / "benchmark" / "images") if parent.is_dir()
@@ -1482,8 +1465,7 @@ def remove_stale_temps(out):
 
 # ── Resume: settings, manifest journals, checkpoints (nothing cached is lost or mixed) ────────────
 def file_fingerprint(path):
-    """First 16 hex digits of a file's SHA-256: a model file changed under the same name is another
-    model."""
+    """16 hex digits of a file's SHA-256: a model file changed under its name is another model."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -1492,19 +1474,16 @@ def file_fingerprint(path):
 
 
 def settings_difference(old, new, shown=3):
-    """A short text of the keys whose values differ between two settings dicts ('' if none):
-    the first `shown` of them, then how many more."""
+    """The first `shown` keys whose values differ between two settings dicts, as short text."""
     keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
     text = ", ".join(f"{k}: {str(old.get(k))[:40]} -> {str(new.get(k))[:40]}" for k in keys[:shown])
     return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def check_settings(path, settings, *, overwrite, what):
-    """Compares `settings` with those recorded at `path` (JSON). Returns True if they match,
-    False if none are recorded, and raises UsageError on a difference or a damaged file unless
-    `overwrite`."""
-    # compare as stored: tuples become lists
-    path, settings = Path(path), json.loads(json.dumps(settings))
+    """True if `settings` are those recorded at `path`, False if none are; other or damaged ones:
+    a UsageError, or with `overwrite` False."""
+    path, settings = Path(path), json.loads(json.dumps(settings))  # as stored: tuples are lists
     if not path.exists():
         return False
     way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
@@ -1527,8 +1506,7 @@ def check_settings(path, settings, *, overwrite, what):
 
 def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs,
                        store_size=None):
-    """Everything that decides the pixels of the cached images (not the batch size, which does not).
-    """
+    """Everything that decides the pixels of the cached images (not the batch size)."""
     prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {"per_class": per_class, "seed": seed, "image_format": image_format,
             "prompts_sha256": prompts_hash,
@@ -1536,8 +1514,7 @@ def synthesis_settings(prompts, *, per_class, seed, image_format, identity, samp
 
 
 def settings_digest(settings):
-    """16 hex digits naming a settings dict; every manifest record carries the digest of the
-    settings its image was made under, so an image can be trusted without settings.json."""
+    """16 hex digits naming a settings dict: each image's record carries its set's."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -1643,9 +1620,13 @@ def save_generated(image, path, c, i, prompt, noise_seed, stats, digest):
 def image_record(path):
     """The record an image keeps in its own metadata (save_generated), with its size in bytes;
     {} when it has none or does not decode whole."""
+    from PIL import Image
+
     try:
-        record = json.loads(read_note(path) or "{}")
-    except ValueError:
+        with Image.open(path) as image:
+            image.load()
+            record = json.loads(image.info.get("prism", image.info.get("comment", b"{}")))
+    except Exception:  # whatever PIL or json says, this is no record of ours
         return {}
     return {**record, "bytes": file_size(path)} if isinstance(record, dict) and record else {}
 
@@ -1675,10 +1656,9 @@ def load_checkpoint(path, device, student, *, overwrite=False):
 
 def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=False,
                       data_settings=None, epochs_this_run=None, **options):
-    """distill() with its state in `checkpoint_path` after every epoch (rank 0 writes it
-    atomically), resumed from there by the next call. A checkpoint made under other options or
-    data (`data_settings`) is a UsageError, or with `overwrite` training starts again. At the end
-    every rank takes rank 0's weights (BatchNorm statistics drift apart on the ranks)."""
+    """distill() with its state saved to `checkpoint_path` (rank 0, atomically) after every epoch
+    and resumed from there. A checkpoint of other options or data (`data_settings`) is a
+    UsageError (with `overwrite`: a new start). At the end every rank takes rank 0's weights."""
     config = {key: value for key, value in {**KD, **options, "data": data_settings}.items()
               if key not in ("device", "num_workers", "progress", "channels_last", "resume",
                              "stop_after", "on_epoch")}
@@ -2774,8 +2754,7 @@ def failure_message(error, debug=False):
 
 # ── The stages main() runs: the method's functions with resume, processes and files around them ───
 def sampling_options(args):
-    """The keyword arguments of energy_guided_sample that the command line sets (all of them
-    decide the pixels, so they are recorded in the synthetic set's settings)."""
+    """energy_guided_sample's keywords that the command line sets (all decide the pixels)."""
     guided = "guidance" not in args.ablate
     return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
                 energy_scale=args.energy_scale if guided else 0.0,
@@ -2786,9 +2765,8 @@ def sampling_options(args):
 
 
 def prompts_stage(args, out, models, pipe, device):
-    """Stage 1 (§3): the prompts of every class and where each part came from, (prompts,
-    classes), made once (make_prompts, on rank 0) and reused from OUT/prompts.json; OUT/prompts.md
-    shows them to a person. The other ranks read the file rank 0 writes."""
+    """Stage 1 (§3): (prompts, classes), made once on rank 0 (make_prompts) and read by every rank
+    from OUT/prompts.json; OUT/prompts.md shows them to a person."""
     path = out / "prompts.json"
     settings, num_classes = models.prompt_settings, len(models.class_names)
     reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
@@ -2804,9 +2782,8 @@ def prompts_stage(args, out, models, pipe, device):
 
 
 def make_prompts(args, out, models, pipe, device):
-    """Builds the prompts (build_prompts with the command line's options) and writes them to
-    OUT/prompts.json, after the LLM's answers to OUT/llm_answers.json: the LLM is loaded only
-    for questions that file does not answer yet."""
+    """build_prompts with the command line's options, written to OUT/prompts.json; the LLM's
+    answers to OUT/llm_answers.json (the LLM is loaded only for questions it does not answer)."""
     answers_path = out / "llm_answers.json"
     cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
     answers = dict(cache.get(models.llm, {}))
