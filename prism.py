@@ -168,47 +168,31 @@ def scaled_vjp(outputs, inputs, vectors):
     return torch.ldexp(at_least_float32(grad), exponent)
 
 
-def clean_latent_grad(vae, teacher, clean_latents, class_ids, *,
-                      batch_size=4, **objective):
-    """∇_{ẑ0} L(D(ẑ0), y) per sample (§2), in float32; `objective`: guidance_loss's scales and τ.
-    The teacher scores D(ẑ0) in float32; ∇_x L enters the decoder through scaled_vjp (a float16
-    decoder keeps its direction). `batch_size` samples at a time bound the decode's memory."""
-    grads = []
-    for start in range(0, len(clean_latents), batch_size):
-        latents = clean_latents[start:start + batch_size].detach().requires_grad_(True)
-        with torch.enable_grad():
-            images = decode_to_unit(vae, latents)
-            pixels = at_least_float32(images.detach()).requires_grad_(True)
-            logits = at_least_float32(teacher(pixels))
-            loss = guidance_loss(logits, class_ids[start:start + batch_size], **objective)
-            pixel_grad = torch.autograd.grad(loss.sum(), pixels)[0]
-            grads.append(scaled_vjp(images, latents, pixel_grad))
-    return torch.cat(grads)
-
-
 def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
                       exact=False, batch_size=4, **objective):
-    """(ε̂, g) at z_t: the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) (§2), g in float32;
-    predict_epsilon(z, rows) gives ε̂ for the samples `rows` at z. approx (default): ε̂ held
-    constant, no UNet backward pass. exact: through the UNet too, `batch_size` samples at a time."""
-    if not exact:
-        with torch.no_grad():
-            epsilon = predict_epsilon(noisy_latents, slice(None))
-        clean = tweedie_clean_latent(noisy_latents, epsilon, alpha_bar)
-        grad = clean_latent_grad(vae, teacher, clean, class_ids, batch_size=batch_size, **objective)
-        # g = ∇_{ẑ0} L · ∂ẑ0/∂z_t = ∇_{ẑ0} L / sqrt(ᾱ_t)
-        return epsilon, grad / alpha_bar ** 0.5
+    """(ε̂, g) at z_t (§2): the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) in float32;
+    predict_epsilon(z, rows) gives ε̂ of the samples `rows` at z; `objective`: guidance_loss's
+    scales and τ. approx (default): ε̂ held constant, no UNet backward; exact: through the UNet.
+    The teacher scores D(ẑ0) in float32 and ∇_x L enters the decoder through scaled_vjp (a
+    float16 decoder keeps its direction); `batch_size` samples at a time bound the memory."""
+    with torch.no_grad():
+        held = None if exact else predict_epsilon(noisy_latents, slice(None))
     epsilons, grads = [], []
     for start in range(0, len(noisy_latents), batch_size):
         rows = slice(start, start + batch_size)
-        noisy = noisy_latents[rows].detach().requires_grad_(True)
+        noisy = noisy_latents[rows].detach().requires_grad_(exact)
         with torch.enable_grad():
-            epsilon = predict_epsilon(noisy, rows)
+            epsilon = predict_epsilon(noisy, rows) if exact else held[rows]
             clean = tweedie_clean_latent(noisy, epsilon, alpha_bar)
-            clean_grad = clean_latent_grad(vae, teacher, clean, class_ids[rows],
-                                           batch_size=batch_size, **objective)
-            # g = (∂ẑ0/∂z_t)ᵀ · ∇_{ẑ0} L, through the UNet's ε̂(z_t)
-            grads.append(scaled_vjp(clean, noisy, clean_grad))
+            latents = clean.detach().requires_grad_(True)
+            images = decode_to_unit(vae, latents)
+            pixels = at_least_float32(images.detach()).requires_grad_(True)
+            loss = guidance_loss(at_least_float32(teacher(pixels)), class_ids[rows], **objective)
+            # ∇_{ẑ0} L(D(ẑ0), y): the teacher's ∇_x L back through the decoder
+            clean_grad = scaled_vjp(images, latents, torch.autograd.grad(loss.sum(), pixels)[0])
+            # g = (∂ẑ0/∂z_t)ᵀ·∇_{ẑ0} L: through the UNet's ε̂(z_t) if exact, else 1/sqrt(ᾱ_t)
+            grads.append(scaled_vjp(clean, noisy, clean_grad) if exact
+                         else clean_grad / alpha_bar ** 0.5)
         epsilons.append(epsilon.detach())
     return torch.cat(epsilons), torch.cat(grads)
 
@@ -239,34 +223,6 @@ def kd_loss(student_logits, teacher_logits, temperature=10.0):
     return F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=-1),
                     F.log_softmax(teacher_logits.float() / temperature, dim=-1),
                     log_target=True, reduction="batchmean") * temperature ** 2
-
-
-# ── The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images ───────────
-class Preprocess(nn.Module):
-    """Maps [0, 1] images of any size to what a classifier expects: resize and normalise, so every
-    stage hands it plain images and the resize stays differentiable (§2). `resize_size`: the
-    shorter side of real images before evaluation's centre crop (resnet50's V2 weights: 232)."""
-
-    def __init__(self, input_size, mean, std, resize_size=None):
-        super().__init__()
-        self.input_size = int(input_size)
-        self.resize_size = resize_size or round(self.input_size / 0.875)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, images):
-        # fp16 images from the diffusion model → fp32 classifier
-        images = images.to(self.mean.dtype)
-        if images.shape[-2:] != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
-        return (images - self.mean) / self.std
-
-
-def with_preprocessing(model, input_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                       resize_size=None):
-    """nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size."""
-    return nn.Sequential(Preprocess(input_size, mean, std, resize_size), model)
 
 
 # ── Stage 1. Diversified prompts (§3): "{style} of {name}, {description}, {scene}" ────────────────
@@ -1046,6 +1002,34 @@ import warnings
 from datetime import timedelta
 
 import torch.distributed as dist
+
+
+# ── The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images ───────────
+class Preprocess(nn.Module):
+    """Maps [0, 1] images of any size to what a classifier expects: resize and normalise, so every
+    stage hands it plain images and the resize stays differentiable (§2). `resize_size`: the
+    shorter side of real images before evaluation's centre crop (resnet50's V2 weights: 232)."""
+
+    def __init__(self, input_size, mean, std, resize_size=None):
+        super().__init__()
+        self.input_size = int(input_size)
+        self.resize_size = resize_size or round(self.input_size / 0.875)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images):
+        # fp16 images from the diffusion model → fp32 classifier
+        images = images.to(self.mean.dtype)
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return (images - self.mean) / self.std
+
+
+def with_preprocessing(model, input_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                       resize_size=None):
+    """nn.Sequential(Preprocess, model): a classifier that takes [0, 1] images of any size."""
+    return nn.Sequential(Preprocess(input_size, mean, std, resize_size), model)
 
 
 # The command line's defaults, each written once: a flag of the method reads its default from the
