@@ -3356,7 +3356,8 @@ def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160)
 
 def spread(count, total):
     """min(count, total) indices spread evenly over range(total), first and last included."""
-    return [round(k * (total - 1) / max(min(count, total) - 1, 1)) for k in range(min(count, total))]
+    count = min(count, total)
+    return [round(k * (total - 1) / max(count - 1, 1)) for k in range(count)]
 
 
 def contact_sheet(data_dir, class_names, path, *, max_classes=MEASURE.sheet_classes, per_row=8,
@@ -3509,7 +3510,7 @@ def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
 
 # ── --check-guidance and --benchmark: one process, timed; tables in OUT/NAME.md and .json ─────
 def timed(device, function):
-    """(function(), seconds); on CUDA the queued work is awaited and a new peak-memory count begins."""
+    """(function(), seconds); on CUDA the queued work is awaited and a peak-memory count begins."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -3533,20 +3534,20 @@ def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, re
     far), teacher_scores and the stats. Rounds take the modes in turn: drifts hit all alike."""
     import resource
 
-    ids = torch.as_tensor(class_ids, device=pipe.device)
-    rows = {mode: {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0} for mode in modes}
+    ids, rows = torch.as_tensor(class_ids, device=pipe.device), {}
     for round_index, mode in tqdm([(r, mode) for r in range(repeats) for mode in modes],
                                   desc="timing sampling modes", disable=not progress):
-        sample, row = dict(sample_kwargs, latents=latents, **modes[mode]), rows[mode]
+        sample = dict(sample_kwargs, latents=latents, **modes[mode])
         if round_index == 0:  # warms the machine up
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
-        (_, row["stats"]), seconds = timed(pipe.device, lambda: energy_guided_sample(
+        (_, stats), seconds = timed(pipe.device, lambda: energy_guided_sample(
             pipe, teacher, prompts, class_ids, **sample))
         memory = (torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda"
                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-        row.update(s_per_image=min(row["s_per_image"], seconds / len(prompts)),
+        row = rows.setdefault(mode, {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0})
+        row.update(s_per_image=min(row["s_per_image"], seconds / len(prompts)), stats=stats,
                    peak_memory_gib=max(row["peak_memory_gib"], memory / 2 ** 30),
-                   **teacher_scores(row["stats"], ids))
+                   **teacher_scores(stats, ids))
     for row in rows.values():
         row["vs_unguided"] = row["s_per_image"] / rows[next(iter(modes))]["s_per_image"]
     return list(rows.values())
@@ -3558,7 +3559,7 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
     and last guided steps, the cosine of each cheaper mode's gradient (exact; approx with
     `guidance_vae`) with the method's g = ∇_{z_t} L(D(ẑ0), y); modes: time_sampling_modes' rows
     from the same noise; per_class: teacher_scores unguided and guided (the default)."""
-    options, trace, ids = {**SAMPLER, **sample_kwargs}, [], torch.as_tensor(class_ids)
+    options, trace = {**SAMPLER, **sample_kwargs}, []
     modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0), "approx (default)": {},
              "exact": dict(exact_grad=True)}
     if guidance_vae is not None:
@@ -3569,7 +3570,7 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
                          **sample_kwargs)
     text, uncond = encode_prompts(pipe, prompts, options["cfg_scale"])
     objective = {key: options[key] for key in ("energy_scale", "class_scale", "temperature")}
-    fidelity, ids = [], ids.to(pipe.device)
+    ids, fidelity = torch.as_tensor(class_ids, device=pipe.device), []
     for entry in [trace[k] for k in sorted({0, len(trace) // 2, len(trace) - 1}) if trace]:
         predict = epsilon_predictor(pipe.unet, entry["timestep"], text, uncond,
                                     options["cfg_scale"], entry["alpha_bar"],
@@ -3582,11 +3583,11 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
             cosine = F.cosine_similarity(grad.flatten(1).double(),
                                          entry["grad"].flatten(1).double())
             fidelity.append({"mode": mode, "step": entry["step"],
-                             "steps": len(pipe.scheduler.timesteps),
-                             "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
+                             "steps": len(pipe.scheduler.timesteps), "cosine_mean":
+                             cosine.mean().item(), "cosine_min": cosine.min().item()})
     per_class = [{"class": c, "name": class_names[c] if class_names else str(c),
-                  "images": class_ids.count(c), **{
-                      row["mode"]: teacher_scores(row["stats"], ids, ids == c) for row in rows[:2]}}
+                  "images": class_ids.count(c), **{row["mode"]: teacher_scores(
+                      row["stats"], ids, ids == c) for row in rows[:2]}}
                  for c in dict.fromkeys(class_ids)]
     for row in rows:
         del row["stats"]
@@ -3594,24 +3595,23 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
 
 
 def markdown_table(rows, columns):
-    """A Markdown table: a line per row (a dict), `columns` mapping each heading to the
-    str.format pattern of its cells."""
+    """A Markdown table of `rows` (dicts): `columns` maps each heading to its cells' str.format."""
     cells = [list(columns), ["---"] * len(columns)]
     cells += [[pattern.format(**row) for pattern in columns.values()] for row in rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in cells)
 
 
-MODES_TABLE = {"s / image": "{s_per_image:.3f}", "× unguided": "{vs_unguided:.2f}",
-               "peak memory (GiB)": "{peak_memory_gib:.1f}", "energy": "{energy:.3f}",
-               "p(y)": "{p_class:.4f}", "top-1 %": "{top1:.1f}"}
-
-
 def keep_tables(out, name, tables, result):
-    """Prints the Markdown `tables`; keeps them in OUT/name.md and `result` in OUT/name.json."""
+    """Prints the texts `tables`; keeps them in OUT/name.md and `result` in OUT/name.json."""
     text = "\n\n".join(tables)
     atomic_write(out / f"{name}.md", lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
     write_json_atomic(result, out / f"{name}.json")
     print(text)
+
+
+MODES_TABLE = {"s / image": "{s_per_image:.3f}", "× unguided": "{vs_unguided:.2f}",
+               "peak memory (GiB)": "{peak_memory_gib:.1f}", "energy": "{energy:.3f}",
+               "p(y)": "{p_class:.4f}", "top-1 %": "{top1:.1f}"}
 
 
 def run_check_guidance(args, device):
@@ -3640,29 +3640,27 @@ def run_check_guidance(args, device):
         markdown_table(r["modes"], {"sampling mode": "{mode}", **MODES_TABLE}),
         markdown_table([dict(p, guided=p["approx (default)"]) for p in r["per_class"]], {
             "class": "{class} {name}", "images": "{images}", "energy: unguided → guided":
-            arrow("energy", ".3f"), "p(y)": arrow("p_class", ".4f"), "top-1 %": arrow("top1", ".0f")})],
-        r)
+            arrow("energy", ".3f"), "p(y)": arrow("p_class", ".4f"),
+            "top-1 %": arrow("top1", ".0f")})], r)
     return r
 
 
 def benchmark(args, device, out):
-    """--benchmark's measurements: {"sampling": time_sampling_modes' rows for five modes on
-    --gen-batch images with the sampling flags, "distill": benchmark_distillation's rows}, of
-    random SD 1.5, resnet50 and resnet18 (with --smoke, the smoke run's tiny models)."""
+    """--benchmark's measurements, {"sampling": time_sampling_modes' rows for five modes on
+    --gen-batch images and the sampling flags, "distill": benchmark_distillation's rows}, with
+    random SD 1.5, resnet50 and resnet18 (--smoke: the tiny pipeline and classifiers)."""
     from diffusers import AutoencoderTiny
 
-    dtype, class_names = model_dtype(args.dtype, device), load_class_names("imagenet")[0]
-    pipe = random_pipeline(out / "benchmark" / "vocab", architecture="tiny" if args.smoke else "sd15",
-                           image_size=args.height)
-    pipe = speed_up_pipeline(pipe.to(device, dtype), channels_last=args.channels_last,
-                             compile_unet=args.compile)
+    dtype, names = model_dtype(args.dtype, device), load_class_names("imagenet")[0]
+    pipe = random_pipeline(out / "benchmark" / "vocab", image_size=args.height,
+                           architecture="tiny" if args.smoke else "sd15").to(device, dtype)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
-    teacher, student = seeded(0, lambda: (  # the same random models in every run
-        with_preprocessing(torchvision.models.resnet50(), 224),
-        with_preprocessing(torchvision.models.resnet18(), args.image_size))) if not args.smoke \
-        else (build_tiny_classifier(1000), build_tiny_classifier(1000, width=8,
-                                                                 input_size=args.image_size))
+    speed_up_pipeline(pipe, channels_last=args.channels_last, compile_unet=args.compile)
+    teacher, student = (build_tiny_classifier(1000), build_tiny_classifier(
+        1000, width=8, input_size=args.image_size)) if args.smoke else seeded(0, lambda: (
+            with_preprocessing(torchvision.models.resnet50(), 224),  # the same in every run
+            with_preprocessing(torchvision.models.resnet18(), args.image_size)))
     checkpointed = copy.deepcopy(pipe.vae)
     checkpointed.enable_gradient_checkpointing()
     modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0),
@@ -3672,11 +3670,11 @@ def benchmark(args, device, out):
                  guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),
              "guided, exact (UNet backward)": dict(exact_grad=True)}
     latents = initial_latents(range(args.gen_batch), latent_shape(pipe, args.height, args.width))
-    rows = time_sampling_modes(
-        pipe, teacher.to(device).eval().requires_grad_(False), [p[0] for p in build_prompts(
-            class_names[:args.gen_batch], 1)[0]], list(range(args.gen_batch)),
-        latents.to(device, dtype), modes, repeats=2, guidance_batch=args.guidance_batch,
-        **sampling_options(args))
+    prompts = [p[0] for p in build_prompts(names[:args.gen_batch], 1)[0]]
+    rows = time_sampling_modes(pipe, teacher.to(device).eval().requires_grad_(False), prompts,
+                               list(range(args.gen_batch)), latents.to(device, dtype), modes,
+                               repeats=2, guidance_batch=args.guidance_batch,
+                               **sampling_options(args))
     for row in rows:
         del row["stats"]
     del pipe, modes, checkpointed
@@ -3687,10 +3685,10 @@ def benchmark(args, device, out):
 
 
 def benchmark_distillation(args, device, folder, teacher, student):
-    """Images per second on 8 batches of images like generated ones (the stored size and format)
-    of the loader alone (kd_loader, workers started), the whole distill() loop (the last of 3
-    epochs) and pure compute (kd_step on those batches on the device), and × pure compute."""
-    shutil.rmtree(folder, ignore_errors=True)  # a fresh set, no checkpoint to resume from
+    """Images per second, on 8 batches of images like generated ones at the stored size and
+    format, of the loader alone (kd_loader, workers started), the whole distill() loop (its last
+    of 3 epochs) and pure compute (kd_step on those batches on the device); × pure compute."""
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh set
     generator, size = torch.Generator().manual_seed(0), min(args.height, args.store_size or 10**9)
     for n in range(8 * args.batch_size):  # smooth colours, mild noise: generated images' sizes
         image = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), (size, size),
@@ -3717,8 +3715,8 @@ def benchmark_distillation(args, device, folder, teacher, student):
                loader_seconds, "full KD loop (loader + copy + compute)":
                epochs[-1]["epoch_seconds"][-1],
                "pure compute (batches already on the device)": compute_seconds}
-    return [{"part": part, "images_per_s": 8 * args.batch_size / s, "vs_compute":
-             compute_seconds / s} for part, s in seconds.items()]
+    return [{"part": part, "images_per_s": len(batches) * len(batches[0]) / s,
+             "vs_compute": compute_seconds / s} for part, s in seconds.items()]
 
 
 def run_benchmark(args, device):
@@ -3740,7 +3738,8 @@ def run_benchmark(args, device):
     keep_tables(Path(args.out), "benchmark", [f"Machine: {machine}", markdown_table(
         result["sampling"], {"sampling mode": "{mode}", **MODES_TABLE}), markdown_table(
         result["distill"], {"distillation": "{part}", "images / s": "{images_per_s:.1f}",
-                            "/ pure compute": "{vs_compute:.2f}"})], dict(machine=machine, **result))
+                            "/ pure compute": "{vs_compute:.2f}"})],
+                dict(machine=machine, **result))
     return result
 
 
