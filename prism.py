@@ -3314,9 +3314,9 @@ def prompt_sources(classes, llm):
     scenes from each, and per class its name, description and both sources."""
     count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
     keys = ("name", "description", "source", "scene_source")
-    return {"llm": llm, "description_sources": count("source"), "scene_sources": count(
-        "scene_source"), "per_class": [{"class": c, **{k: e[k] for k in keys}}
-                                       for c, e in enumerate(classes)]}
+    return {"llm": llm, "description_sources": count("source"),
+            "scene_sources": count("scene_source"),
+            "per_class": [{"class": c, **{k: e[k] for k in keys}} for c, e in enumerate(classes)]}
 
 
 def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160):
@@ -3335,10 +3335,11 @@ def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160)
         return [] if raw is None else [f"- the LLM said ({part}), before cleaning:", "  ```text",
                                        *[f"  {line}" for line in lines[:max_lines]], *more, "  ```"]
 
-    lines = ["# Prompts", "", f"LLM: {llm or 'none (built-in lists)'}. Descriptions from: " + ", "
-             .join(f"{words.get(k, k)} {n}" for k, n in sources["description_sources"].items())
-             + ". Scenes from: " + ", ".join(f"{k} {n}" for k, n in sources["scene_sources"]
-                                             .items()) + ".", "",
+    described = ", ".join(f"{words.get(k, k)} {n}"
+                          for k, n in sources["description_sources"].items())
+    scenes = ", ".join(f"{k} {n}" for k, n in sources["scene_sources"].items())
+    lines = ["# Prompts", "", f"LLM: {llm or 'none (built-in lists)'}. Descriptions from: "
+             f"{described}. Scenes from: {scenes}.", "",
              "Look for a wrong sense of an ambiguous name, scenes that do not suit the class, "
              "and other classes named in a prompt (they would be drawn). Fix a class by giving "
              "it a description in a class file (`--data FILE`, `name<TAB>description`).", ""]
@@ -3390,11 +3391,11 @@ def evaluation_table(sets, num_classes):
              "gap top-1")]
     for s in sets:
         student = s.get("student") or {}
+        classes = f"{s['classes']}" + (f"/{num_classes}" if s["classes"] != num_classes else "")
         numbers = (s["teacher"]["top1"], s["teacher"]["top5"], student.get("top1"),
                    student.get("top5"), s.get("gap_top1"))
-        rows.append((s["name"], str(s["teacher"]["images"]), f"{s['classes']}" + f"/{num_classes}"
-                     * (s["classes"] != num_classes), *("-" if x is None else f"{x:.2f}"
-                                                         for x in numbers)))
+        rows.append((s["name"], str(s["teacher"]["images"]), classes,
+                     *("-" if x is None else f"{x:.2f}" for x in numbers)))
     widths = [max(map(len, column)) for column in zip(*rows)]
     # the set's name left-aligned, every number right-aligned under its heading
     return "\n".join("  ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])])
@@ -3458,8 +3459,8 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
     config, alphabet = RANDOM_PIPELINES[architecture], byte_level_alphabet()
     vocab = {token: n for n, token in enumerate(alphabet + [a + "</w>" for a in alphabet]
                                                    + ["<|startoftext|>", "<|endoftext|>"])}
-    start, end, levels = vocab["<|startoftext|>"], vocab["<|endoftext|>"], len(
-        config["vae"]["block_out_channels"])
+    start, end = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    levels = len(config["vae"]["block_out_channels"])  # the VAE's, and its 2^(levels-1) scale
     text_encoder, unet, vae = seeded(seed, lambda: (
         CLIPTextModel(CLIPTextConfig(**{"vocab_size": len(vocab), **config["text"]},
                                      max_position_embeddings=77, bos_token_id=start,
