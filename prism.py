@@ -3532,26 +3532,27 @@ def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, re
                         progress=True, **sample_kwargs):
     """A row per mode (energy_guided_sample's keyword arguments) from the same latents: s/image
     (the fastest round), × the first mode, peak memory (GiB; on a CPU the process's peak RSS so
-    far), teacher_scores and the stats. Rounds take the modes in turn: drifts hit all alike."""
+    far), teacher_scores; and each mode's stats. Rounds take the modes in turn: drifts hit all
+    alike."""
     import resource
 
-    ids, rows = torch.as_tensor(class_ids, device=pipe.device), {}
+    ids, rows, stats = torch.as_tensor(class_ids, device=pipe.device), {}, {}
     for round_index, mode in tqdm([(r, mode) for r in range(repeats) for mode in modes],
                                   desc="timing sampling modes", disable=not progress):
         sample = dict(sample_kwargs, latents=latents, **modes[mode])
         if round_index == 0:  # warms the machine up
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
-        (_, stats), seconds = timed(pipe.device, lambda: energy_guided_sample(
+        (_, stats[mode]), seconds = timed(pipe.device, lambda: energy_guided_sample(
             pipe, teacher, prompts, class_ids, **sample))
         memory = (torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda"
                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
         row = rows.setdefault(mode, {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0})
-        row.update(s_per_image=min(row["s_per_image"], seconds / len(prompts)), stats=stats,
+        row.update(s_per_image=min(row["s_per_image"], seconds / len(prompts)),
                    peak_memory_gib=max(row["peak_memory_gib"], memory / 2 ** 30),
-                   **teacher_scores(stats, ids))
+                   **teacher_scores(stats[mode], ids))
     for row in rows.values():
         row["vs_unguided"] = row["s_per_image"] / rows[next(iter(modes))]["s_per_image"]
-    return list(rows.values())
+    return list(rows.values()), stats
 
 
 def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=None,
@@ -3565,8 +3566,8 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
              "exact": dict(exact_grad=True)}
     if guidance_vae is not None:
         modes["approx, --guidance-vae decode"] = dict(guidance_vae=guidance_vae)
-    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes,
-                               progress=progress, **sample_kwargs)
+    rows, stats = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes,
+                                      progress=progress, **sample_kwargs)
     energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace,
                          **sample_kwargs)
     text, uncond = encode_prompts(pipe, prompts, options["cfg_scale"])
@@ -3587,11 +3588,9 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=N
                              "steps": len(pipe.scheduler.timesteps), "cosine_mean":
                              cosine.mean().item(), "cosine_min": cosine.min().item()})
     per_class = [{"class": c, "name": class_names[c] if class_names else str(c),
-                  "images": class_ids.count(c), **{row["mode"]: teacher_scores(
-                      row["stats"], ids, ids == c) for row in rows[:2]}}
+                  "images": class_ids.count(c), **{mode: teacher_scores(
+                      stats[mode], ids, ids == c) for mode in list(modes)[:2]}}
                  for c in dict.fromkeys(class_ids)]
-    for row in rows:
-        del row["stats"]
     return {"fidelity": fidelity, "modes": rows, "per_class": per_class}
 
 
@@ -3672,12 +3671,10 @@ def benchmark(args, device, out):
              "guided, exact (UNet backward)": dict(exact_grad=True)}
     latents = initial_latents(range(args.gen_batch), latent_shape(pipe, args.height, args.width))
     prompts = [p[0] for p in build_prompts(names[:args.gen_batch], 1)[0]]
-    rows = time_sampling_modes(pipe, teacher.to(device).eval().requires_grad_(False), prompts,
-                               list(range(args.gen_batch)), latents.to(device, dtype), modes,
-                               repeats=2, guidance_batch=args.guidance_batch,
-                               **sampling_options(args))
-    for row in rows:
-        del row["stats"]
+    rows, _ = time_sampling_modes(pipe, teacher.to(device).eval().requires_grad_(False),
+                                  prompts, list(range(args.gen_batch)), latents.to(device, dtype),
+                                  modes, repeats=2, guidance_batch=args.guidance_batch,
+                                  **sampling_options(args))
     del pipe, modes, checkpointed
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -3730,12 +3727,11 @@ def run_benchmark(args, device):
         raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got "
                          f"{args.height}x{args.width}")
     result = benchmark(args, device, make_out(args.out))
+    flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size workers "
+             "store_size image_format channels_last compile").split()
     machine = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-               f"{os.cpu_count()} cores, torch {torch.__version__}; " + " ".join(
-                   f"--{k.replace('_', '-')} {vars(args)[k]}" for k in (
-                       "height", "width", "steps", "gen_batch", "guidance_batch", "dtype",
-                       "batch_size", "image_size", "workers", "store_size", "image_format",
-                       "channels_last", "compile")))
+               f"{os.cpu_count()} cores, torch {torch.__version__}; "
+               + " ".join(f"--{k.replace('_', '-')} {vars(args)[k]}" for k in flags))
     keep_tables(Path(args.out), "benchmark", [f"Machine: {machine}", markdown_table(
         result["sampling"], {"sampling mode": "{mode}", **MODES_TABLE}), markdown_table(
         result["distill"], {"distillation": "{part}", "images / s": "{images_per_s:.1f}",
