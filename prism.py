@@ -3310,8 +3310,8 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # ── Reports: prompts.md, the contact sheet, the evaluation table ──────────────────────────────
 def prompt_sources(classes, llm):
-    """For results.json (§3): how many classes took their description from each source and their
-    scenes from each, and per class its name, description and both sources."""
+    """results.json's "prompts" (§3): the classes counted by the sources of their descriptions
+    and of their scenes, and per class its name, description and both sources."""
     count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
     keys = ("name", "description", "source", "scene_source")
     return {"llm": llm, "description_sources": count("source"),
@@ -3450,8 +3450,8 @@ RANDOM_PIPELINES = {
 
 def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon",
                     seed=0):
-    """A random StableDiffusionPipeline of RANDOM_PIPELINES[architecture] (DDIM with SD's
-    schedule) with a character-level CLIP tokenizer, whose files go to `vocab_dir`."""
+    """A random StableDiffusionPipeline of RANDOM_PIPELINES[architecture], DDIM with SD's
+    schedule, and a character-level CLIP tokenizer whose files go to `vocab_dir`."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -3480,8 +3480,7 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
 
 
 def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", seed=0):
-    """Saves random_pipeline "tiny" to model_dir/pipeline, returned: load_diffusion_pipeline
-    opens it as it opens a real model."""
+    """Saves random_pipeline "tiny" to model_dir/pipeline (returned) for load_diffusion_pipeline."""
     random_pipeline(Path(model_dir) / "vocab", image_size=image_size, seed=seed,
                     prediction_type=prediction_type).save_pretrained(Path(model_dir) / "pipeline")
     return Path(model_dir) / "pipeline"
@@ -3616,7 +3615,8 @@ MODES_TABLE = {"s / image": "{s_per_image:.3f}", "× unguided": "{vs_unguided:.2
 
 def run_check_guidance(args, device):
     """--check-guidance: check_guidance() with the command line's models and sampling flags on
-    --check-seeds images of --check-classes classes spread evenly (built-in prompts, no LLM)."""
+    --check-seeds images of --check-classes classes spread evenly (built-in prompts, no LLM); its
+    three tables go to stdout and OUT/check_guidance.md, their rows to OUT/check_guidance.json."""
     if rank_and_world()[1] > 1:
         raise UsageError("--check-guidance measures one process: run it without torchrun")
     out, models = load_models(args, device)
@@ -3633,7 +3633,7 @@ def run_check_guidance(args, device):
                        [c for c, _ in pairs], latents.to(device, pipe.unet.dtype),
                        guidance_vae=guidance_vae, class_names=models.class_names,
                        guidance_batch=args.guidance_batch, **sampling_options(args))
-    arrow = lambda key, spec: f"{{unguided[{key}]:{spec}}} → {{guided[{key}]:{spec}}}"  # noqa
+    arrow = lambda key, spec: f"{{unguided[{key}]:{spec}}} → {{guided[{key}]:{spec}}}"  # noqa: E731
     keep_tables(out, "check_guidance", [markdown_table(r["fidelity"], {
         "gradient mode": "{mode}", "step": "{step} of {steps}",
         "cosine with the method's g (mean)": "{cosine_mean:.3f}", "(min)": "{cosine_min:.3f}"}),
@@ -3719,7 +3719,7 @@ def benchmark_distillation(args, device, folder, teacher, student):
 
 def run_benchmark(args, device):
     """--benchmark: benchmark() with the command line's sizes (512² by default) and flags; its
-    tables (sampling modes, distillation) go to stdout and OUT/benchmark.md, rows to .json."""
+    two tables go to stdout and OUT/benchmark.md, their rows to OUT/benchmark.json."""
     if rank_and_world()[1] > 1:
         raise UsageError("--benchmark times one process: run it without torchrun")
     args.height, args.width = args.height or 512, args.width or 512
