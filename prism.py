@@ -532,15 +532,6 @@ def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_s
     return latents, skipped
 
 
-def encode_prompts(pipe, prompts, cfg_scale):
-    """(text, uncond) CLIP embeddings of the prompts and of the empty prompt; uncond is None when
-    classifier-free guidance is off (w ≤ 1, or a UNet distilled to take w as an input)."""
-    do_cfg = cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-    with torch.no_grad():
-        text, uncond = pipe.encode_prompt(prompts, pipe.device, 1, do_cfg)
-    return text, uncond if do_cfg else None
-
-
 def latent_shape(pipe, height=None, width=None):
     """(channels, h, w) of one latent for images of height × width (default: the model's size)."""
     factor = pipe.vae_scale_factor
@@ -564,8 +555,11 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     scheduler, device = pipe.scheduler, pipe.device
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's own image size
     class_ids = torch.as_tensor(class_ids, device=device)
-    # the same preparation as StableDiffusionPipeline.__call__, through its own methods
-    text, uncond = encode_prompts(pipe, prompts, cfg_scale)
+    # the same preparation as StableDiffusionPipeline.__call__, through its own methods; CFG is
+    # off for w ≤ 1 or a UNet distilled to take w as an input
+    do_cfg = cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    text, uncond = pipe.encode_prompt(prompts, device, 1, do_cfg)
+    uncond = uncond if do_cfg else None
     scheduler.set_timesteps(num_steps, device=device)
     start = pipe.prepare_latents(len(prompts), pipe.unet.config.in_channels, height or size,
                                  width or size, text.dtype, device, generator, latents)
@@ -2980,114 +2974,96 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # ── Reports: prompts.md, the contact sheet, the evaluation table ──────────────────────────────────
 def prompt_sources(classes, llm):
-    """Where the prompts' parts came from (§3), for results.json: how many classes took their
-    description from each source ("file", "llm", "neighbours", "name") and their scenes from
-    each ("llm", "built-in <group>"), and per class."""
+    """results.json's "prompts" (§3): the classes counted by the sources of their descriptions
+    and of their scenes, and per class its name, description and both sources."""
     count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
+    keys = ("name", "description", "source", "scene_source")
     return {"llm": llm, "description_sources": count("source"),
             "scene_sources": count("scene_source"),
-            "per_class": [{"class": c, "name": e["name"], "description": e["description"],
-                           "source": e["source"], "scene_source": e["scene_source"]}
-                          for c, e in enumerate(classes)]}
+            "per_class": [{"class": c, **{k: e[k] for k in keys}} for c, e in enumerate(classes)]}
 
 
-SOURCE_WORDS = {"file": "the class file", "llm": "the LLM", "name": "none: the bare name",
-                "neighbours": "the teacher's neighbours (their category)"}
-
-
-def llm_said(entry, part, *, max_lines=20, width=160):
-    """prompts.md lines that show the LLM's answer for `part` ("description" or "scenes") as it
-    wrote it, where cleaning changed it (the entry's "llm_raw"), trimmed; [] where it did not."""
-    raw = entry.get("llm_raw", {}).get(part)
-    if raw is None:
-        return []
-    said = ["".join(ch for ch in line if ch.isprintable())[:width]
-            for line in raw.splitlines() if line.strip()]
-    more = [f"  ... ({len(said) - max_lines} more lines)"] if len(said) > max_lines else []
-    return [f"- the LLM said ({part}), before cleaning:", "  ```text",
-            *[f"  {line}" for line in said[:max_lines]], *more, "  ```"]
-
-
-def prompts_markdown(classes, prompts, llm, *, shown=5):
-    """prompts.md: for a person to read before the long run. A count of the sources, then per
-    class its description and where it came from, its teacher neighbours (which tell the sense
-    and are not drawn), where its scenes came from and `shown` of its prompts; beside the
-    description and scenes, the LLM's answer as it wrote it where cleaning changed it."""
+def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160):
+    """prompts.md: the sources counted, then per class its description and source, teacher
+    neighbours, scene source, `shown` prompts, and the LLM's answers where cleaning changed them
+    (entry["llm_raw"]; `max_lines` lines of `width` printable characters at most)."""
+    words = {"file": "the class file", "llm": "the LLM", "name": "none: the bare name",
+             "neighbours": "the teacher's neighbours (their category)"}
     sources = prompt_sources(classes, llm)
+
+    def said(entry, part):
+        raw = entry.get("llm_raw", {}).get(part)
+        lines = [] if raw is None else ["".join(filter(str.isprintable, line))[:width]
+                                        for line in raw.splitlines() if line.strip()]
+        more = [f"  ... ({len(lines) - max_lines} more lines)"] * (len(lines) > max_lines)
+        return [] if raw is None else [f"- the LLM said ({part}), before cleaning:", "  ```text",
+                                       *[f"  {line}" for line in lines[:max_lines]], *more, "  ```"]
+
+    described = ", ".join(f"{words.get(k, k)} {n}"
+                          for k, n in sources["description_sources"].items())
+    scenes = ", ".join(f"{k} {n}" for k, n in sources["scene_sources"].items())
     lines = ["# Prompts", "", f"LLM: {llm or 'none (built-in lists)'}. Descriptions from: "
-             + ", ".join(f"{SOURCE_WORDS.get(k, k)} {n}" for k, n in
-                         sources["description_sources"].items())
-             + ". Scenes from: " + ", ".join(f"{k} {n}" for k, n in
-                                           sources["scene_sources"].items()) + ".", "",
+             f"{described}. Scenes from: {scenes}.", "",
              "Look for a wrong sense of an ambiguous name, scenes that do not suit the class, "
              "and other classes named in a prompt (they would be drawn). Fix a class by giving "
              "it a description in a class file (`--data FILE`, `name<TAB>description`).", ""]
-    for c, (entry, class_prompts) in enumerate(zip(classes, prompts)):
-        lines += [f"## {c} {entry['name']}", "",
-                  f"- description: {entry['description'] or '(none)'} — from "
-                  f"{SOURCE_WORDS.get(entry['source'], entry['source'])}",
-                  *llm_said(entry, "description"),
+    for c, (entry, mine) in enumerate(zip(classes, prompts)):
+        lines += [f"## {c} {entry['name']}", "", f"- description: "
+                  f"{entry['description'] or '(none)'} — from "
+                  f"{words.get(entry['source'], entry['source'])}",
+                  *said(entry, "description"),
                   f"- teacher neighbours: {', '.join(entry['neighbours']) or '(none)'}",
                   f"- scenes: {len(entry['scenes'])} from {entry['scene_source']}",
-                  *llm_said(entry, "scenes"),
-                  f"- {min(shown, len(class_prompts))} of its {len(class_prompts)} prompts:"]
-        lines += [f"  - {prompt}" for prompt in class_prompts[:shown]] + [""]
+                  *said(entry, "scenes"), f"- {min(shown, len(mine))} of its {len(mine)} prompts:",
+                  *[f"  - {prompt}" for prompt in mine[:shown]], ""]
     return "\n".join(lines)
 
 
+def spread(count, total):
+    """min(count, total) indices spread evenly over range(total), first and last included."""
+    count = min(count, total)
+    return [round(k * (total - 1) / max(count - 1, 1)) for k in range(count)]
+
+
 def contact_sheet(data_dir, class_names, path, *, max_classes=MEASURE.sheet_classes, per_row=8,
-                  tile=96, label_width=160,
-                  sources=None):
-    """Writes a PNG of the cached set for a person to look at: one row per class (all classes when
-    at most `max_classes`, else that many spread evenly), its name on the left (and under it the
-    source of its description, `sources[c]`, when given), then up to `per_row` of its images.
-    Returns the number of image tiles drawn."""
+                  tile=96, label_width=160, sources=None):
+    """Writes a PNG of the cached set: a row per class (`max_classes` at most, spread evenly), its
+    name (and `sources[c]` under it), then `per_row` of its images. Returns the tiles drawn."""
     from PIL import Image, ImageDraw
 
-    folders = sorted(entry for entry in Path(data_dir).iterdir()
-                     if entry.is_dir() and entry.name.isdigit())
-    rows = (range(len(class_names)) if len(class_names) <= max_classes else
-            [round(n * (len(class_names) - 1) / max(max_classes - 1,
-                                                    1)) for n in range(max_classes)])
+    folders = sorted(f for f in Path(data_dir).iterdir() if f.is_dir() and f.name.isdigit())
+    rows = spread(max_classes, len(class_names))
     shown = [sorted(p for p in folders[c].iterdir() if p.suffix in (".png", ".jpg"))[:per_row]
              if c < len(folders) else [] for c in rows]
-    columns = max([len(images) for images in shown] + [1])
-    sheet = Image.new("RGB", (label_width + columns * tile, len(rows) * tile), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (c, images) in enumerate(zip(rows, shown)):
-        draw.text((4, row * tile + tile // 2 - 6), f"{c}: {class_names[c]}"[:label_width // 6],
-                  fill="black")
-        if sources:
-            draw.text((4, row * tile + tile // 2 + 6), f"[{sources[c]}]"[:label_width // 6],
-                      fill="gray")
-        for column, image_path in enumerate(images):
+    sheet = Image.new("RGB", (label_width + max(map(len, shown + [[0]])) * tile,
+                              len(rows) * tile), "white")
+    for y, c, images in zip(range(0, sheet.height, tile), rows, shown):
+        labels = [(f"{c}: {class_names[c]}", -6, "black")]
+        for text, dy, colour in labels + ([(f"[{sources[c]}]", 6, "gray")] if sources else []):
+            ImageDraw.Draw(sheet).text((4, y + tile // 2 + dy), text[:label_width // 6], colour)
+        for x, image_path in zip(range(label_width, sheet.width, tile), images):
             with Image.open(image_path) as image:
-                sheet.paste(image.convert("RGB").resize((tile, tile)),
-                            (label_width + column * tile, row * tile))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    atomic_write(path, lambda temp: temp.write_bytes(buffer.getvalue()))
-    return sum(len(images) for images in shown)
+                sheet.paste(image.convert("RGB").resize((tile, tile)), (x, y))
+    atomic_write(path, lambda temp: sheet.save(temp, format="PNG"))
+    return sum(map(len, shown))
 
 
 def evaluation_table(sets, num_classes):
-    """evaluate_sets' entries as one aligned text table, a row per set: images, classes (K/N when
-    restricted to K of the N classes), teacher and student top-1 / top-5 (%) and the teacher →
-    student top-1 gap, so that the gap on each domain is one glance; "-" without a student."""
+    """evaluate_sets' entries as an aligned text table, a row per set: images, classes (K/N if
+    restricted), teacher and student top-1/top-5 (%) and the top-1 gap ("-": no student)."""
     rows = [("set", "images", "classes", "teacher top-1", "top-5", "student top-1", "top-5",
              "gap top-1")]
     for s in sets:
-        student = s.get("student")
-        numbers = [s["teacher"]["top1"], s["teacher"]["top5"], *(
-            (student["top1"], student["top5"], s["gap_top1"]) if student else [None] * 3)]
+        student = s.get("student") or {}
         classes = f"{s['classes']}" + (f"/{num_classes}" if s["classes"] != num_classes else "")
+        numbers = (s["teacher"]["top1"], s["teacher"]["top5"], student.get("top1"),
+                   student.get("top5"), s.get("gap_top1"))
         rows.append((s["name"], str(s["teacher"]["images"]), classes,
                      *("-" if x is None else f"{x:.2f}" for x in numbers)))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    widths = [max(map(len, column)) for column in zip(*rows)]
     # the set's name left-aligned, every number right-aligned under its heading
-    return "\n".join("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width
-                                                             in zip(row[1:], widths[1:])]).rstrip()
-                     for row in rows)
+    return "\n".join("  ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])])
+                     .rstrip() for row in rows)
 
 
 # ── Tiny random components: the offline smoke run and the tests (plumbing, not accuracy) ──────────
@@ -3098,519 +3074,330 @@ def byte_level_alphabet():
     """The 256 printable characters that byte-level BPE tokenizers (CLIP, GPT-2) map bytes to."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(extra))]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
 
 
-# Architectures of random pipelines: "tiny" for tests and the smoke run; "sd15" is Stable Diffusion
-# 1.5's UNet (860M parameters) and VAE (84M) and CLIP ViT-L/14's text encoder (123M), for the
-# benchmark: the same FLOPs as the trained models, with no download.
+def bpe_files(folder, vocab):
+    """Writes vocab.json (`vocab`: token → id) and a merges.txt of no merges; their paths."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (Path(folder) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt")
+
+
+def seeded(seed, build):
+    """build() with torch's RNG seeded by `seed`; the caller's RNG state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build()
+
+
+# "tiny": tests and the smoke run; "sd15": Stable Diffusion 1.5's UNet (860M parameters) and VAE
+# (84M), CLIP ViT-L/14's text encoder (123M): the trained models' FLOPs, for the benchmark
 RANDOM_PIPELINES = {
-    "tiny": dict(
-        unet=dict(layers_per_block=1, block_out_channels=(32, 64),
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                  attention_head_dim=8, norm_num_groups=32),
-        vae=dict(block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("DownEncoderBlock2D",) * 2,
-                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32),
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                  num_attention_heads=4)),
-    "sd15": dict(
-        unet=dict(layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  cross_attention_dim=768, attention_head_dim=8),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                 down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12,
-                  vocab_size=49408, hidden_act="quick_gelu")),
-}
+    "tiny": dict(unet=dict(layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=32,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                           cross_attention_dim=32, attention_head_dim=8),
+                 vae=dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32),
+                 text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4)),
+    "sd15": dict(unet=dict(layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                           down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                           up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                           cross_attention_dim=768, attention_head_dim=8),
+                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                          scaling_factor=0.18215),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, vocab_size=49408, hidden_act="quick_gelu"))}
 
 
 def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon",
                     seed=0):
-    """A randomly initialised StableDiffusionPipeline of one of RANDOM_PIPELINES (UNet, VAE, CLIP
-    text encoder, DDIM with SD's schedule) and a character-level CLIP tokenizer whose files go to
-    `vocab_dir`."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    """A random StableDiffusionPipeline of RANDOM_PIPELINES[architecture], DDIM with SD's
+    schedule, and a character-level CLIP tokenizer whose files go to `vocab_dir`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    vocab_dir, config = Path(vocab_dir), RANDOM_PIPELINES[architecture]
-    vocab_dir.mkdir(parents=True, exist_ok=True)
-    alphabet = byte_level_alphabet()
+    config, alphabet = RANDOM_PIPELINES[architecture], byte_level_alphabet()
     vocab = {token: n for n, token in enumerate(alphabet + [a + "</w>" for a in alphabet]
                                                    + ["<|startoftext|>", "<|endoftext|>"])}
-    (vocab_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (vocab_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),
-                              model_max_length=77)
-    vae_factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            **{"vocab_size": len(vocab), **config["text"]}, max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"]))
-        unet = UNet2DConditionModel(sample_size=image_size // vae_factor, in_channels=4,
-                                    out_channels=4, **config["unet"])
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            sample_size=image_size, **config["vae"])
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type=prediction_type)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
-                                   tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    start, end = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    levels = len(config["vae"]["block_out_channels"])  # the VAE's, and its 2^(levels-1) scale
+    text_encoder, unet, vae = seeded(seed, lambda: (
+        CLIPTextModel(CLIPTextConfig(**{"vocab_size": len(vocab), **config["text"]},
+                                     max_position_embeddings=77, bos_token_id=start,
+                                     eos_token_id=end, pad_token_id=end)),
+        UNet2DConditionModel(sample_size=image_size // 2 ** (levels - 1), in_channels=4,
+                             out_channels=4, **config["unet"]),
+        AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
+                      down_block_types=("DownEncoderBlock2D",) * levels,
+                      up_block_types=("UpDecoderBlock2D",) * levels, **config["vae"])))
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, safety_checker=None,
+        tokenizer=CLIPTokenizer(*bpe_files(vocab_dir, vocab), model_max_length=77),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                prediction_type=prediction_type),
+        feature_extractor=None, requires_safety_checker=False)
 
 
 def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", seed=0):
-    """Builds a tiny randomly initialised StableDiffusionPipeline (random_pipeline "tiny"), saves it
-    to `model_dir` and returns that folder, which load_diffusion_pipeline opens exactly as it opens
-    a real model."""
-    model_dir = Path(model_dir)
-    pipe = random_pipeline(model_dir / "vocab", image_size=image_size,
-                           prediction_type=prediction_type, seed=seed)
-    pipe.save_pretrained(model_dir / "pipeline")
-    return model_dir / "pipeline"
+    """Saves random_pipeline "tiny" to model_dir/pipeline (returned) for load_diffusion_pipeline."""
+    random_pipeline(Path(model_dir) / "vocab", image_size=image_size, seed=seed,
+                    prediction_type=prediction_type).save_pretrained(Path(model_dir) / "pipeline")
+    return Path(model_dir) / "pipeline"
 
 
 def build_tiny_llm(model_dir, *, seed=0):
-    """Builds a tiny randomly initialised GPT-2 with a byte-level tokenizer, saves it to
-    `model_dir` like a hub model and returns that folder, which load_llm opens as it opens a
-    real LLM. Its answers are random text: clean_line and the fallbacks must cope."""
+    """Saves a tiny random GPT-2 with a byte-level tokenizer to `model_dir`, returned: load_llm
+    opens it as a real LLM. It answers random text, which the cleaning must cope with."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    vocab = {ch: n for n, ch in enumerate(byte_level_alphabet())}
-    vocab["<|endoftext|>"] = len(vocab)
-    (model_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (model_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = GPT2Tokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
-                                           n_positions=1024, bos_token_id=len(vocab) - 1,
-                                           eos_token_id=len(vocab) - 1))
-    model.save_pretrained(model_dir)
+    vocab = {ch: n for n, ch in enumerate(byte_level_alphabet() + ["<|endoftext|>"])}
+    tokenizer = GPT2Tokenizer(*bpe_files(model_dir, vocab))
+    seeded(seed, lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
+        bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1))).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    return model_dir
+    return Path(model_dir)
 
 
 def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
     """A small random CNN with BatchNorm and a final nn.Linear, taking [0, 1] images of any size."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
-    return with_preprocessing(model, input_size)
+    return with_preprocessing(seeded(seed, lambda: nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))), input_size)
 
 
-# ── Benchmark and --check-guidance: real architectures with random weights, timed ─────────────────
-def peak_memory_gib(device):
-    """Peak memory since the last reset_peak_memory (GiB): GPU memory allocated by torch on CUDA;
-    on the CPU the process's peak resident set size so far (it never goes down)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
-
-
-def reset_peak_memory(device):
-    """Starts a new peak-memory measurement (GPU only; the CPU peak RSS cannot be reset)."""
-    if torch.device(device).type == "cuda":
+# ── --check-guidance and --benchmark: one process, timed; tables in OUT/NAME.md and .json ─────────
+def timed(device, function):
+    """(function(), seconds); on CUDA the queued work is awaited and a peak-memory count begins."""
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def timed(device, function):
-    """(result, seconds) of function(), waiting for the GPU's queued work before each clock read."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = function()
-    if torch.device(device).type == "cuda":
+    start, result = time.perf_counter(), function()
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
 
 
-def write_benchmark_images(folder, count, size, *, classes=10, seed=0, image_format="png"):
-    """`count` images of `size`² in `classes` folders: smooth random colour fields with mild pixel
-    noise, so that file sizes and decode times are near those of generated images."""
-    generator = torch.Generator().manual_seed(seed)
-    for n in range(count):
-        coarse = torch.rand(1, 3, 8, 8, generator=generator)
-        image = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
-        image = (image + 0.03 * torch.randn(image.shape, generator=generator)).clamp(0, 1)
-        (Path(folder) / f"{n % classes:04d}").mkdir(parents=True, exist_ok=True)
-        save_image_atomic(image, Path(folder) / f"{n % classes:04d}/{n:05d}.{image_format}")
+def teacher_scores(stats, class_ids, keep=slice(None)):
+    """Mean final energy, p(y) and top-1 accuracy (%) of the sampled images `keep` selects."""
+    return {"energy": stats["energy"][keep].mean().item(),
+            "p_class": stats["p_class"][keep].mean().item(),
+            "top1": 100.0 * (stats["top1"][keep] == class_ids[keep]).float().mean().item()}
 
 
 def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, repeats=1,
                         progress=True, **sample_kwargs):
-    """Runs energy_guided_sample once per mode and round from the same latents; returns one row
-    per mode: seconds per image (the fastest round), its ratio to the first mode's, peak memory
-    (GiB) and the stats of the images. Rounds visit the modes in turn, so drifts of the machine
-    (clock, caches, other load) hit every mode alike; a 2-step run per mode warms it up first."""
-    rows = {mode: {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0.0} for mode in modes}
-    rounds = [(round_index, mode) for round_index in range(repeats) for mode in modes]
-    for round_index, mode in tqdm(rounds, desc="timing sampling modes", disable=not progress):
+    """A row per mode (energy_guided_sample's keyword arguments) from the same latents: s/image
+    (the fastest round), × the first mode, peak memory (GiB; on a CPU the process's peak RSS so
+    far), teacher_scores; and each mode's stats. Rounds take the modes in turn: drifts hit all
+    alike."""
+    import resource
+
+    ids, rows, stats = torch.as_tensor(class_ids, device=pipe.device), {}, {}
+    for round_index, mode in tqdm([(r, mode) for r in range(repeats) for mode in modes],
+                                  desc="timing sampling modes", disable=not progress):
         sample = dict(sample_kwargs, latents=latents, **modes[mode])
-        if round_index == 0:
+        if round_index == 0:  # warms the machine up
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
-        reset_peak_memory(pipe.device)
-        (_, stats), seconds = timed(pipe.device, lambda: energy_guided_sample(
+        (_, stats[mode]), seconds = timed(pipe.device, lambda: energy_guided_sample(
             pipe, teacher, prompts, class_ids, **sample))
-        row = rows[mode]
-        row["s_per_image"] = min(row["s_per_image"], seconds / len(prompts))
-        row["peak_memory_gib"] = max(row["peak_memory_gib"], peak_memory_gib(pipe.device))
-        row["stats"] = stats
-    rows = list(rows.values())
-    for row in rows:
-        row["vs_unguided"] = row["s_per_image"] / rows[0]["s_per_image"]
-    return rows
-
-
-def time_guidance_parts(pipe, teacher, latents, class_ids, *,
-                        guidance_batch=SAMPLING.guidance_batch, repeats=2,
-                        **objective):
-    """Seconds per image of the parts of a sampling step, the fastest of `repeats`: one UNet call
-    (the CFG pair, no gradient); one guidance gradient (clean_latent_grad: the decode of ẑ0 with
-    its backward pass and the teacher's, what approx mode adds to a step); the teacher alone
-    (forward and backward on decoded images); the final decode. A guided step costs the UNet
-    call plus the guidance gradient, an unguided one the UNet call."""
-    device, batch = pipe.device, len(latents)
-    text, uncond = encode_prompts(pipe, [""] * batch, cfg_scale=3.0)
-    pipe.scheduler.set_timesteps(50, device=device)
-    t = pipe.scheduler.timesteps[10]
-    class_ids = torch.as_tensor(class_ids, device=device)
-    images = decode_to_unit(pipe.vae, latents).float().requires_grad_(True)
-
-    def teacher_alone():
-        loss = guidance_loss(teacher(images), class_ids, **objective)
-        return torch.autograd.grad(loss.sum(), images)
-
-    parts = {"UNet step (CFG pair)": lambda: cfg_prediction(pipe.unet, latents, t, text, uncond,
-                                                            cfg_scale=SAMPLING.cfg),
-             "guidance gradient (decode + backward + teacher)": lambda: clean_latent_grad(
-                 pipe.vae, teacher, latents, class_ids, batch_size=guidance_batch, **objective),
-             "teacher alone (forward + backward)": teacher_alone,
-             "final decode": lambda: decode_to_unit(pipe.vae, latents)}
-    seconds = {}
-    for name, part in parts.items():
-        with torch.no_grad() if name.startswith(("UNet", "final")) else contextlib.nullcontext():
-            part()  # warm-up
-            seconds[name] = min(timed(device, part)[1] for _ in range(repeats)) / batch
-    return seconds
-
-
-def benchmark_models(work_dir, device, dtype, architecture, height, image_size, channels_last,
-                     compile_unet):
-    """(pipe, teacher, students) for benchmark(): a random pipeline of `architecture` on
-    `device`, frozen, with the speed options; a random resnet50 teacher and two resnet18
-    students, the same in every run."""
-    pipe = random_pipeline(work_dir / "vocab", architecture=architecture, image_size=height)
-    pipe = speed_up_pipeline(pipe.to(device, dtype), channels_last=channels_last,
-                             compile_unet=compile_unet)
-    pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the same random teacher and students in every run
-        teacher = with_preprocessing(torchvision.models.resnet50(), 224)
-        students = [with_preprocessing(torchvision.models.resnet18(), image_size)
-                    for _ in range(2)]
-    return pipe, teacher.to(device).eval().requires_grad_(False), students
-
-
-def benchmark(device, work_dir, *, height=512, width=512, steps=SAMPLING.steps,
-              gen_batch=SAMPLING.gen_batch, kd_batch=DISTILL.batch_size,
-              image_size=DISTILL.image_size, num_workers=8, channels_last=False,
-              compile_unet=False, progress=True, architecture="sd15", repeats=2,
-              guidance_batch=SAMPLING.guidance_batch, store_size=SAMPLING.store_size,
-              image_format=SAMPLING.image_format):
-    """Times synthesis and distillation at real model size with random weights (the same FLOPs as
-    the trained models). Returns {"sampling": rows, "parts": seconds, "distill": row}.
-
-    Sampling: Stable Diffusion 1.5's UNet and VAE and CLIP ViT-L's text encoder (fp16 on CUDA), a
-    resnet50 teacher; `gen_batch` images, `steps` DDIM steps, the default guidance window and
-    scales; one row per mode (time_sampling_modes), and the cost of each part of a step
-    (time_guidance_parts). Distillation: resnet50 → resnet18 on images written to `work_dir` at
-    the stored size and format (benchmark_distillation): the loader alone, pure compute and the
-    whole loop; their ratios show whether loading is the bottleneck.
-    `architecture` "tiny" swaps in the tiny pipeline (for the tests).
-    """
-    from diffusers import AutoencoderTiny
-
-    device, work_dir = torch.device(device), Path(work_dir)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe, teacher, students = benchmark_models(work_dir, device, dtype, architecture, height,
-                                               image_size, channels_last, compile_unet)
-    names = load_class_names("imagenet")[0]
-    class_ids = list(range(gen_batch))
-    prompts = [row[0] for row in build_prompts([names[c] for c in class_ids], 1)[0]]
-    start = initial_latents(range(gen_batch), (4, height // pipe.vae_scale_factor,
-                                               width // pipe.vae_scale_factor))
-    start = start.to(device, dtype)
-    checkpointed_vae = copy.deepcopy(pipe.vae)
-    checkpointed_vae.enable_gradient_checkpointing()
-    modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0),
-             "guided, default (approx, full-size decode)": {},
-             "guided, VAE gradient checkpointing": dict(guidance_vae=checkpointed_vae),
-             "guided, guidance batch 1": dict(guidance_batch=1),
-             "guided, tiny autoencoder decode (approximation)": dict(  # TAESD's architecture
-                 guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),
-             "guided, exact (UNet backward)": dict(exact_grad=True)}
-    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, start, modes, repeats=repeats,
-                               progress=progress, num_steps=steps, height=height, width=width,
-                               guidance_batch=guidance_batch)
-    for row in rows:
-        row["mean_energy"] = row.pop("stats")["energy"].mean().item()
-    parts = time_guidance_parts(pipe, teacher, start, class_ids, guidance_batch=guidance_batch,
-                                energy_scale=SAMPLING.energy_scale,
-                                class_scale=SAMPLING.class_scale)
-    del pipe, modes, checkpointed_vae
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    kd = benchmark_distillation(teacher, students, work_dir, device, kd_batch=kd_batch,
-                                image_size=image_size, num_workers=num_workers,
-                                channels_last=channels_last, progress=progress,
-                                stored_size=min(height, store_size or height),
-                                image_format=image_format)
-    memory = ("peak GPU memory (GiB)" if device.type == "cuda"
-              else "peak RSS of the process so far (GiB)")
-    return {"sampling": rows, "parts": parts, "memory": memory, "distill": kd}
-
-
-def benchmark_distillation(teacher, students, work_dir, device, *, kd_batch, image_size,
-                           num_workers,
-                           channels_last, progress, stored_size, image_format):
-    """Images per second, measured in one run on `kd_batch`·8 cached images of `stored_size`²: the
-    loader alone (kd_loader: read, decode, augment, collate, in its second epoch, workers
-    started), pure compute (kd_step on batches already on the device), and the whole distill()
-    loop (its steady-state last of 3 epochs). Returns them and their ratios."""
-    folder = work_dir / "images"
-    shutil.rmtree(folder, ignore_errors=True)  # a fresh set and no checkpoint to resume from
-    (work_dir / "checkpoint.pt").unlink(missing_ok=True)
-    write_benchmark_images(folder, 8 * kd_batch, stored_size, image_format=image_format)
-    loader, sampler = kd_loader(folder, kd_batch, image_size=image_size, num_workers=num_workers,
-                                pin_memory=device.type == "cuda")
-    for epoch in range(2):  # the first epoch starts the workers
-        sampler.set_epoch(epoch)
-        _, loader_seconds = timed(device, lambda: [batch for batch, _ in loader])
-    states = []
-    distill(teacher, students[0], folder, epochs=3, batch_size=kd_batch, lr=0.1,
-            image_size=image_size, device=device, num_workers=num_workers, progress=progress,
-            channels_last=channels_last, on_epoch=states.append)
-    loop_seconds = states[-1]["epoch_seconds"][-1]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    student = students[1].to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                weight_decay=1e-4)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    batches = [torch.rand(kd_batch, 3, image_size, image_size, device=device).contiguous(
-        memory_format=memory_format) for _ in range(2)]
-    temperature = DISTILL.kd_temperature
-    kd_step(teacher, student, optimizer, batches[0], temperature, amp)  # warm-up
-    _, compute_seconds = timed(device, lambda: [
-        kd_step(teacher, student, optimizer, batches[n % 2], temperature, amp) for n in range(8)])
-    images = 8 * kd_batch
-    loader, compute, loop = images / loader_seconds, images / compute_seconds, images / loop_seconds
-    return {"loader_images_per_s": loader,
-            "loader_images_per_s_per_worker": loader / max(num_workers, 1),
-            "workers": num_workers, "compute_images_per_s": compute, "loop_images_per_s": loop,
-            "loop_vs_compute": loop / compute, "loader_vs_compute": loader / compute}
-
-
-def teacher_scores(stats, class_ids):
-    """Mean final energy, p(y) and top-1 accuracy (%) of a set of sampled images."""
-    class_ids = torch.as_tensor(class_ids, device=stats["top1"].device)
-    return {"energy": stats["energy"].mean().item(), "p_class": stats["p_class"].mean().item(),
-            "top1": 100.0 * (stats["top1"] == class_ids).float().mean().item()}
+        memory = (torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+        row = rows.setdefault(mode, {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0})
+        row.update(s_per_image=min(row["s_per_image"], seconds / len(prompts)),
+                   peak_memory_gib=max(row["peak_memory_gib"], memory / 2 ** 30),
+                   **teacher_scores(stats[mode], ids))
+    for row in rows.values():
+        row["vs_unguided"] = row["s_per_image"] / rows[next(iter(modes))]["s_per_image"]
+    return list(rows.values()), stats
 
 
 def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=None,
                    class_names=None, progress=True, **sample_kwargs):
-    """Measures on these weights whether energy guidance does what §2 says: the first thing to
-    run with real weights on a new GPU. Returns {"fidelity", "modes", "per_class"} rows.
-
-    fidelity: at the first, middle and last guided steps of the default trajectory, the cosine
-    between the gradient of each other mode a user can pick (exact; approx with `guidance_vae`)
-    and the method's g = ∇_{z_t} L(D(ẑ0), y) (approx, the pipeline's VAE at full size).
-    modes: from the same initial noise, seconds per image and its ratio to unguided, then the
-    mean final teacher energy, p(y) and top-1 accuracy. per_class: those three, unguided and
-    with the default guidance, for each class.
-    """
-    options = {**SAMPLER, **sample_kwargs}
+    """Whether energy guidance does what §2 says on these weights. fidelity: at the first, middle
+    and last guided steps, the cosine of each cheaper mode's gradient (exact; approx with
+    `guidance_vae`) with the method's g = ∇_{z_t} L(D(ẑ0), y); modes: time_sampling_modes' rows
+    from the same noise; per_class: teacher_scores unguided and guided (the default)."""
+    options, trace = {**SAMPLER, **sample_kwargs}, []
     modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0), "approx (default)": {},
              "exact": dict(exact_grad=True)}
     if guidance_vae is not None:
         modes["approx, --guidance-vae decode"] = dict(guidance_vae=guidance_vae)
-    rows = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes,
-                               progress=progress, **sample_kwargs)
-    trace = []
+    rows, stats = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes,
+                                      progress=progress, **sample_kwargs)
     energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace,
                          **sample_kwargs)
     objective = {key: options[key] for key in ("energy_scale", "class_scale", "temperature")}
-    ids = torch.as_tensor(class_ids, device=pipe.device)
-    fidelity = []
-    early_middle_late = sorted({0, len(trace) // 2, len(trace) - 1}) if trace else []
-    for entry in [trace[k] for k in early_middle_late]:
-        alpha_bar, method_grad = entry["alpha_bar"], entry["grad"].flatten(1).double()
+    ids, fidelity = torch.as_tensor(class_ids, device=pipe.device), []
+    for entry in [trace[k] for k in sorted({0, len(trace) // 2, len(trace) - 1}) if trace]:
         predict = entry["predict"]
         for mode in list(modes)[2:]:
-            vae = modes[mode].get("guidance_vae", pipe.vae)
-            _, grad = guidance_gradient(predict, vae, teacher, entry["noisy"], alpha_bar, ids,
-                                        exact=mode == "exact", batch_size=options["guidance_batch"],
-                                        **objective)
-            cosine = F.cosine_similarity(grad.flatten(1).double(), method_grad)
+            _, grad = guidance_gradient(predict, modes[mode].get("guidance_vae", pipe.vae),
+                                        teacher, entry["noisy"], entry["alpha_bar"], ids,
+                                        exact=mode == "exact",
+                                        batch_size=options["guidance_batch"], **objective)
+            cosine = F.cosine_similarity(grad.flatten(1).double(),
+                                         entry["grad"].flatten(1).double())
             fidelity.append({"mode": mode, "step": entry["step"],
-                             "cosine_mean": cosine.mean().item(),
-                             "steps": len(pipe.scheduler.timesteps),
-                             "cosine_min": cosine.min().item()})
-    per_class = []
-    for c in dict.fromkeys(class_ids):
-        mine = [k for k, class_id in enumerate(class_ids) if class_id == c]
-        scores = {row["mode"]: teacher_scores({key: v[mine] for key, v in row["stats"].items()},
-                                              [c] * len(mine)) for row in rows[:2]}
-        name = class_names[c] if class_names else str(c)
-        per_class.append({"class": c, "name": name, "images": len(mine), **scores})
-    for row in rows:
-        row.update(teacher_scores(row.pop("stats"), class_ids))
+                             "steps": len(pipe.scheduler.timesteps), "cosine_mean":
+                             cosine.mean().item(), "cosine_min": cosine.min().item()})
+    per_class = [{"class": c, "name": class_names[c] if class_names else str(c),
+                  "images": class_ids.count(c), **{mode: teacher_scores(
+                      stats[mode], ids, ids == c) for mode in list(modes)[:2]}}
+                 for c in dict.fromkeys(class_ids)]
     return {"fidelity": fidelity, "modes": rows, "per_class": per_class}
 
 
-def check_guidance_table(result):
-    """check_guidance's result as three Markdown tables: fidelity, modes, per class."""
-    lines = ["| gradient mode | step | cosine with the method's g (mean) | (min) |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {r['mode']} | {r['step']} of {r['steps']} | {r['cosine_mean']:.3f} | "
-              f"{r['cosine_min']:.3f} |" for r in result["fidelity"]]
-    lines += ["", "| sampling mode | s / image | × unguided | energy | p(y) | top-1 % |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | "
-              f"{r['energy']:.3f} | {r['p_class']:.4f} | {r['top1']:.1f} |"
-              for r in result["modes"]]
-    lines += ["", "| class | images | energy: unguided → guided | p(y) | top-1 % |",
-              "| --- | --- | --- | --- | --- |"]
-    for r in result["per_class"]:
-        before, after = r["unguided"], r["approx (default)"]
-        lines.append(f"| {r['class']} {r['name']} | {r['images']} | {before['energy']:.3f} → "
-                     f"{after['energy']:.3f} | {before['p_class']:.4f} → {after['p_class']:.4f} | "
-                     f"{before['top1']:.0f} → {after['top1']:.0f} |")
-    return "\n".join(lines)
+def markdown_table(rows, columns):
+    """A Markdown table of `rows` (dicts): `columns` maps each heading to its cells' str.format."""
+    cells = [list(columns), ["---"] * len(columns)]
+    cells += [[pattern.format(**row) for pattern in columns.values()] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in cells)
 
 
-def guided_cost_ratio(parts, num_steps, guided_steps):
-    """Estimated cost of a guided image over an unguided one from the parts of a step, for
-    N = num_steps steps of which G = guided_steps are guided."""
-    unet, decode = parts["UNet step (CFG pair)"], parts["final decode"]
-    guidance = parts["guidance gradient (decode + backward + teacher)"]
-    # (N·unet + G·guidance + decode) / (N·unet + decode)
-    return (num_steps * unet + guided_steps * guidance + decode) / (num_steps * unet + decode)
+def keep_tables(out, name, tables, result):
+    """Prints the texts `tables`; keeps them in OUT/name.md and `result` in OUT/name.json."""
+    text = "\n\n".join(tables)
+    atomic_write(out / f"{name}.md", lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
+    write_json_atomic(result, out / f"{name}.json")
+    print(text)
 
 
-def benchmark_table(result, machine, *, num_steps=SAMPLING.steps, guided_steps=15):
-    """The benchmark result as Markdown tables (the README keeps these); the guided/unguided cost
-    is also extrapolated from the parts to `num_steps` steps of which `guided_steps` are guided."""
-    lines = [f"Machine: {machine}", "", f"| sampling mode | s / image | × unguided | "
-             f"{result['memory']} | final energy |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['mode']} | {r['s_per_image']:.3f} | {r['vs_unguided']:.2f} | "
-              f"{r['peak_memory_gib']:.1f} | {r['mean_energy']:.3f} |" for r in result["sampling"]]
-    lines += ["", "| part of a sampling step | s / image |", "| --- | --- |"]
-    lines += [f"| {name} | {seconds:.3f} |" for name, seconds in result["parts"].items()]
-    ratio = guided_cost_ratio(result["parts"], num_steps, guided_steps)
-    lines += [f"| guided / unguided image at {num_steps} steps, {guided_steps} guided (from the "
-              f"parts) | {ratio:.2f} |"]
-    kd = result["distill"]
-    lines += ["", "| distillation | images / s | / pure compute |", "| --- | --- | --- |",
-              f"| loader alone ({kd['workers']} workers: read, decode, augment, collate) | "
-              f"{kd['loader_images_per_s']:.1f} ({kd['loader_images_per_s_per_worker']:.1f} "
-              f"per worker) | {kd['loader_vs_compute']:.2f} |",
-              f"| pure compute (batches already on the device) | "
-              f"{kd['compute_images_per_s']:.1f} | 1.00 |",
-              f"| full KD loop (loader + copy + compute) | {kd['loop_images_per_s']:.1f} | "
-              f"{kd['loop_vs_compute']:.2f} |"]
-    return "\n".join(lines)
-
-
-def run_benchmark(args, device):
-    """--benchmark: runs benchmark() with the command line's sizes, prints its table and keeps it
-    in OUT/benchmark.md and OUT/benchmark.json. Returns the result dict."""
-    if rank_and_world()[1] > 1:
-        raise UsageError("--benchmark times one process: run it without torchrun")
-    out = Path(args.out)
-    try:
-        (out / "benchmark").mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    height, width = args.height or 512, args.width or 512
-    if height % 16 or width % 16:
-        raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got "
-                         f"{height}x{width}")
-    result = benchmark(device, out / "benchmark", height=height, width=width, steps=args.steps,
-                       gen_batch=args.gen_batch, kd_batch=args.batch_size,
-                       image_size=args.image_size, num_workers=args.workers,
-                       channels_last=args.channels_last, compile_unet=args.compile,
-                       guidance_batch=args.guidance_batch, store_size=args.store_size,
-                       image_format=args.image_format)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU, {os.cpu_count()} cores")
-    settings = (f"{height}×{width}, {args.steps} steps, "
-                f"{args.gen_batch} images per sampling batch, "
-                f"{'fp16' if device.type == 'cuda' else 'fp32'}; "
-                f"KD batch {args.batch_size} at {args.image_size} px, "
-                f"{args.workers} workers, guidance batch {args.guidance_batch}, stored "
-                f"{min(height, args.store_size or height)}² {args.image_format}"
-                f"{', channels_last' if args.channels_last else ''}"
-                f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}")
-    real = build_parser().parse_args([])  # the real run's defaults, for the extrapolated cost
-    guided = guided_step_indices(real.steps, real.guidance_start, real.guidance_end,
-                                 real.guidance_every)
-    table = benchmark_table(result, f"{name} ({settings})", num_steps=real.steps,
-                            guided_steps=len(guided))
-    atomic_write(out / "benchmark.md", lambda temp: temp.write_text(table + "\n", encoding="utf-8"))
-    write_json_atomic({"machine": name, "settings": settings, **result}, out / "benchmark.json")
-    print(table)
-    return result
+MODES_TABLE = {"s / image": "{s_per_image:.3f}", "× unguided": "{vs_unguided:.2f}",
+               "peak memory (GiB)": "{peak_memory_gib:.1f}", "energy": "{energy:.3f}",
+               "p(y)": "{p_class:.4f}", "top-1 %": "{top1:.1f}"}
 
 
 def run_check_guidance(args, device):
-    """--check-guidance: check_guidance() on the command line's models and sampling flags, for
-    --check-classes classes spread evenly over the class list, --check-seeds images each (the
-    built-in prompts, no LLM). Prints the tables and keeps them in OUT/check_guidance.md and
-    .json. Returns the result dict."""
+    """--check-guidance: check_guidance() with the command line's models and sampling flags on
+    --check-seeds images of --check-classes classes spread evenly (built-in prompts, no LLM); its
+    three tables go to stdout and OUT/check_guidance.md, their rows to OUT/check_guidance.json."""
     if rank_and_world()[1] > 1:
         raise UsageError("--check-guidance measures one process: run it without torchrun")
     out, models = load_models(args, device)
-    class_names, teacher = models.class_names, models.teacher
-    count = min(args.check_classes, len(class_names))
-    chosen = [round(k * (len(class_names) - 1) / max(count - 1, 1)) for k in range(count)]
     pipe, guidance_vae = load_sampler(args, device, out)
-    prompts, _ = build_prompts(class_names, args.check_seeds, teacher=teacher, seed=args.seed,
-                               descriptions=models.descriptions, photo_share=args.photo_share,
-                               neighbours=args.neighbours,
+    prompts, _ = build_prompts(models.class_names, args.check_seeds, teacher=models.teacher,
+                               seed=args.seed, descriptions=models.descriptions,
+                               photo_share=args.photo_share, neighbours=args.neighbours,
                                text_encoder=(pipe.tokenizer, pipe.text_encoder))
-    pairs = [(c, i) for c in chosen for i in range(args.check_seeds)]
-    seeds = [image_seed(args.seed, c, i) for c, i in pairs]
-    latents = initial_latents(seeds, latent_shape(pipe, args.height, args.width))
-    result = check_guidance(pipe, teacher, [prompts[c][i] for c, i in pairs], [c for c, _ in pairs],
-                            latents.to(device, pipe.unet.dtype), guidance_vae=guidance_vae,
-                            class_names=class_names, guidance_batch=args.guidance_batch,
-                            **sampling_options(args))
-    table = check_guidance_table(result)
-    atomic_write(out / "check_guidance.md", lambda temp: temp.write_text(table + "\n", "utf-8"))
-    write_json_atomic(result, out / "check_guidance.json")
-    print(table)
+    pairs = [(c, i) for c in spread(args.check_classes, len(models.class_names))
+             for i in range(args.check_seeds)]
+    latents = initial_latents([image_seed(args.seed, c, i) for c, i in pairs],
+                              latent_shape(pipe, args.height, args.width))
+    r = check_guidance(pipe, models.teacher, [prompts[c][i] for c, i in pairs],
+                       [c for c, _ in pairs], latents.to(device, pipe.unet.dtype),
+                       guidance_vae=guidance_vae, class_names=models.class_names,
+                       guidance_batch=args.guidance_batch, **sampling_options(args))
+    arrow = lambda key, spec: f"{{unguided[{key}]:{spec}}} → {{guided[{key}]:{spec}}}"  # noqa: E731
+    keep_tables(out, "check_guidance", [markdown_table(r["fidelity"], {
+        "gradient mode": "{mode}", "step": "{step} of {steps}",
+        "cosine with the method's g (mean)": "{cosine_mean:.3f}", "(min)": "{cosine_min:.3f}"}),
+        markdown_table(r["modes"], {"sampling mode": "{mode}", **MODES_TABLE}),
+        markdown_table([dict(p, guided=p["approx (default)"]) for p in r["per_class"]], {
+            "class": "{class} {name}", "images": "{images}", "energy: unguided → guided":
+            arrow("energy", ".3f"), "p(y)": arrow("p_class", ".4f"),
+            "top-1 %": arrow("top1", ".0f")})], r)
+    return r
+
+
+def benchmark(args, device, out):
+    """--benchmark's measurements, {"sampling": time_sampling_modes' rows for five modes on
+    --gen-batch images and the sampling flags, "distill": benchmark_distillation's rows}, with
+    random SD 1.5, resnet50 and resnet18 (--smoke: the tiny pipeline and classifiers)."""
+    from diffusers import AutoencoderTiny
+
+    dtype, names = model_dtype(args.dtype, device), load_class_names("imagenet")[0]
+    pipe = random_pipeline(out / "benchmark" / "vocab", image_size=args.height,
+                           architecture="tiny" if args.smoke else "sd15").to(device, dtype)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    speed_up_pipeline(pipe, channels_last=args.channels_last, compile_unet=args.compile)
+    teacher, student = (build_tiny_classifier(1000), build_tiny_classifier(
+        1000, width=8, input_size=args.image_size)) if args.smoke else seeded(0, lambda: (
+            with_preprocessing(torchvision.models.resnet50(), 224),  # the same in every run
+            with_preprocessing(torchvision.models.resnet18(), args.image_size)))
+    checkpointed = copy.deepcopy(pipe.vae)
+    checkpointed.enable_gradient_checkpointing()
+    modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0),
+             "guided, default (approx, full-size decode)": dict(exact_grad=False),
+             "guided, VAE gradient checkpointing": dict(guidance_vae=checkpointed),
+             "guided, tiny autoencoder decode (approximation)": dict(  # TAESD's architecture
+                 guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),
+             "guided, exact (UNet backward)": dict(exact_grad=True)}
+    latents = initial_latents(range(args.gen_batch), latent_shape(pipe, args.height, args.width))
+    prompts = [p[0] for p in build_prompts(names[:args.gen_batch], 1)[0]]
+    rows, _ = time_sampling_modes(pipe, teacher.to(device).eval().requires_grad_(False),
+                                  prompts, list(range(args.gen_batch)), latents.to(device, dtype),
+                                  modes, repeats=2, guidance_batch=args.guidance_batch,
+                                  **sampling_options(args))
+    del pipe, modes, checkpointed
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"sampling": rows, "distill": benchmark_distillation(
+        args, device, out / "benchmark" / "images", teacher, student)}
+
+
+def benchmark_distillation(args, device, folder, teacher, student):
+    """Images per second, on 8 batches of images like generated ones at the stored size and
+    format, of the loader alone (kd_loader, workers started), the whole distill() loop (its last
+    of 3 epochs) and pure compute (kd_step on those batches on the device); × pure compute."""
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh set
+    generator, size = torch.Generator().manual_seed(0), min(args.height, args.store_size or 10**9)
+    for n in range(8 * args.batch_size):  # smooth colours, mild noise: generated images' sizes
+        image = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), (size, size),
+                              mode="bicubic")[0]
+        image += 0.03 * torch.randn(image.shape, generator=generator)
+        save_image_atomic(image.clamp(0, 1), make_out(folder / f"{n % 10:04d}") /
+                          f"{n:05d}.{args.image_format}")
+    loader, sampler = kd_loader(folder, args.batch_size, image_size=args.image_size,
+                                num_workers=args.workers, pin_memory=device.type == "cuda")
+    for epoch in range(2):  # the first epoch starts the workers
+        sampler.set_epoch(epoch)
+        batches, loader_seconds = timed(device, lambda: [batch for batch, _ in loader])
+    epochs = []  # distill() leaves the teacher and student on the device, warmed up
+    distill(teacher, student, folder, epochs=3, batch_size=args.batch_size, lr=0.1,
+            device=device, image_size=args.image_size, num_workers=args.workers,
+            channels_last=args.channels_last, on_epoch=epochs.append)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    batches = [to_unit_images(batch, device, torch.channels_last if args.channels_last else
+                              torch.contiguous_format) for batch in batches]
+    _, compute_seconds = timed(device, lambda: [kd_step(
+        teacher, student, optimizer, batch, DISTILL.kd_temperature, amp) for batch in batches])
+    seconds = {f"loader alone ({args.workers} workers: read, decode, augment, collate)":
+               loader_seconds, "full KD loop (loader + copy + compute)":
+               epochs[-1]["epoch_seconds"][-1],
+               "pure compute (batches already on the device)": compute_seconds}
+    return [{"part": part, "images_per_s": len(batches) * len(batches[0]) / s,
+             "vs_compute": compute_seconds / s} for part, s in seconds.items()]
+
+
+def run_benchmark(args, device):
+    """--benchmark: benchmark() with the command line's sizes (512² by default) and flags; its
+    two tables go to stdout and OUT/benchmark.md, their rows to OUT/benchmark.json."""
+    if rank_and_world()[1] > 1:
+        raise UsageError("--benchmark times one process: run it without torchrun")
+    args.height, args.width = args.height or 512, args.width or 512
+    if args.height % 16 or args.width % 16:
+        raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got "
+                         f"{args.height}x{args.width}")
+    result = benchmark(args, device, make_out(args.out))
+    flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size workers "
+             "store_size image_format channels_last compile").split()
+    machine = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+               f"{os.cpu_count()} cores, torch {torch.__version__}; "
+               + " ".join(f"--{k.replace('_', '-')} {vars(args)[k]}" for k in flags))
+    keep_tables(Path(args.out), "benchmark", [f"Machine: {machine}", markdown_table(
+        result["sampling"], {"sampling mode": "{mode}", **MODES_TABLE}), markdown_table(
+        result["distill"], {"distillation": "{part}", "images / s": "{images_per_s:.1f}",
+                            "/ pure compute": "{vs_compute:.2f}"})],
+                dict(machine=machine, **result))
     return result
 
 
