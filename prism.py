@@ -2057,143 +2057,119 @@ def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=
 # Labelled image folders: which folder is which class
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
-    """torchvision ImageFolder of `data_dir`; a UsageError if unusable. Targets: the position of
-    the image's folder among the sorted folder names, or with `classes` (class_mapping: the class
-    of each sorted folder) that folder's class, so that folders 0 … 999 are classes 0 … 999 and
-    not the string order 0, 1, 10, 100, …"""
-    target = None if classes is None else list(classes).__getitem__
+    """torchvision ImageFolder of `data_dir` (a UsageError if unusable). Targets: the position of
+    the image's folder among the sorted folders or, with `classes` (class_mapping: the class of
+    each sorted folder), that folder's class, so that folders 0 … 999 are classes 0 … 999 and not
+    the string order 0, 1, 10, 100, …"""
     try:
-        dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform,
-                                                   target_transform=target)
-    except (FileNotFoundError, NotADirectoryError) as error:
-        empty = [f for f in folder_classes(data_dir) if not any(
-            p.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS
-            for p in Path(data_dir, f).rglob("*"))] if Path(data_dir).is_dir() else []
-        reason = (f"{len(empty)} class folders hold no image file (.jpg, .png, ...), e.g. "
-                  f"'{empty[0]}'" if empty else first_line(error)[:200])
-        raise UsageError(f"cannot read images from {data_dir}: {reason}")
+        dataset = torchvision.datasets.ImageFolder(
+            str(data_dir), transform=transform,
+            target_transform=None if classes is None else list(classes).__getitem__)
+    except (FileNotFoundError, NotADirectoryError) as error:  # it names the empty folders
+        raise UsageError(f"cannot read images from {data_dir}: {first_line(error)[:200]}")
     if classes is not None and len(classes) != len(dataset.classes):
         raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders, {len(classes)} "
                          f"were mapped to classes: was it changed during the run?")
     return dataset
 
 
-def folder_classes(data_dir):
-    """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as is).
-    """
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise UsageError(f"{data_dir} is not a directory of class folders")
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
-
-
 def named_val_sets(values):
     """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (then named by its folder), in
-    the order given: the first is the in-distribution set. An empty or repeated name is a
-    UsageError."""
-    sets, seen = [], set()
+    the order given: the first is the in-distribution set. A blank or repeated name, or no
+    folder, is a UsageError."""
+    sets = []
     for value in values or []:
         name, equals, path = value.partition("=")
         if not equals or os.sep in name:  # no name given, or a "=" inside the path itself
             name, path = Path(os.path.abspath(value)).name, value
-        if not path.strip():
-            raise UsageError(f"--val-dir {value} names no folder: give NAME=PATH or PATH")
-        if not name.strip():
-            raise UsageError(f"--val-dir {value} has an empty name: give NAME=PATH")
-        if name in seen:
-            raise UsageError(f"--val-dir name '{name}' is given twice: name each set (NAME=PATH)")
-        seen.add(name)
+        if not (name.strip() and path.strip()) or name in dict(sets):
+            raise UsageError(f"--val-dir {value}: give each set a folder and a name of its own "
+                             f"(NAME=PATH)")
         sets.append((name, Path(path)))
     return sets
 
 
-def load_class_ids(path, num_classes):
-    """The ids of the teacher's classes in label order from a --class-ids file, one a line
-    (ImageNet: its 1000 wnids, n01440764 first). A count other than `num_classes`, or an id
-    given twice, is a UsageError."""
+def read_lines(path, flag, count=None):
+    """The lines of the UTF-8 text file `path` given as `flag`, one item a line in label order,
+    blank lines skipped, each split at its first tab into stripped cells. A file that cannot be
+    read, is empty, has an item (its first cell) blank or twice (case-insensitive), or not
+    `count` items is a UsageError naming `flag` and the file."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--class-ids {path} cannot be read as UTF-8 text ({first_line(error)})")
-    ids = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(ids) != num_classes:
-        raise UsageError(f"--class-ids {path} has {len(ids)} ids but the teacher has {num_classes} "
-                         f"classes: give one id a line, in label order")
-    repeated = next((i for n, i in enumerate(ids) if i in ids[:n]), None)
-    if repeated is not None:
-        raise UsageError(f"--class-ids {path} gives the id '{repeated}' twice")
-    return ids
-
-
-def no_class_for(folders, class_names, reference_ids):
-    """The UsageError for class folders that map to no class (rule 5 of class_mapping), naming
-    the first folder that is neither a class index, a class name nor a reference id."""
-    known = {name.lower() for name in class_names}
-    lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f.lower() in known
-                                            or f in (reference_ids or ()))), folders[0])
-    return UsageError(f"folder '{lost}' maps to no class (the folder names must be all class "
-                      f"indices, all class names, all ids of the reference list or, for a full "
-                      f"set, all WordNet ids); give --class-ids FILE (one id a line, in label "
-                      f"order), or the full set (ImageNet val) as another --val-dir, or name the "
-                      f"folders by class index")
+        raise UsageError(f"{flag} {path} cannot be read as UTF-8 text ({first_line(error)})")
+    rows = [[cell.strip() for cell in line.split("\t", 1)] for line in text.splitlines()
+            if line.strip()]
+    keys = sorted(row[0].lower() for row in rows)
+    twice = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+    problem = ("is empty" if not rows else "has a line with no name before its tab" if not keys[0]
+               else f"gives '{twice}' twice" if twice is not None
+               else f"has {len(rows)} lines but the teacher has {count} classes"
+               if count not in (None, len(rows)) else "")
+    if problem:
+        raise UsageError(f"{flag} {path} {problem}: give one class a line, in label order")
+    return rows
 
 
 def class_mapping(folders, num_classes, class_names, reference_ids=None, reference="reference"):
-    """The teacher class of each of the sorted class `folders` of a labelled set, and the rule
-    that gave it (a short string). The first rule that applies:
+    """(classes, rule): the teacher class of each of the sorted class `folders` of a labelled
+    set, by the first rule that maps them all:
       1. every name an integer (ImageNet-V2's 0 … 999; 0003 as in the synthetic set) → int(name)
       2. every name a class name (case-insensitive) → its index in `class_names`
       3. every name an id of `reference_ids` (the classes' ids in label order, e.g. ImageNet's
          wnids; `reference` says where the list came from) → its position there
       4. exactly num_classes folders, every name a WordNet id (n01440764), and no --class-ids
          list → their sorted order (ImageNet val and -Sketch: sorted wnids are ImageNet's order)
-    Otherwise, or for a class out of range, an ambiguous name or two folders of one class: a
-    UsageError naming the folder. Rule 4 asks for WordNet ids so that a near miss ("tanks" for
-    "tank", "great_white_shark") is refused rather than scored against the wrong class."""
-    if not folders:
-        raise UsageError("has no class folders")
-    by_name = {}
+    No rule, a class out of range, an ambiguous name or two folders of one class: a UsageError
+    naming the folder. Rule 4 asks for WordNet ids so that a near miss ("tanks" for "tank") is
+    refused rather than scored against the wrong class."""
+    by_name, position = {}, {id_: n for n, id_ in enumerate(reference_ids or [])}
     for index, name in enumerate(class_names):
         by_name.setdefault(name.lower(), []).append(index)
+    if not folders:
+        raise UsageError("has no class folders")
     if all(re.fullmatch(r"[0-9]+", f) for f in folders):
         classes, rule = [int(f) for f in folders], "integer folder names"
     elif all(f.lower() in by_name for f in folders):
-        ambiguous = next((f for f in folders if len(by_name[f.lower()]) > 1), None)
-        if ambiguous is not None:
-            raise UsageError(f"folder '{ambiguous}' names classes {by_name[ambiguous.lower()]} of "
-                             f"the class list: name the folders by class index")
         classes, rule = [by_name[f.lower()][0] for f in folders], "class names"
-    elif reference_ids and all(f in reference_ids for f in folders):
-        position = {id_: index for index, id_ in enumerate(reference_ids)}
+        twice = next((f for f in folders if len(by_name[f.lower()]) > 1), None)
+        if twice:
+            raise UsageError(f"folder '{twice}' names classes {by_name[twice.lower()]} of the "
+                             f"class list: name the folders by class index")
+    elif position and all(f in position for f in folders):
         classes, rule = [position[f] for f in folders], f"ids via {reference}"
     elif (len(folders) == num_classes and all(re.fullmatch(r"[a-z][0-9]{8}", f) for f in folders)
           and not (reference or "").startswith("--class-ids")):
-        order = {f: index for index, f in enumerate(sorted(folders))}
+        order = {f: n for n, f in enumerate(sorted(folders))}
         classes, rule = [order[f] for f in folders], "sorted folder names"
     else:
-        raise no_class_for(folders, class_names, reference_ids)
-    owner = {}
-    for folder, c in zip(folders, classes):
+        lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f in position
+                                                or f.lower() in by_name)), folders[0])
+        raise UsageError(f"folder '{lost}' maps to no class (the folder names must be all class "
+                         f"indices, all class names, all ids of the reference list or, for a full "
+                         f"set, all WordNet ids); give --class-ids FILE (one id a line, in label "
+                         f"order), or the full set (ImageNet val) as another --val-dir, or name "
+                         f"the folders by class index")
+    for n, (folder, c) in enumerate(zip(folders, classes)):
         if c >= num_classes:
             raise UsageError(f"folder '{folder}' is class {c}, but the teacher's classes are "
                              f"0 to {num_classes - 1}")
-        if c in owner:
-            raise UsageError(f"folders '{owner[c]}' and '{folder}' are both class {c}")
-        owner[c] = folder
+        if c in classes[:n]:
+            raise UsageError(f"folders '{folders[classes.index(c)]}' and '{folder}' are both "
+                             f"class {c}")
     return classes, rule
 
 
 def reference_list(sets, class_names, class_ids=None):
-    """(ids, where they come from) for rule 3 of class_mapping: the --class-ids file when given
-    (`class_ids` = (path, ids)), else the sorted folder names of the first of `sets` (dicts with
-    name and folders) that rule 4 maps: a full set in id folders, as ImageNet val or -Sketch,
-    whose sorted wnids are ImageNet's label order. (None, None) when there is neither."""
+    """(ids, where they come from) for rule 3 of class_mapping: the --class-ids file's
+    (`class_ids`: (path, ids)), else the sorted folders of the first of `sets` that rule 4 maps
+    (a full set in wnid folders: ImageNet val, -Sketch); (None, None) when there is neither."""
     if class_ids is not None:
         return class_ids[1], f"--class-ids {class_ids[0]}"
     for s in sets:
-        try:
+        try:  # a set that no rule maps is no reference; its own mapping says why, naming it
             rule = class_mapping(s["folders"], len(class_names), class_names)[1]
-        except UsageError:  # not a reference; its own mapping says why, naming the set
+        except UsageError:
             continue
         if rule == "sorted folder names":
             return sorted(s["folders"]), f"sorted folders of set {s['name']}"
@@ -2205,19 +2181,14 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
     classes (class_mapping's class of each folder), mapping (its rule), images (their count).
     Every folder is mapped, then every image decoded, now: a bad set is a UsageError naming it
     before any work. `class_ids`: (path, ids) of --class-ids, or None. `checked_file` keeps the
-    stamps of trees decoded whole, which are not decoded again while unchanged; a cache, so when
-    it is damaged the trees are just decoded again."""
-    sets, checked = [], set()
-    if checked_file and Path(checked_file).exists():
-        try:
-            checked = set(json.loads(Path(checked_file).read_bytes().decode("utf-8"))["stamps"])
-        except (ValueError, KeyError, TypeError):  # damaged: it costs one more decode
-            pass
+    stamps of trees decoded whole, not decoded again while unchanged; a cache, so when it is
+    damaged the trees are just decoded again."""
+    sets = []
     for name, path in named_sets:
-        try:
-            sets.append({"name": name, "data": str(path), "folders": folder_classes(path)})
-        except UsageError as error:
-            raise UsageError(f"--val-dir {name}: {error}")
+        if not Path(path).is_dir():
+            raise UsageError(f"--val-dir {name}: {path} is not a directory of class folders")
+        sets.append({"name": name, "data": str(path),
+                     "folders": sorted(e.name for e in os.scandir(path) if e.is_dir())})
     reference_ids, reference = reference_list(sets, class_names, class_ids)
     for s in sets:
         try:
@@ -2225,6 +2196,10 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
                                                        reference_ids, reference)
         except UsageError as error:
             raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
+    try:
+        checked = set(json.loads(Path(checked_file).read_bytes().decode("utf-8"))["stamps"])
+    except (TypeError, OSError, ValueError, KeyError):  # none, or damaged: one more decode
+        checked = set()
     stamps = set(checked)
     for s in sets:
         s["images"], seen = check_images_load(s["data"], f"--val-dir {s['name']}", stamps)
@@ -2237,10 +2212,9 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # Several processes (torchrun) and devices
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# Several processes (torchrun). `torchrun --nproc_per_node=N prism.py ...` starts N copies of this
-# program; init_distributed joins them into one process group. These helpers read that group, and
-# in a plain `python prism.py` (no group) they are those of rank 0 of 1, so every function below
-# runs unchanged in one process.
+# `torchrun --nproc_per_node=N prism.py ...` starts N copies of this program; init_distributed
+# joins them into one process group. These helpers read that group, and in a plain `python
+# prism.py` (no group) they are those of rank 0 of 1: every function runs unchanged in one process.
 def rank_and_world():
     """(rank, world size) of this process in the torch.distributed group, or (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -2272,8 +2246,7 @@ def barrier():
 
 def gather_from_ranks(items):
     """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every
-    rank. The ranks first meet at barrier(), so the time one rank spends on work before it never
-    counts against the collective timeout."""
+    rank, after a barrier() (work before it never counts against the collective timeout)."""
     world = rank_and_world()[1]
     if world == 1:
         return [list(items)]
@@ -2292,15 +2265,13 @@ def on_rank_zero(work):
     """Runs work() on rank 0 alone, the other ranks waiting, and raises its error, if any, on
     every rank (a UsageError as one, any other as a RunFailure on the other ranks), so that no
     rank waits for one that failed."""
-    rank, world = rank_and_world()
     error = None
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         try:
             work()
         except Exception as caught:  # raised below, on every rank
             error = caught
-    shared = gather_from_ranks([None if error is None else
-                                [isinstance(error, UsageError), str(error)]])[0][0]
+    shared = gather_from_ranks([error and [isinstance(error, UsageError), str(error)]])[0][0]
     if error is None and shared is not None:
         error = (UsageError if shared[0] else RunFailure)(shared[1])
     if error is not None:
@@ -2308,46 +2279,36 @@ def on_rank_zero(work):
 
 
 def broadcast_from_rank_zero(module):
-    """Copies rank 0's parameters and buffers into `module` on every rank (nothing to do in one
-    process)."""
+    """Copies rank 0's parameters and buffers into `module` on every rank."""
     if rank_and_world()[1] > 1:
         barrier()  # rank 0 may still be writing its checkpoint
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
 
-def pick_device(name):
-    """The torch device for --device ("auto": CUDA when there is one)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"bad --device '{name}': {first_line(error)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available here")
-    return device
-
-
 def process_gpu(local_rank, visible_gpus):
-    """The CUDA device index of the process with LOCAL_RANK `local_rank` on a node where it sees
-    `visible_gpus` GPUs: its own index when it sees them all; 0 when a launcher gave each process
-    one GPU of its own (CUDA_VISIBLE_DEVICES per process, so it sees exactly one)."""
-    if visible_gpus == 1:
-        return 0
-    if local_rank >= visible_gpus:
+    """The CUDA index of the process LOCAL_RANK `local_rank` that sees `visible_gpus` GPUs: its
+    own, or 0 when a launcher gave each process one (CUDA_VISIBLE_DEVICES: it sees exactly one)."""
+    if visible_gpus != 1 and local_rank >= visible_gpus:
         raise UsageError(f"process {local_rank} of this node has no GPU of its own ({visible_gpus} "
                          f"visible): use --nproc_per_node <= the GPU count")
-    return local_rank
+    return 0 if visible_gpus == 1 else local_rank
 
 
 def init_distributed(device_name, timeout=timedelta(minutes=30)):
-    """Returns this process's torch device. Under torchrun (WORLD_SIZE > 1) it first joins the
-    process group: NCCL with one GPU per process (process_gpu), whatever --device names, or gloo
-    when the device is the CPU. A plain `python prism.py` starts no group. `timeout` bounds one
+    """This process's torch device for --device ("auto": CUDA when there is one). Under torchrun
+    (WORLD_SIZE > 1) it first joins the process group: NCCL with one GPU per process
+    (process_gpu), or gloo on the CPU; a plain `python prism.py` starts none. `timeout` bounds a
     collective once every rank is in it (a hung GPU); waits for other ranks' work go through
     barrier(), which has no bound."""
-    device = pick_device(device_name)
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_name)
+    except RuntimeError as error:
+        raise UsageError(f"bad --device '{device_name}': {first_line(error)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_name}: no CUDA GPU is available here")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -2363,9 +2324,8 @@ def init_distributed(device_name, timeout=timedelta(minutes=30)):
 
 def usable_cores():
     """The CPU cores this process may use (its affinity, where the system tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1)
 
 
 # A loader process reads, decodes and augments about 500 cached images a second (320² PNG, one
@@ -2376,8 +2336,7 @@ MAX_WORKERS = 12
 
 def default_workers():
     """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
-    the processes of its node, leaving one for the training process itself (at least 0, at most
-    MAX_WORKERS)."""
+    the processes of its node, less one for the training process itself (0 to MAX_WORKERS)."""
     cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return min(MAX_WORKERS, max(0, cores - 1))
 
@@ -2385,32 +2344,31 @@ def default_workers():
 @contextlib.contextmanager
 def rank_zero_first():
     """Runs the body on rank 0, then on the other ranks: a model download fills the cache once."""
-    rank, world = rank_and_world()
-    if rank != 0:
+    if rank_and_world()[0] != 0:
         barrier()
     yield
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         barrier()
 
 
 @contextlib.contextmanager
 def exclusive_out(out):
-    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock for the
-    whole run (the other torchrun ranks of the run share it) and, holding it, removes stale temp
-    files. A second run is refused in one line. The lock dies with its holder, even on SIGKILL."""
-    rank, _ = rank_and_world()
+    """One run at a time per --out: rank 0 creates it, holds an exclusive flock on
+    OUT/.prism.lock for the whole run (the run's other ranks share it) and, holding it, removes
+    stale temp files. A second run is refused in one line. The lock dies with its holder, even
+    on SIGKILL."""
     handle, problem = None, ""
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         try:
-            handle = open(make_out(out) / ".prism.lock", "a")
+            Path(out).mkdir(parents=True, exist_ok=True)
+            handle = open(Path(out) / ".prism.lock", "a")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             remove_stale_temps(out)
         except BlockingIOError:
             problem = (f"{out} is in use by another prism run; wait for it to end, or use "
                        f"another --out")
-        except (UsageError, OSError) as error:
-            problem = (str(error) if isinstance(error, UsageError)
-                       else f"cannot lock {out}: {first_line(error)}")
+        except OSError as error:
+            problem = f"cannot use --out {out}: {first_line(error)}"
     problem = gather_from_ranks([problem])[0][0]  # every rank learns rank 0's verdict
     try:
         if problem:
@@ -2460,16 +2418,29 @@ def locate_model(name_or_path, flag, alternative=""):
                          f"; download it (`hf download {name}`) and pass its folder{tail}")
 
 
-def is_torchvision_classifier(name):
-    """True if `name` is one of torchvision's classification architectures (resnet50, vit_b_16,
-    ...)."""
-    return name in torchvision.models.list_models(module=torchvision.models)
+def load_pretrained(name_or_path, flag, what, load, alternative=""):
+    """load(source, local_files_only) of the model locate_model finds for `flag`; one found that
+    does not load is a UsageError saying so (cannot_load)."""
+    source, local_only = locate_model(name_or_path, flag, alternative)
+    try:
+        return load(source, local_only)
+    except Exception as error:  # format failures all mean "cannot use this model"
+        raise UsageError(cannot_load(what, name_or_path, error, alternative))
+
+
+def known_classifier(name, role):
+    """`name` if it is one of torchvision's classifiers (resnet50, vit_b_16, ...), else a
+    UsageError for --`role`."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name (e.g. "
+                         f"resnet50){' or a TorchScript file' if role == 'teacher' else ''}")
+    return name
 
 
 def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
                  input_size=MODELS.teacher_input_size,
                  mean=MODELS.teacher_mean, std=MODELS.teacher_std):
-    """Loads the frozen teacher f_T and returns (teacher, class_names or None).
+    """The frozen teacher f_T and its class names (or None): (teacher, class_names).
 
     `name_or_path` is a torchvision model name (pretrained `weights="DEFAULT"`, whose own
     transforms give the input size, the evaluation resize, mean and std, and whose metadata the
@@ -2488,11 +2459,9 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
         except Exception as error:  # any failure here means the file is not a TorchScript model
             raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: "
                              f"{first_line(error)}")
-    elif not is_torchvision_classifier(name_or_path):
-        raise UsageError(f"unknown teacher '{name_or_path}': give a torchvision classifier name "
-                         f"(e.g. resnet50) or a TorchScript file")
     else:  # preprocessed and evaluated as its weights define it (resnet50's V2: resize 232)
-        weights = torchvision.models.get_model_weights(name_or_path).DEFAULT
+        weights = torchvision.models.get_model_weights(known_classifier(name_or_path,
+                                                                        "teacher")).DEFAULT
         preset = weights.transforms()
         input_size, resize_size = preset.crop_size[0], preset.resize_size[0]
         mean, std = preset.mean, preset.std
@@ -2517,75 +2486,32 @@ def build_student(name, num_classes, *, input_size=DISTILL.image_size, mean=MODE
                   std=MODELS.teacher_std):
     """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
     [0, 1] images like the teacher (same normalisation, its own input size)."""
-    if not is_torchvision_classifier(name):
-        raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. "
-                         f"resnet18)")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    model = torchvision.models.get_model(known_classifier(name, "student"), weights=None,
+                                         num_classes=num_classes)
     return with_preprocessing(model, input_size, mean, std)
 
 
-def count_outputs(classifier, device):
-    """Number of logits a [0, 1]-image classifier returns (one forward pass on a blank image)."""
-    with torch.no_grad():
-        return classifier(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
-
-
-def load_class_names(data, num_classes=None):
-    """Returns (class_names, descriptions or None).
-
-    `data == "imagenet"`: the 1000 names in torchvision's weights metadata (no download).
-    Otherwise a text file, one class per line in label order, optionally `name<TAB>description`;
-    the descriptions are the best disambiguation context (§3). An empty file, duplicate names,
-    or a count different from the teacher's `num_classes` is a UsageError.
-    """
+def load_class_names(data):
+    """(class_names, descriptions or None). `data` "imagenet": the 1000 names of torchvision's
+    weights metadata (no download); else a --data text file (read_lines), one class a line in
+    label order, optionally `name<TAB>description`: the descriptions are the best
+    disambiguation context (§3)."""
     if data == "imagenet":
-        names = list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])
-        descriptions = None
-    else:
-        path = Path(data)
-        if not path.is_file():
-            raise UsageError(f"class list {data} is not a file: give 'imagenet' or a text file, "
-                             f"one class per line")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise UsageError(f"class list {data} is not UTF-8 text ({first_line(error)}): save it "
-                             f"as UTF-8")
-        rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
-        names = [row[0].strip() for row in rows]
-        if not all(names):
-            raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no "
-                             f"name before its tab")
-        descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
-        if not names:
-            raise UsageError(f"class list {data} is empty")
-        seen = set()
-        for name in names:
-            if name.lower() in seen:
-                raise UsageError(f"class list {data} names '{name}' twice: class names must be "
-                                 f"unique")
-            seen.add(name.lower())
-        if not any(descriptions):
-            descriptions = None
-    if num_classes is not None and len(names) != num_classes:
-        raise UsageError(f"class list '{data}' has {len(names)} classes but the teacher has "
-                         f"{num_classes} outputs")
-    return names, descriptions
+        return list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
+    rows = read_lines(data, "--data")
+    descriptions = [row[1] if len(row) > 1 else "" for row in rows]
+    return [row[0] for row in rows], descriptions if any(descriptions) else None
 
 
 def load_llm(name_or_path, device):
-    """Loads an instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
+    """An instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, local_only = locate_model(name_or_path, "--llm",
-                                      "--llm none for the built-in prompts")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=local_only,
-            dtype="auto" if torch.device(device).type == "cuda" else torch.float32)
-    except Exception as error:  # format failures all mean "cannot use this LLM"
-        raise UsageError(cannot_load("LLM", name_or_path, error, "--llm none"))
+    dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
+    tokenizer, model = load_pretrained(name_or_path, "--llm", "LLM", lambda source, local: (
+        AutoTokenizer.from_pretrained(source, local_files_only=local),
+        AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=dtype)),
+        "--llm none")
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -2594,23 +2520,16 @@ def load_llm(name_or_path, device):
 
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
     """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
-
     The safety checker is left out (our choice): it blacks out whole images, which would enter
-    the transfer set as labelled black squares.
-    """
+    the transfer set as labelled black squares."""
     from diffusers import StableDiffusionPipeline
 
-    source, local_only = locate_model(name_or_path, "--sd-model")
-    try:
-        # low_cpu_mem_usage=False is what diffusers does without `accelerate` anyway (it loads
-        # lazily from the safetensors files, measured: no slower, no more memory); said, it
-        # does not warn that accelerate is missing
-        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False,
-                                                       local_files_only=local_only,
-                                                       low_cpu_mem_usage=False)
-    except Exception as error:  # format failures all mean "cannot use this model"
-        raise UsageError(cannot_load("diffusion model", name_or_path, error))
+    # low_cpu_mem_usage=False is what diffusers does without `accelerate` anyway (it loads lazily
+    # from the safetensors files, measured: no slower, no more memory); said, it does not warn
+    pipe = load_pretrained(name_or_path, "--sd-model", "diffusion model", lambda source, local:
+                           StableDiffusionPipeline.from_pretrained(
+                               source, dtype=dtype, safety_checker=None, local_files_only=local,
+                               requires_safety_checker=False, low_cpu_mem_usage=False))
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
@@ -2622,11 +2541,9 @@ def load_guidance_vae(name_or_path, device, dtype=torch.float32):
     folder, frozen, for the guidance decode only: its decoder costs a few percent of SD's."""
     from diffusers import AutoencoderTiny
 
-    source, local_only = locate_model(name_or_path, "--guidance-vae")
-    try:
-        vae = AutoencoderTiny.from_pretrained(source, dtype=dtype, local_files_only=local_only)
-    except Exception as error:  # format failures all mean "cannot use this model"
-        raise UsageError(cannot_load("tiny autoencoder", name_or_path, error))
+    vae = load_pretrained(name_or_path, "--guidance-vae", "tiny autoencoder", lambda source, local:
+                          AutoencoderTiny.from_pretrained(source, dtype=dtype,
+                                                          local_files_only=local))
     return vae.requires_grad_(False).eval().to(device)
 
 
@@ -2642,22 +2559,15 @@ def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
     return pipe
 
 
-def model_dtype(name, device):
-    """The diffusion model's dtype for --dtype ("auto": float16 on CUDA, float32 on a CPU)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────
-# The command line: every flag, and the one check of their values
+# The command line: every flag, checked as it is read
 # ──────────────────────────────────────────────────────────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit.
-    """
+    """argparse that reports a bad flag as a UsageError (one line naming the flag, exit 2)
+    instead of usage + exit."""
 
     def error(self, message):
-        raise UsageError(message)
+        raise UsageError(message.removeprefix("argument "))
 
 
 SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2,
@@ -2721,102 +2631,87 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_flags(parser, defaults):
-    """An argument group of `parser` for a defaults class (titled by its docstring): the flag
-    --field-name for each field that has a help text, with that field's default."""
-    group = parser.add_argument_group(type(defaults).__doc__)
-    for field in dataclasses.fields(defaults):
-        options = dict(field.metadata)
-        if "help" not in options:
-            continue  # not a flag
-        if "action" not in options and "type" not in options:  # None: a path or a name
-            options["type"] = str if field.default is None else type(field.default)
-        group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
+# The range of each flag's value, checked as argparse reads it (any float flag: finite).
+POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "at least 0")
+FLAG_RANGES = {
+    **dict.fromkeys(("per_class", "steps", "gen_batch", "batch_size", "image_size", "height",
+                     "width", "guidance_every", "guidance_batch", "teacher_input_size", "pr_k",
+                     "sheet_classes", "scenes_per_class", "check_classes", "check_seeds",
+                     "max_new_images", "epochs_this_run", "lr", "kd_temperature",
+                     "energy_temperature", "teacher_std"), POSITIVE),
+    **dict.fromkeys(("cfg", "energy_scale", "class_scale", "neighbours", "weight_decay", "epochs",
+                     "store_size"), AT_LEAST_0),
+    **dict.fromkeys(("guidance_start", "guidance_end", "photo_share"),
+                    (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
+    "workers": (lambda v: 0 <= v <= usable_cores(), "from 0 to the CPU cores this process may use"),
+    **dict.fromkeys(("out", "sd_model", "llm"), (str.strip, "a name, not blank")),
+}
+
+
+def checked(kind, test=lambda value: True, words=""):
+    """An argparse type: `kind` of the text, refused (argparse names the flag) unless it is
+    finite (a float) and `test` holds."""
+    def parse(text):
+        value = kind(text)
+        finite = kind is not float or math.isfinite(value)
+        if not (finite and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {words if finite else 'finite'}, got "
+                                             f"{text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'many'"
+    return parse
 
 
 def build_parser():
-    """Every flag of the program, with its default and what it controls (--help shows both)."""
+    """Every flag of the program: --field-name for each field with a help text of the defaults
+    classes (one group each, titled by its docstring), with its default and FLAG_RANGES range."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                             formatter_class=DefaultsHelpFormatter)
     for defaults in (CommandLineOptions(), RUN, MODELS, PROMPTS, SAMPLING, SpeedOptions(),
                      DISTILL, MEASURE):
-        add_flags(parser, defaults)
+        group = parser.add_argument_group(type(defaults).__doc__)
+        for field in dataclasses.fields(defaults):
+            options = dict(field.metadata)
+            if "help" not in options:
+                continue  # not a flag
+            if options.get("action") in (None, "append", "extend"):  # a value: its type, checked
+                kind = options.get("type", str if field.default is None else type(field.default))
+                options["type"] = checked(kind, *FLAG_RANGES.get(field.name, ()))
+            group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                               **options)
     return parser
 
 
-def check_args(args):
-    """Rejects impossible flag values with a UsageError before any model is loaded."""
-    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every",
-                "guidance_batch", "teacher_input_size", "pr_k", "sheet_classes", "scenes_per_class",
-                "check_classes", "check_seeds")
-    if not args.out.strip():
-        raise UsageError("--out must name a folder")
-    for flag, value in (("--sd-model", args.sd_model), ("--llm", args.llm)):
-        if not value.strip():
-            raise UsageError(f"{flag} must name a model (a hub id or a local folder)")
-    named_val_sets(args.val_dir)  # names unique and non-empty
-    if not 0 <= args.seed < 2 ** 63:
-        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
-    cores = usable_cores()
-    if args.workers > cores:
-        raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this "
-                         f"process may use")
-    for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name, value in vars(args).items():
-        numbers = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(x, float) and not (math.isfinite(x) and abs(x) <= 1e30) for x in numbers):
-            raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got "
-                             f"{value}")
-    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay",
-                 "epochs", "store_size"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got "
-                             f"{getattr(args, name)}")
-    for name in ("lr", "kd_temperature", "energy_temperature"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got "
-                             f"{getattr(args, name)}")
-    if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
-        raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= "
-                         f"1, got {args.guidance_start} and {args.guidance_end}")
-    if min(args.teacher_std) <= 0:
-        raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
-    if not 0.0 < args.crop_scale <= 1.0:
-        raise UsageError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
-    if not 0.0 <= args.photo_share <= 1.0:
-        raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
-    if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
-        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images "
-                          f"follow the prompts weakly")
-    if not args.smoke:
-        for role in ("teacher", "student"):
-            name = getattr(args, role)
-            a_file = role == "teacher" and os.path.isfile(name)
-            if not is_torchvision_classifier(name) and not a_file:
-                raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name"
-                                 + (" or a TorchScript file" if role == "teacher" else ""))
-
-
 def parse_args(argv):
-    """Parses argv; with --smoke, tiny sizes become the defaults (explicit flags still win)."""
+    """The flags of `argv`, each checked as it is read (FLAG_RANGES), then the checks of several
+    together. --smoke (and --benchmark on a CPU) change the defaults; explicit flags still win.
+    What depends on the machine is resolved: --workers, --channels-last, --dtype auto."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
+    cuda = known.device.startswith("cuda") or known.device == "auto" and torch.cuda.is_available()
     if known.smoke:
         parser.set_defaults(**SMOKE_DEFAULTS)
-    on_cpu = known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())
-    if known.benchmark and on_cpu:
+    if known.benchmark and not cuda:
         parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
     args = parser.parse_args(argv)
     args.ablate = list(dict.fromkeys(args.ablate or []))  # --ablate a --ablate b: both, once
-    if args.workers is None:
-        args.workers = default_workers()
-    if args.channels_last is None:
-        args.channels_last = args.device.startswith("cuda") or (
-            args.device == "auto" and torch.cuda.is_available())
-    check_args(args)
+    args.workers = default_workers() if args.workers is None else args.workers
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.dtype = ("float16" if cuda else "float32") if args.dtype == "auto" else args.dtype
+    named_val_sets(args.val_dir)  # names unique and non-empty
+    if args.guidance_start >= args.guidance_end:
+        raise UsageError(f"guidance window must satisfy --guidance-start < --guidance-end, got "
+                         f"{args.guidance_start} and {args.guidance_end}")
+    if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
+        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images "
+                          f"follow the prompts weakly")
+    if not (args.smoke or os.path.isfile(args.teacher)):  # a file: a TorchScript teacher
+        known_classifier(args.teacher, "teacher")
+    if not args.smoke:
+        known_classifier(args.student, "student")
     return args
 
 
@@ -2835,9 +2730,9 @@ PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample", "prev_deriva
 
 def check_sampler(pipe, options):
     """Refuses sampling options (energy_guided_sample's keywords) that cannot mean what they say
-    with this model; check_args has checked their ranges. Always: more steps than the model was
-    trained with, a size that is no multiple of the VAE's factor. With guidance on: a model
-    that predicts neither ε nor v, KDPM2, a window that holds none of the scheduler's own
+    with this model; the command line has checked their ranges. Always: more steps than the
+    model was trained with, a size that is no multiple of the VAE's factor. With guidance on: a
+    model that predicts neither ε nor v, KDPM2, a window that holds none of the scheduler's own
     timesteps (PNDM makes one more than asked: guidance would silently do nothing), and a
     multistep scheduler guided on some steps only. A multistep update mixes the last few ε̂, so
     a push on every second step enters four later updates with weights of both signs: along g,
@@ -2892,69 +2787,60 @@ def prompt_settings(args, class_names, descriptions, identity):
             **({"ablate": ablate} if ablate else {})}
 
 
+def fits(value, shape):
+    """True if the JSON `value` has `shape`: a type; {key: shape, ...}, an object with at least
+    these keys ({str: shape}: any keys); [shape, least, most], a list of such (sizes optional)."""
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(
+            all(fits(v, item) for v in value.values()) if key is str
+            else key in value and fits(value[key], item) for key, item in shape.items())
+    if isinstance(shape, list):
+        item, least, most = shape + [0, math.inf][len(shape) - 1:]
+        return (isinstance(value, list) and least <= len(value) <= most
+                and all(fits(v, item) for v in value))
+    return isinstance(value, shape)
+
+
+def read_ours(path, shape, way_out, *, overwrite=False):
+    """The JSON object prism wrote at `path`. One that does not parse or lacks what we need (it
+    does not fit `shape`) is damaged: a UsageError naming it and `way_out`, or with `overwrite`
+    None (the caller remakes it)."""
+    try:
+        stored = read_json(path, way_out)
+        if not fits(stored, shape):
+            raise damaged(path, f"its {' and '.join(shape)} are missing or malformed", way_out)
+    except UsageError:
+        if overwrite:
+            return None
+        raise
+    return stored
+
+
+def read_prompts(path, num_classes, per_class, *, overwrite=False):
+    """(prompts, classes) of prompts.json: at least `per_class` prompts and describe_classes'
+    entry for each class (read_ours: damaged, or None with `overwrite`)."""
+    entry = {"name": str, "description": str, "source": str, "neighbours": [str],
+             "scenes": [str], "scene_source": str}
+    stored = read_ours(path, {"prompts": [[str, per_class], num_classes, num_classes],
+                              "classes": [entry, num_classes, num_classes]},
+                       "rerun with --overwrite to remake the prompts", overwrite=overwrite)
+    return stored and (stored["prompts"], stored["classes"])
+
+
 def reusable_prompts(path, settings, num_classes, *, overwrite):
     """True if OUT/prompts.json holds intact prompts made under `settings`; a UsageError when
     it was made under others or is damaged (unless `overwrite`: then False)."""
-    if not check_settings(path, settings, overwrite=overwrite, what="prompts"):
-        return False
-    try:  # the settings are intact; the prompts themselves may not be
-        read_prompts(path, num_classes, settings["per_class"])
-    except UsageError:
-        if not overwrite:
-            raise
-        return False
-    return True
+    return bool(check_settings(path, settings, overwrite=overwrite, what="prompts")
+                and read_prompts(path, num_classes, settings["per_class"], overwrite=overwrite))
 
 
 def read_llm_answers(path, *, overwrite):
-    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}, {} when
-    there are none; a UsageError naming the file when it is damaged (unless `overwrite`)."""
-    if not path.exists():
-        return {}
-    way_out = "delete it (it only caches LLM answers) or rerun with --overwrite"
-    try:
-        cache = read_json(path, way_out).get("answers")
-        if not (isinstance(cache, dict) and all(isinstance(a, dict) and all(
-                isinstance(x, str) for pair in a.items() for x in pair) for a in cache.values())):
-            raise damaged(path, "no answers by LLM name", way_out)
-    except UsageError:
-        if overwrite:
-            return {}
-        raise
-    return cache
-
-
-CLASS_KEYS = {"name": str, "description": str, "source": str, "neighbours": list,
-              "scenes": list, "scene_source": str}
-
-
-def read_prompts(path, num_classes, per_class):
-    """(prompts, classes) stored in prompts.json: a list of at least `per_class` strings and an
-    entry of describe_classes per class, or a UsageError naming the file as damaged."""
-    way_out = "rerun with --overwrite to remake the prompts"
-    stored = read_json(path, way_out)
-    prompts, classes = stored.get("prompts"), stored.get("classes")
-    if not (isinstance(prompts, list) and len(prompts) == num_classes
-            and all(isinstance(p, list) and len(p) >= per_class
-                    and all(isinstance(s, str) for s in p) for p in prompts)):
-        raise damaged(path, "no list of prompts for every class", way_out)
-    if not (isinstance(classes, list) and len(classes) == num_classes and all(
-            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in CLASS_KEYS.items())
-            and isinstance(e.get("llm_raw", {}), dict)  # optional: what the LLM said, uncleaned
-            and all(isinstance(raw, str) for raw in e.get("llm_raw", {}).values())
-            for e in classes)):
-        raise damaged(path, "no description of every class", way_out)
-    return prompts, classes
-
-
-def make_out(out):
-    """Creates the output folder --out; a UsageError if it cannot be."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    return out
+    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}: {} when
+    there are none (or, with `overwrite`, when the file is damaged)."""
+    stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, "delete it (it "
+                                         "only caches LLM answers) or rerun with --overwrite",
+                                         overwrite=overwrite)
+    return stored["answers"] if stored else {}
 
 
 def smoke_models(args, device, dtype):
@@ -2980,8 +2866,9 @@ def real_models(args, device, dtype):
             num_classes=len(class_names) if class_names else 1000,
             input_size=args.teacher_input_size, mean=args.teacher_mean, std=args.teacher_std)
     if class_names is None:
-        class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
-    outputs = count_outputs(teacher, device)
+        class_names = teacher_names or load_class_names("imagenet")[0]
+    with torch.no_grad():  # the number of logits, on a blank image
+        outputs = teacher(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
     if outputs != len(class_names):
         raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the "
                          f"teacher has {outputs} outputs")
@@ -2997,18 +2884,19 @@ def real_models(args, device, dtype):
 
 
 def load_models(args, device):
-    """(out, models): --out created, and a namespace of the teacher, the student, class_names
-    (and descriptions), `identity` (what decides the pixels), the prompt settings and the LLM.
-    Cheap checks come first: the diffusion model and the LLM are found (not loaded) before the
-    teacher loads, and a student that cannot take --image-size fails now."""
-    if args.batch_size % rank_and_world()[1]:  # say it now, not after hours of synthesis
+    """(out, models): --out, and a namespace of the teacher, the student, class_names (and
+    descriptions), `identity` (what decides the pixels), the prompt settings and the LLM.
+    Cheap checks come first: the diffusion model is found (not loaded) before the teacher loads,
+    and a student that cannot take --image-size fails now."""
+    world = rank_and_world()[1]
+    if args.batch_size % world:  # say it now, not after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
-                         f"{rank_and_world()[1]} processes")
-    out = make_out(args.out)
+                         f"{world} processes")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # rank 0 made it; a node of its own may not see it
     if not args.smoke:  # found or refused in seconds
         locate_model(args.sd_model, "--sd-model")
-    dtype = model_dtype(args.dtype, device)
-    models = (smoke_models if args.smoke else real_models)(args, device, dtype)
+    models = (smoke_models if args.smoke else real_models)(args, device, getattr(torch, args.dtype))
     models = types.SimpleNamespace(**dict(zip(("class_names", "descriptions", "teacher",
                                                "student", "identity"), models)))
     if args.guidance_vae:
@@ -3029,8 +2917,8 @@ def load_models(args, device):
 def labelled_test_sets(args, models):
     """The --val-dir sets (labelled_sets: every folder mapped to its class, every image decoded),
     checked now although evaluation reads them last; and --pr-k against the set sizes."""
-    class_ids = (None if args.class_ids is None else
-                 (args.class_ids, load_class_ids(args.class_ids, len(models.class_names))))
+    class_ids = None if args.class_ids is None else (args.class_ids, [row[0] for row in read_lines(
+        args.class_ids, "--class-ids", len(models.class_names))])
     test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids,
                               checked_file=Path(args.out) / "checked_images.json")
     real_images = test_sets[0]["images"] if test_sets else math.inf  # precision/recall's set
@@ -3045,7 +2933,7 @@ def load_sampler(args, device, out):
     """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
     the command line (with --smoke, a tiny random one saved under OUT/tiny-models first), and the
     sampling flags checked against it before anything is recorded."""
-    dtype = model_dtype(args.dtype, device)
+    dtype = getattr(torch, args.dtype)
     sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
     if args.smoke and rank_and_world()[0] == 0:
         build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
@@ -3064,37 +2952,32 @@ def load_sampler(args, device, out):
         pipe.scheduler = kind.from_config(pipe.scheduler.config)
     if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
         (guidance_vae or pipe.vae).enable_gradient_checkpointing()
-    sample_kwargs = sampling_options(args)
-    check_sampler(pipe, sample_kwargs)
+    check_sampler(pipe, sampling_options(args))
     return pipe, guidance_vae
 
 
 def check_llm_available(args, out, settings):
     """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
-    that cannot be found and whose answers are not cached in OUT/llm_answers.json."""
-    if args.smoke or not settings["llm"]:
+    that cannot be found or loaded (its config) and whose answers OUT/llm_answers.json lacks."""
+    if (args.smoke or not settings["llm"]
+            or reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
+                                overwrite=args.overwrite)
+            or settings["llm"] in read_llm_answers(out / "llm_answers.json",
+                                                   overwrite=args.overwrite)):
         return
-    if reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
-                        overwrite=args.overwrite):
-        return
-    if settings["llm"] in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite):
-        return
-    source, _ = locate_model(args.llm, "--llm", "--llm none for the built-in prompts")
-    if Path(source).is_dir():  # a local folder: is it a model at all (seconds, not minutes)?
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        try:
-            AutoConfig.from_pretrained(source, local_files_only=True)
-        except Exception as error:  # any failure means this folder holds no usable LLM
-            raise UsageError(cannot_load("LLM", args.llm, error, "--llm none"))
+    load_pretrained(args.llm, "--llm", "LLM", lambda source, local: AutoConfig.from_pretrained(
+        source, local_files_only=local), "--llm none")
 
 
 @contextlib.contextmanager
 def errors_reported(argv):
     """The frame of main(): yields a namespace whose `code` is the exit code. An error inside is
     one line on stderr and a code: 2 for UsageError or OSError (bad input, damaged state, a disk
-    problem no stage put into words), 1 for any other failure (--debug in `argv` adds the
-    traceback), 130 for Ctrl-C. Quiets diffusers' and transformers' own logging and progress
+    problem no stage put into words); 1 for any other failure: a RunFailure's own words, the way
+    out of GPU memory, or the exception's type and first line (--debug in `argv` adds the
+    traceback); 130 for Ctrl-C. Quiets diffusers' and transformers' own logging and progress
     bars, and leaves torchrun's process group."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -3102,36 +2985,29 @@ def errors_reported(argv):
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
-    status, failure = types.SimpleNamespace(code=0), None
+    status, failure, debug = types.SimpleNamespace(code=0), None, "--debug" in argv
     try:
         yield status
     except KeyboardInterrupt as error:
-        message = "rerun the same command to resume"
         status.code, kind, failure = 130, "interrupted", error
+        message = "rerun the same command to resume"
     except (UsageError, OSError) as error:
         status.code, kind, message, failure = 2, "error", str(error), error
     except Exception as error:  # a failure: say what, in one line; --debug shows where
         status.code, kind, failure = 1, "failed", error
-        message = failure_message(error, debug="--debug" in argv)
+        message = (str(error) if isinstance(error, RunFailure) else
+                   "out of GPU memory; rerun the same command with a smaller --gen-batch or "
+                   "--guidance-batch (or --vae-checkpointing): nothing done is redone"
+                   if isinstance(error, torch.OutOfMemoryError) else
+                   f"{type(error).__name__}: {first_line(error)}"
+                   + ("" if debug else " (rerun with --debug for the traceback)"))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if failure is not None:
-        if "--debug" in argv:
+        if debug:
             traceback.print_exception(failure)
         report(kind, message)
-
-
-def failure_message(error, debug=False):
-    """The line for a failed run: a RunFailure's own words, the way out of GPU memory, or the
-    exception's type and first line."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
-                "--guidance-batch (or --vae-checkpointing): nothing done is redone")
-    if isinstance(error, RunFailure):
-        return str(error)
-    hint = "" if debug else " (rerun with --debug for the traceback)"
-    return f"{type(error).__name__}: {first_line(error)}{hint}"
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
