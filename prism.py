@@ -2057,26 +2057,21 @@ def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=
 # Labelled image folders: which folder is which class
 # ──────────────────────────────────────────────────────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
-    """torchvision ImageFolder of `data_dir` (a UsageError if unusable). Targets: the position of
-    the image's folder among the sorted folders or, with `classes` (class_mapping: the class of
-    each sorted folder), that folder's class, so that folders 0 … 999 are classes 0 … 999 and not
-    the string order 0, 1, 10, 100, …"""
+    """torchvision ImageFolder of `data_dir` (a UsageError if unusable) whose targets are the
+    position of each image's folder among the sorted folders or, with `classes` (class_mapping's
+    class of each), its class: folders 0 … 999 are classes 0 … 999, not the order 0, 1, 10, …"""
     try:
         dataset = torchvision.datasets.ImageFolder(
             str(data_dir), transform=transform,
             target_transform=None if classes is None else list(classes).__getitem__)
     except (FileNotFoundError, NotADirectoryError) as error:  # it names the empty folders
         raise UsageError(f"cannot read images from {data_dir}: {first_line(error)[:200]}")
-    if classes is not None and len(classes) != len(dataset.classes):
-        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders, {len(classes)} "
-                         f"were mapped to classes: was it changed during the run?")
     return dataset
 
 
 def named_val_sets(values):
-    """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (then named by its folder), in
-    the order given: the first is the in-distribution set. A blank or repeated name, or no
-    folder, is a UsageError."""
+    """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (named by its folder), in the
+    order given: the first is the in-distribution set."""
     sets = []
     for value in values or []:
         name, equals, path = value.partition("=")
@@ -2090,10 +2085,9 @@ def named_val_sets(values):
 
 
 def read_lines(path, flag, count=None):
-    """The lines of the UTF-8 text file `path` given as `flag`, one item a line in label order,
-    blank lines skipped, each split at its first tab into stripped cells. A file that cannot be
-    read, is empty, has an item (its first cell) blank or twice (case-insensitive), or not
-    `count` items is a UsageError naming `flag` and the file."""
+    """The non-blank lines of the UTF-8 text file `path` (from `flag`), one item a line in label
+    order, each split at its first tab into stripped cells; unreadable, empty, an item (its first
+    cell) blank or twice (in any case), or not `count` items: a UsageError naming the file."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -2112,17 +2106,15 @@ def read_lines(path, flag, count=None):
 
 
 def class_mapping(folders, num_classes, class_names, reference_ids=None, reference="reference"):
-    """(classes, rule): the teacher class of each of the sorted class `folders` of a labelled
-    set, by the first rule that maps them all:
-      1. every name an integer (ImageNet-V2's 0 … 999; 0003 as in the synthetic set) → int(name)
+    """(classes, rule): the teacher class of each of a labelled set's sorted class `folders`, by
+    the first rule that maps them all (README, "Test sets"):
+      1. every name an integer (ImageNet-V2's 0 … 999; 0003) → int(name)
       2. every name a class name (case-insensitive) → its index in `class_names`
-      3. every name an id of `reference_ids` (the classes' ids in label order, e.g. ImageNet's
-         wnids; `reference` says where the list came from) → its position there
-      4. exactly num_classes folders, every name a WordNet id (n01440764), and no --class-ids
-         list → their sorted order (ImageNet val and -Sketch: sorted wnids are ImageNet's order)
-    No rule, a class out of range, an ambiguous name or two folders of one class: a UsageError
-    naming the folder. Rule 4 asks for WordNet ids so that a near miss ("tanks" for "tank") is
-    refused rather than scored against the wrong class."""
+      3. every name an id of `reference_ids` (ids in label order; `reference` says whence) → its
+         position there
+      4. num_classes folders, all WordNet ids (n01440764), no --class-ids → their sorted order
+    Else, or a class out of range, an ambiguous name, two folders of one class: a UsageError
+    naming the folder (a near miss, "tanks" for "tank", is refused, never scored wrongly)."""
     by_name, position = {}, {id_: n for n, id_ in enumerate(reference_ids or [])}
     for index, name in enumerate(class_names):
         by_name.setdefault(name.lower(), []).append(index)
@@ -2160,36 +2152,29 @@ def class_mapping(folders, num_classes, class_names, reference_ids=None, referen
     return classes, rule
 
 
-def reference_list(sets, class_names, class_ids=None):
-    """(ids, where they come from) for rule 3 of class_mapping: the --class-ids file's
-    (`class_ids`: (path, ids)), else the sorted folders of the first of `sets` that rule 4 maps
-    (a full set in wnid folders: ImageNet val, -Sketch); (None, None) when there is neither."""
-    if class_ids is not None:
-        return class_ids[1], f"--class-ids {class_ids[0]}"
-    for s in sets:
-        try:  # a set that no rule maps is no reference; its own mapping says why, naming it
-            rule = class_mapping(s["folders"], len(class_names), class_names)[1]
-        except UsageError:
-            continue
-        if rule == "sorted folder names":
-            return sorted(s["folders"]), f"sorted folders of set {s['name']}"
-    return None, None
-
-
 def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
     """Each (name, path) of named_sets as a dict: name, data (the path), folders (sorted),
-    classes (class_mapping's class of each folder), mapping (its rule), images (their count).
-    Every folder is mapped, then every image decoded, now: a bad set is a UsageError naming it
-    before any work. `class_ids`: (path, ids) of --class-ids, or None. `checked_file` keeps the
-    stamps of trees decoded whole, not decoded again while unchanged; a cache, so when it is
-    damaged the trees are just decoded again."""
+    classes and mapping (class_mapping's), images (their count); every folder mapped, then every
+    image decoded, now: a bad set is a UsageError naming it before any work. The reference ids
+    (rule 3): `class_ids` ((path, ids) of --class-ids), else the sorted folders of the first set
+    rule 4 maps (ImageNet val). `checked_file` caches the stamps of trees decoded whole: not
+    decoded again while unchanged (damaged: decoded again)."""
     sets = []
     for name, path in named_sets:
         if not Path(path).is_dir():
             raise UsageError(f"--val-dir {name}: {path} is not a directory of class folders")
         sets.append({"name": name, "data": str(path),
                      "folders": sorted(e.name for e in os.scandir(path) if e.is_dir())})
-    reference_ids, reference = reference_list(sets, class_names, class_ids)
+    reference_ids, reference = (None, None) if class_ids is None else (
+        class_ids[1], f"--class-ids {class_ids[0]}")
+    for s in sets if class_ids is None else []:
+        try:  # a set that no rule maps is no reference; its own mapping says why, naming it
+            rule = class_mapping(s["folders"], len(class_names), class_names)[1]
+        except UsageError:
+            continue
+        if rule == "sorted folder names":
+            reference_ids, reference = sorted(s["folders"]), f"sorted folders of set {s['name']}"
+            break
     for s in sets:
         try:
             s["classes"], s["mapping"] = class_mapping(s["folders"], len(class_names), class_names,
@@ -2213,8 +2198,8 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
 # Several processes (torchrun) and devices
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # `torchrun --nproc_per_node=N prism.py ...` starts N copies of this program; init_distributed
-# joins them into one process group. These helpers read that group, and in a plain `python
-# prism.py` (no group) they are those of rank 0 of 1: every function runs unchanged in one process.
+# joins them into one process group. Without one (`python prism.py`) these helpers are those of
+# rank 0 of 1: every function runs unchanged in one process.
 def rank_and_world():
     """(rank, world size) of this process in the torch.distributed group, or (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -2226,11 +2211,10 @@ BARRIERS = itertools.count(1)  # every rank passes the same barriers in the same
 
 
 def barrier():
-    """Waits until every rank has reached this point, however long that takes (nothing to wait
-    for in one process). Ranks that finish their share of the images hours apart must not meet
-    the collective timeout, whose watchdog would abort the whole job: so each rank counts itself
-    in at a key of the process group's store and polls it, and no collective is pending while it
-    waits. A rank that dies ends the job through torchrun, not through this wait."""
+    """Waits until every rank has reached this point, however long that takes. Ranks hours apart
+    must not meet the collective timeout, whose watchdog would abort the job: each rank counts
+    itself in at a key of the group's store and polls it, no collective pending. A rank that
+    dies ends the job through torchrun."""
     world = rank_and_world()[1]
     if world == 1:
         return
@@ -2245,8 +2229,7 @@ def barrier():
 
 
 def gather_from_ranks(items):
-    """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every
-    rank, after a barrier() (work before it never counts against the collective timeout)."""
+    """[items of rank 0, items of rank 1, ...] (Python lists) on every rank, after a barrier()."""
     world = rank_and_world()[1]
     if world == 1:
         return [list(items)]
@@ -2262,9 +2245,8 @@ def sum_over_ranks(numbers):
 
 
 def on_rank_zero(work):
-    """Runs work() on rank 0 alone, the other ranks waiting, and raises its error, if any, on
-    every rank (a UsageError as one, any other as a RunFailure on the other ranks), so that no
-    rank waits for one that failed."""
+    """Runs work() on rank 0 alone, the others waiting, and raises its error on every rank (a
+    UsageError as one, any other as a RunFailure), so that no rank waits for one that failed."""
     error = None
     if rank_and_world()[0] == 0:
         try:
@@ -2272,10 +2254,8 @@ def on_rank_zero(work):
         except Exception as caught:  # raised below, on every rank
             error = caught
     shared = gather_from_ranks([error and [isinstance(error, UsageError), str(error)]])[0][0]
-    if error is None and shared is not None:
-        error = (UsageError if shared[0] else RunFailure)(shared[1])
-    if error is not None:
-        raise error
+    if shared is not None:
+        raise error or (UsageError if shared[0] else RunFailure)(shared[1])
 
 
 def broadcast_from_rank_zero(module):
@@ -2287,8 +2267,8 @@ def broadcast_from_rank_zero(module):
 
 
 def process_gpu(local_rank, visible_gpus):
-    """The CUDA index of the process LOCAL_RANK `local_rank` that sees `visible_gpus` GPUs: its
-    own, or 0 when a launcher gave each process one (CUDA_VISIBLE_DEVICES: it sees exactly one)."""
+    """The CUDA index of process LOCAL_RANK `local_rank` seeing `visible_gpus` GPUs: its own, or
+    0 when a launcher gave each process one (CUDA_VISIBLE_DEVICES: it sees exactly one)."""
     if visible_gpus != 1 and local_rank >= visible_gpus:
         raise UsageError(f"process {local_rank} of this node has no GPU of its own ({visible_gpus} "
                          f"visible): use --nproc_per_node <= the GPU count")
@@ -2297,10 +2277,9 @@ def process_gpu(local_rank, visible_gpus):
 
 def init_distributed(device_name, timeout=timedelta(minutes=30)):
     """This process's torch device for --device ("auto": CUDA when there is one). Under torchrun
-    (WORLD_SIZE > 1) it first joins the process group: NCCL with one GPU per process
-    (process_gpu), or gloo on the CPU; a plain `python prism.py` starts none. `timeout` bounds a
-    collective once every rank is in it (a hung GPU); waits for other ranks' work go through
-    barrier(), which has no bound."""
+    (WORLD_SIZE > 1) it joins the process group first: NCCL with one GPU per process
+    (process_gpu), or gloo on the CPU. `timeout` bounds a collective that every rank is in (a
+    hung GPU); waits for other ranks' work go through barrier(), which has no bound."""
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -2309,8 +2288,7 @@ def init_distributed(device_name, timeout=timedelta(minutes=30)):
         raise UsageError(f"bad --device '{device_name}': {first_line(error)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device_name}: no CUDA GPU is available here")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
     if device.type == "cuda":
@@ -2336,7 +2314,7 @@ MAX_WORKERS = 12
 
 def default_workers():
     """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
-    the processes of its node, less one for the training process itself (0 to MAX_WORKERS)."""
+    the processes of its node, less one for the training process (0 to MAX_WORKERS)."""
     cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return min(MAX_WORKERS, max(0, cores - 1))
 
@@ -2353,10 +2331,9 @@ def rank_zero_first():
 
 @contextlib.contextmanager
 def exclusive_out(out):
-    """One run at a time per --out: rank 0 creates it, holds an exclusive flock on
-    OUT/.prism.lock for the whole run (the run's other ranks share it) and, holding it, removes
-    stale temp files. A second run is refused in one line. The lock dies with its holder, even
-    on SIGKILL."""
+    """One run at a time per --out: rank 0 creates it and holds an exclusive flock on
+    OUT/.prism.lock for the run (its other ranks share it), and, holding it, removes stale temp
+    files. A second run is refused in one line. The lock dies with its holder, even on SIGKILL."""
     handle, problem = None, ""
     if rank_and_world()[0] == 0:
         try:
@@ -2395,20 +2372,17 @@ def locate_model(name_or_path, flag, alternative=""):
     name, tail = str(name_or_path), f"; or use {alternative}" if alternative else ""
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise UsageError(f"{flag} {name}: no such folder{tail}")
-    gated = f"{flag} {name}: accept its licence on huggingface.co, then `hf auth login`{tail}"
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            info = huggingface_hub.model_info(name, timeout=10)
-        except errors.GatedRepoError:
-            raise UsageError(gated)
-        except (errors.RepositoryNotFoundError, errors.HFValidationError):
-            raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
-        except Exception:  # the hub cannot be reached: the cache may still hold the model
-            info = None
-        if info is not None and info.gated and not huggingface_hub.get_token():
-            raise UsageError(gated)
-        if info is not None:
-            return name, False
+    try:
+        info = None if constants.HF_HUB_OFFLINE else huggingface_hub.model_info(name, timeout=10)
+    except (errors.RepositoryNotFoundError, errors.HFValidationError):
+        raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
+    except Exception:  # the hub cannot be reached: the cache may still hold the model
+        info = None
+    if info is not None and info.gated and not huggingface_hub.get_token():
+        raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then "
+                         f"`hf auth login`{tail}")
+    if info is not None:
+        return name, False
     try:
         huggingface_hub.snapshot_download(name, local_files_only=True)
         return name, True
@@ -2419,8 +2393,8 @@ def locate_model(name_or_path, flag, alternative=""):
 
 
 def load_pretrained(name_or_path, flag, what, load, alternative=""):
-    """load(source, local_files_only) of the model locate_model finds for `flag`; one found that
-    does not load is a UsageError saying so (cannot_load)."""
+    """load(source, local_files_only) of the model that locate_model finds for `flag`; one that
+    is found but does not load is a UsageError too (cannot_load)."""
     source, local_only = locate_model(name_or_path, flag, alternative)
     try:
         return load(source, local_only)
@@ -2429,8 +2403,7 @@ def load_pretrained(name_or_path, flag, what, load, alternative=""):
 
 
 def known_classifier(name, role):
-    """`name` if it is one of torchvision's classifiers (resnet50, vit_b_16, ...), else a
-    UsageError for --`role`."""
+    """`name` if torchvision has a classifier of that name (resnet50, ...), else a UsageError."""
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name (e.g. "
                          f"resnet50){' or a TorchScript file' if role == 'teacher' else ''}")
@@ -2440,16 +2413,12 @@ def known_classifier(name, role):
 def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
                  input_size=MODELS.teacher_input_size,
                  mean=MODELS.teacher_mean, std=MODELS.teacher_std):
-    """The frozen teacher f_T and its class names (or None): (teacher, class_names).
-
-    `name_or_path` is a torchvision model name (pretrained `weights="DEFAULT"`, whose own
-    transforms give the input size, the evaluation resize, mean and std, and whose metadata the
-    class names) or a TorchScript file (then `input_size`, `mean` and `std` describe it).
-    `weights_path` loads a state dict into a torchvision architecture with `num_classes` outputs
-    instead of downloading weights; the DEFAULT weights' transforms still apply.
-    The result takes [0, 1] images (B, 3, H, W) of any size and returns logits; it is in eval
-    mode with `requires_grad_(False)`, so guidance gradients flow to the input only.
-    """
+    """(teacher, class names or None): the frozen teacher f_T from a torchvision name (weights
+    DEFAULT, or the state dict `weights_path` of `num_classes` outputs; the DEFAULT transforms
+    give input size, evaluation resize, mean and std, its metadata the class names) or a
+    TorchScript file (`input_size`, `mean`, `std` describe it). It takes [0, 1] images of any
+    size and returns logits, in eval mode with requires_grad_(False): gradients reach the input
+    only."""
     class_names, resize_size = None, None
     if os.path.isfile(name_or_path):
         try:
@@ -2492,10 +2461,9 @@ def build_student(name, num_classes, *, input_size=DISTILL.image_size, mean=MODE
 
 
 def load_class_names(data):
-    """(class_names, descriptions or None). `data` "imagenet": the 1000 names of torchvision's
-    weights metadata (no download); else a --data text file (read_lines), one class a line in
-    label order, optionally `name<TAB>description`: the descriptions are the best
-    disambiguation context (§3)."""
+    """(class_names, descriptions or None): for "imagenet" the 1000 names of torchvision's
+    metadata (no download), else the --data file's lines (read_lines), `name[<TAB>description]`
+    in label order; the descriptions are the best disambiguation context (§3)."""
     if data == "imagenet":
         return list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
     rows = read_lines(data, "--data")
@@ -2513,15 +2481,14 @@ def load_llm(name_or_path, device):
         AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=dtype)),
         "--llm none")
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
-    """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
-    The safety checker is left out (our choice): it blacks out whole images, which would enter
-    the transfer set as labelled black squares."""
+    """A frozen diffusers StableDiffusionPipeline (hub id or local folder) on `device`, without
+    the safety checker (our choice): it blacks out whole images, which would enter the transfer
+    set as labelled black squares."""
     from diffusers import StableDiffusionPipeline
 
     # low_cpu_mem_usage=False is what diffusers does without `accelerate` anyway (it loads lazily
@@ -2537,8 +2504,8 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
 
 
 def load_guidance_vae(name_or_path, device, dtype=torch.float32):
-    """A diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) from a hub id or local
-    folder, frozen, for the guidance decode only: its decoder costs a few percent of SD's."""
+    """A frozen diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) for the
+    guidance decode only: its decoder costs a few percent of SD's."""
     from diffusers import AutoencoderTiny
 
     vae = load_pretrained(name_or_path, "--guidance-vae", "tiny autoencoder", lambda source, local:
@@ -2548,9 +2515,8 @@ def load_guidance_vae(name_or_path, device, dtype=torch.float32):
 
 
 def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
-    """Speed options that leave the images within rounding of the plain computation (tested):
-    channels_last memory format for the UNet and VAE convolutions (faster with fp16 on GPUs), and
-    torch.compile of the UNet (a one-off compile, then faster steps). Returns `pipe`."""
+    """`pipe` with speed options that leave the images within rounding (tested): channels_last
+    for the UNet and VAE convolutions (faster with fp16 on GPUs), torch.compile of the UNet."""
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -2563,8 +2529,7 @@ def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
 # The command line: every flag, checked as it is read
 # ──────────────────────────────────────────────────────────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line naming the flag, exit 2)
-    instead of usage + exit."""
+    """argparse that reports a bad flag as a UsageError (one line naming it, exit 2)."""
 
     def error(self, message):
         raise UsageError(message.removeprefix("argument "))
@@ -2651,8 +2616,7 @@ FLAG_RANGES = {
 
 
 def checked(kind, test=lambda value: True, words=""):
-    """An argparse type: `kind` of the text, refused (argparse names the flag) unless it is
-    finite (a float) and `test` holds."""
+    """An argparse type: `kind` of the text, refused unless finite (a float) and `test` holds."""
     def parse(text):
         value = kind(text)
         finite = kind is not float or math.isfinite(value)
@@ -2666,8 +2630,8 @@ def checked(kind, test=lambda value: True, words=""):
 
 
 def build_parser():
-    """Every flag of the program: --field-name for each field with a help text of the defaults
-    classes (one group each, titled by its docstring), with its default and FLAG_RANGES range."""
+    """Every flag: --field-name for each field with a help text of the defaults classes (a group
+    each, titled by its docstring), with its default and its FLAG_RANGES range."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                             formatter_class=DefaultsHelpFormatter)
     for defaults in (CommandLineOptions(), RUN, MODELS, PROMPTS, SAMPLING, SpeedOptions(),
@@ -2675,20 +2639,19 @@ def build_parser():
         group = parser.add_argument_group(type(defaults).__doc__)
         for field in dataclasses.fields(defaults):
             options = dict(field.metadata)
-            if "help" not in options:
-                continue  # not a flag
             if options.get("action") in (None, "append", "extend"):  # a value: its type, checked
                 kind = options.get("type", str if field.default is None else type(field.default))
                 options["type"] = checked(kind, *FLAG_RANGES.get(field.name, ()))
-            group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
-                               **options)
+            if "help" in options:  # else not a flag
+                group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                                   **options)
     return parser
 
 
 def parse_args(argv):
-    """The flags of `argv`, each checked as it is read (FLAG_RANGES), then the checks of several
-    together. --smoke (and --benchmark on a CPU) change the defaults; explicit flags still win.
-    What depends on the machine is resolved: --workers, --channels-last, --dtype auto."""
+    """The flags of `argv`, each checked as it is read (FLAG_RANGES), then together; --smoke
+    (--benchmark on a CPU) shrinks the defaults, not explicit flags. The machine decides the
+    defaults of --workers, --channels-last and --dtype."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     cuda = known.device.startswith("cuda") or known.device == "auto" and torch.cuda.is_available()
@@ -2701,7 +2664,7 @@ def parse_args(argv):
     args.workers = default_workers() if args.workers is None else args.workers
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.dtype = ("float16" if cuda else "float32") if args.dtype == "auto" else args.dtype
-    named_val_sets(args.val_dir)  # names unique and non-empty
+    named_val_sets(args.val_dir)
     if args.guidance_start >= args.guidance_end:
         raise UsageError(f"guidance window must satisfy --guidance-start < --guidance-end, got "
                          f"{args.guidance_start} and {args.guidance_end}")
@@ -2730,14 +2693,12 @@ PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample", "prev_deriva
 
 def check_sampler(pipe, options):
     """Refuses sampling options (energy_guided_sample's keywords) that cannot mean what they say
-    with this model; the command line has checked their ranges. Always: more steps than the
-    model was trained with, a size that is no multiple of the VAE's factor. With guidance on: a
-    model that predicts neither ε nor v, KDPM2, a window that holds none of the scheduler's own
-    timesteps (PNDM makes one more than asked: guidance would silently do nothing), and a
-    multistep scheduler guided on some steps only. A multistep update mixes the last few ε̂, so
-    a push on every second step enters four later updates with weights of both signs: along g,
-    SD 1.5's PNDM moves the latent +15, -3, +26, +2, +31 where DDIM moves +7, +7, +13, +13. The
-    push of §2 is a single-step scheduler's."""
+    with this model: more steps than it was trained with, a size no multiple of the VAE's factor;
+    with guidance, a model predicting neither ε nor v, KDPM2, a window holding none of the
+    scheduler's own timesteps (PNDM makes one more than asked), and a multistep scheduler guided
+    on some steps only: it mixes the last few ε̂, so a push every second step enters four later
+    updates with weights of both signs (along g, SD 1.5's PNDM moves the latent +15, -3, +26, +2,
+    +31 where DDIM moves +7, +7, +13, +13). The push of §2 is a single-step scheduler's."""
     options, scheduler = {**SAMPLER, **options}, pipe.scheduler
     name, steps = type(scheduler).__name__, options["num_steps"]
     trained = scheduler.config.num_train_timesteps
@@ -2775,18 +2736,6 @@ def check_sampler(pipe, options):
 # ──────────────────────────────────────────────────────────────────────────────────────────
 # Before any work: models loaded, inputs checked, what --out holds read; the frame of main()
 # ──────────────────────────────────────────────────────────────────────────────────────────
-def prompt_settings(args, class_names, descriptions, identity):
-    """Everything the prompts depend on (recorded in prompts.json; other settings mean other
-    prompts). "llm" is None without an LLM; with --smoke, a tiny random one."""
-    ablate = sorted(set(args.ablate) - {"guidance"})
-    llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
-    return {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
-            "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
-            **({"scenes_per_class": args.scenes_per_class} if llm else {}),  # the LLM's alone
-            "llm": llm, "teacher": identity["teacher"], "text_encoder": identity["sd_model"],
-            **({"ablate": ablate} if ablate else {})}
-
-
 def fits(value, shape):
     """True if the JSON `value` has `shape`: a type; {key: shape, ...}, an object with at least
     these keys ({str: shape}: any keys); [shape, least, most], a list of such (sizes optional)."""
@@ -2802,9 +2751,8 @@ def fits(value, shape):
 
 
 def read_ours(path, shape, way_out, *, overwrite=False):
-    """The JSON object prism wrote at `path`. One that does not parse or lacks what we need (it
-    does not fit `shape`) is damaged: a UsageError naming it and `way_out`, or with `overwrite`
-    None (the caller remakes it)."""
+    """The JSON object prism wrote at `path`. One that does not parse or lacks what we need (does
+    not fit `shape`) is damaged: a UsageError naming it and `way_out`; None with `overwrite`."""
     try:
         stored = read_json(path, way_out)
         if not fits(stored, shape):
@@ -2817,7 +2765,7 @@ def read_ours(path, shape, way_out, *, overwrite=False):
 
 
 def read_prompts(path, num_classes, per_class, *, overwrite=False):
-    """(prompts, classes) of prompts.json: at least `per_class` prompts and describe_classes'
+    """(prompts, classes) of prompts.json, at least `per_class` prompts and describe_classes'
     entry for each class (read_ours: damaged, or None with `overwrite`)."""
     entry = {"name": str, "description": str, "source": str, "neighbours": [str],
              "scenes": [str], "scene_source": str}
@@ -2835,7 +2783,7 @@ def reusable_prompts(path, settings, num_classes, *, overwrite):
 
 
 def read_llm_answers(path, *, overwrite):
-    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}: {} when
+    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}; {} when
     there are none (or, with `overwrite`, when the file is damaged)."""
     stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, "delete it (it "
                                          "only caches LLM answers) or rerun with --overwrite",
@@ -2843,62 +2791,51 @@ def read_llm_answers(path, *, overwrite):
     return stored["answers"] if stored else {}
 
 
-def smoke_models(args, device, dtype):
-    """The tiny random teacher and student of --smoke, with SMOKE_CLASSES: (class_names,
-    descriptions, teacher, student, identity)."""
-    class_names = list(SMOKE_CLASSES)
-    teacher = build_tiny_classifier(len(class_names), seed=args.seed)
-    student = build_tiny_classifier(len(class_names), width=8, input_size=args.image_size,
-                                    seed=args.seed + 1)
-    identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
-    return class_names, None, teacher.to(device).eval().requires_grad_(False), student, identity
-
-
-def real_models(args, device, dtype):
-    """The teacher (--teacher, --teacher-weights), the student (--student, untrained) and the
-    classes (--data) of a real run: (class_names, descriptions, teacher, student, identity),
-    identity naming and fingerprinting what decides the pixels."""
-    class_names, descriptions = (load_class_names(args.data) if args.data != "imagenet"
-                                 else (None, None))
+def real_models(args, device, models):
+    """Sets the teacher (--teacher, --teacher-weights), the untrained student (--student) and
+    the classes (--data) of a real run in `models`, and in its identity what decides the pixels
+    (files by their fingerprint)."""
+    names, models.descriptions = (load_class_names(args.data) if args.data != "imagenet"
+                                  else (None, None))
     with rank_zero_first():
-        teacher, teacher_names = load_teacher(
+        models.teacher, teacher_names = load_teacher(
             args.teacher, device, weights_path=args.teacher_weights,
-            num_classes=len(class_names) if class_names else 1000,
+            num_classes=len(names) if names else 1000,
             input_size=args.teacher_input_size, mean=args.teacher_mean, std=args.teacher_std)
-    if class_names is None:
-        class_names = teacher_names or load_class_names("imagenet")[0]
+    models.class_names = names or teacher_names or load_class_names("imagenet")[0]
     with torch.no_grad():  # the number of logits, on a blank image
-        outputs = teacher(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
-    if outputs != len(class_names):
-        raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the "
-                         f"teacher has {outputs} outputs")
-    preprocess = teacher[0]
+        outputs = models.teacher(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
+    if outputs != len(models.class_names):
+        raise UsageError(f"class list '{args.data}' has {len(models.class_names)} classes but "
+                         f"the teacher has {outputs} outputs")
+    preprocess = models.teacher[0]
     mean, std = preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist()
-    student = build_student(args.student, len(class_names), input_size=args.image_size,
-                            mean=mean, std=std)
-    teacher_files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
-    identity = {"sd_model": args.sd_model, "dtype": str(dtype),
-                "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
-                "teacher_preprocess": [preprocess.input_size, *mean, *std]}
-    return class_names, descriptions, teacher, student, identity
+    models.student = build_student(args.student, len(models.class_names),
+                                   input_size=args.image_size, mean=mean, std=std)
+    files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
+    models.identity.update(teacher=" ".join([args.teacher, *map(file_fingerprint, files)]),
+                           teacher_preprocess=[preprocess.input_size, *mean, *std])
 
 
 def load_models(args, device):
     """(out, models): --out, and a namespace of the teacher, the student, class_names (and
-    descriptions), `identity` (what decides the pixels), the prompt settings and the LLM.
-    Cheap checks come first: the diffusion model is found (not loaded) before the teacher loads,
-    and a student that cannot take --image-size fails now."""
-    world = rank_and_world()[1]
-    if args.batch_size % world:  # say it now, not after hours of synthesis
+    descriptions), `identity` (what decides the pixels), the prompt settings (all the prompts
+    depend on) and the LLM (None; with --smoke, a tiny random one as the models). Cheap checks
+    first: the diffusion model is found before the teacher loads; the student tried now."""
+    if args.batch_size % rank_and_world()[1]:  # said now, not after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
-                         f"{world} processes")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # rank 0 made it; a node of its own may not see it
-    if not args.smoke:  # found or refused in seconds
-        locate_model(args.sd_model, "--sd-model")
-    models = (smoke_models if args.smoke else real_models)(args, device, getattr(torch, args.dtype))
-    models = types.SimpleNamespace(**dict(zip(("class_names", "descriptions", "teacher",
-                                               "student", "identity"), models)))
+                         f"{rank_and_world()[1]} processes")
+    tiny = {"sd_model": "tiny-random", "teacher": "tiny-random"} if args.smoke else {}
+    models = types.SimpleNamespace(descriptions=None, class_names=list(SMOKE_CLASSES), identity={
+        "sd_model": args.sd_model, "dtype": str(getattr(torch, args.dtype)), **tiny})
+    if args.smoke:
+        models.teacher = build_tiny_classifier(len(SMOKE_CLASSES), seed=args.seed)
+        models.teacher.to(device).eval().requires_grad_(False)
+        models.student = build_tiny_classifier(len(SMOKE_CLASSES), width=8,
+                                               input_size=args.image_size, seed=args.seed + 1)
+    else:
+        locate_model(args.sd_model, "--sd-model")  # found or refused in seconds
+        real_models(args, device, models)
     if args.guidance_vae:
         models.identity["guidance_vae"] = args.guidance_vae
     try:
@@ -2908,10 +2845,16 @@ def load_models(args, device):
         raise UsageError(f"--image-size {args.image_size} does not fit the student: "
                          f"{first_line(error)}")
     models.student.train()
-    models.prompt_settings = prompt_settings(args, models.class_names, models.descriptions,
-                                             models.identity)
-    models.llm = models.prompt_settings["llm"]
-    return out, models
+    ablate = sorted(set(args.ablate) - {"guidance"})
+    models.llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
+    models.prompt_settings = {
+        "classes": models.class_names, "descriptions": models.descriptions,
+        "per_class": args.per_class, "seed": args.seed, "photo_share": args.photo_share,
+        "neighbours": args.neighbours, **({"scenes_per_class": args.scenes_per_class}
+                                          if models.llm else {}),  # the LLM's alone
+        "llm": models.llm, "teacher": models.identity["teacher"],
+        "text_encoder": models.identity["sd_model"], **({"ablate": ablate} if ablate else {})}
+    return Path(args.out), models
 
 
 def labelled_test_sets(args, models):
@@ -2930,9 +2873,9 @@ def labelled_test_sets(args, models):
 
 
 def load_sampler(args, device, out):
-    """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
-    the command line (with --smoke, a tiny random one saved under OUT/tiny-models first), and the
-    sampling flags checked against it before anything is recorded."""
+    """(pipe, guidance_vae or None): the diffusion pipeline (--smoke: a tiny random one saved
+    under OUT/tiny-models first) with the command line's scheduler, speed and memory options,
+    and the sampling flags checked against it before anything is recorded."""
     dtype = getattr(torch, args.dtype)
     sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
     if args.smoke and rank_and_world()[0] == 0:
@@ -2974,11 +2917,10 @@ def check_llm_available(args, out, settings):
 @contextlib.contextmanager
 def errors_reported(argv):
     """The frame of main(): yields a namespace whose `code` is the exit code. An error inside is
-    one line on stderr and a code: 2 for UsageError or OSError (bad input, damaged state, a disk
-    problem no stage put into words); 1 for any other failure: a RunFailure's own words, the way
-    out of GPU memory, or the exception's type and first line (--debug in `argv` adds the
-    traceback); 130 for Ctrl-C. Quiets diffusers' and transformers' own logging and progress
-    bars, and leaves torchrun's process group."""
+    one line on stderr: code 2 for a UsageError or OSError (bad input, damaged state, a disk
+    problem); 1 for another failure (a RunFailure's words, the way out of GPU memory, or the
+    error's type and first line; --debug in `argv` adds the traceback); 130 for Ctrl-C. Quiets
+    diffusers' and transformers' logging and progress bars; leaves torchrun's process group."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
