@@ -2091,7 +2091,8 @@ def read_lines(path, flag, count=None):
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{flag} {path} cannot be read as UTF-8 text ({first_line(error)})")
+        raise UsageError(f"{flag} {path} cannot be read ({first_line(error)}): give a UTF-8 "
+                         f"text file, one class a line")
     rows = [[cell.strip() for cell in line.split("\t", 1)] for line in text.splitlines()
             if line.strip()]
     keys = sorted(row[0].lower() for row in rows)
@@ -2107,14 +2108,11 @@ def read_lines(path, flag, count=None):
 
 def class_mapping(folders, num_classes, class_names, reference_ids=None, reference="reference"):
     """(classes, rule): the teacher class of each of a labelled set's sorted class `folders`, by
-    the first rule that maps them all (README, "Test sets"):
-      1. every name an integer (ImageNet-V2's 0 … 999; 0003) → int(name)
-      2. every name a class name (case-insensitive) → its index in `class_names`
-      3. every name an id of `reference_ids` (ids in label order; `reference` says whence) → its
-         position there
-      4. num_classes folders, all WordNet ids (n01440764), no --class-ids → their sorted order
-    Else, or a class out of range, an ambiguous name, two folders of one class: a UsageError
-    naming the folder (a near miss, "tanks" for "tank", is refused, never scored wrongly)."""
+    the first rule that maps them all: 1. every name an integer (ImageNet-V2's 0 … 999) →
+    int(name); 2. a class name (any case) → its index; 3. an id of `reference_ids` (label order;
+    `reference` says whence) → its position there; 4. num_classes folders, all WordNet ids, no
+    --class-ids → their sorted order (ImageNet val). Else, or a class out of range, an ambiguous
+    name, two folders of one class: a UsageError naming the folder (never a wrong score)."""
     by_name, position = {}, {id_: n for n, id_ in enumerate(reference_ids or [])}
     for index, name in enumerate(class_names):
         by_name.setdefault(name.lower(), []).append(index)
@@ -2137,11 +2135,9 @@ def class_mapping(folders, num_classes, class_names, reference_ids=None, referen
     else:
         lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f in position
                                                 or f.lower() in by_name)), folders[0])
-        raise UsageError(f"folder '{lost}' maps to no class (the folder names must be all class "
-                         f"indices, all class names, all ids of the reference list or, for a full "
-                         f"set, all WordNet ids); give --class-ids FILE (one id a line, in label "
-                         f"order), or the full set (ImageNet val) as another --val-dir, or name "
-                         f"the folders by class index")
+        raise UsageError(f"folder '{lost}' maps to no class (no rule of class_mapping fits); "
+                         f"give --class-ids FILE (one id a line, in label order), or the full set "
+                         f"(ImageNet val) as another --val-dir, or name the folders by class index")
     for n, (folder, c) in enumerate(zip(folders, classes)):
         if c >= num_classes:
             raise UsageError(f"folder '{folder}' is class {c}, but the teacher's classes are "
@@ -2153,12 +2149,11 @@ def class_mapping(folders, num_classes, class_names, reference_ids=None, referen
 
 
 def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
-    """Each (name, path) of named_sets as a dict: name, data (the path), folders (sorted),
-    classes and mapping (class_mapping's), images (their count); every folder mapped, then every
-    image decoded, now: a bad set is a UsageError naming it before any work. The reference ids
-    (rule 3): `class_ids` ((path, ids) of --class-ids), else the sorted folders of the first set
-    rule 4 maps (ImageNet val). `checked_file` caches the stamps of trees decoded whole: not
-    decoded again while unchanged (damaged: decoded again)."""
+    """Each (name, path) of named_sets as a dict: name, data, folders (sorted), classes and
+    mapping (class_mapping's), images (their count): all mapped and decoded now, so a bad set is
+    refused before any work. Rule 3's ids: `class_ids` ((path, ids)), else the sorted folders of
+    the first set rule 4 maps. `checked_file` caches the stamps of trees decoded whole (a damaged
+    cache: decoded again)."""
     sets = []
     for name, path in named_sets:
         if not Path(path).is_dir():
@@ -2413,12 +2408,10 @@ def known_classifier(name, role):
 def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
                  input_size=MODELS.teacher_input_size,
                  mean=MODELS.teacher_mean, std=MODELS.teacher_std):
-    """(teacher, class names or None): the frozen teacher f_T from a torchvision name (weights
-    DEFAULT, or the state dict `weights_path` of `num_classes` outputs; the DEFAULT transforms
-    give input size, evaluation resize, mean and std, its metadata the class names) or a
-    TorchScript file (`input_size`, `mean`, `std` describe it). It takes [0, 1] images of any
-    size and returns logits, in eval mode with requires_grad_(False): gradients reach the input
-    only."""
+    """(teacher, class names or None): the frozen f_T (eval, requires_grad_(False)), taking [0, 1]
+    images of any size, from a torchvision name (weights DEFAULT, or the state dict
+    `weights_path` of `num_classes` outputs; the DEFAULT transforms give sizes, mean and std, its
+    metadata the names) or a TorchScript file (`input_size`, `mean`, `std` describe it)."""
     class_names, resize_size = None, None
     if os.path.isfile(name_or_path):
         try:
@@ -2797,6 +2790,7 @@ def real_models(args, device, models):
     (files by their fingerprint)."""
     names, models.descriptions = (load_class_names(args.data) if args.data != "imagenet"
                                   else (None, None))
+    locate_model(args.sd_model, "--sd-model")  # found or refused in seconds, before the teacher
     with rank_zero_first():
         models.teacher, teacher_names = load_teacher(
             args.teacher, device, weights_path=args.teacher_weights,
@@ -2820,8 +2814,8 @@ def real_models(args, device, models):
 def load_models(args, device):
     """(out, models): --out, and a namespace of the teacher, the student, class_names (and
     descriptions), `identity` (what decides the pixels), the prompt settings (all the prompts
-    depend on) and the LLM (None; with --smoke, a tiny random one as the models). Cheap checks
-    first: the diffusion model is found before the teacher loads; the student tried now."""
+    depend on) and the LLM (None; with --smoke, a tiny random one as the models). The student
+    is tried on --image-size now."""
     if args.batch_size % rank_and_world()[1]:  # said now, not after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
                          f"{rank_and_world()[1]} processes")
@@ -2834,7 +2828,6 @@ def load_models(args, device):
         models.student = build_tiny_classifier(len(SMOKE_CLASSES), width=8,
                                                input_size=args.image_size, seed=args.seed + 1)
     else:
-        locate_model(args.sd_model, "--sd-model")  # found or refused in seconds
         real_models(args, device, models)
     if args.guidance_vae:
         models.identity["guidance_vae"] = args.guidance_vae
@@ -2916,11 +2909,10 @@ def check_llm_available(args, out, settings):
 
 @contextlib.contextmanager
 def errors_reported(argv):
-    """The frame of main(): yields a namespace whose `code` is the exit code. An error inside is
-    one line on stderr: code 2 for a UsageError or OSError (bad input, damaged state, a disk
-    problem); 1 for another failure (a RunFailure's words, the way out of GPU memory, or the
-    error's type and first line; --debug in `argv` adds the traceback); 130 for Ctrl-C. Quiets
-    diffusers' and transformers' logging and progress bars; leaves torchrun's process group."""
+    """The frame of main(), yielding a namespace whose `code` is the exit code: an error inside is
+    one line on stderr, code 2 for a UsageError or OSError (bad input, damaged state, a disk),
+    1 for a failure (--debug in `argv` adds the traceback), 130 for Ctrl-C. Quiets the libraries'
+    logging and progress bars; leaves torchrun's process group."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
