@@ -659,8 +659,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                 latents=latents, generator=step_noise, guidance_vae=guidance_vae,
                 guidance_batch=guidance_batch, **sample_kwargs)
             if not torch.isfinite(images).all():  # the model fails even unguided
-                raise UsageError(f"the diffusion model gives non-finite pixels even without "
-                                 f"guidance: run it in float32 (--dtype float32) or check it")
+                raise UsageError("the diffusion model gives non-finite pixels even without "
+                                 "guidance: run it in float32 (--dtype float32) or check it")
             images = resize_for_storage(images, store_size)  # the teacher saw the full size
             for k, (c, i) in enumerate(batch):
                 save_generated(images[k], out_dir / file_of(c, i), c, i, prompts[c][i], seeds[k],
@@ -1661,174 +1661,129 @@ def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=
 
 # ── Labelled image folders: which folder is which class ───────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
-    """torchvision ImageFolder of `data_dir`; a UsageError if unusable. Targets: the position of
-    the image's folder among the sorted folder names, or with `classes` (class_mapping: the class
-    of each sorted folder) that folder's class, so that folders 0 … 999 are classes 0 … 999 and
-    not the string order 0, 1, 10, 100, …"""
-    target = None if classes is None else list(classes).__getitem__
+    """torchvision ImageFolder of `data_dir` (a UsageError if unusable) whose targets are the
+    position of each image's folder among the sorted folders or, with `classes` (class_mapping's
+    class of each), its class: folders 0 … 999 are classes 0 … 999, not the order 0, 1, 10, …"""
     try:
-        dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform,
-                                                   target_transform=target)
-    except (FileNotFoundError, NotADirectoryError) as error:
-        empty = [f for f in folder_classes(data_dir) if not any(
-            p.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS
-            for p in Path(data_dir, f).rglob("*"))] if Path(data_dir).is_dir() else []
-        reason = (f"{len(empty)} class folders hold no image file (.jpg, .png, ...), e.g. "
-                  f"'{empty[0]}'" if empty else first_line(error)[:200])
-        raise UsageError(f"cannot read images from {data_dir}: {reason}")
-    if classes is not None and len(classes) != len(dataset.classes):
-        raise UsageError(f"{data_dir} has {len(dataset.classes)} class folders, {len(classes)} "
-                         f"were mapped to classes: was it changed during the run?")
+        dataset = torchvision.datasets.ImageFolder(
+            str(data_dir), transform=transform,
+            target_transform=None if classes is None else list(classes).__getitem__)
+    except (FileNotFoundError, NotADirectoryError) as error:  # it names the empty folders
+        raise UsageError(f"cannot read images from {data_dir}: {first_line(error)[:200]}")
     return dataset
 
 
-def folder_classes(data_dir):
-    """Sorted class folder names of an ImageFolder tree (ImageNet val in wnid folders works as is).
-    """
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise UsageError(f"{data_dir} is not a directory of class folders")
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
-
-
 def named_val_sets(values):
-    """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (then named by its folder), in
-    the order given: the first is the in-distribution set. An empty or repeated name is a
-    UsageError."""
-    sets, seen = [], set()
+    """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (named by its folder), in the
+    order given: the first is the in-distribution set."""
+    sets = []
     for value in values or []:
         name, equals, path = value.partition("=")
         if not equals or os.sep in name:  # no name given, or a "=" inside the path itself
             name, path = Path(os.path.abspath(value)).name, value
-        if not path.strip():
-            raise UsageError(f"--val-dir {value} names no folder: give NAME=PATH or PATH")
-        if not name.strip():
-            raise UsageError(f"--val-dir {value} has an empty name: give NAME=PATH")
-        if name in seen:
-            raise UsageError(f"--val-dir name '{name}' is given twice: name each set (NAME=PATH)")
-        seen.add(name)
+        if not (name.strip() and path.strip()) or name in dict(sets):
+            raise UsageError(f"--val-dir {value}: give each set a folder and a name of its own "
+                             f"(NAME=PATH)")
         sets.append((name, Path(path)))
     return sets
 
 
-def load_class_ids(path, num_classes):
-    """The ids of the teacher's classes in label order from a --class-ids file, one a line
-    (ImageNet: its 1000 wnids, n01440764 first). A count other than `num_classes`, or an id
-    given twice, is a UsageError."""
+def read_lines(path, flag, count=None):
+    """The non-blank lines of the UTF-8 text file `path` (from `flag`), one item a line in label
+    order, each split at its first tab into stripped cells; unreadable, empty, an item (its first
+    cell) blank or twice (in any case), or not `count` items: a UsageError naming the file."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--class-ids {path} cannot be read as UTF-8 text ({first_line(error)})")
-    ids = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(ids) != num_classes:
-        raise UsageError(f"--class-ids {path} has {len(ids)} ids but the teacher has {num_classes} "
-                         f"classes: give one id a line, in label order")
-    repeated = next((i for n, i in enumerate(ids) if i in ids[:n]), None)
-    if repeated is not None:
-        raise UsageError(f"--class-ids {path} gives the id '{repeated}' twice")
-    return ids
-
-
-def no_class_for(folders, class_names, reference_ids):
-    """The UsageError for class folders that map to no class (rule 5 of class_mapping), naming
-    the first folder that is neither a class index, a class name nor a reference id."""
-    known = {name.lower() for name in class_names}
-    lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f.lower() in known
-                                            or f in (reference_ids or ()))), folders[0])
-    return UsageError(f"folder '{lost}' maps to no class (the folder names must be all class "
-                      f"indices, all class names, all ids of the reference list or, for a full "
-                      f"set, all WordNet ids); give --class-ids FILE (one id a line, in label "
-                      f"order), or the full set (ImageNet val) as another --val-dir, or name the "
-                      f"folders by class index")
+        raise UsageError(f"{flag} {path} cannot be read ({first_line(error)}): give a UTF-8 "
+                         f"text file, one class a line")
+    rows = [[cell.strip() for cell in line.split("\t", 1)] for line in text.splitlines()
+            if line.strip()]
+    keys = sorted(row[0].lower() for row in rows)
+    twice = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+    problem = ("is empty" if not rows else "has a line with no name before its tab" if not keys[0]
+               else f"gives '{twice}' twice" if twice is not None
+               else f"has {len(rows)} lines but the teacher has {count} classes"
+               if count not in (None, len(rows)) else "")
+    if problem:
+        raise UsageError(f"{flag} {path} {problem}: give one class a line, in label order")
+    return rows
 
 
 def class_mapping(folders, num_classes, class_names, reference_ids=None, reference="reference"):
-    """The teacher class of each of the sorted class `folders` of a labelled set, and the rule
-    that gave it (a short string). The first rule that applies:
-      1. every name an integer (ImageNet-V2's 0 … 999; 0003 as in the synthetic set) → int(name)
-      2. every name a class name (case-insensitive) → its index in `class_names`
-      3. every name an id of `reference_ids` (the classes' ids in label order, e.g. ImageNet's
-         wnids; `reference` says where the list came from) → its position there
-      4. exactly num_classes folders, every name a WordNet id (n01440764), and no --class-ids
-         list → their sorted order (ImageNet val and -Sketch: sorted wnids are ImageNet's order)
-    Otherwise, or for a class out of range, an ambiguous name or two folders of one class: a
-    UsageError naming the folder. Rule 4 asks for WordNet ids so that a near miss ("tanks" for
-    "tank", "great_white_shark") is refused rather than scored against the wrong class."""
-    if not folders:
-        raise UsageError("has no class folders")
-    by_name = {}
+    """(classes, rule): the teacher class of each of a labelled set's sorted class `folders`, by
+    the first rule that maps them all: 1. every name an integer (ImageNet-V2's 0 … 999) →
+    int(name); 2. a class name (any case) → its index; 3. an id of `reference_ids` (label order;
+    `reference` says whence) → its position there; 4. num_classes folders, all WordNet ids, no
+    --class-ids → their sorted order (ImageNet val). Else, or a class out of range, an ambiguous
+    name, two folders of one class: a UsageError naming the folder (never a wrong score)."""
+    by_name, position = {}, {id_: n for n, id_ in enumerate(reference_ids or [])}
     for index, name in enumerate(class_names):
         by_name.setdefault(name.lower(), []).append(index)
+    if not folders:
+        raise UsageError("has no class folders")
     if all(re.fullmatch(r"[0-9]+", f) for f in folders):
         classes, rule = [int(f) for f in folders], "integer folder names"
     elif all(f.lower() in by_name for f in folders):
-        ambiguous = next((f for f in folders if len(by_name[f.lower()]) > 1), None)
-        if ambiguous is not None:
-            raise UsageError(f"folder '{ambiguous}' names classes {by_name[ambiguous.lower()]} of "
-                             f"the class list: name the folders by class index")
         classes, rule = [by_name[f.lower()][0] for f in folders], "class names"
-    elif reference_ids and all(f in reference_ids for f in folders):
-        position = {id_: index for index, id_ in enumerate(reference_ids)}
+        twice = next((f for f in folders if len(by_name[f.lower()]) > 1), None)
+        if twice:
+            raise UsageError(f"folder '{twice}' names classes {by_name[twice.lower()]} of the "
+                             f"class list: name the folders by class index")
+    elif position and all(f in position for f in folders):
         classes, rule = [position[f] for f in folders], f"ids via {reference}"
     elif (len(folders) == num_classes and all(re.fullmatch(r"[a-z][0-9]{8}", f) for f in folders)
           and not (reference or "").startswith("--class-ids")):
-        order = {f: index for index, f in enumerate(sorted(folders))}
+        order = {f: n for n, f in enumerate(sorted(folders))}
         classes, rule = [order[f] for f in folders], "sorted folder names"
     else:
-        raise no_class_for(folders, class_names, reference_ids)
-    owner = {}
-    for folder, c in zip(folders, classes):
+        lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f in position
+                                                or f.lower() in by_name)), folders[0])
+        raise UsageError(f"folder '{lost}' maps to no class (no rule of class_mapping fits); "
+                         f"give --class-ids FILE (one id a line, in label order), or the full set "
+                         f"(ImageNet val) as another --val-dir, or name the folders by class index")
+    for n, (folder, c) in enumerate(zip(folders, classes)):
         if c >= num_classes:
             raise UsageError(f"folder '{folder}' is class {c}, but the teacher's classes are "
                              f"0 to {num_classes - 1}")
-        if c in owner:
-            raise UsageError(f"folders '{owner[c]}' and '{folder}' are both class {c}")
-        owner[c] = folder
+        if c in classes[:n]:
+            raise UsageError(f"folders '{folders[classes.index(c)]}' and '{folder}' are both "
+                             f"class {c}")
     return classes, rule
 
 
-def reference_list(sets, class_names, class_ids=None):
-    """(ids, where they come from) for rule 3 of class_mapping: the --class-ids file when given
-    (`class_ids` = (path, ids)), else the sorted folder names of the first of `sets` (dicts with
-    name and folders) that rule 4 maps: a full set in id folders, as ImageNet val or -Sketch,
-    whose sorted wnids are ImageNet's label order. (None, None) when there is neither."""
-    if class_ids is not None:
-        return class_ids[1], f"--class-ids {class_ids[0]}"
-    for s in sets:
-        try:
+def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
+    """Each (name, path) of named_sets as a dict: name, data, folders (sorted), classes and
+    mapping (class_mapping's), images (their count): all mapped and decoded now, so a bad set is
+    refused before any work. Rule 3's ids: `class_ids` ((path, ids)), else the sorted folders of
+    the first set rule 4 maps. `checked_file` caches the stamps of trees decoded whole (a damaged
+    cache: decoded again)."""
+    sets = []
+    for name, path in named_sets:
+        if not Path(path).is_dir():
+            raise UsageError(f"--val-dir {name}: {path} is not a directory of class folders")
+        sets.append({"name": name, "data": str(path),
+                     "folders": sorted(e.name for e in os.scandir(path) if e.is_dir())})
+    reference_ids, reference = (None, None) if class_ids is None else (
+        class_ids[1], f"--class-ids {class_ids[0]}")
+    for s in sets if class_ids is None else []:
+        try:  # a set that no rule maps is no reference; its own mapping says why, naming it
             rule = class_mapping(s["folders"], len(class_names), class_names)[1]
-        except UsageError:  # not a reference; its own mapping says why, naming the set
+        except UsageError:
             continue
         if rule == "sorted folder names":
-            return sorted(s["folders"]), f"sorted folders of set {s['name']}"
-    return None, None
-
-
-def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
-    """Each (name, path) of named_sets as a dict: name, data (the path), folders (sorted),
-    classes (class_mapping's class of each folder), mapping (its rule), images (their count).
-    Every folder is mapped, then every image decoded, now: a bad set is a UsageError naming it
-    before any work. `class_ids`: (path, ids) of --class-ids, or None. `checked_file` keeps the
-    stamps of trees decoded whole, which are not decoded again while unchanged; a cache, so when
-    it is damaged the trees are just decoded again."""
-    sets, checked = [], set()
-    if checked_file and Path(checked_file).exists():
-        try:
-            checked = set(json.loads(Path(checked_file).read_bytes().decode("utf-8"))["stamps"])
-        except (ValueError, KeyError, TypeError):  # damaged: it costs one more decode
-            pass
-    for name, path in named_sets:
-        try:
-            sets.append({"name": name, "data": str(path), "folders": folder_classes(path)})
-        except UsageError as error:
-            raise UsageError(f"--val-dir {name}: {error}")
-    reference_ids, reference = reference_list(sets, class_names, class_ids)
+            reference_ids, reference = sorted(s["folders"]), f"sorted folders of set {s['name']}"
+            break
     for s in sets:
         try:
             s["classes"], s["mapping"] = class_mapping(s["folders"], len(class_names), class_names,
                                                        reference_ids, reference)
         except UsageError as error:
             raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
+    try:
+        checked = set(json.loads(Path(checked_file).read_bytes().decode("utf-8"))["stamps"])
+    except (TypeError, OSError, ValueError, KeyError):  # none, or damaged: one more decode
+        checked = set()
     stamps = set(checked)
     for s in sets:
         s["images"], seen = check_images_load(s["data"], f"--val-dir {s['name']}", stamps)
@@ -1839,10 +1794,9 @@ def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
 
 
 # ── Several processes (torchrun) and devices ──────────────────────────────────────────────────────
-# Several processes (torchrun). `torchrun --nproc_per_node=N prism.py ...` starts N copies of this
-# program; init_distributed joins them into one process group. These helpers read that group, and
-# in a plain `python prism.py` (no group) they are those of rank 0 of 1, so every function below
-# runs unchanged in one process.
+# `torchrun --nproc_per_node=N prism.py ...` starts N copies of this program; init_distributed
+# joins them into one process group. Without one (`python prism.py`) these helpers are those of
+# rank 0 of 1: every function runs unchanged in one process.
 def rank_and_world():
     """(rank, world size) of this process in the torch.distributed group, or (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -1854,11 +1808,10 @@ BARRIERS = itertools.count(1)  # every rank passes the same barriers in the same
 
 
 def barrier():
-    """Waits until every rank has reached this point, however long that takes (nothing to wait
-    for in one process). Ranks that finish their share of the images hours apart must not meet
-    the collective timeout, whose watchdog would abort the whole job: so each rank counts itself
-    in at a key of the process group's store and polls it, and no collective is pending while it
-    waits. A rank that dies ends the job through torchrun, not through this wait."""
+    """Waits until every rank has reached this point, however long that takes. Ranks hours apart
+    must not meet the collective timeout, whose watchdog would abort the job: each rank counts
+    itself in at a key of the group's store and polls it, no collective pending. A rank that
+    dies ends the job through torchrun."""
     world = rank_and_world()[1]
     if world == 1:
         return
@@ -1873,9 +1826,7 @@ def barrier():
 
 
 def gather_from_ranks(items):
-    """[items of rank 0, items of rank 1, ...]: the Python list `items` of every rank, on every
-    rank. The ranks first meet at barrier(), so the time one rank spends on work before it never
-    counts against the collective timeout."""
+    """[items of rank 0, items of rank 1, ...] (Python lists) on every rank, after a barrier()."""
     world = rank_and_world()[1]
     if world == 1:
         return [list(items)]
@@ -1891,67 +1842,50 @@ def sum_over_ranks(numbers):
 
 
 def on_rank_zero(work):
-    """Runs work() on rank 0 alone, the other ranks waiting, and raises its error, if any, on
-    every rank (a UsageError as one, any other as a RunFailure on the other ranks), so that no
-    rank waits for one that failed."""
-    rank, world = rank_and_world()
+    """Runs work() on rank 0 alone, the others waiting, and raises its error on every rank (a
+    UsageError as one, any other as a RunFailure), so that no rank waits for one that failed."""
     error = None
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         try:
             work()
         except Exception as caught:  # raised below, on every rank
             error = caught
-    shared = gather_from_ranks([None if error is None else
-                                [isinstance(error, UsageError), str(error)]])[0][0]
-    if error is None and shared is not None:
-        error = (UsageError if shared[0] else RunFailure)(shared[1])
-    if error is not None:
-        raise error
+    shared = gather_from_ranks([error and [isinstance(error, UsageError), str(error)]])[0][0]
+    if shared is not None:
+        raise error or (UsageError if shared[0] else RunFailure)(shared[1])
 
 
 def broadcast_from_rank_zero(module):
-    """Copies rank 0's parameters and buffers into `module` on every rank (nothing to do in one
-    process)."""
+    """Copies rank 0's parameters and buffers into `module` on every rank."""
     if rank_and_world()[1] > 1:
         barrier()  # rank 0 may still be writing its checkpoint
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
 
-def pick_device(name):
-    """The torch device for --device ("auto": CUDA when there is one)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"bad --device '{name}': {first_line(error)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available here")
-    return device
-
-
 def process_gpu(local_rank, visible_gpus):
-    """The CUDA device index of the process with LOCAL_RANK `local_rank` on a node where it sees
-    `visible_gpus` GPUs: its own index when it sees them all; 0 when a launcher gave each process
-    one GPU of its own (CUDA_VISIBLE_DEVICES per process, so it sees exactly one)."""
-    if visible_gpus == 1:
-        return 0
-    if local_rank >= visible_gpus:
+    """The CUDA index of process LOCAL_RANK `local_rank` seeing `visible_gpus` GPUs: its own, or
+    0 when a launcher gave each process one (CUDA_VISIBLE_DEVICES: it sees exactly one)."""
+    if visible_gpus != 1 and local_rank >= visible_gpus:
         raise UsageError(f"process {local_rank} of this node has no GPU of its own ({visible_gpus} "
                          f"visible): use --nproc_per_node <= the GPU count")
-    return local_rank
+    return 0 if visible_gpus == 1 else local_rank
 
 
 def init_distributed(device_name, timeout=timedelta(minutes=30)):
-    """Returns this process's torch device. Under torchrun (WORLD_SIZE > 1) it first joins the
-    process group: NCCL with one GPU per process (process_gpu), whatever --device names, or gloo
-    when the device is the CPU. A plain `python prism.py` starts no group. `timeout` bounds one
-    collective once every rank is in it (a hung GPU); waits for other ranks' work go through
-    barrier(), which has no bound."""
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    """This process's torch device for --device ("auto": CUDA when there is one). Under torchrun
+    (WORLD_SIZE > 1) it joins the process group first: NCCL with one GPU per process
+    (process_gpu), or gloo on the CPU. `timeout` bounds a collective that every rank is in (a
+    hung GPU); waits for other ranks' work go through barrier(), which has no bound."""
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_name)
+    except RuntimeError as error:
+        raise UsageError(f"bad --device '{device_name}': {first_line(error)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_name}: no CUDA GPU is available here")
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
     if device.type == "cuda":
@@ -1965,9 +1899,8 @@ def init_distributed(device_name, timeout=timedelta(minutes=30)):
 
 def usable_cores():
     """The CPU cores this process may use (its affinity, where the system tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1)
 
 
 # A loader process reads, decodes and augments about 500 cached images a second (320² PNG, one
@@ -1978,8 +1911,7 @@ MAX_WORKERS = 12
 
 def default_workers():
     """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
-    the processes of its node, leaving one for the training process itself (at least 0, at most
-    MAX_WORKERS)."""
+    the processes of its node, less one for the training process (0 to MAX_WORKERS)."""
     cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return min(MAX_WORKERS, max(0, cores - 1))
 
@@ -1987,32 +1919,30 @@ def default_workers():
 @contextlib.contextmanager
 def rank_zero_first():
     """Runs the body on rank 0, then on the other ranks: a model download fills the cache once."""
-    rank, world = rank_and_world()
-    if rank != 0:
+    if rank_and_world()[0] != 0:
         barrier()
     yield
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         barrier()
 
 
 @contextlib.contextmanager
 def exclusive_out(out):
-    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock for the
-    whole run (the other torchrun ranks of the run share it) and, holding it, removes stale temp
+    """One run at a time per --out: rank 0 creates it and holds an exclusive flock on
+    OUT/.prism.lock for the run (its other ranks share it), and, holding it, removes stale temp
     files. A second run is refused in one line. The lock dies with its holder, even on SIGKILL."""
-    rank, _ = rank_and_world()
     handle, problem = None, ""
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         try:
-            handle = open(make_out(out) / ".prism.lock", "a")
+            Path(out).mkdir(parents=True, exist_ok=True)
+            handle = open(Path(out) / ".prism.lock", "a")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             remove_stale_temps(out)
         except BlockingIOError:
             problem = (f"{out} is in use by another prism run; wait for it to end, or use "
                        f"another --out")
-        except (UsageError, OSError) as error:
-            problem = (str(error) if isinstance(error, UsageError)
-                       else f"cannot lock {out}: {first_line(error)}")
+        except OSError as error:
+            problem = f"cannot use --out {out}: {first_line(error)}"
     problem = gather_from_ranks([problem])[0][0]  # every rank learns rank 0's verdict
     try:
         if problem:
@@ -2037,20 +1967,17 @@ def locate_model(name_or_path, flag, alternative=""):
     name, tail = str(name_or_path), f"; or use {alternative}" if alternative else ""
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise UsageError(f"{flag} {name}: no such folder{tail}")
-    gated = f"{flag} {name}: accept its licence on huggingface.co, then `hf auth login`{tail}"
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            info = huggingface_hub.model_info(name, timeout=10)
-        except errors.GatedRepoError:
-            raise UsageError(gated)
-        except (errors.RepositoryNotFoundError, errors.HFValidationError):
-            raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
-        except Exception:  # the hub cannot be reached: the cache may still hold the model
-            info = None
-        if info is not None and info.gated and not huggingface_hub.get_token():
-            raise UsageError(gated)
-        if info is not None:
-            return name, False
+    try:
+        info = None if constants.HF_HUB_OFFLINE else huggingface_hub.model_info(name, timeout=10)
+    except (errors.RepositoryNotFoundError, errors.HFValidationError):
+        raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
+    except Exception:  # the hub cannot be reached: the cache may still hold the model
+        info = None
+    if info is not None and info.gated and not huggingface_hub.get_token():
+        raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then "
+                         f"`hf auth login`{tail}")
+    if info is not None:
+        return name, False
     try:
         huggingface_hub.snapshot_download(name, local_files_only=True)
         return name, True
@@ -2060,25 +1987,31 @@ def locate_model(name_or_path, flag, alternative=""):
                          f"; download it (`hf download {name}`) and pass its folder{tail}")
 
 
-def is_torchvision_classifier(name):
-    """True if `name` is one of torchvision's classification architectures (resnet50, vit_b_16,
-    ...)."""
-    return name in torchvision.models.list_models(module=torchvision.models)
+def load_pretrained(name_or_path, flag, what, load, alternative=""):
+    """load(source, local_files_only) of the model that locate_model finds for `flag`; one that
+    is found but does not load is a UsageError too (cannot_load)."""
+    source, local_only = locate_model(name_or_path, flag, alternative)
+    try:
+        return load(source, local_only)
+    except Exception as error:  # format failures all mean "cannot use this model"
+        raise UsageError(cannot_load(what, name_or_path, error, alternative))
+
+
+def known_classifier(name, role):
+    """`name` if torchvision has a classifier of that name (resnet50, ...), else a UsageError."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name (e.g. "
+                         f"resnet50){' or a TorchScript file' if role == 'teacher' else ''}")
+    return name
 
 
 def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
                  input_size=MODELS.teacher_input_size,
                  mean=MODELS.teacher_mean, std=MODELS.teacher_std):
-    """Loads the frozen teacher f_T and returns (teacher, class_names or None).
-
-    `name_or_path` is a torchvision model name (pretrained `weights="DEFAULT"`, whose own
-    transforms give the input size, the evaluation resize, mean and std, and whose metadata the
-    class names) or a TorchScript file (then `input_size`, `mean` and `std` describe it).
-    `weights_path` loads a state dict into a torchvision architecture with `num_classes` outputs
-    instead of downloading weights; the DEFAULT weights' transforms still apply.
-    The result takes [0, 1] images (B, 3, H, W) of any size and returns logits; it is in eval
-    mode with `requires_grad_(False)`, so guidance gradients flow to the input only.
-    """
+    """(teacher, class names or None): the frozen f_T (eval, requires_grad_(False)), taking [0, 1]
+    images of any size, from a torchvision name (weights DEFAULT, or the state dict
+    `weights_path` of `num_classes` outputs; the DEFAULT transforms give sizes, mean and std, its
+    metadata the names) or a TorchScript file (`input_size`, `mean`, `std` describe it)."""
     class_names, resize_size = None, None
     if os.path.isfile(name_or_path):
         try:
@@ -2088,11 +2021,9 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
         except Exception as error:  # any failure here means the file is not a TorchScript model
             raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: "
                              f"{first_line(error)}")
-    elif not is_torchvision_classifier(name_or_path):
-        raise UsageError(f"unknown teacher '{name_or_path}': give a torchvision classifier name "
-                         f"(e.g. resnet50) or a TorchScript file")
     else:  # preprocessed and evaluated as its weights define it (resnet50's V2: resize 232)
-        weights = torchvision.models.get_model_weights(name_or_path).DEFAULT
+        weights = torchvision.models.get_model_weights(known_classifier(name_or_path,
+                                                                        "teacher")).DEFAULT
         preset = weights.transforms()
         input_size, resize_size = preset.crop_size[0], preset.resize_size[0]
         mean, std = preset.mean, preset.std
@@ -2117,100 +2048,48 @@ def build_student(name, num_classes, *, input_size=DISTILL.image_size, mean=MODE
                   std=MODELS.teacher_std):
     """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
     [0, 1] images like the teacher (same normalisation, its own input size)."""
-    if not is_torchvision_classifier(name):
-        raise UsageError(f"unknown student '{name}': give a torchvision classifier name (e.g. "
-                         f"resnet18)")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    model = torchvision.models.get_model(known_classifier(name, "student"), weights=None,
+                                         num_classes=num_classes)
     return with_preprocessing(model, input_size, mean, std)
 
 
-def count_outputs(classifier, device):
-    """Number of logits a [0, 1]-image classifier returns (one forward pass on a blank image)."""
-    with torch.no_grad():
-        return classifier(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
-
-
-def load_class_names(data, num_classes=None):
-    """Returns (class_names, descriptions or None).
-
-    `data == "imagenet"`: the 1000 names in torchvision's weights metadata (no download).
-    Otherwise a text file, one class per line in label order, optionally `name<TAB>description`;
-    the descriptions are the best disambiguation context (§3). An empty file, duplicate names,
-    or a count different from the teacher's `num_classes` is a UsageError.
-    """
+def load_class_names(data):
+    """(class_names, descriptions or None): for "imagenet" the 1000 names of torchvision's
+    metadata (no download), else the --data file's lines (read_lines), `name[<TAB>description]`
+    in label order; the descriptions are the best disambiguation context (§3)."""
     if data == "imagenet":
-        names = list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])
-        descriptions = None
-    else:
-        path = Path(data)
-        if not path.is_file():
-            raise UsageError(f"class list {data} is not a file: give 'imagenet' or a text file, "
-                             f"one class per line")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise UsageError(f"class list {data} is not UTF-8 text ({first_line(error)}): save it "
-                             f"as UTF-8")
-        rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
-        names = [row[0].strip() for row in rows]
-        if not all(names):
-            raise UsageError(f"class list {data}: line {names.index('') + 1} of its classes has no "
-                             f"name before its tab")
-        descriptions = [row[1].strip() if len(row) > 1 else "" for row in rows]
-        if not names:
-            raise UsageError(f"class list {data} is empty")
-        seen = set()
-        for name in names:
-            if name.lower() in seen:
-                raise UsageError(f"class list {data} names '{name}' twice: class names must be "
-                                 f"unique")
-            seen.add(name.lower())
-        if not any(descriptions):
-            descriptions = None
-    if num_classes is not None and len(names) != num_classes:
-        raise UsageError(f"class list '{data}' has {len(names)} classes but the teacher has "
-                         f"{num_classes} outputs")
-    return names, descriptions
+        return list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
+    rows = read_lines(data, "--data")
+    descriptions = [row[1] if len(row) > 1 else "" for row in rows]
+    return [row[0] for row in rows], descriptions if any(descriptions) else None
 
 
 def load_llm(name_or_path, device):
-    """Loads an instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
+    """An instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, local_only = locate_model(name_or_path, "--llm",
-                                      "--llm none for the built-in prompts")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=local_only,
-            dtype="auto" if torch.device(device).type == "cuda" else torch.float32)
-    except Exception as error:  # format failures all mean "cannot use this LLM"
-        raise UsageError(cannot_load("LLM", name_or_path, error, "--llm none"))
+    dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
+    tokenizer, model = load_pretrained(name_or_path, "--llm", "LLM", lambda source, local: (
+        AutoTokenizer.from_pretrained(source, local_files_only=local),
+        AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=dtype)),
+        "--llm none")
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
-    """A diffusers StableDiffusionPipeline from a hub id or local folder, frozen, on `device`.
-
-    The safety checker is left out (our choice): it blacks out whole images, which would enter
-    the transfer set as labelled black squares.
-    """
+    """A frozen diffusers StableDiffusionPipeline (hub id or local folder) on `device`, without
+    the safety checker (our choice): it blacks out whole images, which would enter the transfer
+    set as labelled black squares."""
     from diffusers import StableDiffusionPipeline
 
-    source, local_only = locate_model(name_or_path, "--sd-model")
-    try:
-        # low_cpu_mem_usage=False is what diffusers does without `accelerate` anyway (it loads
-        # lazily from the safetensors files, measured: no slower, no more memory); said, it
-        # does not warn that accelerate is missing
-        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False,
-                                                       local_files_only=local_only,
-                                                       low_cpu_mem_usage=False)
-    except Exception as error:  # format failures all mean "cannot use this model"
-        raise UsageError(cannot_load("diffusion model", name_or_path, error))
+    # low_cpu_mem_usage=False is what diffusers does without `accelerate` anyway (it loads lazily
+    # from the safetensors files, measured: no slower, no more memory); said, it does not warn
+    pipe = load_pretrained(name_or_path, "--sd-model", "diffusion model", lambda source, local:
+                           StableDiffusionPipeline.from_pretrained(
+                               source, dtype=dtype, safety_checker=None, local_files_only=local,
+                               requires_safety_checker=False, low_cpu_mem_usage=False))
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
@@ -2218,22 +2097,19 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
 
 
 def load_guidance_vae(name_or_path, device, dtype=torch.float32):
-    """A diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) from a hub id or local
-    folder, frozen, for the guidance decode only: its decoder costs a few percent of SD's."""
+    """A frozen diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) for the
+    guidance decode only: its decoder costs a few percent of SD's."""
     from diffusers import AutoencoderTiny
 
-    source, local_only = locate_model(name_or_path, "--guidance-vae")
-    try:
-        vae = AutoencoderTiny.from_pretrained(source, dtype=dtype, local_files_only=local_only)
-    except Exception as error:  # format failures all mean "cannot use this model"
-        raise UsageError(cannot_load("tiny autoencoder", name_or_path, error))
+    vae = load_pretrained(name_or_path, "--guidance-vae", "tiny autoencoder", lambda source, local:
+                          AutoencoderTiny.from_pretrained(source, dtype=dtype,
+                                                          local_files_only=local))
     return vae.requires_grad_(False).eval().to(device)
 
 
 def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
-    """Speed options that leave the images within rounding of the plain computation (tested):
-    channels_last memory format for the UNet and VAE convolutions (faster with fp16 on GPUs), and
-    torch.compile of the UNet (a one-off compile, then faster steps). Returns `pipe`."""
+    """`pipe` with speed options that leave the images within rounding (tested): channels_last
+    for the UNet and VAE convolutions (faster with fp16 on GPUs), torch.compile of the UNet."""
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -2242,20 +2118,12 @@ def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
     return pipe
 
 
-def model_dtype(name, device):
-    """The diffusion model's dtype for --dtype ("auto": float16 on CUDA, float32 on a CPU)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-# ── The command line: every flag, and the one check of their values ───────────────────────────────
+# ── The command line: every flag, checked as it is read ───────────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit.
-    """
+    """argparse that reports a bad flag as a UsageError (one line naming it, exit 2)."""
 
     def error(self, message):
-        raise UsageError(message)
+        raise UsageError(message.removeprefix("argument "))
 
 
 SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2,
@@ -2319,102 +2187,85 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_flags(parser, defaults):
-    """An argument group of `parser` for a defaults class (titled by its docstring): the flag
-    --field-name for each field that has a help text, with that field's default."""
-    group = parser.add_argument_group(type(defaults).__doc__)
-    for field in dataclasses.fields(defaults):
-        options = dict(field.metadata)
-        if "help" not in options:
-            continue  # not a flag
-        if "action" not in options and "type" not in options:  # None: a path or a name
-            options["type"] = str if field.default is None else type(field.default)
-        group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
+# The range of each flag's value, checked as argparse reads it (any float flag: finite).
+POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "at least 0")
+FLAG_RANGES = {
+    **dict.fromkeys(("per_class", "steps", "gen_batch", "batch_size", "image_size", "height",
+                     "width", "guidance_every", "guidance_batch", "teacher_input_size", "pr_k",
+                     "sheet_classes", "scenes_per_class", "check_classes", "check_seeds",
+                     "max_new_images", "epochs_this_run", "lr", "kd_temperature",
+                     "energy_temperature", "teacher_std"), POSITIVE),
+    **dict.fromkeys(("cfg", "energy_scale", "class_scale", "neighbours", "weight_decay", "epochs",
+                     "store_size"), AT_LEAST_0),
+    **dict.fromkeys(("guidance_start", "guidance_end", "photo_share"),
+                    (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
+    "workers": (lambda v: 0 <= v <= usable_cores(), "from 0 to the CPU cores this process may use"),
+    **dict.fromkeys(("out", "sd_model", "llm"), (str.strip, "a name, not blank")),
+}
+
+
+def checked(kind, test=lambda value: True, words=""):
+    """An argparse type: `kind` of the text, refused unless finite (a float) and `test` holds."""
+    def parse(text):
+        value = kind(text)
+        finite = kind is not float or math.isfinite(value)
+        if not (finite and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {words if finite else 'finite'}, got "
+                                             f"{text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'many'"
+    return parse
 
 
 def build_parser():
-    """Every flag of the program, with its default and what it controls (--help shows both)."""
+    """Every flag: --field-name for each field with a help text of the defaults classes (a group
+    each, titled by its docstring), with its default and its FLAG_RANGES range."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                             formatter_class=DefaultsHelpFormatter)
     for defaults in (CommandLineOptions(), RUN, MODELS, PROMPTS, SAMPLING, SpeedOptions(),
                      DISTILL, MEASURE):
-        add_flags(parser, defaults)
+        group = parser.add_argument_group(type(defaults).__doc__)
+        for field in dataclasses.fields(defaults):
+            options = dict(field.metadata)
+            if options.get("action") in (None, "append", "extend"):  # a value: its type, checked
+                kind = options.get("type", str if field.default is None else type(field.default))
+                options["type"] = checked(kind, *FLAG_RANGES.get(field.name, ()))
+            if "help" in options:  # else not a flag
+                group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                                   **options)
     return parser
 
 
-def check_args(args):
-    """Rejects impossible flag values with a UsageError before any model is loaded."""
-    positive = ("per_class", "steps", "gen_batch", "batch_size", "image_size", "guidance_every",
-                "guidance_batch", "teacher_input_size", "pr_k", "sheet_classes", "scenes_per_class",
-                "check_classes", "check_seeds")
-    if not args.out.strip():
-        raise UsageError("--out must name a folder")
-    for flag, value in (("--sd-model", args.sd_model), ("--llm", args.llm)):
-        if not value.strip():
-            raise UsageError(f"{flag} must name a model (a hub id or a local folder)")
-    named_val_sets(args.val_dir)  # names unique and non-empty
-    if not 0 <= args.seed < 2 ** 63:
-        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
-    cores = usable_cores()
-    if args.workers > cores:
-        raise UsageError(f"--workers {args.workers} is more than the {cores} CPU cores this "
-                         f"process may use")
-    for name in positive + ("max_new_images", "epochs_this_run", "height", "width"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name, value in vars(args).items():
-        numbers = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(x, float) and not (math.isfinite(x) and abs(x) <= 1e30) for x in numbers):
-            raise UsageError(f"--{name.replace('_', '-')} must be finite and at most 1e30, got "
-                             f"{value}")
-    for name in ("cfg", "energy_scale", "class_scale", "neighbours", "workers", "weight_decay",
-                 "epochs", "store_size"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got "
-                             f"{getattr(args, name)}")
-    for name in ("lr", "kd_temperature", "energy_temperature"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got "
-                             f"{getattr(args, name)}")
-    if not 0.0 <= args.guidance_start < args.guidance_end <= 1.0:
-        raise UsageError(f"guidance window must satisfy 0 <= --guidance-start < --guidance-end <= "
-                         f"1, got {args.guidance_start} and {args.guidance_end}")
-    if min(args.teacher_std) <= 0:
-        raise UsageError(f"--teacher-std must be positive, got {args.teacher_std}")
-    if not 0.0 < args.crop_scale <= 1.0:
-        raise UsageError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
-    if not 0.0 <= args.photo_share <= 1.0:
-        raise UsageError(f"--photo-share must be in [0, 1], got {args.photo_share}")
-    if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
-        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images "
-                          f"follow the prompts weakly")
-    if not args.smoke:
-        for role in ("teacher", "student"):
-            name = getattr(args, role)
-            a_file = role == "teacher" and os.path.isfile(name)
-            if not is_torchvision_classifier(name) and not a_file:
-                raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name"
-                                 + (" or a TorchScript file" if role == "teacher" else ""))
-
-
 def parse_args(argv):
-    """Parses argv; with --smoke, tiny sizes become the defaults (explicit flags still win)."""
+    """The flags of `argv`, each checked as it is read (FLAG_RANGES), then together; --smoke
+    (--benchmark on a CPU) shrinks the defaults, not explicit flags. The machine decides the
+    defaults of --workers, --channels-last and --dtype."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
+    cuda = known.device.startswith("cuda") or known.device == "auto" and torch.cuda.is_available()
     if known.smoke:
         parser.set_defaults(**SMOKE_DEFAULTS)
-    on_cpu = known.device == "cpu" or (known.device == "auto" and not torch.cuda.is_available())
-    if known.benchmark and on_cpu:
+    if known.benchmark and not cuda:
         parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
     args = parser.parse_args(argv)
     args.ablate = list(dict.fromkeys(args.ablate or []))  # --ablate a --ablate b: both, once
-    if args.workers is None:
-        args.workers = default_workers()
-    if args.channels_last is None:
-        args.channels_last = args.device.startswith("cuda") or (
-            args.device == "auto" and torch.cuda.is_available())
-    check_args(args)
+    args.workers = default_workers() if args.workers is None else args.workers
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.dtype = ("float16" if cuda else "float32") if args.dtype == "auto" else args.dtype
+    named_val_sets(args.val_dir)
+    if args.guidance_start >= args.guidance_end:
+        raise UsageError(f"guidance window must satisfy --guidance-start < --guidance-end, got "
+                         f"{args.guidance_start} and {args.guidance_end}")
+    if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
+        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images "
+                          f"follow the prompts weakly")
+    if not (args.smoke or os.path.isfile(args.teacher)):  # a file: a TorchScript teacher
+        known_classifier(args.teacher, "teacher")
+    if not args.smoke:
+        known_classifier(args.student, "student")
     return args
 
 
@@ -2433,14 +2284,12 @@ PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample", "prev_deriva
 
 def check_sampler(pipe, options):
     """Refuses sampling options (energy_guided_sample's keywords) that cannot mean what they say
-    with this model; check_args has checked their ranges. Always: more steps than the model was
-    trained with, a size that is no multiple of the VAE's factor. With guidance on: a model
-    that predicts neither ε nor v, KDPM2, a window that holds none of the scheduler's own
-    timesteps (PNDM makes one more than asked: guidance would silently do nothing), and a
-    multistep scheduler guided on some steps only. A multistep update mixes the last few ε̂, so
-    a push on every second step enters four later updates with weights of both signs: along g,
-    SD 1.5's PNDM moves the latent +15, -3, +26, +2, +31 where DDIM moves +7, +7, +13, +13. The
-    push of §2 is a single-step scheduler's."""
+    with this model: more steps than it was trained with, a size no multiple of the VAE's factor;
+    with guidance, a model predicting neither ε nor v, KDPM2, a window holding none of the
+    scheduler's own timesteps (PNDM makes one more than asked), and a multistep scheduler guided
+    on some steps only: it mixes the last few ε̂, so a push every second step enters four later
+    updates with weights of both signs (along g, SD 1.5's PNDM moves the latent +15, -3, +26, +2,
+    +31 where DDIM moves +7, +7, +13, +13). The push of §2 is a single-step scheduler's."""
     options, scheduler = {**SAMPLER, **options}, pipe.scheduler
     name, steps = type(scheduler).__name__, options["num_steps"]
     trained = scheduler.config.num_train_timesteps
@@ -2476,137 +2325,106 @@ def check_sampler(pipe, options):
 
 
 # ── Before any work: models loaded, inputs checked, what --out holds read; the frame of main() ────
-def prompt_settings(args, class_names, descriptions, identity):
-    """Everything the prompts depend on (recorded in prompts.json; other settings mean other
-    prompts). "llm" is None without an LLM; with --smoke, a tiny random one."""
-    ablate = sorted(set(args.ablate) - {"guidance"})
-    llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
-    return {"classes": class_names, "descriptions": descriptions, "per_class": args.per_class,
-            "seed": args.seed, "photo_share": args.photo_share, "neighbours": args.neighbours,
-            **({"scenes_per_class": args.scenes_per_class} if llm else {}),  # the LLM's alone
-            "llm": llm, "teacher": identity["teacher"], "text_encoder": identity["sd_model"],
-            **({"ablate": ablate} if ablate else {})}
+def fits(value, shape):
+    """True if the JSON `value` has `shape`: a type; {key: shape, ...}, an object with at least
+    these keys ({str: shape}: any keys); [shape, least, most], a list of such (sizes optional)."""
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(
+            all(fits(v, item) for v in value.values()) if key is str
+            else key in value and fits(value[key], item) for key, item in shape.items())
+    if isinstance(shape, list):
+        item, least, most = shape + [0, math.inf][len(shape) - 1:]
+        return (isinstance(value, list) and least <= len(value) <= most
+                and all(fits(v, item) for v in value))
+    return isinstance(value, shape)
+
+
+def read_ours(path, shape, way_out, *, overwrite=False):
+    """The JSON object prism wrote at `path`. One that does not parse or lacks what we need (does
+    not fit `shape`) is damaged: a UsageError naming it and `way_out`; None with `overwrite`."""
+    try:
+        stored = read_json(path, way_out)
+        if not fits(stored, shape):
+            raise damaged(path, f"its {' and '.join(shape)} are missing or malformed", way_out)
+    except UsageError:
+        if overwrite:
+            return None
+        raise
+    return stored
+
+
+def read_prompts(path, num_classes, per_class, *, overwrite=False):
+    """(prompts, classes) of prompts.json, at least `per_class` prompts and describe_classes'
+    entry for each class (read_ours: damaged, or None with `overwrite`)."""
+    entry = {"name": str, "description": str, "source": str, "neighbours": [str],
+             "scenes": [str], "scene_source": str}
+    stored = read_ours(path, {"prompts": [[str, per_class], num_classes, num_classes],
+                              "classes": [entry, num_classes, num_classes]},
+                       "rerun with --overwrite to remake the prompts", overwrite=overwrite)
+    return stored and (stored["prompts"], stored["classes"])
 
 
 def reusable_prompts(path, settings, num_classes, *, overwrite):
     """True if OUT/prompts.json holds intact prompts made under `settings`; a UsageError when
     it was made under others or is damaged (unless `overwrite`: then False)."""
-    if not check_settings(path, settings, overwrite=overwrite, what="prompts"):
-        return False
-    try:  # the settings are intact; the prompts themselves may not be
-        read_prompts(path, num_classes, settings["per_class"])
-    except UsageError:
-        if not overwrite:
-            raise
-        return False
-    return True
+    return bool(check_settings(path, settings, overwrite=overwrite, what="prompts")
+                and read_prompts(path, num_classes, settings["per_class"], overwrite=overwrite))
 
 
 def read_llm_answers(path, *, overwrite):
-    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}, {} when
-    there are none; a UsageError naming the file when it is damaged (unless `overwrite`)."""
-    if not path.exists():
-        return {}
-    way_out = "delete it (it only caches LLM answers) or rerun with --overwrite"
-    try:
-        cache = read_json(path, way_out).get("answers")
-        if not (isinstance(cache, dict) and all(isinstance(a, dict) and all(
-                isinstance(x, str) for pair in a.items() for x in pair) for a in cache.values())):
-            raise damaged(path, "no answers by LLM name", way_out)
-    except UsageError:
-        if overwrite:
-            return {}
-        raise
-    return cache
+    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}; {} when
+    there are none (or, with `overwrite`, when the file is damaged)."""
+    stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, "delete it (it "
+                                         "only caches LLM answers) or rerun with --overwrite",
+                                         overwrite=overwrite)
+    return stored["answers"] if stored else {}
 
 
-CLASS_KEYS = {"name": str, "description": str, "source": str, "neighbours": list,
-              "scenes": list, "scene_source": str}
-
-
-def read_prompts(path, num_classes, per_class):
-    """(prompts, classes) stored in prompts.json: a list of at least `per_class` strings and an
-    entry of describe_classes per class, or a UsageError naming the file as damaged."""
-    way_out = "rerun with --overwrite to remake the prompts"
-    stored = read_json(path, way_out)
-    prompts, classes = stored.get("prompts"), stored.get("classes")
-    if not (isinstance(prompts, list) and len(prompts) == num_classes
-            and all(isinstance(p, list) and len(p) >= per_class
-                    and all(isinstance(s, str) for s in p) for p in prompts)):
-        raise damaged(path, "no list of prompts for every class", way_out)
-    if not (isinstance(classes, list) and len(classes) == num_classes and all(
-            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in CLASS_KEYS.items())
-            and isinstance(e.get("llm_raw", {}), dict)  # optional: what the LLM said, uncleaned
-            and all(isinstance(raw, str) for raw in e.get("llm_raw", {}).values())
-            for e in classes)):
-        raise damaged(path, "no description of every class", way_out)
-    return prompts, classes
-
-
-def make_out(out):
-    """Creates the output folder --out; a UsageError if it cannot be."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --out {out}: {first_line(error)}")
-    return out
-
-
-def smoke_models(args, device, dtype):
-    """The tiny random teacher and student of --smoke, with SMOKE_CLASSES: (class_names,
-    descriptions, teacher, student, identity)."""
-    class_names = list(SMOKE_CLASSES)
-    teacher = build_tiny_classifier(len(class_names), seed=args.seed)
-    student = build_tiny_classifier(len(class_names), width=8, input_size=args.image_size,
-                                    seed=args.seed + 1)
-    identity = {"sd_model": "tiny-random", "teacher": "tiny-random", "dtype": str(dtype)}
-    return class_names, None, teacher.to(device).eval().requires_grad_(False), student, identity
-
-
-def real_models(args, device, dtype):
-    """The teacher (--teacher, --teacher-weights), the student (--student, untrained) and the
-    classes (--data) of a real run: (class_names, descriptions, teacher, student, identity),
-    identity naming and fingerprinting what decides the pixels."""
-    class_names, descriptions = (load_class_names(args.data) if args.data != "imagenet"
-                                 else (None, None))
+def real_models(args, device, models):
+    """Sets the teacher (--teacher, --teacher-weights), the untrained student (--student) and
+    the classes (--data) of a real run in `models`, and in its identity what decides the pixels
+    (files by their fingerprint)."""
+    names, models.descriptions = (load_class_names(args.data) if args.data != "imagenet"
+                                  else (None, None))
+    locate_model(args.sd_model, "--sd-model")  # found or refused in seconds, before the teacher
     with rank_zero_first():
-        teacher, teacher_names = load_teacher(
+        models.teacher, teacher_names = load_teacher(
             args.teacher, device, weights_path=args.teacher_weights,
-            num_classes=len(class_names) if class_names else 1000,
+            num_classes=len(names) if names else 1000,
             input_size=args.teacher_input_size, mean=args.teacher_mean, std=args.teacher_std)
-    if class_names is None:
-        class_names, descriptions = teacher_names or load_class_names("imagenet")[0], None
-    outputs = count_outputs(teacher, device)
-    if outputs != len(class_names):
-        raise UsageError(f"class list '{args.data}' has {len(class_names)} classes but the "
-                         f"teacher has {outputs} outputs")
-    preprocess = teacher[0]
+    models.class_names = names or teacher_names or load_class_names("imagenet")[0]
+    with torch.no_grad():  # the number of logits, on a blank image
+        outputs = models.teacher(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
+    if outputs != len(models.class_names):
+        raise UsageError(f"class list '{args.data}' has {len(models.class_names)} classes but "
+                         f"the teacher has {outputs} outputs")
+    preprocess = models.teacher[0]
     mean, std = preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist()
-    student = build_student(args.student, len(class_names), input_size=args.image_size,
-                            mean=mean, std=std)
-    teacher_files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
-    identity = {"sd_model": args.sd_model, "dtype": str(dtype),
-                "teacher": " ".join([args.teacher, *map(file_fingerprint, teacher_files)]),
-                "teacher_preprocess": [preprocess.input_size, *mean, *std]}
-    return class_names, descriptions, teacher, student, identity
+    models.student = build_student(args.student, len(models.class_names),
+                                   input_size=args.image_size, mean=mean, std=std)
+    files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
+    models.identity.update(teacher=" ".join([args.teacher, *map(file_fingerprint, files)]),
+                           teacher_preprocess=[preprocess.input_size, *mean, *std])
 
 
 def load_models(args, device):
-    """(out, models): --out created, and a namespace of the teacher, the student, class_names
-    (and descriptions), `identity` (what decides the pixels), the prompt settings and the LLM.
-    Cheap checks come first: the diffusion model and the LLM are found (not loaded) before the
-    teacher loads, and a student that cannot take --image-size fails now."""
-    if args.batch_size % rank_and_world()[1]:  # say it now, not after hours of synthesis
+    """(out, models): --out, and a namespace of the teacher, the student, class_names (and
+    descriptions), `identity` (what decides the pixels), the prompt settings (all the prompts
+    depend on) and the LLM (None; with --smoke, a tiny random one as the models). The student
+    is tried on --image-size now."""
+    if args.batch_size % rank_and_world()[1]:  # said now, not after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
                          f"{rank_and_world()[1]} processes")
-    out = make_out(args.out)
-    if not args.smoke:  # found or refused in seconds
-        locate_model(args.sd_model, "--sd-model")
-    dtype = model_dtype(args.dtype, device)
-    models = (smoke_models if args.smoke else real_models)(args, device, dtype)
-    models = types.SimpleNamespace(**dict(zip(("class_names", "descriptions", "teacher",
-                                               "student", "identity"), models)))
+    tiny = {"sd_model": "tiny-random", "teacher": "tiny-random"} if args.smoke else {}
+    models = types.SimpleNamespace(descriptions=None, class_names=list(SMOKE_CLASSES), identity={
+        "sd_model": args.sd_model, "dtype": str(getattr(torch, args.dtype)), **tiny})
+    if args.smoke:
+        models.teacher = build_tiny_classifier(len(SMOKE_CLASSES), seed=args.seed)
+        models.teacher.to(device).eval().requires_grad_(False)
+        models.student = build_tiny_classifier(len(SMOKE_CLASSES), width=8,
+                                               input_size=args.image_size, seed=args.seed + 1)
+    else:
+        real_models(args, device, models)
     if args.guidance_vae:
         models.identity["guidance_vae"] = args.guidance_vae
     try:
@@ -2616,17 +2434,23 @@ def load_models(args, device):
         raise UsageError(f"--image-size {args.image_size} does not fit the student: "
                          f"{first_line(error)}")
     models.student.train()
-    models.prompt_settings = prompt_settings(args, models.class_names, models.descriptions,
-                                             models.identity)
-    models.llm = models.prompt_settings["llm"]
-    return out, models
+    ablate = sorted(set(args.ablate) - {"guidance"})
+    models.llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
+    models.prompt_settings = {
+        "classes": models.class_names, "descriptions": models.descriptions,
+        "per_class": args.per_class, "seed": args.seed, "photo_share": args.photo_share,
+        "neighbours": args.neighbours, **({"scenes_per_class": args.scenes_per_class}
+                                          if models.llm else {}),  # the LLM's alone
+        "llm": models.llm, "teacher": models.identity["teacher"],
+        "text_encoder": models.identity["sd_model"], **({"ablate": ablate} if ablate else {})}
+    return Path(args.out), models
 
 
 def labelled_test_sets(args, models):
     """The --val-dir sets (labelled_sets: every folder mapped to its class, every image decoded),
     checked now although evaluation reads them last; and --pr-k against the set sizes."""
-    class_ids = (None if args.class_ids is None else
-                 (args.class_ids, load_class_ids(args.class_ids, len(models.class_names))))
+    class_ids = None if args.class_ids is None else (args.class_ids, [row[0] for row in read_lines(
+        args.class_ids, "--class-ids", len(models.class_names))])
     test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids,
                               checked_file=Path(args.out) / "checked_images.json")
     real_images = test_sets[0]["images"] if test_sets else math.inf  # precision/recall's set
@@ -2638,10 +2462,10 @@ def labelled_test_sets(args, models):
 
 
 def load_sampler(args, device, out):
-    """(pipe, guidance_vae or None): the diffusion pipeline with the speed and memory options of
-    the command line (with --smoke, a tiny random one saved under OUT/tiny-models first), and the
-    sampling flags checked against it before anything is recorded."""
-    dtype = model_dtype(args.dtype, device)
+    """(pipe, guidance_vae or None): the diffusion pipeline (--smoke: a tiny random one saved
+    under OUT/tiny-models first) with the command line's scheduler, speed and memory options,
+    and the sampling flags checked against it before anything is recorded."""
+    dtype = getattr(torch, args.dtype)
     sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
     if args.smoke and rank_and_world()[0] == 0:
         build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
@@ -2660,74 +2484,60 @@ def load_sampler(args, device, out):
         pipe.scheduler = kind.from_config(pipe.scheduler.config)
     if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
         (guidance_vae or pipe.vae).enable_gradient_checkpointing()
-    sample_kwargs = sampling_options(args)
-    check_sampler(pipe, sample_kwargs)
+    check_sampler(pipe, sampling_options(args))
     return pipe, guidance_vae
 
 
 def check_llm_available(args, out, settings):
     """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
-    that cannot be found and whose answers are not cached in OUT/llm_answers.json."""
-    if args.smoke or not settings["llm"]:
+    that cannot be found or loaded (its config) and whose answers OUT/llm_answers.json lacks."""
+    if (args.smoke or not settings["llm"]
+            or reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
+                                overwrite=args.overwrite)
+            or settings["llm"] in read_llm_answers(out / "llm_answers.json",
+                                                   overwrite=args.overwrite)):
         return
-    if reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
-                        overwrite=args.overwrite):
-        return
-    if settings["llm"] in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite):
-        return
-    source, _ = locate_model(args.llm, "--llm", "--llm none for the built-in prompts")
-    if Path(source).is_dir():  # a local folder: is it a model at all (seconds, not minutes)?
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        try:
-            AutoConfig.from_pretrained(source, local_files_only=True)
-        except Exception as error:  # any failure means this folder holds no usable LLM
-            raise UsageError(cannot_load("LLM", args.llm, error, "--llm none"))
+    load_pretrained(args.llm, "--llm", "LLM", lambda source, local: AutoConfig.from_pretrained(
+        source, local_files_only=local), "--llm none")
 
 
 @contextlib.contextmanager
 def errors_reported(argv):
-    """The frame of main(): yields a namespace whose `code` is the exit code. An error inside is
-    one line on stderr and a code: 2 for UsageError or OSError (bad input, damaged state, a disk
-    problem no stage put into words), 1 for any other failure (--debug in `argv` adds the
-    traceback), 130 for Ctrl-C. Quiets diffusers' and transformers' own logging and progress
-    bars, and leaves torchrun's process group."""
+    """The frame of main(), yielding a namespace whose `code` is the exit code: an error inside is
+    one line on stderr, code 2 for a UsageError or OSError (bad input, damaged state, a disk),
+    1 for a failure (--debug in `argv` adds the traceback), 130 for Ctrl-C. Quiets the libraries'
+    logging and progress bars; leaves torchrun's process group."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
-    status, failure = types.SimpleNamespace(code=0), None
+    status, failure, debug = types.SimpleNamespace(code=0), None, "--debug" in argv
     try:
         yield status
     except KeyboardInterrupt as error:
-        message = "rerun the same command to resume"
         status.code, kind, failure = 130, "interrupted", error
+        message = "rerun the same command to resume"
     except (UsageError, OSError) as error:
         status.code, kind, message, failure = 2, "error", str(error), error
     except Exception as error:  # a failure: say what, in one line; --debug shows where
         status.code, kind, failure = 1, "failed", error
-        message = failure_message(error, debug="--debug" in argv)
+        message = (str(error) if isinstance(error, RunFailure) else
+                   "out of GPU memory; rerun the same command with a smaller --gen-batch or "
+                   "--guidance-batch (or --vae-checkpointing): nothing done is redone"
+                   if isinstance(error, torch.OutOfMemoryError) else
+                   f"{type(error).__name__}: {first_line(error)}"
+                   + ("" if debug else " (rerun with --debug for the traceback)"))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if failure is not None:
-        if "--debug" in argv:
+        if debug:
             traceback.print_exception(failure)
         report(kind, message)
-
-
-def failure_message(error, debug=False):
-    """The line for a failed run: a RunFailure's own words, the way out of GPU memory, or the
-    exception's type and first line."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
-                "--guidance-batch (or --vae-checkpointing): nothing done is redone")
-    if isinstance(error, RunFailure):
-        return str(error)
-    hint = "" if debug else " (rerun with --debug for the traceback)"
-    return f"{type(error).__name__}: {first_line(error)}{hint}"
 
 
 # ── The stages main() runs: the method's functions with resume, processes and files around them ───
@@ -3312,7 +3122,7 @@ def benchmark(args, device, out):
     random SD 1.5, resnet50 and resnet18 (--smoke: the tiny pipeline and classifiers)."""
     from diffusers import AutoencoderTiny
 
-    dtype, names = model_dtype(args.dtype, device), load_class_names("imagenet")[0]
+    dtype, names = getattr(torch, args.dtype), load_class_names("imagenet")[0]
     pipe = random_pipeline(out / "benchmark" / "vocab", image_size=args.height,
                            architecture="tiny" if args.smoke else "sd15").to(device, dtype)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -3353,8 +3163,9 @@ def benchmark_distillation(args, device, folder, teacher, student):
         image = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), (size, size),
                               mode="bicubic")[0]
         image += 0.03 * torch.randn(image.shape, generator=generator)
-        save_image_atomic(image.clamp(0, 1), make_out(folder / f"{n % 10:04d}") /
-                          f"{n:05d}.{args.image_format}")
+        path = folder / f"{n % 10:04d}" / f"{n:05d}.{args.image_format}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(image.clamp(0, 1), path)
     loader, sampler = kd_loader(folder, args.batch_size, image_size=args.image_size,
                                 num_workers=args.workers, pin_memory=device.type == "cuda")
     for epoch in range(2):  # the first epoch starts the workers
@@ -3387,7 +3198,7 @@ def run_benchmark(args, device):
     if args.height % 16 or args.width % 16:
         raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got "
                          f"{args.height}x{args.width}")
-    result = benchmark(args, device, make_out(args.out))
+    result = benchmark(args, device, Path(args.out))  # exclusive_out made it
     flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size workers "
              "store_size image_format channels_last compile").split()
     machine = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
