@@ -644,8 +644,10 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     missing = [key for key in wanted if key not in records][:max_new_images]
     todo = missing[rank::world]
     shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
-    with tqdm(total=len(wanted), initial=len(wanted) - len(missing), unit="img", desc="synthesis",
-              disable=not progress or rank != 0) as bar:  # rank 0 counts its own share
+    with tqdm(total=len(wanted) if world == 1 else len(todo), unit="img",
+              initial=len(wanted) - len(missing) if world == 1 else 0,
+              desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}",
+              disable=not progress or rank != 0) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             seeds = [image_seed(seed, c, i) for c, i in batch]
@@ -665,7 +667,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
             for k, (c, i) in enumerate(batch):
                 save_generated(images[k], out_dir / file_of(c, i), c, i, prompts[c][i], seeds[k],
                                {key: value[k] for key, value in stats.items()}, digest)
-            bar.update(len(batch) * world)
+            bar.update(len(batch))
     if missing:  # the new images' records, read back from the images, join the index
         records = index_images(out_dir, file_of, wanted, digest)
     return [records[key] for key in wanted if key in records]
