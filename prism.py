@@ -1443,7 +1443,7 @@ def remove_stale_temps(out):
                 path.unlink(missing_ok=True)
 
 
-# ── Resume: settings, manifest journals, checkpoints (nothing cached is lost or mixed) ────────────
+# ── Resume: settings, the images' own records, checkpoints (nothing cached is lost or mixed) ──────
 def file_fingerprint(path):
     """16 hex digits of a file's SHA-256: a model file changed under its name is another model."""
     digest = hashlib.sha256()
@@ -1467,21 +1467,13 @@ def check_settings(path, settings, *, overwrite, what):
     if not path.exists():
         return False
     way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
-    try:
-        recorded = read_json(path, way_out).get("settings")
-        if not isinstance(recorded, dict):
-            raise damaged(path, "no settings in it", way_out)
-    except UsageError:
-        if overwrite:
-            return False
-        raise
-    if recorded == settings:
-        return True
-    if overwrite:
-        return False
+    stored = read_ours(path, {"settings": dict}, way_out, overwrite=overwrite)  # None: damaged
+    same = stored is not None and stored["settings"] == settings
+    if same or overwrite:
+        return same
     raise UsageError(f"{path.parent} holds {what} made under other settings "
-                     f"({settings_difference(recorded, settings)}); use another --out, or "
-                     f"--overwrite to replace them")
+                     f"({settings_difference(stored['settings'], settings)}); use another "
+                     f"--out, or --overwrite to replace them")
 
 
 def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs,
