@@ -551,7 +551,8 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     `pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=cfg_scale)`.
     Returns [0, 1] float32 images and per image the teacher's final "energy", "top1", "p_class",
     "guidance_skipped" (steps whose g was not finite) and "resampled_unguided" (a NaN image,
-    remade unguided from the same noise). `generator`: one per image; `trace` gets each g."""
+    remade unguided from the same noise; NaN still only if the model fails unguided too).
+    `generator`: one per image; `trace` gets each guided step's state."""
     scheduler, device = pipe.scheduler, pipe.device
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's own image size
     class_ids = torch.as_tensor(class_ids, device=device)
@@ -642,7 +643,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
     records = index_images(out_dir, file_of, wanted, digest)
     missing = [key for key in wanted if key not in records][:max_new_images]
-    todo = missing[rank::world]
+    todo, made = missing[rank::world], []
     shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
     with tqdm(total=len(wanted) if world == 1 else len(todo), unit="img",
               initial=len(wanted) - len(missing) if world == 1 else 0,
@@ -664,12 +665,12 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                 raise UsageError("the diffusion model gives non-finite pixels even without "
                                  "guidance: run it in float32 (--dtype float32) or check it")
             images = resize_for_storage(images, store_size)  # the teacher saw the full size
-            for k, (c, i) in enumerate(batch):
-                save_generated(images[k], out_dir / file_of(c, i), c, i, prompts[c][i], seeds[k],
-                               {key: value[k] for key, value in stats.items()}, digest)
+            made += [save_generated(images[k], out_dir / file_of(c, i), c, i, prompts[c][i],
+                                    seeds[k], {key: value[k] for key, value in stats.items()},
+                                    digest) for k, (c, i) in enumerate(batch)]
             bar.update(len(batch))
-    if missing:  # the new images' records, read back from the images, join the index
-        records = index_images(out_dir, file_of, wanted, digest)
+    if missing:  # once every rank has written its images, theirs join the index
+        records = index_images(out_dir, file_of, wanted, digest, made)
     return [records[key] for key in wanted if key in records]
 
 
@@ -1331,7 +1332,8 @@ def atomic_write(path, write):
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {first_line(error)}")
+        raise UsageError(f"cannot write {path}: {first_line(error)}; fix that and rerun the same "
+                         f"command (nothing written before is lost)")
 
 
 def save_torch_atomic(obj, path):
@@ -1544,25 +1546,38 @@ def file_size(path):
     return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
-def index_images(out_dir, file_of, wanted, digest):
-    """{(class, index): record} of the images of `wanted` that are on disk, manifest.jsonl
-    rewritten to hold exactly those (rank 0; the ranks share the checks). The manifest is an
-    index: its record counts when the file has the size it gives (files are written whole, so a
-    stat suffices), else the image's own record is read (made under the settings of `digest`); an
-    image without one, or that does not decode, is missing. Losing the manifest costs nothing."""
+# What an image's record holds (save_generated): an index line of another shape is not trusted.
+RECORD = {"file": str, "class": int, "index": int, "prompt": str, "seed": int, "top1": int,
+          "energy": (int, float, type(None)), "p_class": (int, float, type(None)),
+          "guidance_skipped": int, "resampled_unguided": bool, "settings": str, "bytes": int}
+
+
+def index_images(out_dir, file_of, wanted, digest, new=()):
+    """{(class, index): record} of the images of `wanted` on disk, and manifest.jsonl rewritten to
+    hold exactly those (rank 0). Every rank calls it once all have written their images (`new`:
+    the records of those this rank made). The manifest is an index: a record of the right shape,
+    file and settings `digest` counts when the file has the size it gives (files are written
+    whole: a stat suffices); otherwise the image's own record is read (a decode), and an image
+    without one is missing. Losing the manifest, or a line of it, costs nothing."""
     rank, world = rank_and_world()
     path = out_dir / "manifest.jsonl"
     indexed = {}
     for line in path.read_bytes().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError, TypeError, KeyError):  # a damaged line is re-read
+        with contextlib.suppress(ValueError):  # a damaged line: the image's own record is read
             record = json.loads(line)
-            indexed[(record["class"], record["index"])] = record
-    changes = []  # (key, its record read from the image, or None)
+            if fits(record, RECORD) and json.dumps(record, allow_nan=False):  # strict JSON
+                indexed[(record["class"], record["index"])] = record
+    for [part] in gather_from_ranks([list(new)]):  # meets the other ranks: all have written
+        indexed.update(((record["class"], record["index"]), record) for record in part)
+
+    def trusted(record, key):
+        return fits(record, RECORD) and [record["file"], record["settings"]] == [
+            file_of(*key), digest] and record["bytes"] == file_size(out_dir / file_of(*key))
+    changes = []  # (key, the image's own record, or None: missing)
     for key in wanted[rank::world]:
-        if indexed.get(key, {}).get("bytes") != file_size(out_dir / file_of(*key)):
+        if not trusted(indexed.get(key, {}), key):
             record = image_record(out_dir / file_of(*key))
-            ours = record.get("file") == file_of(*key) and record.get("settings") == digest
-            changes.append((key, record if ours else None))
+            changes.append((key, record if trusted(record, key) else None))
     records = {key: indexed[key] for key in wanted if key in indexed}
     for [part] in gather_from_ranks([changes]):
         for key, record in part:
@@ -1577,16 +1592,18 @@ def index_images(out_dir, file_of, wanted, digest):
 
 
 def save_generated(image, path, c, i, prompt, noise_seed, stats, digest):
-    """Writes one generated image atomically with its record in its own metadata: file, class,
+    """Writes one generated image atomically with its record in its own metadata (file, class,
     index, prompt, seed, the teacher's final energy, top-1 and p_class, the guidance steps
-    skipped, whether it was remade unguided, and the digest of its set's settings."""
+    skipped, whether it was remade unguided, its set's settings digest); returns the record
+    with the image's size in bytes."""
     path.parent.mkdir(exist_ok=True)
     record = {"file": f"{path.parent.name}/{path.name}", "class": c, "index": i, "prompt": prompt,
               "seed": noise_seed, "energy": round(stats["energy"].item(), 5),
               "top1": stats["top1"].item(), "p_class": round(stats["p_class"].item(), 6),
               "guidance_skipped": stats["guidance_skipped"].item(),
               "resampled_unguided": bool(stats["resampled_unguided"]), "settings": digest}
-    save_image_atomic(image, path, json.dumps(finite_or_none(record), allow_nan=False))
+    record = finite_or_none(record)
+    return {**record, "bytes": save_image_atomic(image, path, json.dumps(record, allow_nan=False))}
 
 
 def image_record(path):
@@ -1613,15 +1630,20 @@ def load_checkpoint(path, device, student, *, overwrite=False):
         with warnings.catch_warnings():  # a damaged file is said in one line, without warnings
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location=device, weights_only=True)
+        parts = {"epoch": int, "history": list, "config": dict, "optimizer": dict,
+                 "schedule": dict, "student": dict}
+        if not fits(checkpoint, parts) or len(checkpoint["history"]) != checkpoint["epoch"]:
+            raise ValueError("not a PRISM distillation checkpoint")
         copy.deepcopy(student).load_state_dict(checkpoint["student"])  # raises unless it fits
-        weights = [t for t in checkpoint["student"].values() if t.is_floating_point()]
-        if not (all(torch.isfinite(t).all() for t in weights)
-                and len(checkpoint["history"]) == checkpoint["epoch"]):
-            raise ValueError("its weights are not finite or its epochs do not add up")
+        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values()
+                   if t.is_floating_point()):
+            raise ValueError("its student weights are not finite")
         return checkpoint
     except Exception as error:  # any failure to load it means: damaged
         if overwrite:
             return None
+        if "weights_only" in str(error):  # torch's advice to unpickle anything does not apply
+            error = "it holds objects other than tensors"
         raise damaged(path, error, "rerun with --overwrite to restart distillation (the synthetic "
                                    "images are kept), or delete it")
 
