@@ -2159,10 +2159,9 @@ class CommandLineOptions:
                        "(no accuracy meaning)", action="store_true")
     benchmark: bool = flag(False, "time synthesis (each guidance mode) and distillation with SD "
                            "1.5 / resnet50 / resnet18 architectures and random weights, no "
-                           "download; writes OUT/benchmark.md and .json. Uses --height --width "
-                           "--steps --gen-batch --batch-size --image-size --workers "
-                           "--channels-last --compile; on a CPU their defaults shrink to a few "
-                           "minutes' work", action="store_true")
+                           "download; writes OUT/benchmark.md and .json. Uses the sizes, "
+                           "sampling, storage and speed flags; on a CPU their defaults shrink "
+                           "to a few minutes' work", action="store_true")
     check_guidance: bool = flag(False, "measure energy guidance on these weights (minutes): "
                                 "cosine of each gradient mode with the method's, effect on "
                                 "energy, p(y) and top-1 vs unguided from the same noise, s/img; "
