@@ -1517,8 +1517,8 @@ def start_new_set(out_dir, settings):
 
 
 def open_image_set(out_dir, settings, num_classes, *, overwrite):
-    """Makes `out_dir` ready for images made under `settings`: created, holding no folder that is
-    not a class of the set (distillation would read it as one), and its settings.json the same
+    """Makes `out_dir` ready for images made under `settings`: created, holding no folder or image
+    file that is not of the set (distillation would read it), and its settings.json the same
     or, with `overwrite`, a new set started. Other or damaged settings without it: a UsageError."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1535,6 +1535,16 @@ def open_image_set(out_dir, settings, num_classes, *, overwrite):
     if rank_and_world()[0] == 0 and not same:
         start_new_set(out_dir, settings)
     barrier()
+    # distillation reads every image file of the class folders: only the set's may be there
+    file_of = image_files(num_classes, settings["per_class"], settings["image_format"])
+    ours = {file_of(0, i).split("/")[1] for i in range(settings["per_class"])}
+    stray = next((entry.path for folder in expected if (out_dir / folder).is_dir()
+                  for entry in os.scandir(out_dir / folder) if entry.name not in ours
+                  and entry.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)),
+                 None)
+    if stray:
+        raise UsageError(f"{stray} is not an image of this set (distillation would train on it): "
+                         f"move it out of {out_dir}")
 
 
 def file_size(path):
@@ -2205,11 +2215,15 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # The range of each flag's value, checked as argparse reads it (any float flag: finite).
 POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "at least 0")
 FLAG_RANGES = {
-    **dict.fromkeys(("per_class", "steps", "gen_batch", "batch_size", "image_size", "height",
-                     "width", "guidance_every", "guidance_batch", "teacher_input_size", "pr_k",
-                     "sheet_classes", "scenes_per_class", "check_classes", "check_seeds",
-                     "max_new_images", "epochs_this_run", "lr", "kd_temperature",
-                     "energy_temperature", "teacher_std"), POSITIVE),
+    **dict.fromkeys(("steps", "gen_batch", "batch_size", "image_size", "height", "width",
+                     "guidance_every", "guidance_batch", "teacher_input_size", "pr_k",
+                     "sheet_classes", "check_classes", "max_new_images", "epochs_this_run", "lr",
+                     "kd_temperature", "energy_temperature", "teacher_std"), POSITIVE),
+    # counts that size lists held in memory (and the LLM's answer): a typo's extra zeros is
+    # refused at once rather than filling the memory
+    **dict.fromkeys(("per_class", "check_seeds"), (lambda v: 1 <= v <= 100_000,
+                                                   "from 1 to 100,000")),
+    "scenes_per_class": (lambda v: 1 <= v <= 24, "from 1 to 24"),
     **dict.fromkeys(("cfg", "energy_scale", "class_scale", "neighbours", "weight_decay", "epochs",
                      "store_size"), AT_LEAST_0),
     **dict.fromkeys(("guidance_start", "guidance_end", "photo_share"),
@@ -2271,6 +2285,8 @@ def parse_args(argv):
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.dtype = ("float16" if cuda else "float32") if args.dtype == "auto" else args.dtype
     named_val_sets(args.val_dir)
+    if args.benchmark and args.check_guidance:
+        raise UsageError("--benchmark and --check-guidance are two runs: give one of them")
     if args.guidance_start >= args.guidance_end:
         raise UsageError(f"guidance window must satisfy --guidance-start < --guidance-end, got "
                          f"{args.guidance_start} and {args.guidance_end}")

@@ -1516,6 +1516,9 @@ BAD_FLAGS = {
         "empty out": ["--out", ""],
         "empty llm": ["--llm", " "],
         "zero scenes per class": ["--scenes-per-class", "0"],
+        "more scenes than an answer holds": ["--scenes-per-class", "40"],
+        "a count that fills the memory": ["--check-seeds", "1000000000"],
+        "two tools at once": ["--smoke", "--benchmark", "--check-guidance"],
         "abbreviated flag": ["--smoke", "--per", "3"],
         "huge seed": ["--seed", "99999999999999999999999"],
         "too many workers": ["--workers", "100000"],
@@ -1578,7 +1581,7 @@ def test_command_line_bad_input_has_no_traceback(tmp_path):
                             cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
-    assert result.stderr == "prism: error: --per-class: must be positive, got '0'\n"
+    assert result.stderr == "prism: error: --per-class: must be from 1 to 100,000, got '0'\n"
 
 
 def local_models_argv(tmp_path, pipe_dir):
@@ -1976,6 +1979,15 @@ def test_a_stray_folder_in_the_synthetic_set_is_refused_and_nothing_is_lost(fini
         one_line(err, f"prism: error: {finished_run / 'synthetic'} holds folders that are not classes of this "
                       f"set (0000 copy): move them out of it")
     assert (finished_run / "checkpoint.pt").read_bytes() == before
+    shutil.rmtree(finished_run / "synthetic" / "0000 copy")
+    for stray in ("00099.png", "._00000.png"):  # another image; what copying from a Mac leaves
+        shutil.copy(finished_run / "synthetic" / "0000" / "00000.png", finished_run / "synthetic" / "0000" / stray)
+        code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
+        assert code == 2
+        one_line(err, f"prism: error: {finished_run / 'synthetic' / '0000' / stray} is not an image of this set")
+        (finished_run / "synthetic" / "0000" / stray).unlink()
+    (finished_run / "synthetic" / "0000" / "notes.txt").write_text("mine")  # not an image: kept, ignored
+    assert run_main(["--smoke", "--out", str(finished_run)], capsys)[0] == 0
 
 
 def test_a_folder_where_an_image_belongs_is_named(finished_run, capsys):
