@@ -1727,10 +1727,12 @@ def read_lines(path, flag, count=None):
             if line.strip()]
     keys = sorted(row[0].lower() for row in rows)
     twice = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
-    problem = ("is empty" if not rows else "has a line with no name before its tab" if not keys[0]
-               else f"gives '{twice}' twice" if twice is not None
-               else f"has {len(rows)} lines but the teacher has {count} classes"
-               if count not in (None, len(rows)) else "")
+    problems = [(not rows, "is empty"),
+                (rows and not keys[0], "has a line with no name before its tab"),
+                (twice is not None, f"gives '{twice}' twice"),
+                (count not in (None, len(rows)), f"has {len(rows)} lines but the teacher has "
+                                                 f"{count} classes")]
+    problem = next((text for bad, text in problems if bad), None)
     if problem:
         raise UsageError(f"{flag} {path} {problem}: give one class a line, in label order")
     return rows
@@ -2556,12 +2558,13 @@ def errors_reported(argv):
         status.code, kind, message, failure = 2, "error", str(error), error
     except Exception as error:  # a failure: say what, in one line; --debug shows where
         status.code, kind, failure = 1, "failed", error
-        message = (str(error) if isinstance(error, RunFailure) else
-                   "out of GPU memory; rerun the same command with a smaller --gen-batch or "
-                   "--guidance-batch (or --vae-checkpointing): nothing done is redone"
-                   if isinstance(error, torch.OutOfMemoryError) else
-                   f"{type(error).__name__}: {first_line(error)}"
-                   + ("" if debug else " (rerun with --debug for the traceback)"))
+        message = f"{type(error).__name__}: {first_line(error)}" + (
+            "" if debug else " (rerun with --debug for the traceback)")
+        if isinstance(error, RunFailure):
+            message = str(error)
+        if isinstance(error, torch.OutOfMemoryError):
+            message = ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
+                       "--guidance-batch (or --vae-checkpointing): nothing done is redone")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
