@@ -1288,17 +1288,9 @@ def damaged(path, error, way_out):
     return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
 
 
-def cannot_load(what, name_or_path, error, alternative=""):
-    """One line, under 300 characters, for a model that was found but cannot be loaded."""
-    reason = first_line(error)
-    reason = reason if len(reason) <= 120 else reason[:117] + "..."
-    return (f"cannot load {what} {name_or_path} ({type(error).__name__}: {reason}); check that "
-            f"the folder is complete" + (f", or use {alternative}" if alternative else ""))
-
-
 def report(kind, message):
-    """Prints `prism: <kind>: <message>` on stderr in one write, so that ranks do not interleave;
-    under torchrun the rank is named (read from torchrun's variables: the group may be gone)."""
+    """`prism: <kind> (rank r): <message>` on stderr in one write, so that ranks do not interleave
+    (torchrun's variables name the rank: the process group may be gone)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     sys.stderr.write(f"prism: {kind}{f' (rank {rank})' if world > 1 else ''}: {message}\n")
     sys.stderr.flush()
@@ -1316,19 +1308,15 @@ def without_per_class(report):
 
 # ── Files: atomic writes, strict JSON, readable images ────────────────────────────────────────────
 def atomic_write(path, write):
-    """Calls write(temp_path), forces the temp file to disk, then renames it onto `path`: a process
-    killed at any moment (or a full disk) leaves the old file or the new one, never half of one.
-    A failure to write (disk full, no permission) becomes a one-line UsageError."""
+    """write(temp), forced to disk, then renamed onto `path`: a process killed at any moment (or
+    a full disk) leaves the old file or the new one, never half of one; a failure to write is a
+    one-line UsageError."""
     path = Path(path)
-    # the pid: ranks never share a temp file
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pid: ranks never share one
     try:
         write(temp)
-        descriptor = os.open(temp, os.O_RDONLY)
-        try:  # without it, a machine that goes down right after the rename may keep an empty file
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        with open(temp, "rb") as file:  # else a machine that goes down may keep an empty file
+            os.fsync(file.fileno())
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
@@ -1337,33 +1325,26 @@ def atomic_write(path, write):
 
 
 def save_torch_atomic(obj, path):
-    """torch.save(obj) to `path` atomically. Serialised in memory first, so that a full disk is an
-    OSError of a plain file write (torch's own file writer reports it as a RuntimeError)."""
+    """torch.save to `path` atomically, serialised in memory first (so a full disk is an OSError)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, lambda temp: temp.write_bytes(buffer.getbuffer()))
 
 
-def finite_or_none(obj):
-    """`obj` with every non-finite float (NaN, ±inf) replaced by None, at any depth: strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {key: finite_or_none(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(value) for value in obj]
-    return obj
+def strict_json(obj, **options):
+    """`obj` as strict JSON text: every NaN or ±inf becomes null (JSON has no such numbers)."""
+    plain = json.loads(json.dumps(obj), parse_constant=lambda _: None)
+    return json.dumps(plain, allow_nan=False, **options)
 
 
 def write_json_atomic(obj, path):
-    """Writes `obj` as indented, strict JSON (no NaN or Infinity tokens) to `path` atomically."""
-    text = json.dumps(finite_or_none(obj), indent=1, allow_nan=False) + "\n"
+    """Writes `obj` as indented, strict JSON to `path` atomically."""
+    text = strict_json(obj, indent=1) + "\n"
     atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
 def read_json(path, way_out):
-    """The JSON object stored at `path`; a file that is not UTF-8, not JSON or not an object is
-    damaged: a UsageError that names it and `way_out`."""
+    """The JSON object at `path`; not UTF-8, not JSON or not an object: damaged (naming `way_out`)."""
     try:
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -1374,23 +1355,20 @@ def read_json(path, way_out):
 
 
 def save_image_atomic(image, path, note=None):
-    """Saves one image in [0, 1], (3, H, W), as 8-bit PNG or JPEG (by suffix) atomically, with
-    the text `note` in its own metadata (image_record); returns its size in bytes. A non-finite
-    image is refused: NaN pixels would be written as a black image."""
+    """Saves a [0, 1] (3, H, W) image as 8-bit PNG or JPEG (by suffix) atomically, the text `note`
+    in its own metadata; returns its size in bytes. Non-finite pixels (written black) are refused."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     if not torch.isfinite(image).all():
         raise ValueError(f"refusing to save non-finite pixels as {path}")
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    pixels = pixels.permute(1, 2, 0).cpu().numpy()
-    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
     png = PngInfo()
-    if note is not None:
-        png.add_text("prism", note)
-    options = {"format": "JPEG", "quality": 95, "comment": note} if jpeg else {"format": "PNG",
-                                                                               "pnginfo": png}
-    atomic_write(path, lambda temp: Image.fromarray(pixels).save(temp, **options))
+    png.add_text("prism", note or "")
+    options = ({"format": "JPEG", "quality": 95, "comment": note or ""}
+               if Path(path).suffix.lower() in (".jpg", ".jpeg") else {"pnginfo": png})
+    image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+    atomic_write(path, lambda temp: image.save(temp, **{"format": "PNG", **options}))
     return Path(path).stat().st_size
 
 
@@ -1448,11 +1426,8 @@ def remove_stale_temps(out):
 # ── Resume: settings, the images' own records, checkpoints (nothing cached is lost or mixed) ──────
 def file_fingerprint(path):
     """16 hex digits of a file's SHA-256: a model file changed under its name is another model."""
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
 def settings_difference(old, new, shown=3):
@@ -1464,7 +1439,7 @@ def settings_difference(old, new, shown=3):
 
 def check_settings(path, settings, *, overwrite, what):
     """True if `settings` are those recorded at `path`, False if none are; other or damaged ones:
-    a UsageError, or with `overwrite` False."""
+    a UsageError, or False with `overwrite`."""
     path, settings = Path(path), json.loads(json.dumps(settings))  # as stored: tuples are lists
     if not path.exists():
         return False
@@ -1478,13 +1453,10 @@ def check_settings(path, settings, *, overwrite, what):
                      f"--out, or --overwrite to replace them")
 
 
-def synthesis_settings(prompts, *, per_class, seed, image_format, identity, sample_kwargs,
-                       store_size=None):
+def synthesis_settings(prompts, *, identity, sample_kwargs, **settings):
     """Everything that decides the pixels of the cached images (not the batch size)."""
     prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    return {"per_class": per_class, "seed": seed, "image_format": image_format,
-            "prompts_sha256": prompts_hash,
-            "store_size": store_size, **identity, **sample_kwargs}
+    return {**settings, "prompts_sha256": prompts_hash, **identity, **sample_kwargs}
 
 
 def settings_digest(settings):
@@ -1504,10 +1476,8 @@ def image_files(num_classes, per_class, image_format):
 
 
 def start_new_set(out_dir, settings):
-    """Records new synthesis settings in `out_dir` (rank 0, with --overwrite): images whose own
-    record carries these settings' digest are kept, the others and the index deleted first. Killed
-    half way, the old settings stay recorded, and the next run refuses (or, again with --overwrite,
-    goes on)."""
+    """Rank 0, with --overwrite: deletes the index and the images whose own record does not carry
+    these settings' digest, then records them. Killed half way, the old settings stay recorded."""
     digest = settings_digest(settings)
     (out_dir / "manifest.jsonl").unlink(missing_ok=True)
     for image in out_dir.glob("[0-9]*/*"):
@@ -1517,9 +1487,9 @@ def start_new_set(out_dir, settings):
 
 
 def open_image_set(out_dir, settings, num_classes, *, overwrite):
-    """Makes `out_dir` ready for images made under `settings`: created, holding no folder or image
-    file that is not of the set (distillation would read it), and its settings.json the same
-    or, with `overwrite`, a new set started. Other or damaged settings without it: a UsageError."""
+    """Makes `out_dir` ready for images made under `settings`: its settings.json the same (or with
+    `overwrite` a new set started), and no folder or image file in it that is not of the set
+    (distillation would read it); else a UsageError."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -1535,7 +1505,6 @@ def open_image_set(out_dir, settings, num_classes, *, overwrite):
     if rank_and_world()[0] == 0 and not same:
         start_new_set(out_dir, settings)
     barrier()
-    # distillation reads every image file of the class folders: only the set's may be there
     file_of = image_files(num_classes, settings["per_class"], settings["image_format"])
     ours = {file_of(0, i).split("/")[1] for i in range(settings["per_class"])}
     stray = next((entry.path for folder in expected if (out_dir / folder).is_dir()
@@ -1548,12 +1517,10 @@ def open_image_set(out_dir, settings, num_classes, *, overwrite):
 
 
 def file_size(path):
-    """The size of a file in bytes, None if there is none (a folder has none)."""
-    try:
+    """A regular file's size in bytes; None when there is none (or a folder is there)."""
+    with contextlib.suppress(OSError):
         status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_size if stat.S_ISREG(status.st_mode) else None
+        return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
 # What an image's record holds (save_generated): an index line of another shape is not trusted.
@@ -1563,15 +1530,13 @@ RECORD = {"file": str, "class": int, "index": int, "prompt": str, "seed": int, "
 
 
 def index_images(out_dir, file_of, wanted, digest, new=()):
-    """{(class, index): record} of the images of `wanted` on disk, and manifest.jsonl rewritten to
-    hold exactly those (rank 0). Every rank calls it once all have written their images (`new`:
-    the records of those this rank made). The manifest is an index: a record of the right shape,
-    file and settings `digest` counts when the file has the size it gives (files are written
-    whole: a stat suffices); otherwise the image's own record is read (a decode), and an image
-    without one is missing. Losing the manifest, or a line of it, costs nothing."""
+    """{(class, index): record} of the images of `wanted` on disk; rank 0 rewrites manifest.jsonl
+    to hold exactly those. Every rank calls it once it has written its images (`new`: their
+    records). The manifest is only an index: a line counts if it has RECORD's shape, this set's
+    file and settings `digest` and the file's size (files are written whole: a stat suffices);
+    else the image's own record is decoded, and an image without one is missing."""
     rank, world = rank_and_world()
-    path = out_dir / "manifest.jsonl"
-    indexed = {}
+    path, indexed = out_dir / "manifest.jsonl", {}
     for line in path.read_bytes().splitlines() if path.exists() else []:
         with contextlib.suppress(ValueError):  # a damaged line: the image's own record is read
             record = json.loads(line)
@@ -1581,20 +1546,17 @@ def index_images(out_dir, file_of, wanted, digest, new=()):
         indexed.update(((record["class"], record["index"]), record) for record in part)
 
     def trusted(record, key):
-        return fits(record, RECORD) and [record["file"], record["settings"]] == [
-            file_of(*key), digest] and record["bytes"] == file_size(out_dir / file_of(*key))
-    changes = []  # (key, the image's own record, or None: missing)
+        return fits(record, RECORD) and (record["file"], record["settings"], record["bytes"]) == (
+            file_of(*key), digest, file_size(out_dir / file_of(*key)))
+    changes = {}  # this rank's share of the untrusted: the image's own record, or None (missing)
     for key in wanted[rank::world]:
         if not trusted(indexed.get(key, {}), key):
             record = image_record(out_dir / file_of(*key))
-            changes.append((key, record if trusted(record, key) else None))
-    records = {key: indexed[key] for key in wanted if key in indexed}
+            changes[key] = record if trusted(record, key) else None
     for [part] in gather_from_ranks([changes]):
-        for key, record in part:
-            records.pop(key, None)
-            if record is not None:
-                records[key] = record
-    text = "".join(json.dumps(records[key]) + "\n" for key in wanted if key in records)
+        indexed.update(part)
+    records = {key: indexed[key] for key in wanted if indexed.get(key)}
+    text = "".join(json.dumps(record) + "\n" for record in records.values())
     if rank == 0 and (not path.exists() or path.read_bytes() != text.encode("utf-8")):
         atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
     barrier()  # the index is written before any rank goes on
@@ -1602,23 +1564,20 @@ def index_images(out_dir, file_of, wanted, digest, new=()):
 
 
 def save_generated(image, path, c, i, prompt, noise_seed, stats, digest):
-    """Writes one generated image atomically with its record in its own metadata (file, class,
-    index, prompt, seed, the teacher's final energy, top-1 and p_class, the guidance steps
-    skipped, whether it was remade unguided, its set's settings digest); returns the record
-    with the image's size in bytes."""
+    """Writes a generated image atomically with its RECORD in its own metadata (prompt, seed, the
+    teacher's final scores, its set's settings digest); returns the record with its bytes."""
     path.parent.mkdir(exist_ok=True)
-    record = {"file": f"{path.parent.name}/{path.name}", "class": c, "index": i, "prompt": prompt,
-              "seed": noise_seed, "energy": round(stats["energy"].item(), 5),
-              "top1": stats["top1"].item(), "p_class": round(stats["p_class"].item(), 6),
-              "guidance_skipped": stats["guidance_skipped"].item(),
-              "resampled_unguided": bool(stats["resampled_unguided"]), "settings": digest}
-    record = finite_or_none(record)
-    return {**record, "bytes": save_image_atomic(image, path, json.dumps(record, allow_nan=False))}
+    record = json.loads(strict_json({
+        "file": f"{path.parent.name}/{path.name}", "class": c, "index": i, "prompt": prompt,
+        "seed": noise_seed, "energy": round(stats["energy"].item(), 5),
+        "top1": stats["top1"].item(), "p_class": round(stats["p_class"].item(), 6),
+        "guidance_skipped": stats["guidance_skipped"].item(),
+        "resampled_unguided": bool(stats["resampled_unguided"]), "settings": digest}))
+    return {**record, "bytes": save_image_atomic(image, path, json.dumps(record))}
 
 
 def image_record(path):
-    """The record an image keeps in its own metadata (save_generated), with its size in bytes;
-    {} when it has none or does not decode whole."""
+    """The record in an image's own metadata, with its bytes; {} if none or it does not decode."""
     from PIL import Image
 
     try:
@@ -1631,9 +1590,9 @@ def image_record(path):
 
 
 def load_checkpoint(path, device, student, *, overwrite=False):
-    """distill's checkpoint at `path`, None if there is none. One that does not load into
-    `student` (truncated, garbage, another student, NaN weights) is damaged: a UsageError naming
-    it, or with `overwrite` None (start again)."""
+    """distill's checkpoint at `path` (None: none). One that does not load into `student`
+    (truncated, garbage, another student, NaN weights) is damaged: a UsageError, None with
+    `overwrite`."""
     if not Path(path).exists():
         return None
     try:
@@ -1660,9 +1619,9 @@ def load_checkpoint(path, device, student, *, overwrite=False):
 
 def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=False,
                       data_settings=None, epochs_this_run=None, **options):
-    """distill() with its state saved to `checkpoint_path` (rank 0, atomically) after every epoch
-    and resumed from there. A checkpoint of other options or data (`data_settings`) is a
-    UsageError (with `overwrite`: a new start). At the end every rank takes rank 0's weights."""
+    """distill() saving its state to `checkpoint_path` (rank 0, atomically) after every epoch and
+    resuming from there; a checkpoint of other options or data (`data_settings`) is a UsageError
+    (with `overwrite`: a new start). At the end every rank takes rank 0's weights."""
     config = {key: value for key, value in {**KD, **options, "data": data_settings}.items()
               if key not in ("device", "num_workers", "progress", "channels_last", "resume",
                              "stop_after", "on_epoch")}
@@ -2016,13 +1975,17 @@ def locate_model(name_or_path, flag, alternative=""):
 
 
 def load_pretrained(name_or_path, flag, what, load, alternative=""):
-    """load(source, local_files_only) of the model that locate_model finds for `flag`; one that
-    is found but does not load is a UsageError too (cannot_load)."""
+    """load(source, local_files_only) of the model locate_model finds for `flag`; one found that
+    does not load is a UsageError too (one line, under 300 characters)."""
     source, local_only = locate_model(name_or_path, flag, alternative)
     try:
         return load(source, local_only)
     except Exception as error:  # format failures all mean "cannot use this model"
-        raise UsageError(cannot_load(what, name_or_path, error, alternative))
+        reason = first_line(error)
+        reason = reason if len(reason) <= 120 else reason[:117] + "..."
+        raise UsageError(f"cannot load {what} {name_or_path} ({type(error).__name__}: {reason});"
+                         f" check that the folder is complete"
+                         + (f", or use {alternative}" if alternative else ""))
 
 
 def known_classifier(name, role):
