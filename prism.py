@@ -1056,9 +1056,8 @@ class RunDefaults:
     seed: int = flag(0, "seed of prompts, image noise and training")
     device: str = flag("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...; under "
                        "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
-    workers: int | None = flag(None, "data loading processes per torchrun process (default: "
-                               "this process's share of the node's cores minus one, at most "
-                               "12, which feed one GPU)", type=int)
+    workers: int | None = flag(None, "data loading processes per process (default: its share "
+                               "of the node's cores minus one, at most 12)", type=int)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1072,14 +1071,12 @@ class ModelDefaults:
                                type=float, nargs=3)
     teacher_std: tuple = flag(NORMALISATION["std"], "std of a TorchScript teacher",
                               type=float, nargs=3)
-    data: str = flag("imagenet", "'imagenet' or a class list file: one "
-                     "'name[<TAB>description]' a line")
+    data: str = flag("imagenet", "'imagenet' or a class file, one 'name[<TAB>description]' a line")
     student: str = flag("resnet18", "torchvision classifier trained from scratch")
     sd_model: str = flag("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion "
                          "1.x/2.x hub id or local folder")
-    llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned causal LM (hub id or local "
-                    "folder) that describes each class and writes its scenes (§3); none: the "
-                    "built-in lists and the teacher's neighbours, no LLM")
+    llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned causal LM (hub id or "
+                    "folder) that describes each class and writes its scenes (§3); none: no LLM")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1100,49 +1097,40 @@ class PromptDefaults:
 class SamplingDefaults:
     """energy-guided sampling (§1-2)"""
     steps: int = flag(SAMPLER["num_steps"], "T, denoising steps")
-    cfg: float = flag(SAMPLER["cfg_scale"], "classifier-free guidance scale w (low favours "
-                      "diversity; <= 1 turns classifier-free guidance off)")
+    cfg: float = flag(SAMPLER["cfg_scale"], "classifier-free guidance scale w (<= 1: off)")
     energy_scale: float = flag(SAMPLER["energy_scale"], "s_E, weight of the teacher energy E")
     class_scale: float = flag(SAMPLER["class_scale"], "s_C, weight of the class cross-entropy")
-    energy_temperature: float = flag(SAMPLER["temperature"], "τ of the energy "
-                                     "E = -τ logsumexp(f/τ)")
+    energy_temperature: float = flag(SAMPLER["temperature"], "τ of E = -τ logsumexp(f/τ)")
     guidance_start: float = flag(SAMPLER["guidance_start"], "guidance window start, fraction "
-                                 "of steps (a window holding no step is refused)")
+                                 "of steps")
     guidance_end: float = flag(SAMPLER["guidance_end"], "guidance window end, fraction of steps")
-    guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step inside the "
-                               "window")
+    guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step of the window")
     scheduler: str = flag("DDIMScheduler", "a diffusers scheduler class, made from the model's "
                           "config, or 'model' (SD 1.5: PNDM). A multistep one (PNDM, LMS, DPM++, "
                           "UniPC, DEIS, Heun) is refused unless every step is guided")
     exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
     no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
-    guidance_batch: int = flag(SAMPLER["guidance_batch"], "images per guidance decode with its "
-                               "backward pass (about 3 GiB each at 512² in float16); the "
-                               "result does not depend on it")
-    gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch (per torchrun "
-                          "process)")
+    guidance_batch: int = flag(SAMPLER["guidance_batch"], "images per guidance decode and its "
+                               "backward pass (~3 GiB each at 512² in fp16); images unchanged")
+    gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch and process")
     height: int | None = flag(None, "image height (default: the model's)", type=int)
     width: int | None = flag(None, "image width (default: the model's)", type=int)
     image_format: str = flag(CACHING["image_format"], "cached image format (jpg: quality 95, "
                              "smaller and faster to decode, lossy)", choices=("png", "jpg"))
-    max_new_images: int | None = flag(None, "generate at most this many images now (job time "
-                                      "limits)", type=int)
-    store_size: int = flag(320, "cache images with their shorter side at this size (0: as "
-                           "generated); the teacher's energy and p(y) are recorded at full size")
+    max_new_images: int | None = flag(None, "make at most this many images now", type=int)
+    store_size: int = flag(320, "cache images with their shorter side at this size (0: as made)")
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillDefaults:
     """distillation (§4)"""
     epochs: int = flag(100, "KD epochs over the synthetic set (0: no distillation)")
-    epochs_this_run: int | None = flag(None, "train at most this many epochs now (job time "
-                                       "limits)", type=int)
+    epochs_this_run: int | None = flag(None, "train at most this many epochs now", type=int)
     batch_size: int = flag(256, "global KD batch size (split over torchrun processes)")
     lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)")
     weight_decay: float = flag(KD["weight_decay"], "SGD weight decay")
     kd_temperature: float = flag(KD["temperature"], "τ_kd of the KD loss (DM-KD's)")
-    crop_scale: float = flag(KD["crop_scale"], "smallest share of an image a KD crop covers: "
-                             "RandomResizedCrop's scale (s, 1) (torchvision's and DM-KD's)")
+    crop_scale: float = flag(KD["crop_scale"], "RandomResizedCrop's smallest scale s of (s, 1)")
     image_size: int = flag(KD["image_size"], "student (and KD crop) input size")
 
 
@@ -1325,7 +1313,7 @@ def atomic_write(path, write):
 
 
 def save_torch_atomic(obj, path):
-    """torch.save to `path` atomically, serialised in memory first (so a full disk is an OSError)."""
+    """torch.save to `path` atomically, serialised in memory first: a full disk is an OSError."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, lambda temp: temp.write_bytes(buffer.getbuffer()))
@@ -1344,7 +1332,7 @@ def write_json_atomic(obj, path):
 
 
 def read_json(path, way_out):
-    """The JSON object at `path`; not UTF-8, not JSON or not an object: damaged (naming `way_out`)."""
+    """The JSON object at `path`; not UTF-8, not JSON or not an object: damaged (and `way_out`)."""
     try:
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -1356,7 +1344,7 @@ def read_json(path, way_out):
 
 def save_image_atomic(image, path, note=None):
     """Saves a [0, 1] (3, H, W) image as 8-bit PNG or JPEG (by suffix) atomically, the text `note`
-    in its own metadata; returns its size in bytes. Non-finite pixels (written black) are refused."""
+    in its own metadata; returns its size in bytes. Non-finite pixels (saved black) are refused."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
