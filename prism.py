@@ -872,9 +872,8 @@ def eval_loader(dataset, batch_size, num_workers, device):
 @torch.no_grad()
 def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_size=None,
                      batch_size=100, device="cpu", num_workers=0, progress=True):
-    """(features, labels) of an image-folder tree under eval_transform (§5): the input of the
-    teacher's last nn.Linear (a TorchScript teacher takes no hooks: its logits); labels as
-    image_folder gives them."""
+    """(features, labels) of an image folder under eval_transform (§5): the input of the
+    teacher's last nn.Linear (a TorchScript teacher takes no hooks: its logits)."""
     dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
     head, captured = last_linear_module(teacher.to(device).eval()), []
     hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
@@ -1618,8 +1617,7 @@ def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=
 
 # ── Labelled image folders: which folder is which class ───────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
-    """ImageFolder of `data_dir` (a UsageError if unusable): targets are the sorted folders'
-    positions or, with `classes`, the class of each (class_mapping)."""
+    """ImageFolder of `data_dir` (else a UsageError); targets: the folder's `classes` entry."""
     try:
         dataset = torchvision.datasets.ImageFolder(
             str(data_dir), transform=transform,
@@ -1644,9 +1642,8 @@ def named_val_sets(values):
 
 
 def read_lines(path, flag, count=None):
-    """The non-blank lines of the UTF-8 file `path` (from `flag`), each split at its first tab
-    into stripped cells; unreadable, empty, a first cell blank or twice (any case), or not
-    `count` lines: a UsageError naming the file."""
+    """The non-blank lines of the UTF-8 file `path`, each split at its first tab into stripped
+    cells; a bad file (a first cell blank or twice, not `count` lines): a UsageError."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -1708,9 +1705,8 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
 
 
 def labelled_sets(named_sets, class_names, class_ids=None):
-    """Each (name, path) as a dict: name, data, folders, classes and mapping (class_mapping),
-    images (their count). All are mapped, then every image decoded (ranks share the work): a
-    bad set is one line naming it before any work."""
+    """Each (name, path) as a dict of its folders, their classes (class_mapping) and images:
+    all mapped, then every image decoded (ranks share it), so a bad set is refused at once."""
     from PIL import Image
 
     sets, samples, (rank, world) = [], [], rank_and_world()
