@@ -1617,7 +1617,8 @@ def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=
 
 # ── Labelled image folders: which folder is which class ───────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
-    """ImageFolder of `data_dir` (else a UsageError); targets: the folder's `classes` entry."""
+    """ImageFolder of `data_dir` (else a UsageError); the i-th sorted folder's target: classes[i]
+    (default i)."""
     try:
         dataset = torchvision.datasets.ImageFolder(
             str(data_dir), transform=transform,
