@@ -832,45 +832,28 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
 
 # ── Stage 5. Precision and recall of the synthetic set (§5), accuracy on real test sets ───────────
 def knn_radii(features, k, batch_size=1024):
-    """Distance from every row of `features` to its k-th nearest other row: the radius of its
-    k-NN ball (§5). Blocks of `batch_size` rows keep memory at O(batch_size × N)."""
+    """r_k: the distance from every row of `features` to its k-th nearest other row (§5)."""
     # the (k + 1)-th smallest distance: each point is its own 1st
-    radii = [torch.cdist(features[start:start + batch_size], features).kthvalue(k + 1, dim=1).values
-             for start in range(0, len(features), batch_size)]
-    return torch.cat(radii)
+    return torch.cat([torch.cdist(features[i:i + batch_size], features).kthvalue(k + 1, 1).values
+                      for i in range(0, len(features), batch_size)])
 
 
 def precision_recall(real_features, fake_features, k=3, batch_size=1024):
-    """Precision and recall (Kynkäänniemi et al., NeurIPS 2019) and density and coverage (Naeem et
-    al., ICML 2020) of fake features against real ones (§5), with Euclidean k-NN balls B(x, r_k(x))
-    whose radius r_k is the distance to the k-th nearest neighbour within the point's own set:
-
-        precision = 1/M · Σ_j 1[ ∃ i: ‖y_j − x_i‖ < r_k(x_i) ]       fakes inside the real manifold
-        recall    = 1/N · Σ_i 1[ ∃ j: ‖x_i − y_j‖ < r_k(y_j) ]       reals inside the fake manifold
-        density   = 1/(kM) · Σ_j Σ_i 1[ ‖y_j − x_i‖ < r_k(x_i) ]     real balls around each fake
-        coverage  = 1/N · Σ_i 1[ min_j ‖x_i − y_j‖ < r_k(x_i) ]      real balls that hold any fake
-
-    x: the N real rows, y: the M fake rows; strict "<" as in the authors' code. Blocks of
-    `batch_size` fake rows against all real rows: no full distance matrix is ever held."""
+    """Precision and recall (Kynkäänniemi et al. 2019) of the M fake rows y against the N real
+    rows x (§5), with k-NN balls B(x, r_k(x)) drawn in each point's own set; strict "<" as in
+    the authors' code. Blocks of `batch_size` fakes: no full distance matrix is held."""
     real_radii = knn_radii(real_features, k, batch_size)
     fake_radii = knn_radii(fake_features, k, batch_size)
-    device, dtype = real_features.device, real_features.dtype
-    inside_real = 0  # fakes inside at least one real ball (precision)
-    real_ball_hits = 0  # (fake, real ball) pairs (density)
-    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=device)  # recall
-    nearest_fake = torch.full((len(real_features),), math.inf, dtype=dtype, device=device)
+    inside_real = 0
+    real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)
     for start in range(0, len(fake_features), batch_size):
-        # (block, N): this block of fakes against every real row
-        distances = torch.cdist(fake_features[start:start + batch_size], real_features)
-        in_real_ball = distances < real_radii.unsqueeze(0)
-        inside_real += in_real_ball.any(dim=1).sum().item()
-        real_ball_hits += in_real_ball.sum().item()
-        real_in_fake |= (distances < fake_radii[start:start + batch_size].unsqueeze(1)).any(dim=0)
-        nearest_fake = torch.minimum(nearest_fake, distances.min(dim=0).values)
+        distances = torch.cdist(fake_features[start:start + batch_size], real_features)  # (M', N)
+        # precision = 1/M · Σ_j 1[∃ i: ‖y_j − x_i‖ < r_k(x_i)]: fakes inside the real manifold
+        inside_real += (distances < real_radii).any(dim=1).sum().item()
+        # recall = 1/N · Σ_i 1[∃ j: ‖x_i − y_j‖ < r_k(y_j)]: reals inside the fake manifold
+        real_in_fake |= (distances < fake_radii[start:start + batch_size, None]).any(dim=0)
     return {"precision": inside_real / len(fake_features),
-            "recall": real_in_fake.sum().item() / len(real_features),
-            "density": real_ball_hits / (k * len(fake_features)),
-            "coverage": (nearest_fake < real_radii).sum().item() / len(real_features)}
+            "recall": real_in_fake.sum().item() / len(real_features)}
 
 
 def eval_transform(image_size, resize_size=None):
@@ -889,38 +872,30 @@ def eval_loader(dataset, batch_size, num_workers, device):
 @torch.no_grad()
 def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_size=None,
                      batch_size=100, device="cpu", num_workers=0, progress=True):
-    """(features (N, D), labels (N,)) of an ImageFolder tree, in order, under eval_transform:
-    the input of the teacher's last nn.Linear, a CNN's pooled penultimate layer (§5; a
-    TorchScript teacher takes no hooks: its logits). Labels: `classes` (class_mapping) of the
-    sorted folders, else their positions."""
-    loader = eval_loader(image_folder(data_dir, eval_transform(image_size, resize_size), classes),
-                         batch_size, num_workers, device)
-    teacher.to(device).eval()
-    head, captured = last_linear_module(teacher), []
+    """(features, labels) of an image folder under eval_transform (§5): the input of the
+    teacher's last nn.Linear (a TorchScript teacher takes no hooks: its logits)."""
+    dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
+    head, captured = last_linear_module(teacher.to(device).eval()), []
     hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-            if isinstance(head, nn.Linear) else None)
+            if isinstance(head, nn.Linear) else contextlib.nullcontext())
     features, labels = [], []
-    try:
-        for images, targets in tqdm(loader, desc=f"features of {Path(data_dir).name}",
-                                    unit="batch", disable=not progress):
-            captured.clear()
+    with hook:  # removed on the way out
+        for images, targets in tqdm(eval_loader(dataset, batch_size, num_workers, device),
+                                    desc=f"features of {Path(data_dir).name}", unit="batch",
+                                    disable=not progress):
             logits = teacher(images.to(device))
-            features.append((captured[-1] if captured else logits).flatten(1).float().cpu())
+            features.append((captured.pop() if captured else logits).flatten(1).float().cpu())
             labels.append(targets)
-    finally:
-        if hook is not None:
-            hook.remove()
     return torch.cat(features), torch.cat(labels)
 
 
 @torch.no_grad()
 def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", image_size=224,
              resize_size=None, num_workers=0, progress=True):
-    """Top-1 and top-5 accuracy (%) of a [0, 1]-image classifier on an ImageFolder tree under
-    eval_transform. `classes`: the model class of each sorted folder (class_mapping); None: the
-    folders are classes 0, 1, .... A set of K classes is scored over those K logits only (for
-    K below the model's outputs, ImageNet-R/-A's protocol). Under torchrun rank r scores images
-    r, r+N, ... and the counts are summed: every rank returns the single-process numbers."""
+    """Top-1 and top-5 accuracy (%) of a classifier on an image-folder tree under eval_transform;
+    `classes`: the class of each sorted folder (default 0, 1, ...). A set of K classes is scored
+    over those K logits only (ImageNet-R/-A's protocol). Under torchrun each rank scores its
+    share and the counts are summed: every rank returns the single-process numbers."""
     rank, world = rank_and_world()
     dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
     subset = torch.tensor(sorted(range(len(dataset.classes)) if classes is None else classes))
@@ -1137,16 +1112,16 @@ class DistillDefaults:
 @dataclasses.dataclass(frozen=True)
 class MeasureDefaults:
     """measuring the synthetic set (§5), evaluation and ablations"""
-    pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of the k-NN balls of "
-                     "precision, recall, density, coverage")
+    pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of precision and recall's "
+                     "k-NN balls")
     sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)")
-    val_dir: list | None = flag(None, "real labelled images, a folder per class (named by class "
-                                "index, name or wnid), scored for teacher and student; repeat "
-                                "it for shifted sets (ImageNet-V2, -Sketch, -R, -A). The first "
-                                "is precision/recall's: put ImageNet val first",
-                                action="append", metavar="[NAME=]PATH")
+    val_dir: list | None = flag(None, "real labelled images, a folder per class, scored for "
+                                "teacher and student; repeat it for shifted sets (ImageNet-V2, "
+                                "-Sketch, -R, -A). The first is precision/recall's: put "
+                                "ImageNet val first", action="append", metavar="[NAME=]PATH")
     class_ids: str | None = flag(None, "the classes' ids in label order, one a line (ImageNet: "
-                                 "its wnids), for --val-dir sets in id folders", metavar="FILE")
+                                 "its wnids): needed for a subset in id folders (ImageNet-R, -A)",
+                                 metavar="FILE")
     ablate: list | None = flag(None, "turn parts of the method off (one --out per variant) and "
                                "compare precision and recall in results.json", nargs="+",
                                choices=("guidance", "disambiguation", "content", "style"),
@@ -1284,16 +1259,6 @@ def report(kind, message):
     sys.stderr.flush()
 
 
-def without_per_class(report):
-    """`report` without its "per_class" lists, at any depth: the summary main() prints."""
-    if isinstance(report, dict):
-        return {key: without_per_class(value) for key,
-                value in report.items() if key != "per_class"}
-    if isinstance(report, list):
-        return [without_per_class(value) for value in report]
-    return report
-
-
 # ── Files: atomic writes, strict JSON, readable images ────────────────────────────────────────────
 def atomic_write(path, write):
     """write(temp), forced to disk, then renamed onto `path`: a process killed at any moment (or
@@ -1358,41 +1323,6 @@ def save_image_atomic(image, path, note=None):
     image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
     atomic_write(path, lambda temp: image.save(temp, **{"format": "PNG", **options}))
     return Path(path).stat().st_size
-
-
-def check_images_load(data_dir, what, checked=()):
-    """Decodes every image of the ImageFolder `data_dir` (ranks share the work); one that does
-    not load is a UsageError naming it. Returns (image count, each rank's stamp of the tree: its
-    files' names, sizes, mtimes). A tree whose stamps are all in `checked` is not decoded again."""
-    from PIL import Image
-
-    rank, world = rank_and_world()
-    try:
-        samples = image_folder(data_dir, None).samples
-    except UsageError as error:
-        raise UsageError(f"{what}: {error}")
-    listing = [(path, status.st_size, status.st_mtime_ns)
-               for path, status in ((path, os.stat(path)) for path, _ in samples)]
-    # every rank's stamp (a node may hold its own copy): all skip the decode, or none does
-    stamps = [stamp for [stamp] in gather_from_ranks(
-        [hashlib.sha256(json.dumps(listing).encode()).hexdigest()])]
-    if all(stamp in checked for stamp in stamps):
-        return len(samples), stamps
-    paths = [path for path, _ in samples][rank::world]
-    problem = ""
-    for path in tqdm(paths, desc=f"checking {what}", unit="img",
-                     disable=rank != 0 or len(paths) < 1000):
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception as error:  # whatever PIL says, the file is not a usable image
-            problem = (f"{what}: {path} is not a readable image ({first_line(error)}); fix or "
-                       f"remove it")
-            break
-    problem = next((p for [p] in gather_from_ranks([problem]) if p), "")
-    if problem:
-        raise UsageError(problem)
-    return len(samples), stamps
 
 
 TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.tmp<pid>
@@ -1634,9 +1564,8 @@ def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=
 
 # ── Labelled image folders: which folder is which class ───────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
-    """torchvision ImageFolder of `data_dir` (a UsageError if unusable) whose targets are the
-    position of each image's folder among the sorted folders or, with `classes` (class_mapping's
-    class of each), its class: folders 0 … 999 are classes 0 … 999, not the order 0, 1, 10, …"""
+    """ImageFolder of `data_dir` (else a UsageError); the i-th sorted folder's target: classes[i]
+    (default i)."""
     try:
         dataset = torchvision.datasets.ImageFolder(
             str(data_dir), transform=transform,
@@ -1647,8 +1576,7 @@ def image_folder(data_dir, transform, classes=None):
 
 
 def named_val_sets(values):
-    """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (named by its folder), in the
-    order given: the first is the in-distribution set."""
+    """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (named by its folder)."""
     sets = []
     for value in values or []:
         name, equals, path = value.partition("=")
@@ -1662,9 +1590,8 @@ def named_val_sets(values):
 
 
 def read_lines(path, flag, count=None):
-    """The non-blank lines of the UTF-8 text file `path` (from `flag`), one item a line in label
-    order, each split at its first tab into stripped cells; unreadable, empty, an item (its first
-    cell) blank or twice (in any case), or not `count` items: a UsageError naming the file."""
+    """The non-blank lines of the UTF-8 file `path`, each split at its first tab into stripped
+    cells; a bad file (a first cell blank or twice, not `count` lines): a UsageError."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -1685,14 +1612,13 @@ def read_lines(path, flag, count=None):
     return rows
 
 
-def class_mapping(folders, num_classes, class_names, reference_ids=None, reference="reference"):
-    """(classes, rule): the teacher class of each of a labelled set's sorted class `folders`, by
-    the first rule that maps them all: 1. every name an integer (ImageNet-V2's 0 … 999) →
-    int(name); 2. a class name (any case) → its index; 3. an id of `reference_ids` (label order;
-    `reference` says whence) → its position there; 4. num_classes folders, all WordNet ids, no
-    --class-ids → their sorted order (ImageNet val). Else, or a class out of range, an ambiguous
-    name, two folders of one class: a UsageError naming the folder (never a wrong score)."""
-    by_name, position = {}, {id_: n for n, id_ in enumerate(reference_ids or [])}
+def class_mapping(folders, num_classes, class_names, class_ids=None):
+    """(classes, rule): the class of each sorted folder by the first rule that maps them all:
+    1. integers (ImageNet-V2) → int(name); 2. class names (any case) → index; 3. ids of
+    --class-ids `class_ids` → position; 4. num_classes WordNet ids without --class-ids → sorted
+    order (ImageNet val). Else, or a class out of range, an ambiguous name, two folders of one
+    class: a UsageError naming the folder, never a wrong score."""
+    by_name, position = {}, {id_: n for n, id_ in enumerate(class_ids or [])}
     for index, name in enumerate(class_names):
         by_name.setdefault(name.lower(), []).append(index)
     if not folders:
@@ -1706,17 +1632,16 @@ def class_mapping(folders, num_classes, class_names, reference_ids=None, referen
             raise UsageError(f"folder '{twice}' names classes {by_name[twice.lower()]} of the "
                              f"class list: name the folders by class index")
     elif position and all(f in position for f in folders):
-        classes, rule = [position[f] for f in folders], f"ids via {reference}"
-    elif (len(folders) == num_classes and all(re.fullmatch(r"[a-z][0-9]{8}", f) for f in folders)
-          and not (reference or "").startswith("--class-ids")):
-        order = {f: n for n, f in enumerate(sorted(folders))}
-        classes, rule = [order[f] for f in folders], "sorted folder names"
+        classes, rule = [position[f] for f in folders], "--class-ids"
+    elif (not position and len(folders) == num_classes
+          and all(re.fullmatch(r"[a-z][0-9]{8}", f) for f in folders)):
+        classes, rule = [sorted(folders).index(f) for f in folders], "sorted folder names"
     else:
         lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f in position
                                                 or f.lower() in by_name)), folders[0])
-        raise UsageError(f"folder '{lost}' maps to no class (no rule of class_mapping fits); "
-                         f"give --class-ids FILE (one id a line, in label order), or the full set "
-                         f"(ImageNet val) as another --val-dir, or name the folders by class index")
+        raise UsageError(f"folder '{lost}' maps to no class; give --class-ids FILE (the ids in "
+                         f"label order, one a line: needed for a subset in id folders, such as "
+                         f"ImageNet-R or -A), or name the folders by class index")
     for n, (folder, c) in enumerate(zip(folders, classes)):
         if c >= num_classes:
             raise UsageError(f"folder '{folder}' is class {c}, but the teacher's classes are "
@@ -1727,44 +1652,37 @@ def class_mapping(folders, num_classes, class_names, reference_ids=None, referen
     return classes, rule
 
 
-def labelled_sets(named_sets, class_names, class_ids=None, checked_file=None):
-    """Each (name, path) of named_sets as a dict: name, data, folders (sorted), classes and
-    mapping (class_mapping's), images (their count): all mapped and decoded now, so a bad set is
-    refused before any work. Rule 3's ids: `class_ids` ((path, ids)), else the sorted folders of
-    the first set rule 4 maps. `checked_file` caches the stamps of trees decoded whole (a damaged
-    cache: decoded again)."""
-    sets = []
+def labelled_sets(named_sets, class_names, class_ids=None):
+    """Each (name, path) as a dict of its folders, their classes (class_mapping) and images:
+    all mapped, then every image decoded (ranks share it), so a bad set is refused at once."""
+    from PIL import Image
+
+    sets, samples, (rank, world) = [], [], rank_and_world()
     for name, path in named_sets:
         if not Path(path).is_dir():
             raise UsageError(f"--val-dir {name}: {path} is not a directory of class folders")
-        sets.append({"name": name, "data": str(path),
-                     "folders": sorted(e.name for e in os.scandir(path) if e.is_dir())})
-    reference_ids, reference = (None, None) if class_ids is None else (
-        class_ids[1], f"--class-ids {class_ids[0]}")
-    for s in sets if class_ids is None else []:
-        try:  # a set that no rule maps is no reference; its own mapping says why, naming it
-            rule = class_mapping(s["folders"], len(class_names), class_names)[1]
-        except UsageError:
-            continue
-        if rule == "sorted folder names":
-            reference_ids, reference = sorted(s["folders"]), f"sorted folders of set {s['name']}"
-            break
-    for s in sets:
+        folders = sorted(e.name for e in os.scandir(path) if e.is_dir())
         try:
-            s["classes"], s["mapping"] = class_mapping(s["folders"], len(class_names), class_names,
-                                                       reference_ids, reference)
+            classes, rule = class_mapping(folders, len(class_names), class_names, class_ids)
+            samples.append([file for file, _ in image_folder(path, None).samples])
         except UsageError as error:
-            raise UsageError(f"--val-dir {s['name']} ({s['data']}): {error}")
-    try:
-        checked = set(json.loads(Path(checked_file).read_bytes().decode("utf-8"))["stamps"])
-    except (TypeError, OSError, ValueError, KeyError):  # none, or damaged: one more decode
-        checked = set()
-    stamps = set(checked)
-    for s in sets:
-        s["images"], seen = check_images_load(s["data"], f"--val-dir {s['name']}", stamps)
-        stamps.update(seen)
-    if checked_file and stamps != checked and rank_and_world()[0] == 0:
-        write_json_atomic({"stamps": sorted(stamps)}, checked_file)
+            raise UsageError(f"--val-dir {name} ({path}): {error}")
+        sets.append({"name": name, "data": str(path), "folders": folders, "classes": classes,
+                     "mapping": rule, "images": len(samples[-1])})
+    for s, files in zip(sets, samples):
+        problem = ""
+        for file in tqdm(files[rank::world], desc=f"checking --val-dir {s['name']}", unit="img",
+                         disable=rank != 0 or len(files) < 1000):
+            try:
+                with Image.open(file) as image:
+                    image.load()
+            except Exception as error:  # whatever PIL says, the file is not a usable image
+                problem = (f"--val-dir {s['name']}: {file} is not a readable image "
+                           f"({first_line(error)}); fix or remove it")
+                break
+        problem = next((p for [p] in gather_from_ranks([problem]) if p), "")  # all ranks learn it
+        if problem:
+            raise UsageError(problem)
     return sets
 
 
@@ -2431,14 +2349,13 @@ def load_models(args, device):
 
 
 def labelled_test_sets(args, models):
-    """The --val-dir sets (labelled_sets: every folder mapped to its class, every image decoded),
-    checked now although evaluation reads them last; and --pr-k against the set sizes."""
-    class_ids = None if args.class_ids is None else (args.class_ids, [row[0] for row in read_lines(
-        args.class_ids, "--class-ids", len(models.class_names))])
-    test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids,
-                              checked_file=Path(args.out) / "checked_images.json")
-    real_images = test_sets[0]["images"] if test_sets else math.inf  # precision/recall's set
-    smallest = min(len(models.class_names) * args.per_class, real_images)
+    """The --val-dir sets (labelled_sets), checked now though evaluation reads them last, and
+    --pr-k against the sizes of the sets precision_recall compares."""
+    class_ids = args.class_ids and [row[0] for row in read_lines(
+        args.class_ids, "--class-ids", len(models.class_names))]
+    test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids)
+    first = test_sets[0] if test_sets else {"classes": models.class_names, "images": math.inf}
+    smallest = min(len(first["classes"]) * args.per_class, first["images"])
     if args.pr_k >= smallest:
         raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; "
                          f"the smaller set has {smallest}")
@@ -2638,78 +2555,22 @@ def distillation_stage(args, out, models, data_settings, results, device):
     return True
 
 
-def worst_classes(per_class, key, count=10):
-    """Names of the `count` entries of `per_class` with the lowest `key` (None skipped)."""
-    return [e["name"] for e in sorted((e for e in per_class if e[key] is not None),
-                                      key=lambda e: e[key])[:count]]
-
-
-def synthetic_set_report(records, features, class_names):
-    """What is measured without real data (§2, §5), overall and per class, from the `records`
-    and the teacher `features` of the same images: agreement (teacher top-1 = intended class),
-    mean and spread of the final energy, diversity (mean pairwise feature distance in a
-    class); the classes lowest in agreement and diversity are named."""
-    labels = torch.tensor([r["class"] for r in records])
+def synthetic_set_report(records, features, labels):
+    """What is measured without real data (§2, §5), from the `records` and the teacher
+    `features` (of class `labels`) of the same images: agreement (teacher top-1 = intended
+    class), the final energy, diversity (mean pairwise feature distance within a class)."""
     nan = lambda x: math.nan if x is None else x  # noqa: E731  (None: NaN in strict JSON)
     energies = torch.tensor([nan(r["energy"]) for r in records], dtype=torch.float64)
-    agree = torch.tensor([r["top1"] == r["class"] for r in records], dtype=torch.float64)
-    per_class = []
-    for c, name in enumerate(class_names):
-        mine = labels == c
-        n = int(mine.sum())
-        per_class.append({"class": c, "name": name, "images": n,
-                          "agreement": agree[mine].mean().item() if n else None,
-                          "mean_energy": energies[mine].mean().item() if n else None,
-                          "std_energy": energies[mine].std().item() if n > 1 else None,
-                          "diversity": torch.pdist(features[mine]).mean().item() if n > 1 else 0.0})
-    return {"images": len(records), "agreement": agree.mean().item(),
+    diversity = [torch.pdist(features[labels == c]).mean().item() if (labels == c).sum() > 1
+                 else 0.0 for c in labels.unique()]
+    return {"images": len(records),
+            "agreement": sum(r["top1"] == r["class"] for r in records) / len(records),
             "mean_energy": energies.mean().item(),
             "std_energy": energies.std().item() if len(records) > 1 else 0.0,
             "mean_p_class": sum(nan(r["p_class"]) for r in records) / len(records),
             "guidance_skipped_images": sum(r["guidance_skipped"] > 0 for r in records),
             "resampled_unguided_images": sum(r["resampled_unguided"] for r in records),
-            "diversity": sum(e["diversity"] for e in per_class) / len(per_class),
-            "lowest_agreement": worst_classes(per_class, "agreement"),
-            "lowest_diversity": worst_classes(per_class, "diversity"), "per_class": per_class}
-
-
-def precision_recall_report(real_features, real_labels, fake_features, fake_labels, class_names,
-                            *, k=3, batch_size=1024):
-    """precision_recall of the synthetic set against real images (§5): overall, and per class
-    (synthetic class c against real class c; None with k or fewer images on a side). The
-    classes lowest in precision and recall are named."""
-    per_class = []
-    for c, name in enumerate(class_names):
-        real, fake = real_features[real_labels == c], fake_features[fake_labels == c]
-        scores = (precision_recall(real, fake, k, batch_size) if min(len(real), len(fake)) > k
-                  else dict.fromkeys(("precision", "recall", "density", "coverage")))
-        per_class.append({"class": c, "name": name, "real_images": len(real),
-                          "synthetic_images": len(fake), **scores})
-    return {"k": k, "real_images": len(real_features), "synthetic_images": len(fake_features),
-            **precision_recall(real_features, fake_features, k, batch_size),
-            "lowest_precision": worst_classes(per_class, "precision"),
-            "lowest_recall": worst_classes(per_class, "recall"), "per_class": per_class}
-
-
-def evaluate_sets(sets, teacher, student, num_classes, *, teacher_sizes=None, **evaluation):
-    """results.json's "evaluation": each of labelled_sets' `sets` scored (evaluate) for the
-    teacher, with its own sizes `teacher_sizes` (its published protocol), and the student
-    (unless None), the top-1 gap between them, the folder mapping, and each folder's class."""
-    entries = []
-    for s in sets:
-        k = len(s["classes"])
-        entry = {"name": s["name"], "data": s["data"], "classes": k,
-                 "protocol": (f"all {k} classes" if k == num_classes else
-                              f"restricted to {k} of {num_classes} classes"),
-                 "mapping": s["mapping"], "teacher_sizes": teacher_sizes,
-                 "teacher": evaluate(teacher, s["data"], classes=s["classes"],
-                                     **{**evaluation, **(teacher_sizes or {})})}
-        if student is not None:
-            entry["student"] = evaluate(student, s["data"], classes=s["classes"], **evaluation)
-            entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
-        entry["per_class"] = [{"folder": f, "class": c} for f, c in zip(s["folders"], s["classes"])]
-        entries.append(entry)
-    return {"sets": entries}
+            "diversity": sum(diversity) / len(diversity)}
 
 
 def eval_sizes(classifier):
@@ -2718,46 +2579,51 @@ def eval_sizes(classifier):
 
 
 def measurement_stage(args, out, models, records, test_sets, results, device):
-    """Stage 5 (§5): the synthetic set in the teacher's features, against the first (the
-    in-distribution) test set when there is one (with --smoke and none, the synthetic set stands
-    in), then teacher and student on every test set. Adds both to `results`."""
-    synthetic, rank = out / "synthetic", rank_and_world()[0]
+    """Stage 5 (§5): rank 0 measures the synthetic set in the teacher's features, against the
+    first test set (--smoke without one: the synthetic set stands in); then teacher and student
+    are scored (evaluate) on every test set. Adds both to `results`."""
+    synthetic, n = out / "synthetic", len(models.class_names)
     if not test_sets and args.smoke:
         test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
-    if rank == 0:  # one process measures; the others wait at the barrier below
-        features = dict(eval_sizes(models.teacher), device=device, num_workers=args.workers)
-        fake_features, fake_labels = extract_features(models.teacher, synthetic, **features)
-        results["synthetic"] = synthetic_set_report(records, fake_features, models.class_names)
+    sizes = eval_sizes(models.teacher)  # the teacher's own protocol
+    options = dict(device=device, num_workers=args.workers)
+    if rank_and_world()[0] == 0:  # one process measures; the others wait at the barrier below
+        fake, fake_labels = extract_features(models.teacher, synthetic, **sizes, **options)
+        results["synthetic"] = synthetic_set_report(records, fake, fake_labels)
         if test_sets:
             real = test_sets[0]
-            real_features, real_labels = extract_features(models.teacher, real["data"],
-                                                             classes=real["classes"], **features)
+            real_features = extract_features(models.teacher, real["data"], **sizes, **options)[0]
             # a set of some classes (ImageNet-R first) is compared with those classes' images
-            shared = torch.isin(fake_labels, torch.tensor(real["classes"]))
-            results["precision_recall"] = {"set": real["name"], "data": real["data"],
-                                           "classes": len(real["classes"]),
-                                           **precision_recall_report(
-                real_features.to(device), real_labels.to(device), fake_features[shared].to(device),
-                fake_labels[shared].to(device), models.class_names, k=args.pr_k)}
+            fake = fake[torch.isin(fake_labels, torch.tensor(real["classes"]))]
+            results["precision_recall"] = {
+                "set": real["name"], "data": real["data"], "classes": len(real["classes"]),
+                "k": args.pr_k, "real_images": len(real_features), "synthetic_images": len(fake),
+                **precision_recall(real_features.to(device), fake.to(device), k=args.pr_k)}
     barrier()
-    if test_sets:
-        student = models.student if args.epochs > 0 else None
-        results["evaluation"] = evaluate_sets(test_sets, models.teacher, student,
-                                              len(models.class_names), device=device,
-                                              image_size=args.image_size, num_workers=args.workers,
-                                              teacher_sizes=eval_sizes(models.teacher))
+    for s in test_sets:  # every rank scores its share of each set
+        k = len(s["classes"])
+        entry = {"name": s["name"], "data": s["data"], "classes": k,
+                 "protocol": f"all {k} classes" if k == n else f"restricted to {k} of {n} classes",
+                 "mapping": s["mapping"], "folders": dict(zip(s["folders"], s["classes"])),
+                 "teacher": evaluate(models.teacher, s["data"], classes=s["classes"], **sizes,
+                                     **options)}
+        if args.epochs > 0:
+            entry["student"] = evaluate(models.student, s["data"], classes=s["classes"],
+                                        image_size=args.image_size, **options)
+            entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
+        results.setdefault("evaluation", {"teacher_sizes": sizes, "sets": []})["sets"].append(entry)
 
 
 def write_results(args, out, results, num_classes):
-    """Rank 0 writes OUT/results.json and prints its summary (no per-class lists) and the
-    teacher/student table of the test sets."""
+    """Rank 0 writes OUT/results.json and prints the measures and the test sets' table."""
     if rank_and_world()[0] != 0:
         return
     write_json_atomic(results, out / "results.json")
-    print(json.dumps(without_per_class(results), indent=1))
+    print(json.dumps({key: results[key] for key in ("synthetic", "precision_recall")
+                      if key in results}, indent=1))
     if "evaluation" in results:
         print(evaluation_table(results["evaluation"]["sets"], num_classes))
-    print(f"per-class reports: {out / 'results.json'}; what was generated: "
+    print(f"everything measured: {out / 'results.json'}; what was generated: "
           f"{out / 'contact_sheet.png'}")
     if args.smoke:
         print("smoke run done: every stage ran end to end on tiny random models (plumbing, not "
@@ -2844,8 +2710,7 @@ def contact_sheet(data_dir, class_names, path, *, max_classes=MEASURE.sheet_clas
 
 
 def evaluation_table(sets, num_classes):
-    """evaluate_sets' entries as an aligned text table, a row per set: images, classes (K/N if
-    restricted), teacher and student top-1/top-5 (%) and the top-1 gap ("-": no student)."""
+    """results.json's evaluation sets as an aligned text table ("-": no student)."""
     rows = [("set", "images", "classes", "teacher top-1", "top-5", "student top-1", "top-5",
              "gap top-1")]
     for s in sets:
@@ -2859,6 +2724,7 @@ def evaluation_table(sets, num_classes):
     # the set's name left-aligned, every number right-aligned under its heading
     return "\n".join("  ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])])
                      .rstrip() for row in rows)
+
 
 
 # ── Tiny random components: the offline smoke run and the tests (plumbing, not accuracy) ──────────
