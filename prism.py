@@ -742,30 +742,14 @@ def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nul
     return loss.detach()
 
 
-def kd_epoch(teacher, model, optimizer, schedule, loader, *, temperature, amp, device,
-             memory_format, description, progress=True):
-    """kd_step over `loader`, the schedule stepped per batch: (loss sum, batches, last batch)."""
-    total, count, batch = torch.zeros((), device=device), 0, None
-    with tqdm(loader, desc=description, unit="batch", disable=not progress) as batches:
-        for batch, _ in batches:
-            batch = to_unit_images(batch, device, memory_format)
-            total = total + kd_step(teacher, model, optimizer, batch, temperature, amp)
-            schedule.step()
-            count += 1
-    return total.item(), count, batch  # .item() waits for the GPU
-
-
 def student_is_finite(student, batch, amp=contextlib.nullcontext()):
     """True if the student's weights and its eval-mode outputs on `batch` are finite (finite
     weights can be so large that every output overflows)."""
-    if not all(torch.isfinite(t).all() for t in student.state_dict().values()
-               if t.is_floating_point()):
-        return False
     student.eval()
     with torch.no_grad(), amp:
-        finite = bool(torch.isfinite(student(batch)).all())
+        tensors = [student(batch), *student.state_dict().values()]
     student.train()
-    return finite
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=10.0, device="cpu",
@@ -793,9 +777,8 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
     # SGD with Nesterov momentum, lr_t = lr · ½(1 + cos(π t / T)) per step (our choices)
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, nesterov=True,
                                 weight_decay=weight_decay)
-    total_steps = epochs * (len(sampler) // loader.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / (epochs * len(loader)))))
     state = {"epoch": 0, "history": [], "epoch_seconds": []}
     if resume is not None:
         for part, saved in ((student, "student"), (optimizer, "optimizer"), (schedule, "schedule")):
@@ -803,25 +786,26 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
         state = {key: copy.deepcopy(resume.get(key, [])) for key in state}
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(state["epoch"], min(epochs, state["epoch"] + (stop_after or epochs))):
-        started = time.perf_counter()
+        started, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         sampler.set_epoch(epoch)  # the shuffle of epoch e: the same permutation on every rank
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(derived_seed("distill", seed, epoch, rank))  # e.g. dropout
-            loss_sum, batches, last = kd_epoch(
-                teacher, model, optimizer, schedule, loader, temperature=temperature, amp=amp,
-                device=device, memory_format=memory_format, progress=progress and rank == 0,
-                description=f"distill {epoch + 1}/{epochs}")
-        # summed over the ranks: the loss, the batches, and the ranks whose student fails
-        totals = torch.tensor([loss_sum, batches, not student_is_finite(student, last, amp)],
+            for images, _ in tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", unit="batch",
+                                  disable=not progress or rank != 0):
+                images = to_unit_images(images, device, memory_format)
+                loss_sum += kd_step(teacher, model, optimizer, images, temperature, amp)
+                schedule.step()
+        # summed over the ranks (each runs len(loader) batches): the loss, the failing students
+        totals = torch.tensor([loss_sum.item(), not student_is_finite(student, images, amp)],
                               dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
-        if not math.isfinite(totals[0]) or totals[2] > 0:
+        if not math.isfinite(totals[0]) or totals[1] > 0:
             raise RunFailure(f"distillation diverged in epoch {epoch + 1} (KD loss {totals[0]:.4g}"
                              f"; its weights or outputs are not finite); epoch {epoch} was the "
                              f"last good one. The learning rate {lr} is likely too high: lower "
                              f"--lr and rerun with --overwrite (the images are kept)")
-        state["history"].append(totals[0].item() / max(totals[1].item(), 1))
+        state["history"].append(totals[0].item() / (world * len(loader)))
         state["epoch_seconds"].append(time.perf_counter() - started)
         state["epoch"] = epoch + 1
         if on_epoch is not None:
