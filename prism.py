@@ -868,7 +868,8 @@ def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_
                                     desc=f"features of {Path(data_dir).name}", unit="batch",
                                     disable=not progress):
             logits = teacher(images.to(device))
-            features.append((captured.pop() if captured else logits).flatten(1).float().cpu())
+            features.append((captured[-1] if captured else logits).flatten(1).float().cpu())
+            captured.clear()  # a head that runs twice in a forward: its last input
             labels.append(targets)
     return torch.cat(features), torch.cat(labels)
 
@@ -1301,8 +1302,9 @@ def save_image_atomic(image, path, note=None):
         raise ValueError(f"refusing to save non-finite pixels as {path}")
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
     png = PngInfo()
-    png.add_text("prism", note or "")
-    options = ({"format": "JPEG", "quality": 95, "comment": note or ""}
+    if note is not None:
+        png.add_text("prism", note)
+    options = ({"format": "JPEG", "quality": 95, "comment": note}
                if Path(path).suffix.lower() in (".jpg", ".jpeg") else {"pnginfo": png})
     image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
     atomic_write(path, lambda temp: image.save(temp, **{"format": "PNG", **options}))
@@ -1328,8 +1330,11 @@ def remove_stale_temps(out):
 # ── Resume: settings, the images' own records, checkpoints (nothing cached is lost or mixed) ──────
 def file_fingerprint(path):
     """16 hex digits of a file's SHA-256: a model file changed under its name is another model."""
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def settings_difference(old, new, shown=3):
@@ -2335,7 +2340,7 @@ def load_models(args, device):
 def labelled_test_sets(args, models):
     """The --val-dir sets (labelled_sets), checked now though evaluation reads them last, and
     --pr-k against the sizes of the sets precision_recall compares."""
-    class_ids = args.class_ids and [row[0] for row in read_lines(
+    class_ids = None if args.class_ids is None else [row[0] for row in read_lines(
         args.class_ids, "--class-ids", len(models.class_names))]
     test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids)
     first = test_sets[0] if test_sets else {"classes": models.class_names, "images": math.inf}
@@ -2603,8 +2608,8 @@ def write_results(args, out, results, num_classes):
     if rank_and_world()[0] != 0:
         return
     write_json_atomic(results, out / "results.json")
-    print(json.dumps({key: results[key] for key in ("synthetic", "precision_recall")
-                      if key in results}, indent=1))
+    print(strict_json({key: results[key] for key in ("synthetic", "precision_recall")
+                       if key in results}, indent=1))
     if "evaluation" in results:
         print(evaluation_table(results["evaluation"]["sets"], num_classes))
     print(f"everything measured: {out / 'results.json'}; what was generated: "

@@ -2135,12 +2135,16 @@ def test_corrupt_validation_image_is_found_before_synthesis(tmp_path, capsys):
 
 
 def check_a_share_of_the_images(rank, world, root):
-    """One rank of a gloo group: decodes its share of root/val, keeps the error it raises."""
+    """One rank of a gloo group: decodes its share of root/val, keeps the error it raises and
+    the files it opened."""
+    opened, open_image = [], Image.open
+    Image.open = lambda path, *more: opened.append(str(path)) or open_image(path, *more)
     torch.distributed.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
                                          world_size=world)
     with pytest.raises(prism.UsageError) as error:
         prism.labelled_sets([("val", root / "val")], NAMES)
     (root / f"rank{rank}.txt").write_text(str(error.value))
+    (root / f"rank{rank}.json").write_text(json.dumps(opened))
     torch.distributed.destroy_process_group()
 
 
@@ -2150,9 +2154,13 @@ def test_every_rank_refuses_a_broken_image_only_one_of_them_decoded(tmp_path):
         Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(tmp_path / "val" / f"{c}" / "ok.png")
     (tmp_path / "val" / "0" / "ok.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # image 0: rank 0's
     torch.multiprocessing.spawn(check_a_share_of_the_images, args=(2, tmp_path), nprocs=2)
+    broken = str(tmp_path / "val" / "0" / "ok.png")
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
-            f"--val-dir val: {tmp_path / 'val' / '0' / 'ok.png'} is not a readable image")
+            f"--val-dir val: {broken} is not a readable image")
+    # rank 1 decoded its own share, images 1 and 3, and learned of image 0 from rank 0
+    assert json.loads((tmp_path / "rank1.json").read_text()) == [
+        str(tmp_path / "val" / f"{c}" / "ok.png") for c in (1, 3)]
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
