@@ -293,9 +293,8 @@ def with_article(phrase):
 
 
 def names_any(text, names, own=""):
-    """True if `text` names one of `names` as whole words (any case, plurals too) once the
-    class's `own` name is taken out: a phrase that would have the diffusion model draw another
-    class. "ant" is not in "elephant"; "tiger" is not named by "tiger cat" itself."""
+    """True if `text` names one of `names` as whole words (any case, plurals too) once the class's
+    `own` name is out: SD would draw another class. "ant" is not in "elephant"."""
     if own:
         text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE)
     words = re.findall(r"[\w'-]+", text.lower())
@@ -311,8 +310,8 @@ def free_of_classes(phrases, class_names):
 
 
 def last_linear_module(model):
-    """A classifier's head: the last nn.Linear (TorchScript's too) of `model`, or None. Its weight
-    has one row per class; its input is the penultimate layer."""
+    """A classifier's head, the last nn.Linear (TorchScript's too) of `model`, or None: a weight
+    row per class, the penultimate layer as input."""
     linear = None
     for module in model.modules():
         if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
@@ -320,52 +319,39 @@ def last_linear_module(model):
     return linear
 
 
-def nearest_classes(weight, k):
-    """For each class, the k other classes whose head weight rows are most cosine-similar: a
-    data-free context for an ambiguous name (§3): mouse → computer keyboard, desktop computer."""
-    unit = F.normalize(weight.detach().float(), dim=1)
-    similarity = unit @ unit.T
-    similarity.fill_diagonal_(-float("inf"))
-    return similarity.topk(min(k, len(unit) - 1), dim=1).indices.tolist()
-
-
 def neighbour_names(class_names, teacher, k):
-    """For each class, the names of its k teacher-nearest classes, [] without a usable head."""
+    """For each class c, the names of the k classes j ≠ c of largest cos(w_c, w_j), w the rows of
+    the teacher's head (§3): a data-free sense of an ambiguous name (mouse → computer keyboard,
+    desktop computer); [] without a usable head."""
     head = last_linear_module(teacher) if teacher is not None and k > 0 else None
     if head is None or head.weight.shape[0] != len(class_names) or len(class_names) < 2:
         return [[] for _ in class_names]
-    return [[class_names[j] for j in row] for row in nearest_classes(head.weight, k)]
+    unit = F.normalize(head.weight.detach().float(), dim=1)
+    # cos(w_c, w_j), j ≠ c
+    similarity = (unit @ unit.T).fill_diagonal_(-float("inf"))
+    nearest = similarity.topk(min(k, len(unit) - 1), dim=1).indices.tolist()
+    return [[class_names[j] for j in row] for row in nearest]
 
 
 @torch.no_grad()
-def text_embeddings(text_encoder, texts, batch_size=256):
-    """Unit-length CLIP text embeddings (the pooled output) of `texts`, float32 on the CPU;
-    text_encoder = (tokenizer, CLIPTextModel), e.g. (pipe.tokenizer, pipe.text_encoder)."""
-    tokenizer, model = text_encoder
-    pooled = []
-    for start in range(0, len(texts), batch_size):
-        ids = tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        pooled.append(model(ids.to(model.device)).pooler_output.float().cpu())
-    return F.normalize(torch.cat(pooled), dim=-1)
-
-
 def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES)):
     """The category each class's teacher neighbours point to (§3 without an LLM; None without
-    neighbours), with T the unit CLIP text embedding of "a photo of a {x}":
+    neighbours), T the unit pooled CLIP text embedding of "a photo of a {x}":
         category(c) = argmax_k cos(T(k), mean_{n ∈ neighbours(c)} T(n))
-    Only the category enters the prompt, so the neighbours are never drawn."""
+    Only the category enters the prompt, so the neighbours are never drawn. `text_encoder`:
+    (tokenizer, CLIPTextModel), e.g. (pipe.tokenizer, pipe.text_encoder)."""
     names = sorted({n for row in neighbours for n in row})
     if not names:
         return [None] * len(neighbours)
-    embedded = text_embeddings(text_encoder, [f"a photo of {with_article(x)}" for x in
-                                              [*categories, *names]])
-    category_rows, name_rows = embedded[:len(categories)], embedded[len(categories):]
-    index = {name: i for i, name in enumerate(names)}
+    tokenizer, model = text_encoder
+    ids = tokenizer([f"a photo of {with_article(x)}" for x in [*categories, *names]],
+                    padding="max_length", truncation=True, return_tensors="pt").input_ids
+    embedded = F.normalize(model(ids.to(model.device)).pooler_output.float().cpu(), dim=-1)
+    index = {name: len(categories) + i for i, name in enumerate(names)}
     # mean_{n ∈ neighbours(c)} T(n), then the nearest category by cosine
-    centres = [F.normalize(name_rows[[index[n] for n in row]].mean(0), dim=0) if row else None
+    centres = [F.normalize(embedded[[index[n] for n in row]].mean(0), dim=0) if row else None
                for row in neighbours]
-    return [None if centre is None else categories[(category_rows @ centre).argmax().item()]
+    return [None if centre is None else categories[(embedded[:len(categories)] @ centre).argmax()]
             for centre in centres]
 
 
@@ -374,10 +360,11 @@ def llm_questions(name, neighbours, scenes_per_class):
     The teacher's neighbours go into the question only, to tell which sense is meant."""
     sense = f" (the sense close to {' and '.join(neighbours)})" if neighbours else ""
     describe = (f"An image classifier has a class named '{name}'{sense}. In at most 8 words, say "
-                f"what a '{name}' is, as a noun phrase. Do not name other things it is near.")
+                f"what a '{name}' is, as a noun phrase. Do not name other things it is near. "
+                f"Answer with the noun phrase alone.")
     scenes = (f"List {scenes_per_class} different scenes in which a photo of a '{name}'{sense} "
               f"is really taken: where it is seen, with what, from which viewpoint, in which "
-              f"light. One scene per line, at most 12 words each, no numbering.")
+              f"light. One scene per line, at most 12 words each, no numbering, nothing else.")
     return describe, scenes
 
 
@@ -411,41 +398,32 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
 
 def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
                     scenes_per_class=12, device="cpu"):
-    """Puts the LLM's answers into describe_classes' entries (§3): what the class is (not for a
-    class the user's file describes) and its scenes, cleaned to whole phrases (llm_description,
-    clean_line). An answer naming a teacher neighbour is dropped (SD would draw that class), so
-    is an empty one or the bare name. An answer cleaning changed is kept in "llm_raw"."""
+    """Puts the LLM's answers into describe_classes' entries (§3): what the class is (unless the
+    user's file says it) and its scenes, a phrase per line of an answer (answer_phrases). A
+    phrase naming a teacher neighbour is dropped (SD would draw that class), so is the bare name;
+    with none left, the entry keeps what it had."""
     asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
     todo = [c for c, entry in enumerate(classes) if describe and entry["source"] != "file"]
     # room for a chat preamble before the answer
     described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=48,
                              device=device)
+    listed, _ = ask_llm(llm, [q[1] for q in asked] if vary_content else [], answers,
+                        max_new_tokens=32 * scenes_per_class, device=device)
+
+    def usable(entry, answer):  # its phrases that name no neighbour and are not the bare name
+        return [phrase for phrase in answer_phrases(answer) if not names_any(
+            phrase, entry["neighbours"], entry["name"]) and re.sub(
+                r"^(?:an?|the) ", "", phrase.lower()) != entry["name"].lower()]
     for c, answer in zip(todo, described):
-        entry, description = classes[c], llm_description(answer, classes[c]["name"])
-        if names_any(description, entry["neighbours"], entry["name"]) or re.sub(
-                r"^(?:a|an|the) ", "", description.lower()) == entry["name"].lower():
-            description = ""
-        if description:
-            entry.update(description=description, source="llm")
-        if description != answer.strip():
-            entry.setdefault("llm_raw", {})["description"] = answer
-    if not vary_content:
-        return classes
-    listed, _ = ask_llm(llm, [q[1] for q in asked], answers, device=device,
-                        max_new_tokens=32 * scenes_per_class)
+        for description in usable(classes[c], answer)[:1]:
+            classes[c].update(description=description, source="llm")
     for entry, answer in zip(classes, listed):
-        scenes = dict.fromkeys(whole_phrase(clean_line(line)) for line in answer.splitlines())
-        scenes = [s for s in scenes if s and not names_any(s, entry["neighbours"], entry["name"])
-                  ][:scenes_per_class]
-        if scenes:
-            entry.update(scenes=scenes, scene_source="llm")
-        if scenes != [line.strip() for line in answer.splitlines() if line.strip()]:
-            entry.setdefault("llm_raw", {})["scenes"] = answer
+        scenes = usable(entry, answer)[:scenes_per_class]
+        entry.update({"scenes": scenes, "scene_source": "llm"} if scenes else {})
     return classes
 
 
-def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0,
-                    vary_style=True):
+def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0, vary_style=True):
     """`per_class` prompts for each of describe_classes' entries (§3), deterministic for a seed:
         prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
     A photo style with probability `photo_share`, and the next (style, scene) pair of that kind
@@ -1090,8 +1068,7 @@ class PromptDefaults:
                               "the rest: sketch, painting, cartoon, ...")
     neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes that tell which "
                            "sense of a class name is meant (0: off); they are never drawn")
-    scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes for each "
-                                 "class")
+    scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes a class")
     prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md, then "
                               "stop: read it before the long run", action="store_true")
 
@@ -1169,78 +1146,30 @@ RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
 SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
 
 
-# ── The LLM: asking it (cached), and its answers as whole phrases ─────────────────────────────────
-# Words where a phrase begins (PHRASE_STARTS) and words a phrase cannot end on (DANGLING): a cut
-# just before one of the first leaves whole phrases: "a small device | that is used to ...".
-# Some prepositions end a phrase too: "seen from above".
-PHRASE_STARTS = set("of in on at to for with by from into onto near next under over above below "
-                    "between through during across against behind beside among inside outside "
-                    "like as about along around without within and or but nor while when where "
-                    "whose which that who used".split())
-DANGLING = (PHRASE_STARTS - set("above below behind inside outside around along across about "
-                                "without within".split())
-            | set("a an the its their his her our your my this these is are was were be being "
-                  "been has have can will very such".split()))
-# What chat models write around an answer: preambles ("Sure! Here are 12 scenes:") and closing
-# remarks ("These scenes capture ...", "Let me know ..."); also any sentence that ends in ':',
-# '?' or '!' ("Great question!"), which no scene or description does.
-CHAT_DEBRIS = re.compile(r"(?:sure|certainly|of course|absolutely|okay|(?:here|below)"
-                         r"(?: are| is|'s)|these|this list|i hope|hope|i'm|i am|i've|let me"
-                         r"|feel free|note|each of these|all of these|in summary|overall)\b",
-                         re.IGNORECASE)
-# The questions ask for 8 and 12 words; a phrase may run a little over. Prompts stay well
-# within CLIP's 77 tokens: style, name, description and scene together.
+# ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
+# The questions ask for 8 and 12 words; a line may run a little over. Prompts stay well within
+# CLIP's 77 tokens: style, name, description and scene together.
 PHRASE_WORDS = 14
 
 
-def whole_phrase(text, max_words=PHRASE_WORDS):
-    """`text`'s longest start of at most `max_words` words that ends a phrase: at its end or just
-    before a word of PHRASE_STARTS or a dash, and never on a word of DANGLING ("the", "to",
-    "used"); "" if there is none. A cut-off answer or a long sentence never ends mid-phrase."""
-    words = text.split()
-    for n in range(min(len(words), max_words), 0, -1):
-        ends = n == len(words) or words[n].lower() in PHRASE_STARTS | {"-", "–", "—"}
-        if ends and words[n - 1].lower().strip(",;") not in DANGLING:
-            return " ".join(words[:n]).rstrip(",;")
-    return ""
-
-
-def clean_line(line):
-    """One line of an LLM's answer as a bare phrase: its first sentence that is not chat debris
-    (CHAT_DEBRIS), without list marker, markdown, double quotes and control characters, and
-    without its heading ("**Office Desk**: a cluttered desk" keeps the text, a heading alone
-    stays); "" for a markdown title ("### Outdoors") or when no sentence has a real word."""
-    line = "".join(ch for ch in line if ch.isprintable()).replace("’", "'")
-    if line.lstrip().startswith("#"):  # a markdown title of the lines that follow
-        return ""
-    line = re.sub(r"^\s*(?:[-*+]\s+|•\s*|\(?\d+[.)]\s+)", "", line)  # list marker
-    line = re.sub(r"(\*\*|__)(.+?)\1\s*[-–—]\s+", r"\2: ", line)  # "**Heading** – text"
-    line = re.sub(r"\*\*|__|[`\"“”]", "", line)
-    for sentence in re.split(r"(?<=[A-Za-z]{3}[.!?])\s+", line):  # not after "St." or "e.g."
-        head, _, text = sentence.partition(": ")
-        text = (text or head).strip(" '‘.,;:!?-*")
-        if (re.search(r"[A-Za-z]{3}", text) and not CHAT_DEBRIS.match(text)
-                and not re.search(r"[:?!]\W*$", sentence)):
-            # "On a desk" → "on a desk"; a proper noun is in neither set
-            lower = text.split()[0].lower() in DANGLING | PHRASE_STARTS
-            return text[0].lower() + text[1:] if lower else text
-    return ""
-
-
-def llm_description(answer, name):
-    """What the LLM's `answer` says class `name` is, as a noun phrase: the phrase of its first
-    line that has one (clean_line), without an opening that names the class ("A mouse is a
-    small ..." → "a small ...", "Mouse - a ..."), cut to a whole phrase (whole_phrase); "" if
-    none is left."""
-    text = next(filter(None, map(clean_line, answer.splitlines())), "")
-    subject = rf"(?:(?:a|an|the)\s+)?'?{re.escape(name)}(?:e?s)?'?|it|this"
-    opening = rf"^(?:{subject})(?:,|\s+[-–—]|\s+(?:is|are|refers to|means)\b)\s*"
-    return whole_phrase(re.sub(opening, "", text, flags=re.IGNORECASE))
+def answer_phrases(answer, max_words=PHRASE_WORDS):
+    """Each line of an LLM's answer as a phrase of at most `max_words` words: its first sentence
+    without list marker, markdown, quotes, a heading ("1. **Desk**: On a desk." → "On a desk")
+    or an opening like "A mouse is"; a line with no word (2+ letters alone) or ending in ':', '?'
+    or '!' ("Sure! Here are 12 scenes:", "Let me know!"), chat around the answer, is dropped."""
+    phrases = []
+    for line in answer.splitlines():
+        line = re.sub(r"^\W*(?:\d+[.)])?\s*|[*_`\"“”]", "", "".join(filter(str.isprintable, line)))
+        line = re.split(r": | [-–—] ", line)[-1].strip(" '.,;")  # the text after a heading
+        if re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
+            sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
+            sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
+            phrases.append(" ".join(sentence.split()[:max_words]))
+    return list(dict.fromkeys(phrases))
 
 
 def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
-    """Greedy completions (our choice: prompts are then a function of the inputs) of
-    `instructions` by llm = (model, tokenizer), through its chat template when it has one."""
+    """Greedy completions (deterministic prompts) by llm = (model, tokenizer), chat or not."""
     model, tokenizer = llm
     chat = getattr(tokenizer, "chat_template", None) is not None
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
@@ -1260,8 +1189,7 @@ def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
 
 
 def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
-    """(answers to `questions`, llm): from the cache `answers` (updated in place), else from `llm`,
-    a loaded (model, tokenizer) or a name, loaded only when a question is new."""
+    """(answers, llm): from the cache `answers` (updated), else from `llm`, loaded if a name."""
     missing = [question for question in dict.fromkeys(questions) if question not in answers]
     if missing:
         llm = load_llm(llm, device) if isinstance(llm, (str, os.PathLike)) else llm
@@ -2405,8 +2333,7 @@ def reusable_prompts(path, settings, num_classes, *, overwrite):
 
 
 def read_llm_answers(path, *, overwrite):
-    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}; {} when
-    there are none (or, with `overwrite`, when the file is damaged)."""
+    """OUT/llm_answers.json's {llm name: {question: answer}}; {} if none (or damaged: overwrite)."""
     stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, "delete it (it "
                                          "only caches LLM answers) or rerun with --overwrite",
                                          overwrite=overwrite)
@@ -2522,8 +2449,7 @@ def load_sampler(args, device, out):
 
 
 def check_llm_available(args, out, settings):
-    """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
-    that cannot be found or loaded (its config) and whose answers OUT/llm_answers.json lacks."""
+    """Fails fast, before SD loads, if the prompts need an LLM not found and not cached."""
     if (args.smoke or not settings["llm"]
             or reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
                                 overwrite=args.overwrite)
@@ -2604,8 +2530,7 @@ def prompts_stage(args, out, models, pipe, device):
 
 
 def make_prompts(args, out, models, pipe, device):
-    """build_prompts with the command line's options, written to OUT/prompts.json; the LLM's
-    answers to OUT/llm_answers.json (the LLM is loaded only for questions it does not answer)."""
+    """build_prompts with the command line's options to OUT/prompts.json, answers cached."""
     answers_path = out / "llm_answers.json"
     cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
     answers = dict(cache.get(models.llm, {}))
@@ -2625,7 +2550,7 @@ def make_prompts(args, out, models, pipe, device):
 
 
 def prompts_written(out):
-    """--prompts-only: says where the prompts are and what to do next; the exit code 0."""
+    """--prompts-only: where the prompts are and what next; exit code 0."""
     if rank_and_world()[0] == 0:
         print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
               f"then run the same command without --prompts-only")
@@ -2818,8 +2743,7 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # ── Reports: prompts.md, the contact sheet, the evaluation table ──────────────────────────────────
 def prompt_sources(classes, llm):
-    """results.json's "prompts" (§3): the classes counted by the sources of their descriptions
-    and of their scenes, and per class its name, description and both sources."""
+    """results.json's "prompts": classes per description and scene source, and per class."""
     count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
     keys = ("name", "description", "source", "scene_source")
     return {"llm": llm, "description_sources": count("source"),
@@ -2827,22 +2751,12 @@ def prompt_sources(classes, llm):
             "per_class": [{"class": c, **{k: e[k] for k in keys}} for c, e in enumerate(classes)]}
 
 
-def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160):
-    """prompts.md: the sources counted, then per class its description and source, teacher
-    neighbours, scene source, `shown` prompts, and the LLM's answers where cleaning changed them
-    (entry["llm_raw"]; `max_lines` lines of `width` printable characters at most)."""
+def prompts_markdown(classes, prompts, llm, *, shown=5):
+    """prompts.md: the sources counted, then per class its description, neighbours, scenes and
+    `shown` prompts."""
     words = {"file": "the class file", "llm": "the LLM", "name": "none: the bare name",
              "neighbours": "the teacher's neighbours (their category)"}
     sources = prompt_sources(classes, llm)
-
-    def said(entry, part):
-        raw = entry.get("llm_raw", {}).get(part)
-        lines = [] if raw is None else ["".join(filter(str.isprintable, line))[:width]
-                                        for line in raw.splitlines() if line.strip()]
-        more = [f"  ... ({len(lines) - max_lines} more lines)"] * (len(lines) > max_lines)
-        return [] if raw is None else [f"- the LLM said ({part}), before cleaning:", "  ```text",
-                                       *[f"  {line}" for line in lines[:max_lines]], *more, "  ```"]
-
     described = ", ".join(f"{words.get(k, k)} {n}"
                           for k, n in sources["description_sources"].items())
     scenes = ", ".join(f"{k} {n}" for k, n in sources["scene_sources"].items())
@@ -2855,10 +2769,9 @@ def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160)
         lines += [f"## {c} {entry['name']}", "", f"- description: "
                   f"{entry['description'] or '(none)'} — from "
                   f"{words.get(entry['source'], entry['source'])}",
-                  *said(entry, "description"),
                   f"- teacher neighbours: {', '.join(entry['neighbours']) or '(none)'}",
                   f"- scenes: {len(entry['scenes'])} from {entry['scene_source']}",
-                  *said(entry, "scenes"), f"- {min(shown, len(mine))} of its {len(mine)} prompts:",
+                  f"- {min(shown, len(mine))} of its {len(mine)} prompts:",
                   *[f"  - {prompt}" for prompt in mine[:shown]], ""]
     return "\n".join(lines)
 
