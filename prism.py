@@ -295,8 +295,7 @@ def with_article(phrase):
 def names_any(text, names, own=""):
     """True if `text` names one of `names` as whole words (any case, plurals too) once the class's
     `own` name is out: SD would draw another class. "ant" is not in "elephant"."""
-    if own:
-        text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE)
+    text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE) if own else text
     words = re.findall(r"[\w'-]+", text.lower())
     spans = {" ".join(words[i:i + n]) for n in range(1, 6) for i in range(len(words) - n + 1)}
     spans |= {span[:-1] for span in spans if span.endswith("s")}  # plurals: kites, foxes
@@ -312,11 +311,8 @@ def free_of_classes(phrases, class_names):
 def last_linear_module(model):
     """A classifier's head, the last nn.Linear (TorchScript's too) of `model`, or None: a weight
     row per class, the penultimate layer as input."""
-    linear = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
-            linear = module
-    return linear
+    return next((module for module in reversed(list(model.modules())) if isinstance(
+        module, nn.Linear) or getattr(module, "original_name", None) == "Linear"), None)
 
 
 def neighbour_names(class_names, teacher, k):
@@ -336,19 +332,18 @@ def neighbour_names(class_names, teacher, k):
 @torch.no_grad()
 def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES)):
     """The category each class's teacher neighbours point to (§3 without an LLM; None without
-    neighbours), T the unit pooled CLIP text embedding of "a photo of a {x}":
-        category(c) = argmax_k cos(T(k), mean_{n ∈ neighbours(c)} T(n))
-    Only the category enters the prompt, so the neighbours are never drawn. `text_encoder`:
-    (tokenizer, CLIPTextModel), e.g. (pipe.tokenizer, pipe.text_encoder)."""
+    neighbours or CLIP `text_encoder`, (tokenizer, model)), T(x) the unit pooled CLIP text
+    embedding of "a photo of a {x}":   category(c) = argmax_k cos(T(k), mean_{n ∈ N(c)} T(n))
+    Only the category enters the prompt, so the neighbours are never drawn."""
     names = sorted({n for row in neighbours for n in row})
-    if not names:
+    if not names or text_encoder is None:
         return [None] * len(neighbours)
     tokenizer, model = text_encoder
     ids = tokenizer([f"a photo of {with_article(x)}" for x in [*categories, *names]],
                     padding="max_length", truncation=True, return_tensors="pt").input_ids
     embedded = F.normalize(model(ids.to(model.device)).pooler_output.float().cpu(), dim=-1)
     index = {name: len(categories) + i for i, name in enumerate(names)}
-    # mean_{n ∈ neighbours(c)} T(n), then the nearest category by cosine
+    # mean_{n ∈ N(c)} T(n), then the nearest category by cosine
     centres = [F.normalize(embedded[[index[n] for n in row]].mean(0), dim=0) if row else None
                for row in neighbours]
     return [None if centre is None else categories[(embedded[:len(categories)] @ centre).argmax()]
@@ -368,17 +363,14 @@ def llm_questions(name, neighbours, scenes_per_class):
     return describe, scenes
 
 
-def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
+def describe_classes(class_names, neighbours, *, descriptions=None, text_encoder=None,
                      vary_content=True):
-    """What each class's prompts say besides their style, without an LLM (§3): a dict per class
-    with "description" and its "source" (best first: "file"; "neighbours": "a kind of
-    {category}", neighbour_categories with a CLIP `text_encoder`; "name": none), "scenes" (the
-    SCENES of the category's group) and "scene_source", "neighbours" and "category". Categories
-    and scenes that name a class are never used."""
-    neighbours = neighbours or [[] for _ in class_names]
+    """What each class's prompts say besides their style, without an LLM (§3): "description" and
+    its "source" (best first: "file"; "neighbours": "a kind of {neighbour_categories}"; "name"),
+    "scenes" (SCENES of the category's group) and "scene_source", "neighbours", "category".
+    Categories and scenes that name a class are never used."""
     allowed = free_of_classes(CATEGORIES, class_names)  # no category names a class
-    categories = (neighbour_categories(neighbours, text_encoder, allowed)
-                  if text_encoder is not None else [None] * len(class_names))
+    categories = neighbour_categories(neighbours, text_encoder, allowed)
     scenes = {group: free_of_classes(phrases, class_names) for group, phrases in SCENES.items()}
     classes = []
     for c, name in enumerate(class_names):
@@ -393,33 +385,6 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
         if vary_content and scenes[group]:
             entry.update(scenes=list(scenes[group]), scene_source=f"built-in {group}")
         classes.append(entry)
-    return classes
-
-
-def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
-                    scenes_per_class=12, device="cpu"):
-    """Puts the LLM's answers into describe_classes' entries (§3): what the class is (unless the
-    user's file says it) and its scenes, a phrase per line of an answer (answer_phrases). A
-    phrase naming a teacher neighbour is dropped (SD would draw that class), so is the bare name;
-    with none left, the entry keeps what it had."""
-    asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
-    todo = [c for c, entry in enumerate(classes) if describe and entry["source"] != "file"]
-    # room for a chat preamble before the answer
-    described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=48,
-                             device=device)
-    listed, _ = ask_llm(llm, [q[1] for q in asked] if vary_content else [], answers,
-                        max_new_tokens=32 * scenes_per_class, device=device)
-
-    def usable(entry, answer):  # its phrases that name no neighbour and are not the bare name
-        return [phrase for phrase in answer_phrases(answer) if not names_any(
-            phrase, entry["neighbours"], entry["name"]) and re.sub(
-                r"^(?:an?|the) ", "", phrase.lower()) != entry["name"].lower()]
-    for c, answer in zip(todo, described):
-        for description in usable(classes[c], answer)[:1]:
-            classes[c].update(description=description, source="llm")
-    for entry, answer in zip(classes, listed):
-        scenes = usable(entry, answer)[:scenes_per_class]
-        entry.update({"scenes": scenes, "scene_source": "llm"} if scenes else {})
     return classes
 
 
@@ -439,7 +404,7 @@ def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0, vary_style=T
             pools.append(itertools.cycle(pairs))
         pairs = [next(pools[0] if rng.random() < photo_share else pools[1])
                  for _ in range(per_class)]
-        prompts.append([f"{style} of {subject}" + (f", {scene}" if scene else "")
+        prompts.append([", ".join(filter(None, (f"{style} of {subject}", scene)))
                         for style, scene in pairs])
     return prompts
 
@@ -450,21 +415,33 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
                   vary_style=True):
     """(prompts, classes) of §3: `per_class` prompts per class and describe_classes' entries,
     which say where each part came from. The teacher's `neighbours` nearest classes tell the
-    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists) writes
-    descriptions and scenes; `text_encoder` (CLIP) finds the neighbours' category. Ablations:
-    `disambiguate` (file, neighbours, LLM description), `vary_content`, `vary_style`."""
+    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists) says what a class
+    is (unless a file does) and where it is seen, a phrase per line (answer_phrases), `answers`
+    its cache. A phrase naming a neighbour (SD would draw that class) or the bare name is
+    dropped. Ablations: `disambiguate` (file, neighbours, description), `vary_content`,
+    `vary_style`."""
     if not disambiguate:
         descriptions, neighbours = None, 0
     near = neighbour_names(class_names, teacher, neighbours)
-    classes = describe_classes(class_names, descriptions=descriptions, neighbours=near,
+    classes = describe_classes(class_names, near, descriptions=descriptions,
                                text_encoder=text_encoder, vary_content=vary_content)
     if llm is not None and (disambiguate or vary_content):
-        add_llm_answers(classes, llm, {} if answers is None else answers, describe=disambiguate,
-                        vary_content=vary_content, scenes_per_class=scenes_per_class,
-                        device=llm_device)
-    prompts = compose_prompts(classes, per_class, photo_share=photo_share, seed=seed,
-                              vary_style=vary_style)
-    return prompts, classes
+        asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
+        todo = [c for c, entry in enumerate(classes) if disambiguate and entry["source"] != "file"]
+        answers = {} if answers is None else answers
+        # 48 tokens: room for a chat preamble before the answer
+        described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=48,
+                                 device=llm_device)
+        listed, _ = ask_llm(llm, [q[1] for q in asked] if vary_content else [], answers,
+                            max_new_tokens=32 * scenes_per_class, device=llm_device)
+        for c, answer in zip(todo, described):
+            for description in answer_phrases(answer, classes[c])[:1]:
+                classes[c].update(description=description, source="llm")
+        for entry, answer in zip(classes, listed):
+            scenes = answer_phrases(answer, entry)[:scenes_per_class]
+            entry.update({"scenes": scenes, "scene_source": "llm"} if scenes else {})
+    return compose_prompts(classes, per_class, photo_share=photo_share, seed=seed,
+                           vary_style=vary_style), classes
 
 
 # ── Stage 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler ───────────────
@@ -1147,53 +1124,48 @@ SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefau
 
 
 # ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
-# The questions ask for 8 and 12 words; a line may run a little over. Prompts stay well within
-# CLIP's 77 tokens: style, name, description and scene together.
-PHRASE_WORDS = 14
-
-
-def answer_phrases(answer, max_words=PHRASE_WORDS):
-    """Each line of an LLM's answer as a phrase of at most `max_words` words: its first sentence
-    without list marker, markdown, quotes, a heading ("1. **Desk**: On a desk." → "On a desk")
-    or an opening like "A mouse is"; a line with no word (2+ letters alone) or ending in ':', '?'
-    or '!' ("Sure! Here are 12 scenes:", "Let me know!"), chat around the answer, is dropped."""
-    phrases = []
+def answer_phrases(answer, entry, max_words=14):
+    """The lines of an LLM's answer about `entry`'s class as phrases of at most `max_words` words
+    (with the questions' 8 and 12, prompts stay well within CLIP's 77 tokens): the first
+    sentence without list marker, markdown, quotes, a heading ("1. **Desk**: On a desk." → "On a
+    desk") or an opening like "A mouse is". Dropped: chat around the answer, a line with no word
+    (2+ letters alone) or ending in ':', '?' or '!' ("Sure! Here are 12 scenes:"); a phrase
+    naming a teacher neighbour (SD would draw that class) or the bare name."""
+    phrases, name = [], entry["name"].lower()
     for line in answer.splitlines():
         line = re.sub(r"^\W*(?:\d+[.)])?\s*|[*_`\"“”]", "", "".join(filter(str.isprintable, line)))
         line = re.split(r": | [-–—] ", line)[-1].strip(" '.,;")  # the text after a heading
         if re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
             sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
             sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
-            phrases.append(" ".join(sentence.split()[:max_words]))
+            phrase = " ".join(sentence.split()[:max_words])
+            if (re.sub(r"^(?:an?|the) ", "", phrase.lower()) != name
+                    and not names_any(phrase, entry["neighbours"], name)):
+                phrases.append(phrase)
     return list(dict.fromkeys(phrases))
 
 
-def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
-    """Greedy completions (deterministic prompts) by llm = (model, tokenizer), chat or not."""
-    model, tokenizer = llm
-    chat = getattr(tokenizer, "chat_template", None) is not None
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True) if chat else text + "\n"
-             for text in instructions]
-    completions = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="llm", unit="batch",
-                      disable=len(texts) <= batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=not chat).to(model.device)
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
-    return completions
-
-
-def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
-    """(answers, llm): from the cache `answers` (updated), else from `llm`, loaded if a name."""
+def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size=16):
+    """(answers, llm): from the cache `answers` (updated), else greedy (deterministic prompts)
+    from `llm`, (model, tokenizer) or a name then loaded, through its chat template if any."""
     missing = [question for question in dict.fromkeys(questions) if question not in answers]
     if missing:
-        llm = load_llm(llm, device) if isinstance(llm, (str, os.PathLike)) else llm
-        answers.update(zip(missing, llm_generate(llm, missing, max_new_tokens=max_new_tokens)))
+        model, tokenizer = llm = (load_llm(llm, device) if isinstance(llm, (str, os.PathLike))
+                                  else llm)
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        for start in tqdm(range(0, len(missing), batch_size), desc="llm", unit="batch",
+                          disable=len(missing) <= batch_size):
+            batch = missing[start:start + batch_size]
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                   tokenize=False, add_generation_prompt=True)
+                     if chat else text + "\n" for text in batch]
+            tokens = tokenizer(texts, return_tensors="pt", padding=True,
+                               add_special_tokens=not chat).to(model.device)
+            with torch.no_grad():
+                output = model.generate(**tokens, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+            answers.update(zip(batch, tokenizer.batch_decode(
+                output[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)))
     return [answers[question] for question in questions], llm
 
 

@@ -114,7 +114,7 @@ def test_imagenet_prompts_deterministic_named_and_each_scene_one_whole_phrase():
 
 
 def test_a_class_repeats_a_prompt_only_after_every_style_scene_pair():
-    classes = prism.describe_classes(NAMES[:1])
+    classes = prism.describe_classes(NAMES[:1], [[]])
     pairs = len(prism.PHOTO_STYLES) * len(prism.SCENES["any"])
     prompts = prism.compose_prompts(classes, pairs + 3, photo_share=1.0)[0]
     assert len(set(prompts[:pairs])) == pairs and set(prompts[pairs:]) <= set(prompts[:pairs])
@@ -239,10 +239,10 @@ def test_each_answer_line_is_one_short_phrase_and_the_chat_around_it_is_dropped(
     said = ("Sure! Here are 12 scenes:\n  1. A dog on a beach at dawn. It runs.\n- \"in the rain\"\n"
             "2) **Office Desk**: next to a laptop\n* **Store Shelf**\n**Indoors:**\n\x00\x01 ?? 12\n"
             "- in the rain\nWould you like more?\nA mouse is a small device.\nGreat question!\n"
-            + "word " * 50)
-    assert prism.answer_phrases(said) == ["A dog on a beach at dawn", "in the rain",
-                                          "next to a laptop", "Store Shelf", "a small device",
-                                          " ".join(["word"] * prism.PHRASE_WORDS)]
+            "- next to two kites\nThe mouse.\n" + "word " * 50)
+    assert prism.answer_phrases(said, {"name": "mouse", "neighbours": ["kite"]}) == [
+        "A dog on a beach at dawn", "in the rain", "next to a laptop", "Store Shelf",
+        "a small device", " ".join(["word"] * 14)]
 
 
 # Answers in the styles instruction-tuned LLMs write, and what must be kept of each:
