@@ -238,8 +238,7 @@ OTHER_STYLES = (
     "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
     "a children's drawing")
 
-# Content without an LLM: whole scene phrases (place, view and light together), grouped by the
-# kind of thing they suit. A class gets its category's group; "any" suits everything.
+# Content without an LLM: scene phrases (place, view, light) by the kind of thing they suit.
 SCENES = {
     "animal": ("in tall grass on a sunny afternoon", "resting in the shade of a tree",
                "walking across an open field at dawn", "close up, looking at the camera",
@@ -272,19 +271,16 @@ SCENES = {
 }
 
 
-# Categories a class's teacher neighbours can point to (§3, no LLM), each with its scene group.
-CATEGORIES = {
-    "mammal": "animal", "bird": "animal", "reptile": "animal", "frog": "animal",
-    "insect": "animal", "dog": "animal", "cat": "animal", "monkey": "animal", "fish": "water",
-    "sea creature": "water", "plant": "plant", "flower": "plant", "fungus": "plant",
-    "fruit": "food", "vegetable": "food", "dish": "food", "drink": "food", "car": "vehicle",
-    "truck": "vehicle", "military vehicle": "vehicle", "train": "vehicle", "bicycle": "vehicle",
-    "boat": "place", "aircraft": "place", "electronic device": "object", "tool": "object",
-    "weapon": "object", "musical instrument": "indoor", "household appliance": "indoor",
-    "furniture": "indoor", "container": "object", "kitchenware": "object", "toy": "object",
-    "sports equipment": "object", "machine": "place", "garment": "clothing",
-    "accessory": "clothing", "building": "place", "structure": "place", "landscape": "place",
-}
+# Categories a class's teacher neighbours can point to (§3, no LLM), by their scene group.
+CATEGORIES = {category: group for group, categories in {
+    "animal": "mammal, bird, reptile, frog, insect, dog, cat, monkey",
+    "water": "fish, sea creature", "plant": "plant, flower, fungus",
+    "food": "fruit, vegetable, dish, drink", "clothing": "garment, accessory",
+    "vehicle": "car, truck, military vehicle, train, bicycle",
+    "object": "electronic device, tool, weapon, container, kitchenware, toy, sports equipment",
+    "indoor": "musical instrument, household appliance, furniture",
+    "place": "boat, aircraft, machine, building, structure, landscape",
+}.items() for category in categories.split(", ")}
 
 
 def with_article(phrase):
@@ -309,16 +305,14 @@ def free_of_classes(phrases, class_names):
 
 
 def last_linear_module(model):
-    """A classifier's head, the last nn.Linear (TorchScript's too) of `model`, or None: a weight
-    row per class, the penultimate layer as input."""
+    """A classifier's head, the last nn.Linear (TorchScript's too) of `model`, or None."""
     return next((module for module in reversed(list(model.modules())) if isinstance(
         module, nn.Linear) or getattr(module, "original_name", None) == "Linear"), None)
 
 
 def neighbour_names(class_names, teacher, k):
-    """For each class c, the names of the k classes j ≠ c of largest cos(w_c, w_j), w the rows of
-    the teacher's head (§3): a data-free sense of an ambiguous name (mouse → computer keyboard,
-    desktop computer); [] without a usable head."""
+    """For each class c, the k classes j ≠ c of largest cos(w_c, w_j), w the teacher head's rows
+    (§3): the sense of an ambiguous name, data-free (mouse → computer keyboard); [] without one."""
     head = last_linear_module(teacher) if teacher is not None and k > 0 else None
     if head is None or head.weight.shape[0] != len(class_names) or len(class_names) < 2:
         return [[] for _ in class_names]
@@ -331,9 +325,9 @@ def neighbour_names(class_names, teacher, k):
 
 @torch.no_grad()
 def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES)):
-    """The category each class's teacher neighbours point to (§3 without an LLM; None without
-    neighbours or CLIP `text_encoder`, (tokenizer, model)), T(x) the unit pooled CLIP text
-    embedding of "a photo of a {x}":   category(c) = argmax_k cos(T(k), mean_{n ∈ N(c)} T(n))
+    """The category each class's teacher neighbours N(c) point to (§3 without an LLM), T(x) the
+    unit pooled text embedding of "a photo of a {x}" by CLIP `text_encoder` (tokenizer, model):
+        category(c) = argmax_k cos(T(k), mean_{n ∈ N(c)} T(n))   (None without N(c) or CLIP)
     Only the category enters the prompt, so the neighbours are never drawn."""
     names = sorted({n for row in neighbours for n in row})
     if not names or text_encoder is None:
@@ -351,8 +345,8 @@ def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES))
 
 
 def llm_questions(name, neighbours, scenes_per_class):
-    """The two questions the LLM is asked about one class (§3): what it is, and where it is seen.
-    The teacher's neighbours go into the question only, to tell which sense is meant."""
+    """The LLM's two questions about a class (§3), what it is and where it is seen, the teacher's
+    neighbours in them only, to tell which sense is meant."""
     sense = f" (the sense close to {' and '.join(neighbours)})" if neighbours else ""
     describe = (f"An image classifier has a class named '{name}'{sense}. In at most 8 words, say "
                 f"what a '{name}' is, as a noun phrase. Do not name other things it is near. "
@@ -365,10 +359,9 @@ def llm_questions(name, neighbours, scenes_per_class):
 
 def describe_classes(class_names, neighbours, *, descriptions=None, text_encoder=None,
                      vary_content=True):
-    """What each class's prompts say besides their style, without an LLM (§3): "description" and
-    its "source" (best first: "file"; "neighbours": "a kind of {neighbour_categories}"; "name"),
-    "scenes" (SCENES of the category's group) and "scene_source", "neighbours", "category".
-    Categories and scenes that name a class are never used."""
+    """Each class's entry without an LLM (§3): "description" and "source" (best first: "file",
+    "neighbours": "a kind of {category}", "name"), "scenes" (its category's SCENES group) and
+    "scene_source", "neighbours", "category". No built-in phrase that names a class is used."""
     allowed = free_of_classes(CATEGORIES, class_names)  # no category names a class
     categories = neighbour_categories(neighbours, text_encoder, allowed)
     scenes = {group: free_of_classes(phrases, class_names) for group, phrases in SCENES.items()}
@@ -415,11 +408,9 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
                   vary_style=True):
     """(prompts, classes) of §3: `per_class` prompts per class and describe_classes' entries,
     which say where each part came from. The teacher's `neighbours` nearest classes tell the
-    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists) says what a class
-    is (unless a file does) and where it is seen, a phrase per line (answer_phrases), `answers`
-    its cache. A phrase naming a neighbour (SD would draw that class) or the bare name is
-    dropped. Ablations: `disambiguate` (file, neighbours, description), `vary_content`,
-    `vary_style`."""
+    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists; `answers` its
+    cache) says what a class is (unless a file does) and where it is seen (answer_phrases).
+    Ablations: `disambiguate` (file, neighbours, description), `vary_content`, `vary_style`."""
     if not disambiguate:
         descriptions, neighbours = None, 0
     near = neighbour_names(class_names, teacher, neighbours)
@@ -429,9 +420,8 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
         asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
         todo = [c for c, entry in enumerate(classes) if disambiguate and entry["source"] != "file"]
         answers = {} if answers is None else answers
-        # 48 tokens: room for a chat preamble before the answer
-        described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=48,
-                                 device=llm_device)
+        described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, device=llm_device,
+                                 max_new_tokens=48)  # room for a chat preamble
         listed, _ = ask_llm(llm, [q[1] for q in asked] if vary_content else [], answers,
                             max_new_tokens=32 * scenes_per_class, device=llm_device)
         for c, answer in zip(todo, described):
@@ -1041,13 +1031,10 @@ class ModelDefaults:
 class PromptDefaults:
     """prompts (§3)"""
     per_class: int = flag(100, "synthetic images (and prompts) per class")
-    photo_share: float = flag(PROMPTING["photo_share"], "share of prompts in a photo style; "
-                              "the rest: sketch, painting, cartoon, ...")
-    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes that tell which "
-                           "sense of a class name is meant (0: off); they are never drawn")
+    photo_share: float = flag(PROMPTING["photo_share"], "share of photo styles (else: art, toys)")
+    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes: the sense (0: off)")
     scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes a class")
-    prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md, then "
-                              "stop: read it before the long run", action="store_true")
+    prompts_only: bool = flag(False, "write OUT/prompts.md to read, then stop", action="store_true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1125,12 +1112,11 @@ SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefau
 
 # ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
 def answer_phrases(answer, entry, max_words=14):
-    """The lines of an LLM's answer about `entry`'s class as phrases of at most `max_words` words
-    (with the questions' 8 and 12, prompts stay well within CLIP's 77 tokens): the first
-    sentence without list marker, markdown, quotes, a heading ("1. **Desk**: On a desk." → "On a
-    desk") or an opening like "A mouse is". Dropped: chat around the answer, a line with no word
-    (2+ letters alone) or ending in ':', '?' or '!' ("Sure! Here are 12 scenes:"); a phrase
-    naming a teacher neighbour (SD would draw that class) or the bare name."""
+    """An LLM's answer about `entry`'s class, a phrase per line: the first sentence, at most
+    `max_words` words (prompts stay well within CLIP's 77 tokens), without list marker, markdown,
+    quotes, heading ("1. **Desk**: On a desk." → "On a desk") or "A mouse is". Dropped: a line
+    with no word (2+ letters) or ending in ':?!' (chat: "Here are 12 scenes:"), a phrase naming a
+    teacher neighbour (SD would draw that class), the bare name."""
     phrases, name = [], entry["name"].lower()
     for line in answer.splitlines():
         line = re.sub(r"^\W*(?:\d+[.)])?\s*|[*_`\"“”]", "", "".join(filter(str.isprintable, line)))
@@ -1146,8 +1132,7 @@ def answer_phrases(answer, entry, max_words=14):
 
 
 def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size=16):
-    """(answers, llm): from the cache `answers` (updated), else greedy (deterministic prompts)
-    from `llm`, (model, tokenizer) or a name then loaded, through its chat template if any."""
+    """(answers, llm): cached in `answers`, else greedy by `llm` (a name: loaded), chat or not."""
     missing = [question for question in dict.fromkeys(questions) if question not in answers]
     if missing:
         model, tokenizer = llm = (load_llm(llm, device) if isinstance(llm, (str, os.PathLike))
@@ -1993,15 +1978,15 @@ def load_class_names(data):
 
 
 def load_llm(name_or_path, device):
-    """An instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
+    """An instruction-tuned causal LM (hub id or local folder) as (model, tokenizer), padded on
+    the left: generation continues the right end of every row."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
     tokenizer, model = load_pretrained(name_or_path, "--llm", "LLM", lambda source, local: (
-        AutoTokenizer.from_pretrained(source, local_files_only=local),
+        AutoTokenizer.from_pretrained(source, local_files_only=local, padding_side="left"),
         AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=dtype)),
         "--llm none")
-    tokenizer.padding_side = "left"  # generation continues at the right end of every row
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
@@ -2724,8 +2709,7 @@ def prompt_sources(classes, llm):
 
 
 def prompts_markdown(classes, prompts, llm, *, shown=5):
-    """prompts.md: the sources counted, then per class its description, neighbours, scenes and
-    `shown` prompts."""
+    """prompts.md: sources counted; per class description, neighbours, scenes, `shown` prompts."""
     words = {"file": "the class file", "llm": "the LLM", "name": "none: the bare name",
              "neighbours": "the teacher's neighbours (their category)"}
     sources = prompt_sources(classes, llm)
