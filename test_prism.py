@@ -191,6 +191,7 @@ def test_llm_prompts_are_sanitised_and_cached_answers_need_no_llm(tiny_llm_dir, 
     assert all(f" {name}" in p and len(p) < 400 and p.isprintable()
                for name, ps in zip(NAMES, prompts) for p in ps)
     assert len(set(flat)) == len(flat) == 24
+    assert all(len(phrase.split()) <= 14 for e in classes for phrase in [e["description"], *e["scenes"]])
 
 
 def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
