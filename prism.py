@@ -238,8 +238,7 @@ OTHER_STYLES = (
     "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
     "a children's drawing")
 
-# Content without an LLM: whole scene phrases (place, view and light together), grouped by the
-# kind of thing they suit. A class gets its category's group; "any" suits everything.
+# Content without an LLM: scene phrases (place, view, light) by the kind of thing they suit.
 SCENES = {
     "animal": ("in tall grass on a sunny afternoon", "resting in the shade of a tree",
                "walking across an open field at dawn", "close up, looking at the camera",
@@ -272,19 +271,16 @@ SCENES = {
 }
 
 
-# Categories a class's teacher neighbours can point to (§3, no LLM), each with its scene group.
-CATEGORIES = {
-    "mammal": "animal", "bird": "animal", "reptile": "animal", "frog": "animal",
-    "insect": "animal", "dog": "animal", "cat": "animal", "monkey": "animal", "fish": "water",
-    "sea creature": "water", "plant": "plant", "flower": "plant", "fungus": "plant",
-    "fruit": "food", "vegetable": "food", "dish": "food", "drink": "food", "car": "vehicle",
-    "truck": "vehicle", "military vehicle": "vehicle", "train": "vehicle", "bicycle": "vehicle",
-    "boat": "place", "aircraft": "place", "electronic device": "object", "tool": "object",
-    "weapon": "object", "musical instrument": "indoor", "household appliance": "indoor",
-    "furniture": "indoor", "container": "object", "kitchenware": "object", "toy": "object",
-    "sports equipment": "object", "machine": "place", "garment": "clothing",
-    "accessory": "clothing", "building": "place", "structure": "place", "landscape": "place",
-}
+# Categories a class's teacher neighbours can point to (§3, no LLM), by their scene group.
+CATEGORIES = {category: group for group, categories in {
+    "animal": "mammal, bird, reptile, frog, insect, dog, cat, monkey",
+    "water": "fish, sea creature", "plant": "plant, flower, fungus",
+    "food": "fruit, vegetable, dish, drink", "clothing": "garment, accessory",
+    "vehicle": "car, truck, military vehicle, train, bicycle",
+    "object": "electronic device, tool, weapon, container, kitchenware, toy, sports equipment",
+    "indoor": "musical instrument, household appliance, furniture",
+    "place": "boat, aircraft, machine, building, structure, landscape",
+}.items() for category in categories.split(", ")}
 
 
 def with_article(phrase):
@@ -293,11 +289,9 @@ def with_article(phrase):
 
 
 def names_any(text, names, own=""):
-    """True if `text` names one of `names` as whole words (any case, plurals too) once the
-    class's `own` name is taken out: a phrase that would have the diffusion model draw another
-    class. "ant" is not in "elephant"; "tiger" is not named by "tiger cat" itself."""
-    if own:
-        text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE)
+    """True if `text` names one of `names` as whole words (any case, plurals too) once the class's
+    `own` name is out: SD would draw another class. "ant" is not in "elephant"."""
+    text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE) if own else text
     words = re.findall(r"[\w'-]+", text.lower())
     spans = {" ".join(words[i:i + n]) for n in range(1, 6) for i in range(len(words) - n + 1)}
     spans |= {span[:-1] for span in spans if span.endswith("s")}  # plurals: kites, foxes
@@ -311,87 +305,65 @@ def free_of_classes(phrases, class_names):
 
 
 def last_linear_module(model):
-    """A classifier's head: the last nn.Linear (TorchScript's too) of `model`, or None. Its weight
-    has one row per class; its input is the penultimate layer."""
-    linear = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
-            linear = module
-    return linear
-
-
-def nearest_classes(weight, k):
-    """For each class, the k other classes whose head weight rows are most cosine-similar: a
-    data-free context for an ambiguous name (§3): mouse → computer keyboard, desktop computer."""
-    unit = F.normalize(weight.detach().float(), dim=1)
-    similarity = unit @ unit.T
-    similarity.fill_diagonal_(-float("inf"))
-    return similarity.topk(min(k, len(unit) - 1), dim=1).indices.tolist()
+    """A classifier's head, the last nn.Linear (TorchScript's too) of `model`, or None."""
+    return next((module for module in reversed(list(model.modules())) if isinstance(
+        module, nn.Linear) or getattr(module, "original_name", None) == "Linear"), None)
 
 
 def neighbour_names(class_names, teacher, k):
-    """For each class, the names of its k teacher-nearest classes, [] without a usable head."""
+    """For each class c, the k classes j ≠ c of largest cos(w_c, w_j), w the teacher head's rows
+    (§3): the sense of an ambiguous name, data-free (mouse → computer keyboard); [] without one."""
     head = last_linear_module(teacher) if teacher is not None and k > 0 else None
     if head is None or head.weight.shape[0] != len(class_names) or len(class_names) < 2:
         return [[] for _ in class_names]
-    return [[class_names[j] for j in row] for row in nearest_classes(head.weight, k)]
+    unit = F.normalize(head.weight.detach().float(), dim=1)
+    # cos(w_c, w_j), j ≠ c
+    similarity = (unit @ unit.T).fill_diagonal_(-float("inf"))
+    nearest = similarity.topk(min(k, len(unit) - 1), dim=1).indices.tolist()
+    return [[class_names[j] for j in row] for row in nearest]
 
 
 @torch.no_grad()
-def text_embeddings(text_encoder, texts, batch_size=256):
-    """Unit-length CLIP text embeddings (the pooled output) of `texts`, float32 on the CPU;
-    text_encoder = (tokenizer, CLIPTextModel), e.g. (pipe.tokenizer, pipe.text_encoder)."""
-    tokenizer, model = text_encoder
-    pooled = []
-    for start in range(0, len(texts), batch_size):
-        ids = tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        pooled.append(model(ids.to(model.device)).pooler_output.float().cpu())
-    return F.normalize(torch.cat(pooled), dim=-1)
-
-
 def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES)):
-    """The category each class's teacher neighbours point to (§3 without an LLM; None without
-    neighbours), with T the unit CLIP text embedding of "a photo of a {x}":
-        category(c) = argmax_k cos(T(k), mean_{n ∈ neighbours(c)} T(n))
+    """The category each class's teacher neighbours N(c) point to (§3 without an LLM), T(x) the
+    unit pooled text embedding of "a photo of a {x}" by CLIP `text_encoder` (tokenizer, model):
+        category(c) = argmax_k cos(T(k), mean_{n ∈ N(c)} T(n))   (None without N(c) or CLIP)
     Only the category enters the prompt, so the neighbours are never drawn."""
     names = sorted({n for row in neighbours for n in row})
-    if not names:
+    if not names or text_encoder is None:
         return [None] * len(neighbours)
-    embedded = text_embeddings(text_encoder, [f"a photo of {with_article(x)}" for x in
-                                              [*categories, *names]])
-    category_rows, name_rows = embedded[:len(categories)], embedded[len(categories):]
-    index = {name: i for i, name in enumerate(names)}
-    # mean_{n ∈ neighbours(c)} T(n), then the nearest category by cosine
-    centres = [F.normalize(name_rows[[index[n] for n in row]].mean(0), dim=0) if row else None
+    tokenizer, model = text_encoder
+    ids = tokenizer([f"a photo of {with_article(x)}" for x in [*categories, *names]],
+                    padding="max_length", truncation=True, return_tensors="pt").input_ids
+    embedded = F.normalize(model(ids.to(model.device)).pooler_output.float().cpu(), dim=-1)
+    index = {name: len(categories) + i for i, name in enumerate(names)}
+    # mean_{n ∈ N(c)} T(n), then the nearest category by cosine
+    centres = [F.normalize(embedded[[index[n] for n in row]].mean(0), dim=0) if row else None
                for row in neighbours]
-    return [None if centre is None else categories[(category_rows @ centre).argmax().item()]
+    return [None if centre is None else categories[(embedded[:len(categories)] @ centre).argmax()]
             for centre in centres]
 
 
 def llm_questions(name, neighbours, scenes_per_class):
-    """The two questions the LLM is asked about one class (§3): what it is, and where it is seen.
-    The teacher's neighbours go into the question only, to tell which sense is meant."""
+    """The LLM's two questions about a class (§3), what it is and where it is seen, the teacher's
+    neighbours in them only, to tell which sense is meant."""
     sense = f" (the sense close to {' and '.join(neighbours)})" if neighbours else ""
     describe = (f"An image classifier has a class named '{name}'{sense}. In at most 8 words, say "
-                f"what a '{name}' is, as a noun phrase. Do not name other things it is near.")
+                f"what a '{name}' is, as a noun phrase. Do not name other things it is near. "
+                f"Answer with the noun phrase alone.")
     scenes = (f"List {scenes_per_class} different scenes in which a photo of a '{name}'{sense} "
               f"is really taken: where it is seen, with what, from which viewpoint, in which "
-              f"light. One scene per line, at most 12 words each, no numbering.")
+              f"light. One scene per line, at most 12 words each, no numbering, nothing else.")
     return describe, scenes
 
 
-def describe_classes(class_names, *, descriptions=None, neighbours=None, text_encoder=None,
+def describe_classes(class_names, neighbours, *, descriptions=None, text_encoder=None,
                      vary_content=True):
-    """What each class's prompts say besides their style, without an LLM (§3): a dict per class
-    with "description" and its "source" (best first: "file"; "neighbours": "a kind of
-    {category}", neighbour_categories with a CLIP `text_encoder`; "name": none), "scenes" (the
-    SCENES of the category's group) and "scene_source", "neighbours" and "category". Categories
-    and scenes that name a class are never used."""
-    neighbours = neighbours or [[] for _ in class_names]
+    """Each class's entry without an LLM (§3): "description" and "source" (best first: "file",
+    "neighbours": "a kind of {category}", "name"), "scenes" (its category's SCENES group) and
+    "scene_source", "neighbours", "category". No built-in phrase that names a class is used."""
     allowed = free_of_classes(CATEGORIES, class_names)  # no category names a class
-    categories = (neighbour_categories(neighbours, text_encoder, allowed)
-                  if text_encoder is not None else [None] * len(class_names))
+    categories = neighbour_categories(neighbours, text_encoder, allowed)
     scenes = {group: free_of_classes(phrases, class_names) for group, phrases in SCENES.items()}
     classes = []
     for c, name in enumerate(class_names):
@@ -409,43 +381,7 @@ def describe_classes(class_names, *, descriptions=None, neighbours=None, text_en
     return classes
 
 
-def add_llm_answers(classes, llm, answers, *, describe=True, vary_content=True,
-                    scenes_per_class=12, device="cpu"):
-    """Puts the LLM's answers into describe_classes' entries (§3): what the class is (not for a
-    class the user's file describes) and its scenes, cleaned to whole phrases (llm_description,
-    clean_line). An answer naming a teacher neighbour is dropped (SD would draw that class), so
-    is an empty one or the bare name. An answer cleaning changed is kept in "llm_raw"."""
-    asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
-    todo = [c for c, entry in enumerate(classes) if describe and entry["source"] != "file"]
-    # room for a chat preamble before the answer
-    described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, max_new_tokens=48,
-                             device=device)
-    for c, answer in zip(todo, described):
-        entry, description = classes[c], llm_description(answer, classes[c]["name"])
-        if names_any(description, entry["neighbours"], entry["name"]) or re.sub(
-                r"^(?:a|an|the) ", "", description.lower()) == entry["name"].lower():
-            description = ""
-        if description:
-            entry.update(description=description, source="llm")
-        if description != answer.strip():
-            entry.setdefault("llm_raw", {})["description"] = answer
-    if not vary_content:
-        return classes
-    listed, _ = ask_llm(llm, [q[1] for q in asked], answers, device=device,
-                        max_new_tokens=32 * scenes_per_class)
-    for entry, answer in zip(classes, listed):
-        scenes = dict.fromkeys(whole_phrase(clean_line(line)) for line in answer.splitlines())
-        scenes = [s for s in scenes if s and not names_any(s, entry["neighbours"], entry["name"])
-                  ][:scenes_per_class]
-        if scenes:
-            entry.update(scenes=scenes, scene_source="llm")
-        if scenes != [line.strip() for line in answer.splitlines() if line.strip()]:
-            entry.setdefault("llm_raw", {})["scenes"] = answer
-    return classes
-
-
-def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0,
-                    vary_style=True):
+def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0, vary_style=True):
     """`per_class` prompts for each of describe_classes' entries (§3), deterministic for a seed:
         prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
     A photo style with probability `photo_share`, and the next (style, scene) pair of that kind
@@ -461,7 +397,7 @@ def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0,
             pools.append(itertools.cycle(pairs))
         pairs = [next(pools[0] if rng.random() < photo_share else pools[1])
                  for _ in range(per_class)]
-        prompts.append([f"{style} of {subject}" + (f", {scene}" if scene else "")
+        prompts.append([", ".join(filter(None, (f"{style} of {subject}", scene)))
                         for style, scene in pairs])
     return prompts
 
@@ -472,21 +408,30 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
                   vary_style=True):
     """(prompts, classes) of §3: `per_class` prompts per class and describe_classes' entries,
     which say where each part came from. The teacher's `neighbours` nearest classes tell the
-    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists) writes
-    descriptions and scenes; `text_encoder` (CLIP) finds the neighbours' category. Ablations:
-    `disambiguate` (file, neighbours, LLM description), `vary_content`, `vary_style`."""
+    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists; `answers` its
+    cache) says what a class is (unless a file does) and where it is seen (answer_phrases).
+    Ablations: `disambiguate` (file, neighbours, description), `vary_content`, `vary_style`."""
     if not disambiguate:
         descriptions, neighbours = None, 0
     near = neighbour_names(class_names, teacher, neighbours)
-    classes = describe_classes(class_names, descriptions=descriptions, neighbours=near,
+    classes = describe_classes(class_names, near, descriptions=descriptions,
                                text_encoder=text_encoder, vary_content=vary_content)
     if llm is not None and (disambiguate or vary_content):
-        add_llm_answers(classes, llm, {} if answers is None else answers, describe=disambiguate,
-                        vary_content=vary_content, scenes_per_class=scenes_per_class,
-                        device=llm_device)
-    prompts = compose_prompts(classes, per_class, photo_share=photo_share, seed=seed,
-                              vary_style=vary_style)
-    return prompts, classes
+        asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
+        todo = [c for c, entry in enumerate(classes) if disambiguate and entry["source"] != "file"]
+        answers = {} if answers is None else answers
+        described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, device=llm_device,
+                                 max_new_tokens=48)  # room for a chat preamble
+        listed, _ = ask_llm(llm, [q[1] for q in asked] if vary_content else [], answers,
+                            max_new_tokens=32 * scenes_per_class, device=llm_device)
+        for c, answer in zip(todo, described):
+            for description in answer_phrases(answer, classes[c])[:1]:
+                classes[c].update(description=description, source="llm")
+        for entry, answer in zip(classes, listed):
+            scenes = answer_phrases(answer, entry)[:scenes_per_class]
+            entry.update({"scenes": scenes, "scene_source": "llm"} if scenes else {})
+    return compose_prompts(classes, per_class, photo_share=photo_share, seed=seed,
+                           vary_style=vary_style), classes
 
 
 # ── Stage 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler ───────────────
@@ -1043,14 +988,10 @@ class ModelDefaults:
 class PromptDefaults:
     """prompts (§3)"""
     per_class: int = flag(100, "synthetic images (and prompts) per class")
-    photo_share: float = flag(PROMPTING["photo_share"], "share of prompts in a photo style; "
-                              "the rest: sketch, painting, cartoon, ...")
-    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes that tell which "
-                           "sense of a class name is meant (0: off); they are never drawn")
-    scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes for each "
-                                 "class")
-    prompts_only: bool = flag(False, "write OUT/prompts.json and a readable OUT/prompts.md, then "
-                              "stop: read it before the long run", action="store_true")
+    photo_share: float = flag(PROMPTING["photo_share"], "share of photo styles (else: art, toys)")
+    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes: the sense (0: off)")
+    scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes a class")
+    prompts_only: bool = flag(False, "write OUT/prompts.md to read, then stop", action="store_true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1117,103 +1058,47 @@ RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
 SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
 
 
-# ── The LLM: asking it (cached), and its answers as whole phrases ─────────────────────────────────
-# Words where a phrase begins (PHRASE_STARTS) and words a phrase cannot end on (DANGLING): a cut
-# just before one of the first leaves whole phrases: "a small device | that is used to ...".
-# Some prepositions end a phrase too: "seen from above".
-PHRASE_STARTS = set("of in on at to for with by from into onto near next under over above below "
-                    "between through during across against behind beside among inside outside "
-                    "like as about along around without within and or but nor while when where "
-                    "whose which that who used".split())
-DANGLING = (PHRASE_STARTS - set("above below behind inside outside around along across about "
-                                "without within".split())
-            | set("a an the its their his her our your my this these is are was were be being "
-                  "been has have can will very such".split()))
-# What chat models write around an answer: preambles ("Sure! Here are 12 scenes:") and closing
-# remarks ("These scenes capture ...", "Let me know ..."); also any sentence that ends in ':',
-# '?' or '!' ("Great question!"), which no scene or description does.
-CHAT_DEBRIS = re.compile(r"(?:sure|certainly|of course|absolutely|okay|(?:here|below)"
-                         r"(?: are| is|'s)|these|this list|i hope|hope|i'm|i am|i've|let me"
-                         r"|feel free|note|each of these|all of these|in summary|overall)\b",
-                         re.IGNORECASE)
-# The questions ask for 8 and 12 words; a phrase may run a little over. Prompts stay well
-# within CLIP's 77 tokens: style, name, description and scene together.
-PHRASE_WORDS = 14
+# ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
+def answer_phrases(answer, entry, max_words=14):
+    """An LLM's answer about `entry`'s class, a phrase per line: the first sentence, at most
+    `max_words` words (prompts stay well within CLIP's 77 tokens), without list marker, markdown,
+    quotes, heading ("1. **Desk**: On a desk." → "On a desk") or "A mouse is". Dropped: a line
+    with no word (2+ letters) or ending in ':?!' (chat: "Here are 12 scenes:"), a phrase naming a
+    teacher neighbour (SD would draw that class), the bare name."""
+    phrases, name = [], entry["name"].lower()
+    for line in answer.splitlines():
+        line = re.sub(r"^\W*(?:\d+[.)])?\s*|[*_`\"“”]", "", "".join(filter(str.isprintable, line)))
+        line = re.split(r": | [-–—] ", line)[-1].strip(" '.,;")  # the text after a heading
+        if re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
+            sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
+            sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
+            phrase = " ".join(sentence.split()[:max_words])
+            if (re.sub(r"^(?:an?|the) ", "", phrase.lower()) != name
+                    and not names_any(phrase, entry["neighbours"], name)):
+                phrases.append(phrase)
+    return list(dict.fromkeys(phrases))
 
 
-def whole_phrase(text, max_words=PHRASE_WORDS):
-    """`text`'s longest start of at most `max_words` words that ends a phrase: at its end or just
-    before a word of PHRASE_STARTS or a dash, and never on a word of DANGLING ("the", "to",
-    "used"); "" if there is none. A cut-off answer or a long sentence never ends mid-phrase."""
-    words = text.split()
-    for n in range(min(len(words), max_words), 0, -1):
-        ends = n == len(words) or words[n].lower() in PHRASE_STARTS | {"-", "–", "—"}
-        if ends and words[n - 1].lower().strip(",;") not in DANGLING:
-            return " ".join(words[:n]).rstrip(",;")
-    return ""
-
-
-def clean_line(line):
-    """One line of an LLM's answer as a bare phrase: its first sentence that is not chat debris
-    (CHAT_DEBRIS), without list marker, markdown, double quotes and control characters, and
-    without its heading ("**Office Desk**: a cluttered desk" keeps the text, a heading alone
-    stays); "" for a markdown title ("### Outdoors") or when no sentence has a real word."""
-    line = "".join(ch for ch in line if ch.isprintable()).replace("’", "'")
-    if line.lstrip().startswith("#"):  # a markdown title of the lines that follow
-        return ""
-    line = re.sub(r"^\s*(?:[-*+]\s+|•\s*|\(?\d+[.)]\s+)", "", line)  # list marker
-    line = re.sub(r"(\*\*|__)(.+?)\1\s*[-–—]\s+", r"\2: ", line)  # "**Heading** – text"
-    line = re.sub(r"\*\*|__|[`\"“”]", "", line)
-    for sentence in re.split(r"(?<=[A-Za-z]{3}[.!?])\s+", line):  # not after "St." or "e.g."
-        head, _, text = sentence.partition(": ")
-        text = (text or head).strip(" '‘.,;:!?-*")
-        if (re.search(r"[A-Za-z]{3}", text) and not CHAT_DEBRIS.match(text)
-                and not re.search(r"[:?!]\W*$", sentence)):
-            # "On a desk" → "on a desk"; a proper noun is in neither set
-            lower = text.split()[0].lower() in DANGLING | PHRASE_STARTS
-            return text[0].lower() + text[1:] if lower else text
-    return ""
-
-
-def llm_description(answer, name):
-    """What the LLM's `answer` says class `name` is, as a noun phrase: the phrase of its first
-    line that has one (clean_line), without an opening that names the class ("A mouse is a
-    small ..." → "a small ...", "Mouse - a ..."), cut to a whole phrase (whole_phrase); "" if
-    none is left."""
-    text = next(filter(None, map(clean_line, answer.splitlines())), "")
-    subject = rf"(?:(?:a|an|the)\s+)?'?{re.escape(name)}(?:e?s)?'?|it|this"
-    opening = rf"^(?:{subject})(?:,|\s+[-–—]|\s+(?:is|are|refers to|means)\b)\s*"
-    return whole_phrase(re.sub(opening, "", text, flags=re.IGNORECASE))
-
-
-def llm_generate(llm, instructions, *, max_new_tokens=96, batch_size=16):
-    """Greedy completions (our choice: prompts are then a function of the inputs) of
-    `instructions` by llm = (model, tokenizer), through its chat template when it has one."""
-    model, tokenizer = llm
-    chat = getattr(tokenizer, "chat_template", None) is not None
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True) if chat else text + "\n"
-             for text in instructions]
-    completions = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="llm", unit="batch",
-                      disable=len(texts) <= batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=not chat).to(model.device)
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
-    return completions
-
-
-def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu"):
-    """(answers to `questions`, llm): from the cache `answers` (updated in place), else from `llm`,
-    a loaded (model, tokenizer) or a name, loaded only when a question is new."""
+def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size=16):
+    """(answers, llm): cached in `answers`, else greedy by `llm` (a name: loaded), chat or not."""
     missing = [question for question in dict.fromkeys(questions) if question not in answers]
     if missing:
-        llm = load_llm(llm, device) if isinstance(llm, (str, os.PathLike)) else llm
-        answers.update(zip(missing, llm_generate(llm, missing, max_new_tokens=max_new_tokens)))
+        model, tokenizer = llm = (load_llm(llm, device) if isinstance(llm, (str, os.PathLike))
+                                  else llm)
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        for start in tqdm(range(0, len(missing), batch_size), desc="llm", unit="batch",
+                          disable=len(missing) <= batch_size):
+            batch = missing[start:start + batch_size]
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                   tokenize=False, add_generation_prompt=True)
+                     if chat else text + "\n" for text in batch]
+            tokens = tokenizer(texts, return_tensors="pt", padding=True,
+                               add_special_tokens=not chat).to(model.device)
+            with torch.no_grad():
+                output = model.generate(**tokens, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+            answers.update(zip(batch, tokenizer.batch_decode(
+                output[:, tokens["input_ids"].shape[1]:], skip_special_tokens=True)))
     return [answers[question] for question in questions], llm
 
 
@@ -1951,15 +1836,15 @@ def load_class_names(data):
 
 
 def load_llm(name_or_path, device):
-    """An instruction-tuned causal LM (hub id or local folder) as (model, tokenizer)."""
+    """An instruction-tuned causal LM (hub id or local folder) as (model, tokenizer), padded on
+    the left: generation continues the right end of every row."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
     tokenizer, model = load_pretrained(name_or_path, "--llm", "LLM", lambda source, local: (
-        AutoTokenizer.from_pretrained(source, local_files_only=local),
+        AutoTokenizer.from_pretrained(source, local_files_only=local, padding_side="left"),
         AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=dtype)),
         "--llm none")
-    tokenizer.padding_side = "left"  # generation continues at the right end of every row
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
@@ -2263,8 +2148,7 @@ def reusable_prompts(path, settings, num_classes, *, overwrite):
 
 
 def read_llm_answers(path, *, overwrite):
-    """The LLM answers cached in OUT/llm_answers.json, {llm name: {question: answer}}; {} when
-    there are none (or, with `overwrite`, when the file is damaged)."""
+    """OUT/llm_answers.json's {llm name: {question: answer}}; {} if none (or damaged: overwrite)."""
     stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, "delete it (it "
                                          "only caches LLM answers) or rerun with --overwrite",
                                          overwrite=overwrite)
@@ -2379,8 +2263,7 @@ def load_sampler(args, device, out):
 
 
 def check_llm_available(args, out, settings):
-    """Fails fast, before the diffusion model loads, when the prompts must be made with an LLM
-    that cannot be found or loaded (its config) and whose answers OUT/llm_answers.json lacks."""
+    """Fails fast, before SD loads, if the prompts need an LLM not found and not cached."""
     if (args.smoke or not settings["llm"]
             or reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
                                 overwrite=args.overwrite)
@@ -2461,8 +2344,7 @@ def prompts_stage(args, out, models, pipe, device):
 
 
 def make_prompts(args, out, models, pipe, device):
-    """build_prompts with the command line's options, written to OUT/prompts.json; the LLM's
-    answers to OUT/llm_answers.json (the LLM is loaded only for questions it does not answer)."""
+    """build_prompts with the command line's options to OUT/prompts.json, answers cached."""
     answers_path = out / "llm_answers.json"
     cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
     answers = dict(cache.get(models.llm, {}))
@@ -2482,7 +2364,7 @@ def make_prompts(args, out, models, pipe, device):
 
 
 def prompts_written(out):
-    """--prompts-only: says where the prompts are and what to do next; the exit code 0."""
+    """--prompts-only: where the prompts are and what next; exit code 0."""
     if rank_and_world()[0] == 0:
         print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
               f"then run the same command without --prompts-only")
@@ -2624,8 +2506,7 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # ── Reports: prompts.md, the contact sheet, the evaluation table ──────────────────────────────────
 def prompt_sources(classes, llm):
-    """results.json's "prompts" (§3): the classes counted by the sources of their descriptions
-    and of their scenes, and per class its name, description and both sources."""
+    """results.json's "prompts": classes per description and scene source, and per class."""
     count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
     keys = ("name", "description", "source", "scene_source")
     return {"llm": llm, "description_sources": count("source"),
@@ -2633,22 +2514,11 @@ def prompt_sources(classes, llm):
             "per_class": [{"class": c, **{k: e[k] for k in keys}} for c, e in enumerate(classes)]}
 
 
-def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160):
-    """prompts.md: the sources counted, then per class its description and source, teacher
-    neighbours, scene source, `shown` prompts, and the LLM's answers where cleaning changed them
-    (entry["llm_raw"]; `max_lines` lines of `width` printable characters at most)."""
+def prompts_markdown(classes, prompts, llm, *, shown=5):
+    """prompts.md: sources counted; per class description, neighbours, scenes, `shown` prompts."""
     words = {"file": "the class file", "llm": "the LLM", "name": "none: the bare name",
              "neighbours": "the teacher's neighbours (their category)"}
     sources = prompt_sources(classes, llm)
-
-    def said(entry, part):
-        raw = entry.get("llm_raw", {}).get(part)
-        lines = [] if raw is None else ["".join(filter(str.isprintable, line))[:width]
-                                        for line in raw.splitlines() if line.strip()]
-        more = [f"  ... ({len(lines) - max_lines} more lines)"] * (len(lines) > max_lines)
-        return [] if raw is None else [f"- the LLM said ({part}), before cleaning:", "  ```text",
-                                       *[f"  {line}" for line in lines[:max_lines]], *more, "  ```"]
-
     described = ", ".join(f"{words.get(k, k)} {n}"
                           for k, n in sources["description_sources"].items())
     scenes = ", ".join(f"{k} {n}" for k, n in sources["scene_sources"].items())
@@ -2661,10 +2531,9 @@ def prompts_markdown(classes, prompts, llm, *, shown=5, max_lines=20, width=160)
         lines += [f"## {c} {entry['name']}", "", f"- description: "
                   f"{entry['description'] or '(none)'} — from "
                   f"{words.get(entry['source'], entry['source'])}",
-                  *said(entry, "description"),
                   f"- teacher neighbours: {', '.join(entry['neighbours']) or '(none)'}",
                   f"- scenes: {len(entry['scenes'])} from {entry['scene_source']}",
-                  *said(entry, "scenes"), f"- {min(shown, len(mine))} of its {len(mine)} prompts:",
+                  f"- {min(shown, len(mine))} of its {len(mine)} prompts:",
                   *[f"  - {prompt}" for prompt in mine[:shown]], ""]
     return "\n".join(lines)
 

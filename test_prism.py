@@ -114,7 +114,7 @@ def test_imagenet_prompts_deterministic_named_and_each_scene_one_whole_phrase():
 
 
 def test_a_class_repeats_a_prompt_only_after_every_style_scene_pair():
-    classes = prism.describe_classes(NAMES[:1])
+    classes = prism.describe_classes(NAMES[:1], [[]])
     pairs = len(prism.PHOTO_STYLES) * len(prism.SCENES["any"])
     prompts = prism.compose_prompts(classes, pairs + 3, photo_share=1.0)[0]
     assert len(set(prompts[:pairs])) == pairs and set(prompts[pairs:]) <= set(prompts[:pairs])
@@ -139,15 +139,17 @@ def head_teacher():
 def test_teacher_neighbours_tell_the_sense_as_a_category_and_are_never_drawn(pipe):
     teacher, weight = head_teacher()
     unit = torch.nn.functional.normalize(weight, dim=1)
-    assert prism.nearest_classes(weight, 1) == (unit @ unit.T).fill_diagonal_(-2).argmax(
-        1, keepdim=True).tolist()
     text_encoder = (pipe.tokenizer, pipe.text_encoder)
     prompts, classes = prism.build_prompts(NAMES, 6, teacher=teacher, neighbours=1,
                                            text_encoder=text_encoder)
+    assert [e["neighbours"] for e in classes] == [
+        [NAMES[j]] for j in (unit @ unit.T).fill_diagonal_(-2).argmax(1)]
     assert classes[0]["neighbours"] == ["kite"] and classes[2]["neighbours"] == ["mouse"]
     categories = list(prism.CATEGORIES)  # direct: the category nearest to the neighbour's text
-    embed = prism.text_embeddings(text_encoder, [f"a photo of {prism.with_article(x)}"
-                                                 for x in categories + NAMES])
+    ids = pipe.tokenizer([f"a photo of {prism.with_article(x)}" for x in categories + NAMES],
+                         padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        embed = torch.nn.functional.normalize(pipe.text_encoder(ids).pooler_output, dim=-1)
     for c, entry in enumerate(classes):
         neighbour = embed[len(categories) + NAMES.index(entry["neighbours"][0])]
         category = categories[(embed[:len(categories)] @ neighbour).argmax().item()]
@@ -189,6 +191,7 @@ def test_llm_prompts_are_sanitised_and_cached_answers_need_no_llm(tiny_llm_dir, 
     assert all(f" {name}" in p and len(p) < 400 and p.isprintable()
                for name, ps in zip(NAMES, prompts) for p in ps)
     assert len(set(flat)) == len(flat) == 24
+    assert all(len(phrase.split()) <= 14 for e in classes for phrase in [e["description"], *e["scenes"]])
 
 
 def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
@@ -233,21 +236,14 @@ def test_names_are_whole_words_and_built_in_phrases_never_name_a_class(pipe):
         assert not any(prism.names_any(p, others, own=entry["name"]) for p in class_prompts)
 
 
-def test_sanitize_lines_into_whole_phrases():
-    assert prism.clean_line("  1. A dog on a beach at dawn. It runs.") == "a dog on a beach at dawn"
-    assert prism.clean_line("- \"in the rain\"") == "in the rain"
-    assert prism.clean_line("2) **Office Desk**: next to a laptop") == "next to a laptop"
-    assert prism.clean_line("* **Store Shelf**") == "Store Shelf"  # a heading alone stays
-    assert prism.clean_line("Below a bridge at dusk") == "below a bridge at dusk"
-    for debris in ("\x00\x01 ?? 12", "Sure! Here are 12 scenes:", "**Indoors:**", "### Indoors",
-                   "These scenes show it at its best.", "Would you like more?", "Great question!"):
-        assert prism.clean_line(debris) == "", debris
-    assert prism.whole_phrase("word " * 50) == ""  # no place to cut: dropped, never cut mid-phrase
-    assert prism.whole_phrase("a red ball with a string", max_words=4) == "a red ball"
-    assert prism.whole_phrase("a device that is used to move the", max_words=6) == "a device"
-    assert prism.whole_phrase("a cup seen from above") == "a cup seen from above"  # an adverb
-    assert prism.llm_description("The mouse, a small rodent with a long tail.", "mouse") == \
-        "a small rodent with a long tail"
+def test_each_answer_line_is_one_short_phrase_and_the_chat_around_it_is_dropped():
+    said = ("Sure! Here are 12 scenes:\n  1. A dog on a beach at dawn. It runs.\n- \"in the rain\"\n"
+            "2) **Office Desk**: next to a laptop\n* **Store Shelf**\n**Indoors:**\n\x00\x01 ?? 12\n"
+            "- in the rain\nWould you like more?\nA mouse is a small device.\nGreat question!\n"
+            "- next to two kites\nThe mouse.\n" + "word " * 50)
+    assert prism.answer_phrases(said, {"name": "mouse", "neighbours": ["kite"]}) == [
+        "A dog on a beach at dawn", "in the rain", "next to a laptop", "Store Shelf",
+        "a small device", " ".join(["word"] * 14)]
 
 
 # Answers in the styles instruction-tuned LLMs write, and what must be kept of each:
@@ -259,72 +255,34 @@ CHAT_ANSWERS = [
      "1. On a cluttered office desk next to a laptop\n2. In a child's hand at a computer class\n"
      "3. Beside a glowing keyboard in a dark gaming room\n4. From above, on a wooden table\n\n"
      "These scenes capture the mouse in everyday settings. Let me know if you need more!",
-     ["on a cluttered office desk next to a laptop", "in a child's hand at a computer class",
-      "beside a glowing keyboard in a dark gaming room", "from above, on a wooden table"]),
+     ["On a cluttered office desk next to a laptop", "In a child's hand at a computer class",
+      "Beside a glowing keyboard in a dark gaming room", "From above, on a wooden table"]),
     ("trackball", "Sure! A trackball is a pointing device with a ball on top.",
      "a pointing device with a ball on top",
      "Here are some scenes:\n\n1. **Office Desk**: A cluttered desk with papers and a coffee mug.\n"
      "2. **Gaming Setup:** A glowing RGB mousepad beside a mechanical keyboard.\n"
      "3. **Laptop Bag** – Tucked into the side pocket of a backpack.\n4. **Store Shelf**\n\n"
      "I hope this helps!",
-     ["a cluttered desk with papers and a coffee mug",
-      "a glowing RGB mousepad beside a mechanical keyboard",
+     ["A cluttered desk with papers and a coffee mug",
+      "A glowing RGB mousepad beside a mechanical keyboard",
       "Tucked into the side pocket of a backpack", "Store Shelf"]),
-    ("harp", "Harp: a large stringed instrument played by plucking",
-     "a large stringed instrument played by plucking",
+    ("harp", "Certainly! Here is a noun phrase:\n\n**Harp**: a large stringed instrument",
+     "a large stringed instrument",
      "1. **Concert Hall**: On a stage under warm spotlights. A harpist plays.\n"
      "2. **Music School** - In a practice room with sheet music\n"
-     "3. **Living Room:** Beside a grand piano by a window\n"
-     "4. **Wedding**: In a garden at a summer ceremony",
-     ["on a stage under warm spotlights", "in a practice room with sheet music",
-      "beside a grand piano by a window", "in a garden at a summer ceremony"]),
-    ("crane", "a tall lifting machine", "a tall lifting machine",  # clean: nothing to show
-     "at a building site\nat a port\nover a harbour at dusk\nagainst a grey sky",
-     ["at a building site", "at a port", "over a harbour at dusk", "against a grey sky"]),
-    ("kite", "Certainly! Here is a noun phrase:\n\n**Kite**: a light frame covered in fabric, "
-     "flown on a string", "a light frame covered in fabric, flown on a string",
-     "- in a park on a windy afternoon\n- over a sandy beach\n- high above a field at sunset\n"
-     "- tangled in a tree", ["in a park on a windy afternoon", "over a sandy beach",
-                             "high above a field at sunset", "tangled in a tree"]),
-    ("tank", "\"An armoured military vehicle with a large gun\"",
-     "an armoured military vehicle with a large gun",
-     "* in a muddy field\n* on a parade ground with flags\n* crossing a river\n* in a museum hall",
-     ["in a muddy field", "on a parade ground with flags", "crossing a river", "in a museum hall"]),
-    ("heron", "It is a long-necked wading bird.", "a long-necked wading bird",
-     "• standing in shallow water at sunrise\n• perched on a mossy branch\n•in tall reeds by a lake"
-     "\n• flying low over a marsh", ["standing in shallow water at sunrise",
-                                      "perched on a mossy branch", "in tall reeds by a lake",
-                                      "flying low over a marsh"]),
-    ("lamp", "A lamp is an electric device that gives off light and is usually placed on a table "
-     "beside a bed or a sofa in a living room.",  # too long: cut where a phrase begins
-     "an electric device that gives off light and is usually placed on a table",
-     "\"on a bedside table at night\"\n“in the corner of a cosy reading room”\n"
-     "'on an office desk by a window'\n\"in a shop window display\"",
-     ["on a bedside table at night", "in the corner of a cosy reading room",
-      "on an office desk by a window", "in a shop window display"]),
-    ("widget", "A widget is a tiny shiny round red blue green yellow purple orange pink grey black "
-     "white brown gadget.", "",  # too long and no place to cut: the bare name
-     "### Indoors\n- on a shelf in a toy shop\n- in a drawer full of parts\n### Outdoors\n"
-     "- on a garden table in the sun\n- in a muddy field at dawn with the",  # cut off mid-phrase
-     ["on a shelf in a toy shop", "in a drawer full of parts", "on a garden table in the sun",
-      "in a muddy field at dawn"]),
-    ("drone", "Drone - a small flying machine", "a small flying machine",
-     "1) over a city street at night under orange street lights with wet pavement reflecting the "
-     "glow\n2) above a beach at noon\n3) above a beach at noon\n4) in a field, seen from below\n"
-     "5) over a forest in autumn\n6) on a landing pad",  # too long, a repeat, too many
-     ["over a city street at night under orange street lights", "above a beach at noon",
-      "in a field, seen from below", "over a forest in autumn"]),
-    ("yacht", "**A sailing boat used for pleasure trips**",
-     "a sailing boat used for pleasure trips",
-     "Of course! Here are four scenes for a yacht:\n1. Moored in a marina at sunset\n"
-     "2. Sailing on open water under a blue sky\n3. Anchored in a quiet bay\n"
-     "4. Seen from a cliff above the harbour\nEach of these scenes shows the yacht in its element.",
-     ["Moored in a marina at sunset", "Sailing on open water under a blue sky",
-      "Anchored in a quiet bay", "Seen from a cliff above the harbour"]),
+     "“in the corner of a cosy reading room”\n'beside a grand piano by a window'",
+     ["On a stage under warm spotlights", "In a practice room with sheet music",
+      "in the corner of a cosy reading room", "beside a grand piano by a window"]),
+    ("drone", "It is a small flying machine.", "a small flying machine",
+     "• over a city street at night under orange street lights with wet pavement reflecting the "
+     "glow\n•above a beach at noon\n• above a beach at noon\n• in a field, seen from below\n"
+     "• over a forest in autumn\n• on a landing pad",  # too long, a repeat, too many
+     ["over a city street at night under orange street lights with wet pavement reflecting",
+      "above a beach at noon", "in a field, seen from below", "over a forest in autumn"]),
 ]
 
 
-def test_llm_chat_answers_keep_every_real_scene_and_whole_phrases_only(tmp_path):
+def test_llm_chat_answers_give_their_real_descriptions_and_scenes():
     names = [name for name, *_ in CHAT_ANSWERS]
     answers = {}
     for name, description, _, scenes, _ in CHAT_ANSWERS:
@@ -332,36 +290,12 @@ def test_llm_chat_answers_keep_every_real_scene_and_whole_phrases_only(tmp_path)
     prompts, classes = prism.build_prompts(names, 8, llm="/no/llm", answers=answers,
                                            scenes_per_class=4)
     for (name, _, description, _, scenes), entry in zip(CHAT_ANSWERS, classes):
-        assert (entry["description"], entry["source"]) == (description, "llm" if description
-                                                           else "name"), name
+        assert (entry["description"], entry["source"]) == (description, "llm"), name
         assert entry["scenes"] == scenes and entry["scene_source"] == "llm", name
-    debris = ("Sure", "Certainly", "Of course", "Here are", "Here is", "**", "#", "These scenes",
-              "Each of these", "I hope", "Let me", '"', "“", "1.", "1)", "•", "- ", " -")
     for entry, class_prompts in zip(classes, prompts):
         for prompt in class_prompts:
-            assert not any(d in prompt for d in debris) and not prompt.endswith(":"), prompt
-            style, scene = split_prompt(prompt, ", ".join(filter(None, (prism.with_article(
-                entry["name"]), entry["description"]))))
-            assert scene in entry["scenes"]
-        for phrase in [entry["description"], *entry["scenes"]][not entry["description"]:]:
-            assert phrase.split()[-1] not in {"that", "the", "a", "an", "to", "used", "and", "of",
-                                              "with", "in", "on", "is"}, phrase
-    # prompts.md shows what the LLM said beside what was kept, where cleaning changed it
-    text = prism.prompts_markdown(classes, prompts, "a chat model")
-    sections = dict(zip(names, text.split("\n## ")[1:]))
-    assert "llm_raw" not in classes[names.index("crane")]
-    assert "the LLM said" not in sections["crane"]
-    mouse = sections["mouse"]
-    assert ("- the LLM said (description), before cleaning:\n  ```text\n  " + CHAT_ANSWERS[0][1]
-            + "\n  ```\n- teacher neighbours:") in mouse
-    said = mouse[mouse.index("- the LLM said (scenes)"):mouse.index(" prompts:")]
-    assert [f"  {line}" for line in CHAT_ANSWERS[0][3].splitlines() if line] == \
-        said.splitlines()[2:-2]
-    assert "- the LLM said (description)" in sections["widget"]  # dropped: shown too
-    assert "- the LLM said (scenes)" in sections["drone"]  # a scene over the count: shown
-    path = tmp_path / "prompts.json"  # the raw answers are stored and read back
-    path.write_text(json.dumps({"prompts": prompts, "classes": classes}))
-    assert prism.read_prompts(path, len(names), 8) == (prompts, classes)
+            subject = f"{prism.with_article(entry['name'])}, {entry['description']}"
+            assert split_prompt(prompt, subject)[1] in entry["scenes"]
 
 
 # ── §2 sampling: equivalence with diffusers, gradient, monotone effects ─────────────────────
