@@ -1072,7 +1072,9 @@ def answer_phrases(answer, entry, max_words=14):
         if re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
             sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
             sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
-            phrase = " ".join(sentence.split()[:max_words])
+            # cut at max_words, never left ending on an article, preposition or conjunction
+            phrase = re.sub(r"(?: (?:an?|the|of|to|in|on|at|with|by|for|from|and|or))+$", "",
+                            " ".join(sentence.split()[:max_words]))
             if (re.sub(r"^(?:an?|the) ", "", phrase.lower()) != name
                     and not names_any(phrase, entry["neighbours"], name)):
                 phrases.append(phrase)

@@ -240,10 +240,13 @@ def test_each_answer_line_is_one_short_phrase_and_the_chat_around_it_is_dropped(
     said = ("Sure! Here are 12 scenes:\n  1. A dog on a beach at dawn. It runs.\n- \"in the rain\"\n"
             "2) **Office Desk**: next to a laptop\n* **Store Shelf**\n**Indoors:**\n\x00\x01 ?? 12\n"
             "- in the rain\nWould you like more?\nA mouse is a small device.\nGreat question!\n"
-            "- next to two kites\nThe mouse.\n" + "word " * 50)
+            "- next to two kites\nThe mouse.\n"
+            "- a long line of words that goes on and on past the limit of fourteen words\n"
+            + "word " * 50)
     assert prism.answer_phrases(said, {"name": "mouse", "neighbours": ["kite"]}) == [
         "A dog on a beach at dawn", "in the rain", "next to a laptop", "Store Shelf",
-        "a small device", " ".join(["word"] * 14)]
+        "a small device", "a long line of words that goes on and on past the limit",
+        " ".join(["word"] * 14)]
 
 
 # Answers in the styles instruction-tuned LLMs write, and what must be kept of each:
