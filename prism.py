@@ -2837,12 +2837,10 @@ def contact_sheet(data_dir, class_names, path, *, max_classes=MEASURE.sheet_clas
     name (and `sources[c]` under it), then `per_row` of its images. Returns the tiles drawn."""
     from PIL import Image, ImageDraw
 
-    folders = sorted(f for f in Path(data_dir).iterdir() if f.is_dir() and f.name.isdigit())
     rows = spread(max_classes, len(class_names))
-    shown = [sorted(p for p in folders[c].iterdir() if p.suffix in (".png", ".jpg"))[:per_row]
-             if c < len(folders) else [] for c in rows]
-    sheet = Image.new("RGB", (label_width + max(map(len, shown + [[0]])) * tile,
-                              len(rows) * tile), "white")
+    shown = [sorted(Path(data_dir, class_folder(c, len(class_names))).glob("*.[jp][pn]g"))[:per_row]
+             for c in rows]
+    sheet = Image.new("RGB", (label_width + max(map(len, shown)) * tile, len(rows) * tile), "white")
     for y, c, images in zip(range(0, sheet.height, tile), rows, shown):
         labels = [(f"{c}: {class_names[c]}", -6, "black")]
         for text, dy, colour in labels + ([(f"[{sources[c]}]", 6, "gray")] if sources else []):
@@ -2879,10 +2877,9 @@ SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
 def bpe_tokenizer(folder, kind, suffixes, special, **options):
     """A byte-level BPE tokenizer `kind` (CLIP's, GPT-2's) of no merges, its files in `folder`: a
     token per byte (its printable stand-in) with each of `suffixes`, then the `special` tokens."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    alphabet = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    tokens = [a + suffix for suffix in suffixes for a in alphabet] + special
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = [a + suffix for suffix in suffixes for a in sorted(ByteLevel.alphabet())] + special
     vocab, merges = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
     vocab.parent.mkdir(parents=True, exist_ok=True)
     vocab.write_text(json.dumps({token: n for n, token in enumerate(tokens)}), encoding="utf-8")
@@ -2995,50 +2992,47 @@ def teacher_scores(stats, class_ids, keep=slice(None)):
 
 def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, *, repeats=1,
                         **sample_kwargs):
-    """A row per SAMPLING_MODES mode from the same latents: s/image (the fastest round), ×
-    unguided, peak memory (GiB; on a CPU the process's peak RSS so far), teacher_scores; and each
-    mode's stats. Rounds take the modes in turn: drifts hit all alike."""
+    """A row per SAMPLING_MODES mode from the same latents: s/image (the fastest of `repeats`
+    rounds, which take the modes in turn: drifts hit all alike), × unguided, peak memory (GiB; on
+    a CPU the process's peak RSS so far), teacher_scores; and each mode's stats and `trace`."""
     import resource
 
-    ids, rows, stats = torch.as_tensor(class_ids, device=pipe.device), {}, {}
-    for round_index, mode in tqdm([(r, mode) for r in range(repeats) for mode in SAMPLING_MODES],
-                                  desc="timing sampling modes"):
-        sample = dict(sample_kwargs, latents=latents, **SAMPLING_MODES[mode])
-        if round_index == 0:  # warms the machine up
+    ids, seconds, stats = torch.as_tensor(class_ids, device=pipe.device), {}, {}
+    for r, mode in tqdm([(r, mode) for r in range(repeats) for mode in SAMPLING_MODES],
+                        desc="timing sampling modes"):
+        sample, trace = dict(sample_kwargs, latents=latents, **SAMPLING_MODES[mode]), []
+        if r == 0:  # warms the machine up
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
-        (_, stats[mode]), seconds = timed(pipe.device, lambda: energy_guided_sample(
-            pipe, teacher, prompts, class_ids, **sample))
-        memory = (torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-        row = rows.setdefault(mode, {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0})
-        row.update(s_per_image=min(row["s_per_image"], seconds / len(prompts)),
-                   peak_memory_gib=max(row["peak_memory_gib"], memory / 2 ** 30),
-                   **teacher_scores(stats[mode], ids))
-    for row in rows.values():
-        row["vs_unguided"] = row["s_per_image"] / rows["unguided"]["s_per_image"]
-    return list(rows.values()), stats
+        (_, stats[mode]), took = timed(pipe.device, lambda: energy_guided_sample(
+            pipe, teacher, prompts, class_ids, trace=trace, **sample))
+        seconds[mode] = min(seconds.get(mode, math.inf), took / len(prompts))
+        stats[mode].update(trace=trace, memory=torch.cuda.max_memory_allocated(pipe.device)
+                           if pipe.device.type == "cuda"  # else Linux's ru_maxrss, in KiB
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return [{"mode": mode, "s_per_image": seconds[mode], "vs_unguided": seconds[mode]
+             / seconds["unguided"], "peak_memory_gib": stats[mode]["memory"] / 2 ** 30,
+             **teacher_scores(stats[mode], ids)} for mode in SAMPLING_MODES], stats
 
 
 def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, **sample_kwargs):
     """Whether energy guidance does what §2 says on these weights. fidelity: at the first, middle
     and last guided steps, the cosine of the exact gradient with the method's approx g; modes:
     time_sampling_modes; per_class: teacher_scores unguided and guided (approx)."""
-    options, trace = {**SAMPLER, **sample_kwargs, "exact_grad": False}, []
+    options = {**SAMPLER, **sample_kwargs}
     rows, stats = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, **sample_kwargs)
-    energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace,
-                         **{**sample_kwargs, "exact_grad": False})
-    objective = {key: options[key] for key in ("energy_scale", "class_scale", "temperature")}
-    ids, fidelity = torch.as_tensor(class_ids, device=pipe.device), []
+    ids, guided = torch.as_tensor(class_ids, device=pipe.device), stats["guided, approx (default)"]
+    fidelity, trace = [], guided["trace"]
     for entry in [trace[k] for k in sorted({0, len(trace) // 2, len(trace) - 1}) if trace]:
-        _, exact = guidance_gradient(entry["predict"], pipe.vae, teacher, entry["noisy"],
-                                     entry["alpha_bar"], ids, exact=True,
-                                     batch_size=options["guidance_batch"], **objective)
+        _, exact = guidance_gradient(
+            entry["predict"], pipe.vae, teacher, entry["noisy"], entry["alpha_bar"], ids,
+            exact=True, batch_size=options["guidance_batch"],
+            **{key: options[key] for key in ("energy_scale", "class_scale", "temperature")})
         cosine = F.cosine_similarity(exact.flatten(1).double(), entry["grad"].flatten(1).double())
         fidelity.append({"step": entry["step"], "steps": len(pipe.scheduler.timesteps),
                          "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
     per_class = [{"class": c, "name": class_names[c], "images": class_ids.count(c),
-                  **{key: teacher_scores(stats[mode], ids, ids == c) for key, mode in
-                     (("unguided", "unguided"), ("guided", "guided, approx (default)"))}}
+                  "unguided": teacher_scores(stats["unguided"], ids, ids == c),
+                  "guided": teacher_scores(guided, ids, ids == c)}
                  for c in dict.fromkeys(class_ids)]
     return {"fidelity": fidelity, "modes": rows, "per_class": per_class}
 
@@ -3147,9 +3141,7 @@ def run_benchmark(args, device):
         pipe, teacher.to(device).eval().requires_grad_(False), prompts, list(range(args.gen_batch)),
         latents.to(device, dtype), repeats=2, guidance_batch=args.guidance_batch,
         **sampling_options(args))
-    del pipe  # as in a real run, the diffusion model leaves the GPU before distillation
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del pipe  # as in a real run, the diffusion model's memory goes to distillation
     distillation = benchmark_distillation(args, device, out / "benchmark" / "images", teacher,
                                           student)
     flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size workers "
