@@ -568,8 +568,8 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     guided_steps = set() if not (energy_scale or class_scale) else guided_step_indices(
         len(scheduler.timesteps), guidance_start, guidance_end, guidance_every)
     loop = dict(cfg_scale=cfg_scale, exact_grad=exact_grad, normalize_grad=normalize_grad,
-                guidance_batch=guidance_batch, trace=trace,
-                energy_scale=energy_scale, class_scale=class_scale, temperature=temperature)
+                guidance_batch=guidance_batch, trace=trace, energy_scale=energy_scale,
+                class_scale=class_scale, temperature=temperature)
     final, skipped = denoise(pipe, teacher, start, text, uncond, class_ids, generator=generator,
                              guided_steps=guided_steps, **loop)
     images = decode_to_unit(pipe.vae, final).float()
