@@ -443,7 +443,7 @@ def guided_step_indices(num_steps, start, end, every):
 
 
 def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_scale, guided_steps,
-            exact_grad, normalize_grad, guidance_batch, guidance_vae, trace, **objective):
+            exact_grad, normalize_grad, guidance_batch, trace, **objective):
     """The sampling loop (§2); on `guided_steps` ε̂ becomes ε̂' before the scheduler's own step.
     Returns (final latents, per sample the guided steps whose g was not finite)."""
     scheduler, unet, kind = pipe.scheduler, pipe.unet, pipe.scheduler.config.prediction_type
@@ -459,7 +459,7 @@ def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_s
                 pair = (text[rows], None if uncond is None else uncond[rows])
                 return to_epsilon(cfg_prediction(unet, z, t, *pair, cfg_scale), z, alpha_bar, kind)
             # ε̂ and g = ∇_{z_t} L(D(ẑ0(z_t)), y)
-            epsilon, grad = guidance_gradient(predict, guidance_vae, teacher, noisy, alpha_bar,
+            epsilon, grad = guidance_gradient(predict, pipe.vae, teacher, noisy, alpha_bar,
                                               class_ids, exact=exact_grad,
                                               batch_size=guidance_batch, **objective)
             # ε̂' = ε̂ + sqrt(1 - ᾱ_t)·g
@@ -490,7 +490,7 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
                          num_steps=50, cfg_scale=3.0, energy_scale=0.25, class_scale=0.25,
                          guidance_start=0.1, guidance_end=0.7, guidance_every=2,
                          exact_grad=False, normalize_grad=True, temperature=1.0, height=None,
-                         width=None, guidance_batch=4, guidance_vae=None, trace=None):
+                         width=None, guidance_batch=4, trace=None):
     """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2)
     on the steps in [guidance_start, guidance_end), every k-th; with both scales 0, exactly
     `pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=cfg_scale)`.
@@ -513,8 +513,8 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     guided_steps = set() if not (energy_scale or class_scale) else guided_step_indices(
         len(scheduler.timesteps), guidance_start, guidance_end, guidance_every)
     loop = dict(cfg_scale=cfg_scale, exact_grad=exact_grad, normalize_grad=normalize_grad,
-                guidance_batch=guidance_batch, guidance_vae=guidance_vae or pipe.vae, trace=trace,
-                energy_scale=energy_scale, class_scale=class_scale, temperature=temperature)
+                guidance_batch=guidance_batch, trace=trace, energy_scale=energy_scale,
+                class_scale=class_scale, temperature=temperature)
     final, skipped = denoise(pipe, teacher, start, text, uncond, class_ids, generator=generator,
                              guided_steps=guided_steps, **loop)
     images = decode_to_unit(pipe.vae, final).float()
@@ -567,8 +567,7 @@ def resize_for_storage(images, store_size):
 
 def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8,
                        image_format="png", store_size=None, identity=None, overwrite=False,
-                       max_new_images=None, progress=True, guidance_vae=None, guidance_batch=4,
-                       **sample_kwargs):
+                       max_new_images=None, progress=True, guidance_batch=4, **sample_kwargs):
     """Makes and caches `per_class` images per class; returns their records, sorted.
 
     Image (c, i) is energy_guided_sample of prompts[c][i] from the noise of image_seed(seed, c, i),
@@ -604,8 +603,8 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                           for s in seeds]
             images, stats = energy_guided_sample(
                 pipe, teacher, [prompts[c][i] for c, i in batch], [c for c, _ in batch],
-                latents=latents, generator=step_noise, guidance_vae=guidance_vae,
-                guidance_batch=guidance_batch, **sample_kwargs)
+                latents=latents, generator=step_noise, guidance_batch=guidance_batch,
+                **sample_kwargs)
             if not torch.isfinite(images).all():  # the model fails even unguided
                 raise UsageError("the diffusion model gives non-finite pixels even without "
                                  "guidance: run it in float32 (--dtype float32) or check it")
@@ -860,7 +859,7 @@ def main(argv=None):
             out, models = load_models(args, device)  # f_T, f_S, the classes; cheap checks first
             check_llm_available(args, out, models.prompt_settings)  # found, or its answers kept
             test_sets = [] if args.prompts_only else labelled_test_sets(args, models)
-            pipe, guidance_vae = load_sampler(args, device, out)
+            pipe = load_sampler(args, device, out)
 
             # Stage 1 (§3): prompts, made once (rank 0, with the LLM), kept in prompts.json.
             prompts, classes = prompts_stage(args, out, models, pipe, device)
@@ -868,9 +867,8 @@ def main(argv=None):
                 return prompts_written(out)
 
             # Stages 2-3 (§1-2): energy-guided synthesis of the set, cached in OUT/synthetic.
-            records, data = synthesis_stage(args, out, models, prompts, classes, pipe,
-                                            guidance_vae)
-            del pipe, guidance_vae  # the diffusion model leaves the GPU before training
+            records, data = synthesis_stage(args, out, models, prompts, classes, pipe)
+            del pipe  # the diffusion model leaves the GPU before training
             if records is None:
                 return 0
 
@@ -1869,28 +1867,6 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
     return pipe.to(device)
 
 
-def load_guidance_vae(name_or_path, device, dtype=torch.float32):
-    """A frozen diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd for SD 1.x) for the
-    guidance decode only: its decoder costs a few percent of SD's."""
-    from diffusers import AutoencoderTiny
-
-    vae = load_pretrained(name_or_path, "--guidance-vae", "tiny autoencoder", lambda source, local:
-                          AutoencoderTiny.from_pretrained(source, dtype=dtype,
-                                                          local_files_only=local))
-    return vae.requires_grad_(False).eval().to(device)
-
-
-def speed_up_pipeline(pipe, *, channels_last=False, compile_unet=False):
-    """`pipe` with speed options that leave the images within rounding (tested): channels_last
-    for the UNet and VAE convolutions (faster with fp16 on GPUs), torch.compile of the UNet."""
-    if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    if compile_unet:
-        pipe.unet = torch.compile(pipe.unet)
-    return pipe
-
-
 # ── The command line: every flag, checked as it is read ───────────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a UsageError (one line naming it, exit 2)."""
@@ -1914,15 +1890,14 @@ class CommandLineOptions:
     smoke: bool = flag(False, "offline plumbing check: tiny random models, a CPU, minutes; "
                        "ignores --teacher/--student/--data/--sd-model, and --llm but for none "
                        "(no accuracy meaning)", action="store_true")
-    benchmark: bool = flag(False, "time synthesis (each guidance mode) and distillation with SD "
-                           "1.5 / resnet50 / resnet18 architectures and random weights, no "
-                           "download; writes OUT/benchmark.md and .json. Uses the sizes, "
-                           "sampling, storage and speed flags; on a CPU their defaults shrink "
-                           "to a few minutes' work", action="store_true")
-    check_guidance: bool = flag(False, "measure energy guidance on these weights (minutes): "
-                                "cosine of each gradient mode with the method's, effect on "
-                                "energy, p(y) and top-1 vs unguided from the same noise, s/img; "
-                                "writes OUT/check_guidance.md and .json", action="store_true")
+    benchmark: bool = flag(False, "time sampling (unguided, guided, exact) and distillation with "
+                           "random SD 1.5 / resnet50 / resnet18, no download, under the other "
+                           "flags (on a CPU: smaller defaults); writes OUT/benchmark.md, .json",
+                           action="store_true")
+    check_guidance: bool = flag(False, "measure guidance on these weights (minutes): the exact "
+                                "gradient's cosine with the method's; energy, p(y), top-1 and "
+                                "s/img vs unguided; writes OUT/check_guidance.md, .json",
+                                action="store_true")
     check_classes: int = flag(4, "classes (spread evenly) for --check-guidance")
     check_seeds: int = flag(2, "images per class for --check-guidance")
     overwrite: bool = flag(False, "replace data in --out made under other settings or damaged "
@@ -1935,19 +1910,9 @@ class SpeedOptions:
     """speed and memory (the images do not depend on them)"""
     dtype: str = flag("auto", "diffusion model precision (auto: float16 on CUDA, float32 on a "
                       "CPU)", choices=("auto", "float16", "bfloat16", "float32"))
-    vae_checkpointing: bool = flag(False, "gradient checkpointing in the guidance decoder: "
-                                   "about a sixth of its activation memory, one more decoder "
-                                   "forward per guided step", action="store_true")
-    guidance_vae: str | None = flag(None, "AutoencoderTiny id or folder (TAESD: "
-                                    "madebyollin/taesd) for the guidance decode only (default: "
-                                    "the SD VAE). An approximation of the method's gradient: "
-                                    "measure it with --check-guidance before trusting it",
-                                    type=str)
     channels_last: bool | None = flag(None, "channels_last memory format for the convolutions "
                                       "(default: on with CUDA, where it is faster, off on a "
                                       "CPU)", action=argparse.BooleanOptionalAction)
-    compile: bool = flag(False, "torch.compile the UNet (minutes of compile, faster steps)",
-                         action="store_true")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2202,8 +2167,6 @@ def load_models(args, device):
                                                input_size=args.image_size, seed=args.seed + 1)
     else:
         real_models(args, device, models)
-    if args.guidance_vae:
-        models.identity["guidance_vae"] = args.guidance_vae
     try:
         with torch.no_grad():
             models.student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
@@ -2237,18 +2200,19 @@ def labelled_test_sets(args, models):
     return test_sets
 
 
-def load_sampler(args, device, out):
-    """(pipe, guidance_vae or None): the diffusion pipeline (--smoke: a tiny random one saved
-    under OUT/tiny-models first) with the command line's scheduler, speed and memory options,
-    and the sampling flags checked against it before anything is recorded."""
-    dtype = getattr(torch, args.dtype)
-    sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
-    if args.smoke and rank_and_world()[0] == 0:
-        build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
-    with rank_zero_first():
-        pipe = speed_up_pipeline(load_diffusion_pipeline(sd_model, device, dtype),
-                                 channels_last=args.channels_last, compile_unet=args.compile)
-        guidance_vae = args.guidance_vae and load_guidance_vae(args.guidance_vae, device, dtype)
+def load_sampler(args, device, out, pipe=None):
+    """The diffusion pipeline (`pipe`, the benchmark's; else --sd-model, or with --smoke a tiny
+    random one saved under OUT/tiny-models first) with the command line's scheduler and memory
+    format, and the sampling flags checked against it before anything is recorded."""
+    if pipe is None:
+        sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
+        if args.smoke and rank_and_world()[0] == 0:
+            build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
+        with rank_zero_first():
+            pipe = load_diffusion_pipeline(sd_model, device, getattr(torch, args.dtype))
+    if args.channels_last:  # faster convolutions with CUDA; the same images (tested)
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     if args.scheduler != "model":
         import diffusers
 
@@ -2258,10 +2222,8 @@ def load_sampler(args, device, out):
             raise UsageError(f"--scheduler {args.scheduler}: not a scheduler this model can use; "
                              f"give 'model' or one of {', '.join(names)}")
         pipe.scheduler = kind.from_config(pipe.scheduler.config)
-    if args.vae_checkpointing:  # recomputes the decoder's activations in the backward pass
-        (guidance_vae or pipe.vae).enable_gradient_checkpointing()
     check_sampler(pipe, sampling_options(args))
-    return pipe, guidance_vae
+    return pipe
 
 
 def check_llm_available(args, out, settings):
@@ -2306,7 +2268,7 @@ def errors_reported(argv):
             message = str(error)
         if isinstance(error, torch.OutOfMemoryError):
             message = ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
-                       "--guidance-batch (or --vae-checkpointing): nothing done is redone")
+                       "--guidance-batch: nothing done is redone")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -2373,7 +2335,7 @@ def prompts_written(out):
     return 0
 
 
-def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
+def synthesis_stage(args, out, models, prompts, classes, pipe):
     """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic (synthesize_dataset).
     Returns (records, the set's settings), records None while images are missing
     (--max-new-images); draws the contact sheet when the set changed."""
@@ -2385,8 +2347,8 @@ def synthesis_stage(args, out, models, prompts, classes, pipe, guidance_vae):
         batch_size=args.gen_batch, image_format=args.image_format,
         identity={**models.identity, "scheduler": type(pipe.scheduler).__name__},
         store_size=args.store_size or None, overwrite=args.overwrite,
-        max_new_images=args.max_new_images, guidance_vae=guidance_vae,
-        guidance_batch=args.guidance_batch, **sampling_options(args))
+        max_new_images=args.max_new_images, guidance_batch=args.guidance_batch,
+        **sampling_options(args))
     settings = read_json(synthetic / "settings.json", "")["settings"]
     wanted = len(models.class_names) * args.per_class
     if len(records) < wanted:
@@ -2552,12 +2514,10 @@ def contact_sheet(data_dir, class_names, path, *, max_classes=MEASURE.sheet_clas
     name (and `sources[c]` under it), then `per_row` of its images. Returns the tiles drawn."""
     from PIL import Image, ImageDraw
 
-    folders = sorted(f for f in Path(data_dir).iterdir() if f.is_dir() and f.name.isdigit())
     rows = spread(max_classes, len(class_names))
-    shown = [sorted(p for p in folders[c].iterdir() if p.suffix in (".png", ".jpg"))[:per_row]
-             if c < len(folders) else [] for c in rows]
-    sheet = Image.new("RGB", (label_width + max(map(len, shown + [[0]])) * tile,
-                              len(rows) * tile), "white")
+    shown = [sorted(Path(data_dir, class_folder(c, len(class_names))).glob("*.[jp][pn]g"))[:per_row]
+             for c in rows]
+    sheet = Image.new("RGB", (label_width + max(map(len, shown)) * tile, len(rows) * tile), "white")
     for y, c, images in zip(range(0, sheet.height, tile), rows, shown):
         labels = [(f"{c}: {class_names[c]}", -6, "black")]
         for text, dy, colour in labels + ([(f"[{sources[c]}]", 6, "gray")] if sources else []):
@@ -2591,19 +2551,17 @@ def evaluation_table(sets, num_classes):
 SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
 
 
-def byte_level_alphabet():
-    """The 256 printable characters that byte-level BPE tokenizers (CLIP, GPT-2) map bytes to."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+def bpe_tokenizer(folder, kind, suffixes, special, **options):
+    """A byte-level BPE tokenizer `kind` (CLIP's, GPT-2's) of no merges, its files in `folder`: a
+    token per byte (its printable stand-in) with each of `suffixes`, then the `special` tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
 
-
-def bpe_files(folder, vocab):
-    """Writes vocab.json (`vocab`: token → id) and a merges.txt of no merges; their paths."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (Path(folder) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt")
+    tokens = [a + suffix for suffix in suffixes for a in sorted(ByteLevel.alphabet())] + special
+    vocab, merges = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab.write_text(json.dumps({token: n for n, token in enumerate(tokens)}), encoding="utf-8")
+    merges.write_text("#version: 0.2\n", encoding="utf-8")
+    return kind(str(vocab), str(merges), **options)
 
 
 def seeded(seed, build):
@@ -2613,51 +2571,41 @@ def seeded(seed, build):
         return build()
 
 
-# "tiny": tests and the smoke run; "sd15": Stable Diffusion 1.5's UNet (860M parameters) and VAE
-# (84M), CLIP ViT-L/14's text encoder (123M): the trained models' FLOPs, for the benchmark
+# "tiny": tests and the smoke run; "sd15": Stable Diffusion 1.5's UNet (diffusers' default, 860M
+# parameters) and VAE (84M), CLIP ViT-L/14's text encoder (123M): their FLOPs, for the benchmark
 RANDOM_PIPELINES = {
-    "tiny": dict(unet=dict(layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=32,
+    "tiny": dict(unet=dict(layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                           cross_attention_dim=32, attention_head_dim=8),
-                 vae=dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32),
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+                 vae=dict(block_out_channels=(32, 64)),
                  text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                            num_attention_heads=4)),
-    "sd15": dict(unet=dict(layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-                           down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                           up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                           cross_attention_dim=768, attention_head_dim=8),
-                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                          scaling_factor=0.18215),
-                 text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                           num_attention_heads=12, vocab_size=49408, hidden_act="quick_gelu"))}
+    "sd15": dict(unet=dict(cross_attention_dim=768),
+                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                           vocab_size=49408))}
 
 
 def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon",
                     seed=0):
-    """A random StableDiffusionPipeline of RANDOM_PIPELINES[architecture], DDIM with SD's
+    """A frozen random StableDiffusionPipeline of RANDOM_PIPELINES[architecture], DDIM with SD's
     schedule, and a character-level CLIP tokenizer whose files go to `vocab_dir`."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    config, alphabet = RANDOM_PIPELINES[architecture], byte_level_alphabet()
-    vocab = {token: n for n, token in enumerate(alphabet + [a + "</w>" for a in alphabet]
-                                                   + ["<|startoftext|>", "<|endoftext|>"])}
-    start, end = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    config, ends = RANDOM_PIPELINES[architecture], ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = bpe_tokenizer(vocab_dir, CLIPTokenizer, ("", "</w>"), ends, model_max_length=77)
+    start, end = tokenizer.convert_tokens_to_ids(ends)
     levels = len(config["vae"]["block_out_channels"])  # the VAE's, and its 2^(levels-1) scale
-    text_encoder, unet, vae = seeded(seed, lambda: (
-        CLIPTextModel(CLIPTextConfig(**{"vocab_size": len(vocab), **config["text"]},
-                                     max_position_embeddings=77, bos_token_id=start,
-                                     eos_token_id=end, pad_token_id=end)),
-        UNet2DConditionModel(sample_size=image_size // 2 ** (levels - 1), in_channels=4,
-                             out_channels=4, **config["unet"]),
-        AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
-                      down_block_types=("DownEncoderBlock2D",) * levels,
-                      up_block_types=("UpDecoderBlock2D",) * levels, **config["vae"])))
+    text_encoder, unet, vae = (part.requires_grad_(False) for part in seeded(seed, lambda: (
+        CLIPTextModel(CLIPTextConfig(**{"vocab_size": len(tokenizer), **config["text"]},
+                                     bos_token_id=start, eos_token_id=end, pad_token_id=end)),
+        UNet2DConditionModel(sample_size=image_size // 2 ** (levels - 1), **config["unet"]),
+        AutoencoderKL(sample_size=image_size, down_block_types=("DownEncoderBlock2D",) * levels,
+                      up_block_types=("UpDecoderBlock2D",) * levels, **config["vae"]))))
     return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, safety_checker=None,
-        tokenizer=CLIPTokenizer(*bpe_files(vocab_dir, vocab), model_max_length=77),
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None,
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                 clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                 prediction_type=prediction_type),
@@ -2676,11 +2624,10 @@ def build_tiny_llm(model_dir, *, seed=0):
     opens it as a real LLM. It answers random text, which the cleaning must cope with."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-    vocab = {ch: n for n, ch in enumerate(byte_level_alphabet() + ["<|endoftext|>"])}
-    tokenizer = GPT2Tokenizer(*bpe_files(model_dir, vocab))
+    tokenizer = bpe_tokenizer(model_dir, GPT2Tokenizer, ("",), ["<|endoftext|>"])
     seeded(seed, lambda: GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
-        bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1))).save_pretrained(model_dir)
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, bos_token_id=len(tokenizer) - 1,
+        eos_token_id=len(tokenizer) - 1))).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return Path(model_dir)
 
@@ -2694,6 +2641,14 @@ def build_tiny_classifier(num_classes, *, width=16, input_size=32, seed=0):
 
 
 # ── --check-guidance and --benchmark: one process, timed; tables in OUT/NAME.md and .json ─────────
+SAMPLING_MODES = {"unguided": dict(energy_scale=0.0, class_scale=0.0),
+                  "guided, approx (default)": dict(exact_grad=False),
+                  "guided, exact": dict(exact_grad=True)}
+MODES_TABLE = {"sampling mode": "{mode}", "s / image": "{s_per_image:.3f}",
+               "× unguided": "{vs_unguided:.2f}", "peak memory (GiB)": "{peak_memory_gib:.1f}",
+               "energy": "{energy:.3f}", "p(y)": "{p_class:.4f}", "top-1 %": "{top1:.1f}"}
+
+
 def timed(device, function):
     """(function(), seconds); on CUDA the queued work is awaited and a peak-memory count begins."""
     if device.type == "cuda":
@@ -2712,65 +2667,49 @@ def teacher_scores(stats, class_ids, keep=slice(None)):
             "top1": 100.0 * (stats["top1"][keep] == class_ids[keep]).float().mean().item()}
 
 
-def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes, *, repeats=1,
-                        progress=True, **sample_kwargs):
-    """A row per mode (energy_guided_sample's keyword arguments) from the same latents: s/image
-    (the fastest round), × the first mode, peak memory (GiB; on a CPU the process's peak RSS so
-    far), teacher_scores; and each mode's stats. Rounds take the modes in turn: drifts hit all
-    alike."""
+def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, *, repeats=1,
+                        **sample_kwargs):
+    """A row per SAMPLING_MODES mode from the same latents: s/image (the fastest of `repeats`
+    rounds, which take the modes in turn: drifts hit all alike), × unguided, peak memory (GiB; on
+    a CPU the process's peak RSS so far), teacher_scores; and each mode's stats and `trace`."""
     import resource
 
-    ids, rows, stats = torch.as_tensor(class_ids, device=pipe.device), {}, {}
-    for round_index, mode in tqdm([(r, mode) for r in range(repeats) for mode in modes],
-                                  desc="timing sampling modes", disable=not progress):
-        sample = dict(sample_kwargs, latents=latents, **modes[mode])
-        if round_index == 0:  # warms the machine up
+    ids, seconds, stats = torch.as_tensor(class_ids, device=pipe.device), {}, {}
+    for r, mode in tqdm([(r, mode) for r in range(repeats) for mode in SAMPLING_MODES],
+                        desc="timing sampling modes"):
+        sample, trace = dict(sample_kwargs, latents=latents, **SAMPLING_MODES[mode]), []
+        if r == 0:  # warms the machine up
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
-        (_, stats[mode]), seconds = timed(pipe.device, lambda: energy_guided_sample(
-            pipe, teacher, prompts, class_ids, **sample))
-        memory = (torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-        row = rows.setdefault(mode, {"mode": mode, "s_per_image": math.inf, "peak_memory_gib": 0})
-        row.update(s_per_image=min(row["s_per_image"], seconds / len(prompts)),
-                   peak_memory_gib=max(row["peak_memory_gib"], memory / 2 ** 30),
-                   **teacher_scores(stats[mode], ids))
-    for row in rows.values():
-        row["vs_unguided"] = row["s_per_image"] / rows[next(iter(modes))]["s_per_image"]
-    return list(rows.values()), stats
+        (_, stats[mode]), took = timed(pipe.device, lambda: energy_guided_sample(
+            pipe, teacher, prompts, class_ids, trace=trace, **sample))
+        seconds[mode] = min(seconds.get(mode, math.inf), took / len(prompts))
+        stats[mode].update(trace=trace, memory=torch.cuda.max_memory_allocated(pipe.device)
+                           if pipe.device.type == "cuda"  # else Linux's ru_maxrss, in KiB
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return [{"mode": mode, "s_per_image": seconds[mode], "vs_unguided": seconds[mode]
+             / seconds["unguided"], "peak_memory_gib": stats[mode]["memory"] / 2 ** 30,
+             **teacher_scores(stats[mode], ids)} for mode in SAMPLING_MODES], stats
 
 
-def check_guidance(pipe, teacher, prompts, class_ids, latents, *, guidance_vae=None,
-                   class_names=None, progress=True, **sample_kwargs):
+def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, **sample_kwargs):
     """Whether energy guidance does what §2 says on these weights. fidelity: at the first, middle
-    and last guided steps, the cosine of each cheaper mode's gradient (exact; approx with
-    `guidance_vae`) with the method's g = ∇_{z_t} L(D(ẑ0), y); modes: time_sampling_modes' rows
-    from the same noise; per_class: teacher_scores unguided and guided (the default)."""
-    options, trace = {**SAMPLER, **sample_kwargs}, []
-    modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0), "approx (default)": {},
-             "exact": dict(exact_grad=True)}
-    if guidance_vae is not None:
-        modes["approx, --guidance-vae decode"] = dict(guidance_vae=guidance_vae)
-    rows, stats = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, modes,
-                                      progress=progress, **sample_kwargs)
-    energy_guided_sample(pipe, teacher, prompts, class_ids, latents=latents, trace=trace,
-                         **sample_kwargs)
-    objective = {key: options[key] for key in ("energy_scale", "class_scale", "temperature")}
-    ids, fidelity = torch.as_tensor(class_ids, device=pipe.device), []
+    and last guided steps, the cosine of the exact gradient with the method's approx g; modes:
+    time_sampling_modes; per_class: teacher_scores unguided and guided (approx)."""
+    options = {**SAMPLER, **sample_kwargs}
+    rows, stats = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, **sample_kwargs)
+    ids, guided = torch.as_tensor(class_ids, device=pipe.device), stats["guided, approx (default)"]
+    fidelity, trace = [], guided["trace"]
     for entry in [trace[k] for k in sorted({0, len(trace) // 2, len(trace) - 1}) if trace]:
-        predict = entry["predict"]
-        for mode in list(modes)[2:]:
-            _, grad = guidance_gradient(predict, modes[mode].get("guidance_vae", pipe.vae),
-                                        teacher, entry["noisy"], entry["alpha_bar"], ids,
-                                        exact=mode == "exact",
-                                        batch_size=options["guidance_batch"], **objective)
-            cosine = F.cosine_similarity(grad.flatten(1).double(),
-                                         entry["grad"].flatten(1).double())
-            fidelity.append({"mode": mode, "step": entry["step"],
-                             "steps": len(pipe.scheduler.timesteps), "cosine_mean":
-                             cosine.mean().item(), "cosine_min": cosine.min().item()})
-    per_class = [{"class": c, "name": class_names[c] if class_names else str(c),
-                  "images": class_ids.count(c), **{mode: teacher_scores(
-                      stats[mode], ids, ids == c) for mode in list(modes)[:2]}}
+        _, exact = guidance_gradient(
+            entry["predict"], pipe.vae, teacher, entry["noisy"], entry["alpha_bar"], ids,
+            exact=True, batch_size=options["guidance_batch"],
+            **{key: options[key] for key in ("energy_scale", "class_scale", "temperature")})
+        cosine = F.cosine_similarity(exact.flatten(1).double(), entry["grad"].flatten(1).double())
+        fidelity.append({"step": entry["step"], "steps": len(pipe.scheduler.timesteps),
+                         "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
+    per_class = [{"class": c, "name": class_names[c], "images": class_ids.count(c),
+                  "unguided": teacher_scores(stats["unguided"], ids, ids == c),
+                  "guided": teacher_scores(guided, ids, ids == c)}
                  for c in dict.fromkeys(class_ids)]
     return {"fidelity": fidelity, "modes": rows, "per_class": per_class}
 
@@ -2790,11 +2729,6 @@ def keep_tables(out, name, tables, result):
     print(text)
 
 
-MODES_TABLE = {"s / image": "{s_per_image:.3f}", "× unguided": "{vs_unguided:.2f}",
-               "peak memory (GiB)": "{peak_memory_gib:.1f}", "energy": "{energy:.3f}",
-               "p(y)": "{p_class:.4f}", "top-1 %": "{top1:.1f}"}
-
-
 def run_check_guidance(args, device):
     """--check-guidance: check_guidance() with the command line's models and sampling flags on
     --check-seeds images of --check-classes classes spread evenly (built-in prompts, no LLM); its
@@ -2802,7 +2736,7 @@ def run_check_guidance(args, device):
     if rank_and_world()[1] > 1:
         raise UsageError("--check-guidance measures one process: run it without torchrun")
     out, models = load_models(args, device)
-    pipe, guidance_vae = load_sampler(args, device, out)
+    pipe = load_sampler(args, device, out)
     prompts, _ = build_prompts(models.class_names, args.check_seeds, teacher=models.teacher,
                                seed=args.seed, descriptions=models.descriptions,
                                photo_share=args.photo_share, neighbours=args.neighbours,
@@ -2813,61 +2747,23 @@ def run_check_guidance(args, device):
                               latent_shape(pipe, args.height, args.width))
     r = check_guidance(pipe, models.teacher, [prompts[c][i] for c, i in pairs],
                        [c for c, _ in pairs], latents.to(device, pipe.unet.dtype),
-                       guidance_vae=guidance_vae, class_names=models.class_names,
-                       guidance_batch=args.guidance_batch, **sampling_options(args))
+                       class_names=models.class_names, guidance_batch=args.guidance_batch,
+                       **sampling_options(args))
     arrow = lambda key, spec: f"{{unguided[{key}]:{spec}}} → {{guided[{key}]:{spec}}}"  # noqa: E731
     keep_tables(out, "check_guidance", [markdown_table(r["fidelity"], {
-        "gradient mode": "{mode}", "step": "{step} of {steps}",
-        "cosine with the method's g (mean)": "{cosine_mean:.3f}", "(min)": "{cosine_min:.3f}"}),
-        markdown_table(r["modes"], {"sampling mode": "{mode}", **MODES_TABLE}),
-        markdown_table([dict(p, guided=p["approx (default)"]) for p in r["per_class"]], {
+        "guided step": "{step} of {steps}", "cosine of the exact gradient with the method's g "
+        "(mean)": "{cosine_mean:.3f}", "(min)": "{cosine_min:.3f}"}),
+        markdown_table(r["modes"], MODES_TABLE), markdown_table(r["per_class"], {
             "class": "{class} {name}", "images": "{images}", "energy: unguided → guided":
             arrow("energy", ".3f"), "p(y)": arrow("p_class", ".4f"),
             "top-1 %": arrow("top1", ".0f")})], r)
     return r
 
 
-def benchmark(args, device, out):
-    """--benchmark's measurements, {"sampling": time_sampling_modes' rows for five modes on
-    --gen-batch images and the sampling flags, "distill": benchmark_distillation's rows}, with
-    random SD 1.5, resnet50 and resnet18 (--smoke: the tiny pipeline and classifiers)."""
-    from diffusers import AutoencoderTiny
-
-    dtype, names = getattr(torch, args.dtype), load_class_names("imagenet")[0]
-    pipe = random_pipeline(out / "benchmark" / "vocab", image_size=args.height,
-                           architecture="tiny" if args.smoke else "sd15").to(device, dtype)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)
-    speed_up_pipeline(pipe, channels_last=args.channels_last, compile_unet=args.compile)
-    teacher, student = (build_tiny_classifier(1000), build_tiny_classifier(
-        1000, width=8, input_size=args.image_size)) if args.smoke else seeded(0, lambda: (
-            with_preprocessing(torchvision.models.resnet50(), 224),  # the same in every run
-            with_preprocessing(torchvision.models.resnet18(), args.image_size)))
-    checkpointed = copy.deepcopy(pipe.vae)
-    checkpointed.enable_gradient_checkpointing()
-    modes = {"unguided": dict(energy_scale=0.0, class_scale=0.0),
-             "guided, default (approx, full-size decode)": dict(exact_grad=False),
-             "guided, VAE gradient checkpointing": dict(guidance_vae=checkpointed),
-             "guided, tiny autoencoder decode (approximation)": dict(  # TAESD's architecture
-                 guidance_vae=AutoencoderTiny().to(device, dtype).requires_grad_(False)),
-             "guided, exact (UNet backward)": dict(exact_grad=True)}
-    latents = initial_latents(range(args.gen_batch), latent_shape(pipe, args.height, args.width))
-    prompts = [p[0] for p in build_prompts(names[:args.gen_batch], 1)[0]]
-    rows, _ = time_sampling_modes(pipe, teacher.to(device).eval().requires_grad_(False),
-                                  prompts, list(range(args.gen_batch)), latents.to(device, dtype),
-                                  modes, repeats=2, guidance_batch=args.guidance_batch,
-                                  **sampling_options(args))
-    del pipe, modes, checkpointed
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"sampling": rows, "distill": benchmark_distillation(
-        args, device, out / "benchmark" / "images", teacher, student)}
-
-
 def benchmark_distillation(args, device, folder, teacher, student):
-    """Images per second, on 8 batches of images like generated ones at the stored size and
-    format, of the loader alone (kd_loader, workers started), the whole distill() loop (its last
-    of 3 epochs) and pure compute (kd_step on those batches on the device); × pure compute."""
+    """Images/s, on 8 batches of images like generated ones at the stored size and format, of the
+    loader alone (kd_loader, workers started), the whole distill() loop (its last of 3 epochs)
+    and pure compute (kd_step on those batches on the device); × pure compute."""
     shutil.rmtree(folder, ignore_errors=True)  # a fresh set
     generator, size = torch.Generator().manual_seed(0), min(args.height, args.store_size or 10**9)
     for n in range(8 * args.batch_size):  # smooth colours, mild noise: generated images' sizes
@@ -2901,26 +2797,41 @@ def benchmark_distillation(args, device, folder, teacher, student):
 
 
 def run_benchmark(args, device):
-    """--benchmark: benchmark() with the command line's sizes (512² by default) and flags; its
-    two tables go to stdout and OUT/benchmark.md, their rows to OUT/benchmark.json."""
+    """--benchmark: time_sampling_modes (the fastest of 2 rounds) on --gen-batch images and
+    benchmark_distillation, with random SD 1.5, resnet50 and resnet18 (--smoke: the tiny
+    models), the command line's sizes (512² by default) and flags; its tables go to stdout and
+    OUT/benchmark.md, their rows to OUT/benchmark.json."""
     if rank_and_world()[1] > 1:
         raise UsageError("--benchmark times one process: run it without torchrun")
+    out, dtype = Path(args.out), getattr(torch, args.dtype)  # exclusive_out made --out
     args.height, args.width = args.height or 512, args.width or 512
-    if args.height % 16 or args.width % 16:
-        raise UsageError(f"--height and --width must be multiples of 16 for the benchmark, got "
-                         f"{args.height}x{args.width}")
-    result = benchmark(args, device, Path(args.out))  # exclusive_out made it
+    teacher, student = (build_tiny_classifier(1000), build_tiny_classifier(
+        1000, width=8, input_size=args.image_size)) if args.smoke else seeded(0, lambda: (
+            with_preprocessing(torchvision.models.resnet50(), 224),  # the same in every run
+            with_preprocessing(torchvision.models.resnet18(), args.image_size)))
+    pipe = load_sampler(args, device, out, random_pipeline(
+        out / "benchmark" / "vocab", image_size=args.height,
+        architecture="tiny" if args.smoke else "sd15").to(device, dtype))
+    latents = initial_latents(range(args.gen_batch), latent_shape(pipe, args.height, args.width))
+    prompts = [p[0] for p in build_prompts(load_class_names("imagenet")[0][:args.gen_batch], 1)[0]]
+    sampling, _ = time_sampling_modes(
+        pipe, teacher.to(device).eval().requires_grad_(False), prompts, list(range(args.gen_batch)),
+        latents.to(device, dtype), repeats=2, guidance_batch=args.guidance_batch,
+        **sampling_options(args))
+    del pipe  # as in a real run, the diffusion model's memory goes to distillation
+    distillation = benchmark_distillation(args, device, out / "benchmark" / "images", teacher,
+                                          student)
     flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size workers "
-             "store_size image_format channels_last compile").split()
+             "store_size image_format channels_last").split()
     machine = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
                f"{os.cpu_count()} cores, torch {torch.__version__}; "
                + " ".join(f"--{k.replace('_', '-')} {vars(args)[k]}" for k in flags))
-    keep_tables(Path(args.out), "benchmark", [f"Machine: {machine}", markdown_table(
-        result["sampling"], {"sampling mode": "{mode}", **MODES_TABLE}), markdown_table(
-        result["distill"], {"distillation": "{part}", "images / s": "{images_per_s:.1f}",
-                            "/ pure compute": "{vs_compute:.2f}"})],
-                dict(machine=machine, **result))
-    return result
+    keep_tables(out, "benchmark", [f"Machine: {machine}", markdown_table(sampling, MODES_TABLE),
+                                   markdown_table(distillation, {
+                                       "distillation": "{part}", "images / s": "{images_per_s:.1f}",
+                                       "/ pure compute": "{vs_compute:.2f}"})],
+                dict(machine=machine, sampling=sampling, distill=distillation))
+    return sampling, distillation
 
 
 if __name__ == "__main__":

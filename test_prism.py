@@ -401,35 +401,17 @@ def test_more_energy_guidance_gives_lower_energy(pipe, teacher):
     assert energies[0] - energies[-1] > 0.3  # a clear effect, not float noise
 
 
-def test_tiny_autoencoder_decodes_for_guidance_only(pipe, teacher, tmp_path):
-    """--guidance-vae: an AutoencoderTiny (TAESD's architecture, here tiny and random) loaded like
-    a real one, used in the guidance pass only: the final decode stays the pipeline's VAE."""
-    from diffusers import AutoencoderTiny
-
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
-    tiny = prism.load_guidance_vae(tmp_path / "taesd", "cpu")
-    start = latents(2)
-    sample = dict(latents=start, energy_scale=0.5, class_scale=0.0, **SAMPLE)
-    with_tiny, stats = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], guidance_vae=tiny, **sample)
-    with_own, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], **sample)
-    unguided, _ = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], **dict(sample, energy_scale=0.0))
-    assert torch.isfinite(with_tiny).all() and stats["guidance_skipped"].sum() == 0
-    assert not torch.allclose(with_tiny, with_own) and not torch.allclose(with_tiny, unguided)
-    with pytest.raises(prism.UsageError, match="--guidance-vae"):
-        prism.load_guidance_vae(tmp_path / "missing", "cpu")
-
-
-def test_channels_last_and_compile_leave_images_unchanged(pipe_dir, teacher):
-    """The speed options of speed_up_pipeline, against the plain computation (same latents)."""
-    start = latents(2)
-    images = {}
-    for name, options in {"plain": {}, "channels_last": dict(channels_last=True), "compile": dict(compile_unet=True)}.items():
-        pipe = prism.speed_up_pipeline(prism.load_diffusion_pipeline(pipe_dir, "cpu"), **options)
-        images[name] = prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], latents=start,
-                                                  energy_scale=0.3, num_steps=4)[0]
-    for name in ("channels_last", "compile"):
-        torch.testing.assert_close(images[name], images["plain"], atol=1e-4, rtol=0)
+def test_channels_last_leaves_images_unchanged(pipe_dir, teacher, tmp_path):
+    """--channels-last (on with CUDA), as load_sampler applies it, against the plain computation."""
+    images = []
+    for flag in ("--no-channels-last", "--channels-last"):
+        args = prism.parse_args(["--sd-model", str(pipe_dir), "--out", str(tmp_path), flag])
+        pipe = prism.load_sampler(args, torch.device("cpu"), tmp_path)
+        channels_last = pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert channels_last == (flag == "--channels-last")
+        images.append(prism.energy_guided_sample(pipe, teacher, PROMPTS[:2], [0, 1], latents=latents(2),
+                                                 energy_scale=0.3, num_steps=4)[0])
+    torch.testing.assert_close(images[1], images[0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' schedulers
@@ -585,34 +567,6 @@ def test_guidance_batch_bounds_the_decode_and_changes_nothing(pipe, teacher, exa
     small = prism_gradient(pipe, teacher, noisy, t, alpha_bar, exact=exact, objective=objective, batch_size=1)
     assert decoder.sizes == [1, 1, 1, 1] and max(unet.sizes) == (2 if exact else 8)  # CFG pairs
     torch.testing.assert_close(small, whole, rtol=1e-4, atol=1e-6 * whole.abs().max().item())
-
-
-def saved_tensor_bytes(function):
-    """Bytes of the tensors autograd keeps for the backward pass while `function` runs forward."""
-    total = [0]
-
-    def pack(tensor):
-        total[0] += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = function()
-    return result, total[0]
-
-
-def test_vae_gradient_checkpointing_keeps_the_gradient_and_saves_memory(pipe, teacher):
-    noisy, epsilon = latents(2), torch.zeros(2, 4, 16, 16)
-    objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
-
-    def gradient(vae):  # ε̂ = 0: ẑ0 = z_t / sqrt(ᾱ), the decode with its backward pass alone
-        return prism.guidance_gradient(lambda z, rows: epsilon[rows], vae, teacher, noisy, 0.5,
-                                       torch.tensor([0, 1]), **objective)[1]
-    plain, plain_bytes = saved_tensor_bytes(lambda: gradient(pipe.vae))
-    vae = copy.deepcopy(pipe.vae)
-    vae.enable_gradient_checkpointing()
-    checkpointed, checkpointed_bytes = saved_tensor_bytes(lambda: gradient(vae))
-    torch.testing.assert_close(checkpointed, plain)
-    assert checkpointed_bytes < 0.5 * plain_bytes
 
 
 def test_default_scales_lower_energy_and_raise_class_probability(pipe, teacher):
@@ -2344,43 +2298,38 @@ def test_contact_sheet_has_a_row_per_class_and_a_tile_per_image(image_dir, tmp_p
 
 
 # ── --check-guidance: the measurement a user runs on real weights ────────────────────────────
-def test_check_guidance_numbers_equal_a_direct_computation(pipe, teacher, tmp_path):
-    from diffusers import AutoencoderTiny
-
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
-    tiny = prism.load_guidance_vae(tmp_path / "taesd", "cpu")
+def test_check_guidance_numbers_equal_a_direct_computation(pipe, teacher):
     start, ids = latents(4), [0, 1, 2, 3]
-    result = prism.check_guidance(pipe, teacher, PROMPTS, ids, start, guidance_vae=tiny, class_names=NAMES,
-                                  progress=False, **SAMPLE)
+    result = prism.check_guidance(pipe, teacher, PROMPTS, ids, start, class_names=NAMES, **SAMPLE)
     modes = {row["mode"]: row for row in result["modes"]}
-    assert list(modes) == ["unguided", "approx (default)", "exact", "approx, --guidance-vae decode"]
+    assert list(modes) == ["unguided", "guided, approx (default)", "guided, exact"]
     _, unguided = prism.energy_guided_sample(pipe, teacher, PROMPTS, ids, latents=start,
                                              **dict(SAMPLE, energy_scale=0.0, class_scale=0.0))
     assert modes["unguided"]["energy"] == pytest.approx(unguided["energy"].mean().item(), rel=1e-5)
     assert modes["unguided"]["top1"] == pytest.approx(100 * (unguided["top1"] == torch.tensor(ids)).float().mean())
-    assert modes["approx (default)"]["energy"] < modes["unguided"]["energy"]
-    assert [r["step"] for r in result["fidelity"]] == [0, 0, 5, 5, 9, 9]  # early, middle, late × two modes
-    exact_row = next(r for r in result["fidelity"] if r["mode"] == "exact" and r["step"] == 5)
+    assert modes["guided, approx (default)"]["energy"] < modes["unguided"]["energy"]
+    assert [r["step"] for r in result["fidelity"]] == [0, 5, 9]  # early, middle, late
     noisy, t, alpha_bar = state_on_a_trajectory(pipe, teacher, step=5)
     objective = dict(energy_scale=0.25, class_scale=0.25, temperature=1.0)
     direct = cosines(direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=True, objective=objective),
                      direct_gradient(pipe, teacher, noisy, t, alpha_bar, exact=False, objective=objective))
-    assert exact_row["cosine_mean"] == pytest.approx(direct.mean().item(), abs=1e-4)
-    assert exact_row["cosine_min"] == pytest.approx(direct.min().item(), abs=1e-4)
+    assert result["fidelity"][1]["cosine_mean"] == pytest.approx(direct.mean().item(), abs=1e-4)
+    assert result["fidelity"][1]["cosine_min"] == pytest.approx(direct.min().item(), abs=1e-4)
     per_class = {row["name"]: row for row in result["per_class"]}
     assert per_class["kite"]["unguided"]["energy"] == pytest.approx(unguided["energy"][2].item(), rel=1e-5)
+    _, guided = prism.energy_guided_sample(pipe, teacher, PROMPTS, ids, latents=start, **SAMPLE)
+    assert per_class["kite"]["guided"]["energy"] == pytest.approx(guided["energy"][2].item(), rel=1e-5)
 
 
 def test_check_guidance_command_writes_its_tables(tmp_path, capsys):
     out = tmp_path / "check"
     assert prism.main(["--smoke", "--check-guidance", "--out", str(out)]) == 0
     result = json.loads((out / "check_guidance.json").read_text())
-    assert [row["mode"] for row in result["modes"]] == ["unguided", "approx (default)", "exact"]
+    assert [row["mode"] for row in result["modes"]] == list(prism.SAMPLING_MODES)
     assert len(result["per_class"]) == 4 and all(row["images"] == 2 for row in result["per_class"])
     table = (out / "check_guidance.md").read_text()
-    assert table.count("| exact |") == 4 and "| 3 tank | 2 |" in table
-    assert "cosine with the method's g" in capsys.readouterr().out
+    assert table.count(" of 10 |") == 3 and "| guided, exact |" in table and "| 3 tank | 2 |" in table
+    assert "cosine of the exact gradient with the method's g" in capsys.readouterr().out
 
 
 # ── benchmark (plumbing only: timings are machine-dependent and never asserted) ─────────────
@@ -2391,9 +2340,7 @@ def test_benchmark_times_every_mode_and_the_kd_loop_and_writes_its_tables(tmp_pa
                        "32", "--workers", "0", "--image-format", "jpg"]) == 0
     result = json.loads((out / "benchmark.json").read_text())
     rows = result["sampling"]
-    assert [row["mode"] for row in rows] == [
-        "unguided", "guided, default (approx, full-size decode)", "guided, VAE gradient checkpointing",
-        "guided, tiny autoencoder decode (approximation)", "guided, exact (UNet backward)"]
+    assert [row["mode"] for row in rows] == ["unguided", "guided, approx (default)", "guided, exact"]
     assert rows[0]["vs_unguided"] == 1.0
     for row in rows:
         assert row["s_per_image"] > 0 and row["peak_memory_gib"] > 0 and np.isfinite(row["energy"])
@@ -2404,5 +2351,5 @@ def test_benchmark_times_every_mode_and_the_kd_loop_and_writes_its_tables(tmp_pa
         assert row["vs_compute"] == pytest.approx(row["images_per_s"] / kd["pure compute"]["images_per_s"])
     assert len(list((out / "benchmark" / "images").glob("*/*.jpg"))) == 32  # the stored format, 8 batches
     table = (out / "benchmark.md").read_text()
-    assert table.count("\n| guided") == 4 and "| loader alone (0 workers" in table
+    assert table.count("\n| guided") == 2 and "| loader alone (0 workers" in table
     assert "| full KD loop (loader + copy + compute) |" in table and table in capsys.readouterr().out + "\n"
