@@ -490,12 +490,12 @@ def direct_gradient(pipe, teacher, noisy, t, alpha_bar, *, exact, objective, cfg
     return torch.autograd.grad(loss.sum(), z)[0]
 
 
-def prism_gradient(pipe, teacher, noisy, t, alpha_bar, *, exact, objective, batch_size=4, vae=None):
+def prism_gradient(pipe, teacher, noisy, t, alpha_bar, *, exact, objective, batch_size=4):
     text, uncond = pipe.encode_prompt(PROMPTS[:len(noisy)], "cpu", 1, True)
 
     def predict(z, rows):  # the sampler's CFG ε̂
         return prism.cfg_prediction(pipe.unet, z, t, text[rows], uncond[rows], 3.0)
-    return prism.guidance_gradient(predict, vae or pipe.vae, teacher, noisy.to(pipe.unet.dtype), alpha_bar,
+    return prism.guidance_gradient(predict, pipe.vae, teacher, noisy.to(pipe.unet.dtype), alpha_bar,
                                    torch.tensor([0, 1, 2, 3][:len(noisy)]), exact=exact, batch_size=batch_size,
                                    **objective)[1]
 
@@ -1540,8 +1540,7 @@ def test_a_model_that_cannot_be_found_is_one_short_line_at_once(tmp_path, capsys
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     for load, flag, extra in ((prism.load_diffusion_pipeline, "--sd-model", ""),
-                              (prism.load_llm, "--llm", "; or use --llm none"),
-                              (prism.load_guidance_vae, "--guidance-vae", "")):
+                              (prism.load_llm, "--llm", "; or use --llm none")):
         with pytest.raises(prism.UsageError) as error:
             load("someone/no-such-model", "cpu")
         message = str(error.value)
@@ -1974,7 +1973,7 @@ def test_guided_runs_use_a_single_step_scheduler_made_from_the_models_config(pip
     pndm.scheduler = PNDMScheduler.from_config(pndm.scheduler.config, skip_prk_steps=True)
     pndm.save_pretrained(tmp_path / "pndm")
     argv, cpu = ["--sd-model", str(tmp_path / "pndm"), "--out", str(tmp_path / "out")], torch.device("cpu")
-    pipe, _ = prism.load_sampler(prism.parse_args(argv), cpu, tmp_path / "out")
+    pipe = prism.load_sampler(prism.parse_args(argv), cpu, tmp_path / "out")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.scheduler.config.beta_schedule == pndm.scheduler.config.beta_schedule
     along = displacement_along_g(pipe, teacher)
@@ -1984,8 +1983,8 @@ def test_guided_runs_use_a_single_step_scheduler_made_from_the_models_config(pip
     with pytest.raises(prism.UsageError, match="PNDMScheduler is a multistep scheduler"):
         prism.load_sampler(prism.parse_args(argv + ["--scheduler", "model"]), cpu, tmp_path)
     every_step = ["--guidance-start", "0", "--guidance-end", "1", "--guidance-every", "1"]
-    pipe, _ = prism.load_sampler(prism.parse_args(argv + ["--scheduler", "model"] + every_step), cpu,
-                                 tmp_path / "out")
+    pipe = prism.load_sampler(prism.parse_args(argv + ["--scheduler", "model"] + every_step), cpu,
+                              tmp_path / "out")
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     with pytest.raises(prism.UsageError, match="--scheduler Nope: not a scheduler"):
         prism.load_sampler(prism.parse_args(argv + ["--scheduler", "Nope"]), cpu, tmp_path)
