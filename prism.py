@@ -932,113 +932,147 @@ def with_preprocessing(model, input_size, mean=(0.485, 0.456, 0.406), std=(0.229
     return nn.Sequential(Preprocess(input_size, mean, std, resize_size), model)
 
 
-# The command line's defaults, each written once: a flag of the method reads its default from the
-# signature of the Part I function that uses it (keyword_defaults); build_parser offers each field
-# with its help as the flag --field-name.
+# The command line, CleanRL style: one dataclass holds every flag (--field-name) with its default,
+# help and range (checked as argparse reads it; a float also finite). A flag of the method reads
+# its default from the signature of the Part I function that uses it, so each is written once.
 def keyword_defaults(function):
     """{name: default} of `function`'s keywords: a method's values, written once, in Part I."""
     return {name: p.default for name, p in inspect.signature(function).parameters.items()
             if p.default is not inspect.Parameter.empty}
 
 
-def flag(default, text, **options):
-    """A field of a defaults class and its command-line flag: the default, the help text and
-    command-line options (type, when the default does not give it; action; nargs; choices)."""
-    return dataclasses.field(default=default, metadata={"help": text, **options})
+def flag(default, text, check=(), **options):
+    """A field of Args: its default, help text, `check` = (test, words) of its range, and
+    argparse options (type, when the default does not give it; action; nargs; group: a --help
+    group begins)."""
+    return dataclasses.field(default=default, metadata={"help": text, "check": check, **options})
 
 
 SAMPLER, PROMPTING = keyword_defaults(energy_guided_sample), keyword_defaults(build_prompts)
 NORMALISATION = keyword_defaults(with_preprocessing)
 CACHING, KD = keyword_defaults(synthesize_dataset), keyword_defaults(distill)
+POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "at least 0")
+SHARE, NAME = (lambda v: 0 <= v <= 1, "in [0, 1]"), (str.strip, "a name, not blank")
+# counts that size lists held in memory: a typo's extra zeros is refused, not filling the memory
+COUNT = (lambda v: 1 <= v <= 100_000, "from 1 to 100,000")
 
 
 @dataclasses.dataclass(frozen=True)
-class RunDefaults:
-    """run"""
-    out: str = flag("runs/prism", "output folder: prompts, images, checkpoints, results")
-    seed: int = flag(0, "seed of prompts, image noise and training")
+class Args:
+    """Every flag of prism.py."""
+    smoke: bool = flag(False, "offline plumbing check: tiny random models, a CPU, minutes; "
+                       "ignores --teacher/--student/--data/--sd-model, and --llm but for none "
+                       "(no accuracy meaning)", action="store_true", group="modes and reruns")
+    benchmark: bool = flag(False, "time sampling (unguided, guided, exact) and distillation with "
+                           "random SD 1.5 / resnet50 / resnet18, no download, under the other "
+                           "flags (on a CPU: smaller defaults); writes OUT/benchmark.md, .json",
+                           action="store_true")
+    check_guidance: bool = flag(False, "measure guidance on these weights (minutes): the exact "
+                                "gradient's cosine with the method's; energy, p(y), top-1 and "
+                                "s/img vs unguided; writes OUT/check_guidance.md, .json",
+                                action="store_true")
+    check_classes: int = flag(4, "classes (spread evenly) for --check-guidance", POSITIVE)
+    check_seeds: int = flag(2, "images per class for --check-guidance", COUNT)
+    overwrite: bool = flag(False, "replace data in --out made under other settings or damaged "
+                           "(what is still valid is kept)", action="store_true")
+    debug: bool = flag(False, "print the traceback of an error", action="store_true")
+
+    out: str = flag("runs/prism", "output folder: prompts, images, checkpoints, results", NAME,
+                    group="run")
+    seed: int = flag(0, "seed of prompts, image noise and training",
+                     (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"))
     device: str = flag("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...; under "
                        "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
     workers: int | None = flag(None, "data loading processes per process (default: its share "
-                               "of the node's cores minus one, at most 12)", type=int)
+                               "of the node's cores minus one, at most 12)",
+                               (lambda v: 0 <= v <= usable_cores(),
+                                "from 0 to the CPU cores this process may use"), type=int)
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelDefaults:
-    """models and classes"""
-    teacher: str = flag("resnet50", "torchvision classifier name or TorchScript file")
+    teacher: str = flag("resnet50", "torchvision classifier name or TorchScript file",
+                        group="models and classes")
     teacher_weights: str | None = flag(None, "state dict for a torchvision --teacher instead of "
                                        "downloading", type=str)
-    teacher_input_size: int = flag(224, "input size of a TorchScript teacher")
+    teacher_input_size: int = flag(224, "input size of a TorchScript teacher", POSITIVE)
     teacher_mean: tuple = flag(NORMALISATION["mean"], "mean of a TorchScript teacher",
                                type=float, nargs=3)
-    teacher_std: tuple = flag(NORMALISATION["std"], "std of a TorchScript teacher",
+    teacher_std: tuple = flag(NORMALISATION["std"], "std of a TorchScript teacher", POSITIVE,
                               type=float, nargs=3)
     data: str = flag("imagenet", "'imagenet' or a class file, one 'name[<TAB>description]' a line")
     student: str = flag("resnet18", "torchvision classifier trained from scratch")
     sd_model: str = flag("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion "
-                         "1.x/2.x hub id or local folder")
+                         "1.x/2.x hub id or local folder", NAME)
     llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned causal LM (hub id or "
-                    "folder) that describes each class and writes its scenes (§3); none: no LLM")
+                    "folder) that describes each class and writes its scenes (§3); none: no LLM",
+                    NAME)
 
-
-@dataclasses.dataclass(frozen=True)
-class PromptDefaults:
-    """prompts (§3)"""
-    per_class: int = flag(100, "synthetic images (and prompts) per class")
-    photo_share: float = flag(PROMPTING["photo_share"], "share of photo styles (else: art, toys)")
-    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes: the sense (0: off)")
-    scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes a class")
+    per_class: int = flag(100, "synthetic images (and prompts) per class", COUNT,
+                          group="prompts (§3)")
+    photo_share: float = flag(PROMPTING["photo_share"], "share of photo styles (else: art, toys)",
+                              SHARE)
+    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes: the sense (0: off)",
+                           AT_LEAST_0)
+    scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes a class",
+                                 (lambda v: 1 <= v <= 24, "from 1 to 24"))
     prompts_only: bool = flag(False, "write OUT/prompts.md to read, then stop", action="store_true")
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingDefaults:
-    """energy-guided sampling (§1-2)"""
-    steps: int = flag(SAMPLER["num_steps"], "T, denoising steps")
-    cfg: float = flag(SAMPLER["cfg_scale"], "classifier-free guidance scale w (<= 1: off)")
-    energy_scale: float = flag(SAMPLER["energy_scale"], "s_E, weight of the teacher energy E")
-    class_scale: float = flag(SAMPLER["class_scale"], "s_C, weight of the class cross-entropy")
-    energy_temperature: float = flag(SAMPLER["temperature"], "τ of E = -τ logsumexp(f/τ)")
+    steps: int = flag(SAMPLER["num_steps"], "T, denoising steps", POSITIVE,
+                      group="energy-guided sampling (§1-2)")
+    cfg: float = flag(SAMPLER["cfg_scale"], "classifier-free guidance scale w (<= 1: off)",
+                      AT_LEAST_0)
+    energy_scale: float = flag(SAMPLER["energy_scale"], "s_E, weight of the teacher energy E",
+                               AT_LEAST_0)
+    class_scale: float = flag(SAMPLER["class_scale"], "s_C, weight of the class cross-entropy",
+                              AT_LEAST_0)
+    energy_temperature: float = flag(SAMPLER["temperature"], "τ of E = -τ logsumexp(f/τ)",
+                                     POSITIVE)
     guidance_start: float = flag(SAMPLER["guidance_start"], "guidance window start, fraction "
-                                 "of steps")
-    guidance_end: float = flag(SAMPLER["guidance_end"], "guidance window end, fraction of steps")
-    guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step of the window")
+                                 "of steps", SHARE)
+    guidance_end: float = flag(SAMPLER["guidance_end"], "guidance window end, fraction of steps",
+                               SHARE)
+    guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step of the window",
+                               POSITIVE)
     scheduler: str = flag("DDIMScheduler", "a diffusers scheduler class, made from the model's "
                           "config, or 'model' (SD 1.5: PNDM). A multistep one (PNDM, LMS, DPM++, "
                           "UniPC, DEIS, Heun) is refused unless every step is guided")
     exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
     no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
     guidance_batch: int = flag(SAMPLER["guidance_batch"], "images per guidance decode and its "
-                               "backward pass (~3 GiB each at 512² in fp16); images unchanged")
-    gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch and process")
-    height: int | None = flag(None, "image height (default: the model's)", type=int)
-    width: int | None = flag(None, "image width (default: the model's)", type=int)
+                               "backward pass (~3 GiB each at 512² in fp16); images unchanged",
+                               POSITIVE)
+    gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch and process",
+                          POSITIVE)
+    height: int | None = flag(None, "image height (default: the model's)", POSITIVE, type=int)
+    width: int | None = flag(None, "image width (default: the model's)", POSITIVE, type=int)
     image_format: str = flag(CACHING["image_format"], "cached image format (jpg: quality 95, "
                              "smaller and faster to decode, lossy)", choices=("png", "jpg"))
-    max_new_images: int | None = flag(None, "make at most this many images now", type=int)
-    store_size: int = flag(320, "cache images with their shorter side at this size (0: as made)")
+    max_new_images: int | None = flag(None, "make at most this many images now", POSITIVE,
+                                      type=int)
+    store_size: int = flag(320, "cache images with their shorter side at this size (0: as made)",
+                           AT_LEAST_0)
 
+    dtype: str = flag("auto", "diffusion model precision (auto: float16 on CUDA, float32 on a "
+                      "CPU)", choices=("auto", "float16", "bfloat16", "float32"),
+                      group="speed and memory (the images do not depend on them)")
+    channels_last: bool | None = flag(None, "channels_last memory format for the convolutions "
+                                      "(default: on with CUDA, where it is faster, off on a "
+                                      "CPU)", action=argparse.BooleanOptionalAction)
 
-@dataclasses.dataclass(frozen=True)
-class DistillDefaults:
-    """distillation (§4)"""
-    epochs: int = flag(100, "KD epochs over the synthetic set (0: no distillation)")
-    epochs_this_run: int | None = flag(None, "train at most this many epochs now", type=int)
-    batch_size: int = flag(256, "global KD batch size (split over torchrun processes)")
-    lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)")
-    weight_decay: float = flag(KD["weight_decay"], "SGD weight decay")
-    kd_temperature: float = flag(KD["temperature"], "τ_kd of the KD loss (DM-KD's)")
-    crop_scale: float = flag(KD["crop_scale"], "RandomResizedCrop's smallest scale s of (s, 1)")
-    image_size: int = flag(KD["image_size"], "student (and KD crop) input size")
+    epochs: int = flag(100, "KD epochs over the synthetic set (0: no distillation)", AT_LEAST_0,
+                       group="distillation (§4)")
+    epochs_this_run: int | None = flag(None, "train at most this many epochs now", POSITIVE,
+                                       type=int)
+    batch_size: int = flag(256, "global KD batch size (split over torchrun processes)", POSITIVE)
+    lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)", POSITIVE)
+    weight_decay: float = flag(KD["weight_decay"], "SGD weight decay", AT_LEAST_0)
+    kd_temperature: float = flag(KD["temperature"], "τ_kd of the KD loss (DM-KD's)", POSITIVE)
+    crop_scale: float = flag(KD["crop_scale"], "RandomResizedCrop's smallest scale s of (s, 1)",
+                             (lambda v: 0 < v <= 1, "in (0, 1]"))
+    image_size: int = flag(KD["image_size"], "student (and KD crop) input size", POSITIVE)
 
-
-@dataclasses.dataclass(frozen=True)
-class MeasureDefaults:
-    """measuring the synthetic set (§5), evaluation and ablations"""
     pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of precision and recall's "
-                     "k-NN balls")
-    sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)")
+                     "k-NN balls", POSITIVE,
+                     group="measuring the synthetic set (§5), evaluation and ablations")
+    sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)", POSITIVE)
     val_dir: list | None = flag(None, "real labelled images, a folder per class, scored for "
                                 "teacher and student; repeat it for shifted sets (ImageNet-V2, "
                                 "-Sketch, -R, -A). The first is precision/recall's: put "
@@ -1052,8 +1086,7 @@ class MeasureDefaults:
                                type=str, action="extend")
 
 
-RUN, MODELS, PROMPTS = RunDefaults(), ModelDefaults(), PromptDefaults()
-SAMPLING, DISTILL, MEASURE = SamplingDefaults(), DistillDefaults(), MeasureDefaults()
+ARGS = Args()  # the defaults
 
 
 # ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
@@ -1777,8 +1810,8 @@ def known_classifier(name, role):
 
 
 def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
-                 input_size=MODELS.teacher_input_size,
-                 mean=MODELS.teacher_mean, std=MODELS.teacher_std):
+                 input_size=ARGS.teacher_input_size,
+                 mean=ARGS.teacher_mean, std=ARGS.teacher_std):
     """(teacher, class names or None): the frozen f_T (eval, requires_grad_(False)), taking [0, 1]
     images of any size, from a torchvision name (weights DEFAULT, or the state dict
     `weights_path` of `num_classes` outputs; the DEFAULT transforms give sizes, mean and std, its
@@ -1815,8 +1848,8 @@ def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
     return teacher.to(device).eval().requires_grad_(False), class_names
 
 
-def build_student(name, num_classes, *, input_size=DISTILL.image_size, mean=MODELS.teacher_mean,
-                  std=MODELS.teacher_std):
+def build_student(name, num_classes, *, input_size=ARGS.image_size, mean=ARGS.teacher_mean,
+                  std=ARGS.teacher_std):
     """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
     [0, 1] images like the teacher (same normalisation, its own input size)."""
     model = torchvision.models.get_model(known_classifier(name, "student"), weights=None,
@@ -1884,37 +1917,6 @@ BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batc
                               workers=min(2, usable_cores()))
 
 
-@dataclasses.dataclass(frozen=True)
-class CommandLineOptions:
-    """modes and reruns"""
-    smoke: bool = flag(False, "offline plumbing check: tiny random models, a CPU, minutes; "
-                       "ignores --teacher/--student/--data/--sd-model, and --llm but for none "
-                       "(no accuracy meaning)", action="store_true")
-    benchmark: bool = flag(False, "time sampling (unguided, guided, exact) and distillation with "
-                           "random SD 1.5 / resnet50 / resnet18, no download, under the other "
-                           "flags (on a CPU: smaller defaults); writes OUT/benchmark.md, .json",
-                           action="store_true")
-    check_guidance: bool = flag(False, "measure guidance on these weights (minutes): the exact "
-                                "gradient's cosine with the method's; energy, p(y), top-1 and "
-                                "s/img vs unguided; writes OUT/check_guidance.md, .json",
-                                action="store_true")
-    check_classes: int = flag(4, "classes (spread evenly) for --check-guidance")
-    check_seeds: int = flag(2, "images per class for --check-guidance")
-    overwrite: bool = flag(False, "replace data in --out made under other settings or damaged "
-                           "(what is still valid is kept)", action="store_true")
-    debug: bool = flag(False, "print the traceback of an error", action="store_true")
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeedOptions:
-    """speed and memory (the images do not depend on them)"""
-    dtype: str = flag("auto", "diffusion model precision (auto: float16 on CUDA, float32 on a "
-                      "CPU)", choices=("auto", "float16", "bfloat16", "float32"))
-    channels_last: bool | None = flag(None, "channels_last memory format for the convolutions "
-                                      "(default: on with CUDA, where it is faster, off on a "
-                                      "CPU)", action=argparse.BooleanOptionalAction)
-
-
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default, but none where there is none (None) or it is off."""
 
@@ -1922,29 +1924,6 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
-
-
-# The range of each flag's value, checked as argparse reads it (any float flag: finite).
-POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "at least 0")
-FLAG_RANGES = {
-    **dict.fromkeys(("steps", "gen_batch", "batch_size", "image_size", "height", "width",
-                     "guidance_every", "guidance_batch", "teacher_input_size", "pr_k",
-                     "sheet_classes", "check_classes", "max_new_images", "epochs_this_run", "lr",
-                     "kd_temperature", "energy_temperature", "teacher_std"), POSITIVE),
-    # counts that size lists held in memory (and the LLM's answer): a typo's extra zeros is
-    # refused at once rather than filling the memory
-    **dict.fromkeys(("per_class", "check_seeds"), (lambda v: 1 <= v <= 100_000,
-                                                   "from 1 to 100,000")),
-    "scenes_per_class": (lambda v: 1 <= v <= 24, "from 1 to 24"),
-    **dict.fromkeys(("cfg", "energy_scale", "class_scale", "neighbours", "weight_decay", "epochs",
-                     "store_size"), AT_LEAST_0),
-    **dict.fromkeys(("guidance_start", "guidance_end", "photo_share"),
-                    (lambda v: 0 <= v <= 1, "in [0, 1]")),
-    "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
-    "workers": (lambda v: 0 <= v <= usable_cores(), "from 0 to the CPU cores this process may use"),
-    **dict.fromkeys(("out", "sd_model", "llm"), (str.strip, "a name, not blank")),
-}
 
 
 def checked(kind, test=lambda value: True, words=""):
@@ -1962,26 +1941,23 @@ def checked(kind, test=lambda value: True, words=""):
 
 
 def build_parser():
-    """Every flag: --field-name for each field with a help text of the defaults classes (a group
-    each, titled by its docstring), with its default and its FLAG_RANGES range."""
+    """Every field of Args as the flag --field-name, with its default, help and checked range."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                             formatter_class=DefaultsHelpFormatter)
-    for defaults in (CommandLineOptions(), RUN, MODELS, PROMPTS, SAMPLING, SpeedOptions(),
-                     DISTILL, MEASURE):
-        group = parser.add_argument_group(type(defaults).__doc__)
-        for field in dataclasses.fields(defaults):
-            options = dict(field.metadata)
-            if options.get("action") in (None, "append", "extend"):  # a value: its type, checked
-                kind = options.get("type", str if field.default is None else type(field.default))
-                options["type"] = checked(kind, *FLAG_RANGES.get(field.name, ()))
-            if "help" in options:  # else not a flag
-                group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
-                                   **options)
+    for field in dataclasses.fields(Args):
+        options = dict(field.metadata)
+        if "group" in options:
+            group = parser.add_argument_group(options.pop("group"))
+        check = options.pop("check")
+        if options.get("action") in (None, "append", "extend"):  # a value: its type, checked
+            kind = options.get("type", str if field.default is None else type(field.default))
+            options["type"] = checked(kind, *check)
+        group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
     return parser
 
 
 def parse_args(argv):
-    """The flags of `argv`, each checked as it is read (FLAG_RANGES), then together; --smoke
+    """The flags of `argv`, each checked as it is read (Args), then together; --smoke
     (--benchmark on a CPU) shrinks the defaults, not explicit flags. The machine decides the
     defaults of --workers, --channels-last and --dtype."""
     parser = build_parser()
@@ -2508,7 +2484,7 @@ def spread(count, total):
     return [round(k * (total - 1) / max(count - 1, 1)) for k in range(count)]
 
 
-def contact_sheet(data_dir, class_names, path, *, max_classes=MEASURE.sheet_classes, per_row=8,
+def contact_sheet(data_dir, class_names, path, *, max_classes=ARGS.sheet_classes, per_row=8,
                   tile=96, label_width=160, sources=None):
     """Writes a PNG of the cached set: a row per class (`max_classes` at most, spread evenly), its
     name (and `sources[c]` under it), then `per_row` of its images. Returns the tiles drawn."""
@@ -2787,7 +2763,7 @@ def benchmark_distillation(args, device, folder, teacher, student):
     batches = [to_unit_images(batch, device, torch.channels_last if args.channels_last else
                               torch.contiguous_format) for batch in batches]
     _, compute_seconds = timed(device, lambda: [kd_step(
-        teacher, student, optimizer, batch, DISTILL.kd_temperature, amp) for batch in batches])
+        teacher, student, optimizer, batch, ARGS.kd_temperature, amp) for batch in batches])
     seconds = {f"loader alone ({args.workers} workers: read, decode, augment, collate)":
                loader_seconds, "full KD loop (loader + copy + compute)":
                epochs[-1]["epoch_seconds"][-1],

@@ -1251,7 +1251,7 @@ def test_kd_batches_travel_as_uint8_and_equal_the_float_pipeline(image_dir):
     sampler.set_epoch(1)
     got = [prism.to_unit_images(batch, "cpu") for batch, _ in loader]
     assert next(iter(loader))[0].dtype == torch.uint8
-    float_augment = transforms.Compose([transforms.RandomResizedCrop(32, scale=(prism.DISTILL.crop_scale, 1)),
+    float_augment = transforms.Compose([transforms.RandomResizedCrop(32, scale=(prism.ARGS.crop_scale, 1)),
                                         transforms.RandomHorizontalFlip(), transforms.ToTensor()])
     dataset = prism.SeededAugmentation(prism.image_folder(image_dir, None), float_augment, 3)
     tagged = list(sampler)  # epoch·N + i, as the loader's workers receive them
@@ -1554,7 +1554,7 @@ def test_a_model_that_cannot_be_found_is_one_short_line_at_once(tmp_path, capsys
     argv = [a for a in local_models_argv(tmp_path, pipe_dir) if a != "none"][:-1]  # the default LLM
     code, err = run_main(argv, capsys)
     assert code == 2 and len(err) < 300
-    one_line(err, f"prism: error: --llm {prism.MODELS.llm}: not in the local cache")
+    one_line(err, f"prism: error: --llm {prism.ARGS.llm}: not in the local cache")
     assert "--llm none" in err and not (tmp_path / "out" / "prompts.json").exists()
     (tmp_path / "empty-llm").mkdir()  # a folder, but no model: said before SD loads
     code, err = run_main(argv + ["--llm", str(tmp_path / "empty-llm")], capsys)
