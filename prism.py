@@ -2522,7 +2522,6 @@ def evaluation_table(sets, num_classes):
                      .rstrip() for row in rows)
 
 
-
 # ── Tiny random components: the offline smoke run and the tests (plumbing, not accuracy) ──────────
 SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
 
