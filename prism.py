@@ -1093,13 +1093,19 @@ ARGS = Args()  # the defaults
 def answer_phrases(answer, entry, max_words=14):
     """An LLM's answer about `entry`'s class, a phrase per line: the first sentence, at most
     `max_words` words (prompts stay well within CLIP's 77 tokens), without list marker, markdown,
-    quotes, heading ("1. **Desk**: On a desk." → "On a desk") or "A mouse is". Dropped: a line
-    with no word (2+ letters) or ending in ':?!' (chat: "Here are 12 scenes:"), a phrase naming a
-    teacher neighbour (SD would draw that class), the bare name."""
+    quotes, heading ("1. **Desk**: On a desk." → "On a desk"), chat opener ("Sure! ") or "A mouse
+    is". Dropped: a markdown title, a line with no word (2+ letters) or ending in ':?!' (chat:
+    "Here are 12 scenes:"), a phrase naming a teacher neighbour (SD would draw that class), the
+    bare name."""
     phrases, name = [], entry["name"].lower()
     for line in answer.splitlines():
-        line = re.sub(r"^\W*(?:\d+[.)])?\s*|[*_`\"“”]", "", "".join(filter(str.isprintable, line)))
-        line = re.split(r": | [-–—] ", line)[-1].strip(" '.,;")  # the text after a heading
+        line = "".join(filter(str.isprintable, line)).strip()
+        if line.startswith("#"):  # a markdown title ("### Outdoors")
+            continue
+        line = re.sub(r"^\W*(?:\d+[.)])?\s*", "", line)  # a list marker
+        # the text after a heading ("**Desk**: ...", "**Desk** – ...")
+        line = re.split(r":(?:\*\*|__)? |(?:\*\*|__) ?[-–—] ", line, maxsplit=1)[-1]
+        line = re.sub(r"^(?:[^.!?]*\w[!?] +)+|[*_`\"“”]", "", line).strip(" '.,;")  # "Sure! "
         if re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
             sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
             sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
@@ -1975,6 +1981,10 @@ def parse_args(argv):
     named_val_sets(args.val_dir)
     if args.benchmark and args.check_guidance:
         raise UsageError("--benchmark and --check-guidance are two runs: give one of them")
+    if (args.benchmark or args.check_guidance) and ("guidance" in args.ablate or not (
+            args.energy_scale or args.class_scale)):
+        raise UsageError("--benchmark and --check-guidance measure guidance: without --ablate "
+                         "guidance, with --energy-scale or --class-scale above 0")
     if args.guidance_start >= args.guidance_end:
         raise UsageError(f"guidance window must satisfy --guidance-start < --guidance-end, got "
                          f"{args.guidance_start} and {args.guidance_end}")

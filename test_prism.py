@@ -100,7 +100,7 @@ def split_prompt(prompt, subject):
     return style, rest[len(subject):].removeprefix(", ")
 
 
-def test_imagenet_prompts_deterministic_named_and_each_scene_one_whole_phrase():
+def test_imagenet_prompts_deterministic_named_and_each_scene_a_built_in_phrase():
     names, _ = prism.load_class_names("imagenet")
     prompts, classes = prism.build_prompts(names, 5, seed=0)
     assert prompts == prism.build_prompts(names, 5, seed=0)[0]
@@ -242,10 +242,13 @@ def test_each_answer_line_is_one_short_phrase_and_the_chat_around_it_is_dropped(
             "- in the rain\nWould you like more?\nA mouse is a small device.\nGreat question!\n"
             "- next to two kites\nThe mouse.\n"
             "- a long line of words that goes on and on past the limit of fourteen words\n"
+            "### Outdoors\n1. On a cluttered desk - next to a laptop\n"
+            "Certainly! The computer mouse is a small handheld pointing device.\n"
             + "word " * 50)
     assert prism.answer_phrases(said, {"name": "mouse", "neighbours": ["kite"]}) == [
         "A dog on a beach at dawn", "in the rain", "next to a laptop", "Store Shelf",
         "a small device", "a long line of words that goes on and on past the limit",
+        "On a cluttered desk - next to a laptop", "a small handheld pointing device",
         " ".join(["word"] * 14)]
 
 
@@ -1370,6 +1373,7 @@ BAD_FLAGS = {
         "more scenes than an answer holds": ["--scenes-per-class", "40"],
         "a count that fills the memory": ["--check-seeds", "1000000000"],
         "two tools at once": ["--smoke", "--benchmark", "--check-guidance"],
+        "a guidance check without guidance": ["--smoke", "--check-guidance", "--ablate", "guidance"],
         "abbreviated flag": ["--smoke", "--per", "3"],
         "huge seed": ["--seed", "99999999999999999999999"],
         "too many workers": ["--workers", "100000"],
