@@ -960,7 +960,7 @@ COUNT = (lambda v: 1 <= v <= 100_000, "from 1 to 100,000")
 @dataclasses.dataclass(frozen=True)
 class Args:
     """Every flag of prism.py."""
-    smoke: bool = flag(False, "offline plumbing check: tiny random models, a CPU, minutes; "
+    smoke: bool = flag(False, "offline plumbing check: tiny random models, a CPU, seconds; "
                        "ignores --teacher/--student/--data/--sd-model, and --llm but for none "
                        "(no accuracy meaning)", action="store_true", group="modes and reruns")
     benchmark: bool = flag(False, "time sampling (unguided, guided, exact) and distillation with "
@@ -1742,6 +1742,8 @@ def exclusive_out(out):
         try:
             Path(out).mkdir(parents=True, exist_ok=True)
             handle = open(Path(out) / ".prism.lock", "a")
+            os.register_at_fork(after_in_child=handle.close)  # a forked loader worker outlives
+            # a killed run by seconds: it must not hold the lock (flock follows the open file)
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             remove_stale_temps(out)
         except BlockingIOError:
@@ -2207,7 +2209,11 @@ def load_sampler(args, device, out, pipe=None):
             names = sorted(k.__name__ for k in pipe.scheduler.compatibles)
             raise UsageError(f"--scheduler {args.scheduler}: not a scheduler this model can use; "
                              f"give 'model' or one of {', '.join(names)}")
-        pipe.scheduler = kind.from_config(pipe.scheduler.config)
+        try:
+            pipe.scheduler = kind.from_config(pipe.scheduler.config)
+        except ImportError:  # LMS needs scipy, DPM-Solver SDE torchsde: not in requirements.txt
+            raise UsageError(f"--scheduler {args.scheduler} needs a package that is not "
+                             f"installed (see its diffusers docs); use another scheduler")
     check_sampler(pipe, sampling_options(args))
     return pipe
 
@@ -2327,7 +2333,7 @@ def synthesis_stage(args, out, models, prompts, classes, pipe):
     (--max-new-images); draws the contact sheet when the set changed."""
     rank, synthetic = rank_and_world()[0], out / "synthetic"
     if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
-        print("warning: running on the CPU; a real run needs a CUDA GPU", file=sys.stderr)
+        report("warning", "running on the CPU; a real run needs a CUDA GPU")
     records = synthesize_dataset(
         pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
         batch_size=args.gen_batch, image_format=args.image_format,

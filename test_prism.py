@@ -1384,6 +1384,7 @@ BAD_FLAGS = {
         "missing class ids": ["--smoke", "--class-ids", "no-such-ids.txt"],
         "removed cheap decode": ["--guidance-downsample", "2"],
         "window order": ["--guidance-start", "0.8", "--guidance-end", "0.5"],
+        "a scheduler whose package is missing": ["--smoke", "--scheduler", "DPMSolverSDEScheduler"],
         "window range": ["--guidance-end", "1.5"],
         "photo share": ["--photo-share", "1.5"],
         "not a number": ["--steps", "many"],
@@ -2055,6 +2056,18 @@ def test_every_rank_refuses_a_broken_image_only_one_of_them_decoded(tmp_path):
     # rank 1 decoded its own share, images 1 and 3, and learned of image 0 from rank 0
     assert json.loads((tmp_path / "rank1.json").read_text()) == [
         str(tmp_path / "val" / f"{c}" / "ok.png") for c in (1, 3)]
+
+
+def test_the_lock_dies_with_its_holder_not_with_its_forked_workers(tmp_path):
+    # a run that forked a worker (as a DataLoader does) and was killed: the orphan, alive for
+    # seconds more, must not keep --out locked, or the rerun right after the kill is refused
+    code = ("import os, sys, time, prism\n"
+            "with prism.exclusive_out(sys.argv[1]):\n"
+            "    if os.fork() == 0:\n        time.sleep(20)\n        os._exit(0)\n"
+            "    os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=HERE, check=True, timeout=300)
+    with prism.exclusive_out(tmp_path):
+        pass
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
