@@ -2543,8 +2543,7 @@ SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
 
 
 def bpe_tokenizer(folder, kind, suffixes, special, **options):
-    """A byte-level BPE tokenizer `kind` (CLIP's, GPT-2's) of no merges, its files in `folder`: a
-    token per byte (its printable stand-in) with each of `suffixes`, then the `special` tokens."""
+    """A byte-level BPE tokenizer `kind` of no merges: a token per byte and suffix, `special`."""
     from tokenizers.pre_tokenizers import ByteLevel
 
     tokens = [a + suffix for suffix in suffixes for a in sorted(ByteLevel.alphabet())] + special
@@ -2562,8 +2561,7 @@ def seeded(seed, build):
         return build()
 
 
-# "tiny": tests and the smoke run; "sd15": Stable Diffusion 1.5's UNet (diffusers' default, 860M
-# parameters) and VAE (84M), CLIP ViT-L/14's text encoder (123M): their FLOPs, for the benchmark
+# "tiny": tests and the smoke run; "sd15": SD 1.5's UNet (860M), VAE (84M), text encoder (123M)
 RANDOM_PIPELINES = {
     "tiny": dict(unet=dict(layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -2579,8 +2577,7 @@ RANDOM_PIPELINES = {
 
 def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction_type="epsilon",
                     seed=0):
-    """A frozen random StableDiffusionPipeline of RANDOM_PIPELINES[architecture], DDIM with SD's
-    schedule, and a character-level CLIP tokenizer whose files go to `vocab_dir`."""
+    """A frozen random StableDiffusionPipeline of RANDOM_PIPELINES[architecture], SD's DDIM."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -2611,8 +2608,7 @@ def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", 
 
 
 def build_tiny_llm(model_dir, *, seed=0):
-    """Saves a tiny random GPT-2 with a byte-level tokenizer to `model_dir`, returned: load_llm
-    opens it as a real LLM. It answers random text, which the cleaning must cope with."""
+    """Saves a tiny random GPT-2 (it answers random text) to `model_dir`, returned, for load_llm."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
     tokenizer = bpe_tokenizer(model_dir, GPT2Tokenizer, ("",), ["<|endoftext|>"])
@@ -2651,45 +2647,28 @@ def timed(device, function):
     return result, time.perf_counter() - start
 
 
-def teacher_scores(stats, class_ids, keep=slice(None)):
-    """Mean final energy, p(y) and top-1 accuracy (%) of the sampled images `keep` selects."""
-    return {"energy": stats["energy"][keep].mean().item(),
-            "p_class": stats["p_class"][keep].mean().item(),
-            "top1": 100.0 * (stats["top1"][keep] == class_ids[keep]).float().mean().item()}
-
-
-def time_sampling_modes(pipe, teacher, prompts, class_ids, latents, *, repeats=1,
-                        **sample_kwargs):
-    """A row per SAMPLING_MODES mode from the same latents: s/image (the fastest of `repeats`
-    rounds, which take the modes in turn: drifts hit all alike), × unguided, peak memory (GiB; on
-    a CPU the process's peak RSS so far), teacher_scores; and each mode's stats and `trace`."""
+def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, repeats=1,
+                   **sample_kwargs):
+    """Whether guidance does what §2 says: each SAMPLING_MODES mode's row (the fastest of `repeats`
+    rounds) and per class the means unguided and approx; fidelity: cosine(exact gradient, g)."""
     import resource
 
-    ids, seconds, stats = torch.as_tensor(class_ids, device=pipe.device), {}, {}
-    for r, mode in tqdm([(r, mode) for r in range(repeats) for mode in SAMPLING_MODES],
-                        desc="timing sampling modes"):
-        sample, trace = dict(sample_kwargs, latents=latents, **SAMPLING_MODES[mode]), []
+    options, ids = {**SAMPLER, **sample_kwargs}, torch.as_tensor(class_ids, device=pipe.device)
+    seconds, memory, scores, traces = {}, {}, {}, {}
+    # the rounds take the modes in turn: a drift hits them all alike
+    for r, mode in tqdm(list(itertools.product(range(repeats), SAMPLING_MODES)), "modes timed"):
+        sample, traces[mode] = dict(sample_kwargs, latents=latents, **SAMPLING_MODES[mode]), []
         if r == 0:  # warms the machine up
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
-        (_, stats[mode]), took = timed(pipe.device, lambda: energy_guided_sample(
-            pipe, teacher, prompts, class_ids, trace=trace, **sample))
+        (_, stats), took = timed(pipe.device, lambda: energy_guided_sample(
+            pipe, teacher, prompts, class_ids, trace=traces[mode], **sample))
         seconds[mode] = min(seconds.get(mode, math.inf), took / len(prompts))
-        stats[mode].update(trace=trace, memory=torch.cuda.max_memory_allocated(pipe.device)
-                           if pipe.device.type == "cuda"  # else Linux's ru_maxrss, in KiB
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return [{"mode": mode, "s_per_image": seconds[mode], "vs_unguided": seconds[mode]
-             / seconds["unguided"], "peak_memory_gib": stats[mode]["memory"] / 2 ** 30,
-             **teacher_scores(stats[mode], ids)} for mode in SAMPLING_MODES], stats
-
-
-def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, **sample_kwargs):
-    """Whether energy guidance does what §2 says on these weights. fidelity: at the first, middle
-    and last guided steps, the cosine of the exact gradient with the method's approx g; modes:
-    time_sampling_modes; per_class: teacher_scores unguided and guided (approx)."""
-    options = {**SAMPLER, **sample_kwargs}
-    rows, stats = time_sampling_modes(pipe, teacher, prompts, class_ids, latents, **sample_kwargs)
-    ids, guided = torch.as_tensor(class_ids, device=pipe.device), stats["guided, approx (default)"]
-    fidelity, trace = [], guided["trace"]
+        memory[mode] = (torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda"
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB
+        scores[mode] = dict(stats, top1=100.0 * (stats["top1"] == ids).float())
+    mean = lambda mode, keep=slice(None): {  # noqa: E731
+        key: scores[mode][key][keep].mean().item() for key in ("energy", "p_class", "top1")}
+    trace, fidelity = traces["guided, approx (default)"], []
     for entry in [trace[k] for k in sorted({0, len(trace) // 2, len(trace) - 1}) if trace]:
         _, exact = guidance_gradient(
             entry["predict"], pipe.vae, teacher, entry["noisy"], entry["alpha_bar"], ids,
@@ -2698,11 +2677,13 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, *
         cosine = F.cosine_similarity(exact.flatten(1).double(), entry["grad"].flatten(1).double())
         fidelity.append({"step": entry["step"], "steps": len(pipe.scheduler.timesteps),
                          "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
-    per_class = [{"class": c, "name": class_names[c], "images": class_ids.count(c),
-                  "unguided": teacher_scores(stats["unguided"], ids, ids == c),
-                  "guided": teacher_scores(guided, ids, ids == c)}
-                 for c in dict.fromkeys(class_ids)]
-    return {"fidelity": fidelity, "modes": rows, "per_class": per_class}
+    return {"fidelity": fidelity, "modes": [
+        {"mode": mode, "s_per_image": seconds[mode], "vs_unguided": seconds[mode]
+         / seconds["unguided"], "peak_memory_gib": memory[mode] / 2 ** 30, **mean(mode)}
+        for mode in SAMPLING_MODES], "per_class": [
+        {"class": c, "name": class_names[c], "images": class_ids.count(c), "unguided":
+         mean("unguided", ids == c), "guided": mean("guided, approx (default)", ids == c)}
+        for c in dict.fromkeys(class_ids)]}
 
 
 def markdown_table(rows, columns):
@@ -2721,17 +2702,14 @@ def keep_tables(out, name, tables, result):
 
 
 def run_check_guidance(args, device):
-    """--check-guidance: check_guidance() with the command line's models and sampling flags on
-    --check-seeds images of --check-classes classes spread evenly (built-in prompts, no LLM); its
-    three tables go to stdout and OUT/check_guidance.md, their rows to OUT/check_guidance.json."""
+    """--check-guidance: check_guidance() on --check-seeds images of --check-classes classes."""
     if rank_and_world()[1] > 1:
         raise UsageError("--check-guidance measures one process: run it without torchrun")
     out, models = load_models(args, device)
     pipe = load_sampler(args, device, out)
     prompts, _ = build_prompts(models.class_names, args.check_seeds, teacher=models.teacher,
                                seed=args.seed, descriptions=models.descriptions,
-                               photo_share=args.photo_share, neighbours=args.neighbours,
-                               text_encoder=(pipe.tokenizer, pipe.text_encoder))
+                               photo_share=args.photo_share, neighbours=args.neighbours)
     pairs = [(c, i) for c in spread(args.check_classes, len(models.class_names))
              for i in range(args.check_seeds)]
     latents = initial_latents([image_seed(args.seed, c, i) for c, i in pairs],
@@ -2752,18 +2730,15 @@ def run_check_guidance(args, device):
 
 
 def benchmark_distillation(args, device, folder, teacher, student):
-    """Images/s, on 8 batches of images like generated ones at the stored size and format, of the
-    loader alone (kd_loader, workers started), the whole distill() loop (its last of 3 epochs)
-    and pure compute (kd_step on those batches on the device); × pure compute."""
+    """Images/s of the loader alone, the whole distill() loop (its last of 3 epochs) and kd_step
+    on the device (pure compute), × pure compute, on 8 batches like generated images."""
     shutil.rmtree(folder, ignore_errors=True)  # a fresh set
     generator, size = torch.Generator().manual_seed(0), min(args.height, args.store_size or 10**9)
     for n in range(8 * args.batch_size):  # smooth colours, mild noise: generated images' sizes
-        image = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), (size, size),
-                              mode="bicubic")[0]
-        image += 0.03 * torch.randn(image.shape, generator=generator)
+        image = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size, mode="bicubic")[0]
         path = folder / f"{n % 10:04d}" / f"{n:05d}.{args.image_format}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image_atomic(image.clamp(0, 1), path)
+        save_image_atomic(image + 0.03 * torch.randn(image.shape, generator=generator), path)
     loader, sampler = kd_loader(folder, args.batch_size, image_size=args.image_size,
                                 num_workers=args.workers, pin_memory=device.type == "cuda")
     for epoch in range(2):  # the first epoch starts the workers
@@ -2788,10 +2763,8 @@ def benchmark_distillation(args, device, folder, teacher, student):
 
 
 def run_benchmark(args, device):
-    """--benchmark: time_sampling_modes (the fastest of 2 rounds) on --gen-batch images and
-    benchmark_distillation, with random SD 1.5, resnet50 and resnet18 (--smoke: the tiny
-    models), the command line's sizes (512² by default) and flags; its tables go to stdout and
-    OUT/benchmark.md, their rows to OUT/benchmark.json."""
+    """--benchmark: check_guidance's modes (the fastest of 2 rounds) on --gen-batch images and
+    benchmark_distillation, with random SD 1.5, resnet50, resnet18 (--smoke: the tiny models)."""
     if rank_and_world()[1] > 1:
         raise UsageError("--benchmark times one process: run it without torchrun")
     out, dtype = Path(args.out), getattr(torch, args.dtype)  # exclusive_out made --out
@@ -2804,19 +2777,20 @@ def run_benchmark(args, device):
         out / "benchmark" / "vocab", image_size=args.height,
         architecture="tiny" if args.smoke else "sd15").to(device, dtype))
     latents = initial_latents(range(args.gen_batch), latent_shape(pipe, args.height, args.width))
-    prompts = [p[0] for p in build_prompts(load_class_names("imagenet")[0][:args.gen_batch], 1)[0]]
-    sampling, _ = time_sampling_modes(
-        pipe, teacher.to(device).eval().requires_grad_(False), prompts, list(range(args.gen_batch)),
-        latents.to(device, dtype), repeats=2, guidance_batch=args.guidance_batch,
-        **sampling_options(args))
+    names = load_class_names("imagenet")[0][:args.gen_batch]
+    sampling = check_guidance(
+        pipe, teacher.to(device).eval().requires_grad_(False), [p[0] for p in build_prompts(
+            names, 1)[0]], list(range(args.gen_batch)), latents.to(device, dtype),
+        class_names=names, repeats=2, guidance_batch=args.guidance_batch,
+        **sampling_options(args))["modes"]
     del pipe  # as in a real run, the diffusion model's memory goes to distillation
     distillation = benchmark_distillation(args, device, out / "benchmark" / "images", teacher,
                                           student)
     flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size workers "
              "store_size image_format channels_last").split()
-    machine = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-               f"{os.cpu_count()} cores, torch {torch.__version__}; "
-               + " ".join(f"--{k.replace('_', '-')} {vars(args)[k]}" for k in flags))
+    machine = " ".join([torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+                        f"({os.cpu_count()} cores), torch {torch.__version__};",
+                        *(f"--{k.replace('_', '-')} {vars(args)[k]}" for k in flags)])
     keep_tables(out, "benchmark", [f"Machine: {machine}", markdown_table(sampling, MODES_TABLE),
                                    markdown_table(distillation, {
                                        "distillation": "{part}", "images / s": "{images_per_s:.1f}",
@@ -2828,7 +2802,6 @@ def run_benchmark(args, device):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, main() reports it
     exit_code = main()
-    # the run is over: end as it did. SIG_IGN, not a Python handler: Python puts its own handlers
-    # back to the default (killed by Ctrl-C) while it shuts down, but leaves SIG_IGN alone
+    # over: exit so. SIG_IGN, as Python's shutdown resets its own handlers (Ctrl-C then kills)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(exit_code)
