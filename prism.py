@@ -2656,7 +2656,7 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, r
     options, ids = {**SAMPLER, **sample_kwargs}, torch.as_tensor(class_ids, device=pipe.device)
     seconds, memory, scores, traces = {}, {}, {}, {}
     # the rounds take the modes in turn: a drift hits them all alike
-    for r, mode in tqdm(list(itertools.product(range(repeats), SAMPLING_MODES)), "modes timed"):
+    for r, mode in tqdm(list(itertools.product(range(repeats), SAMPLING_MODES)), "timing modes"):
         sample, traces[mode] = dict(sample_kwargs, latents=latents, **SAMPLING_MODES[mode]), []
         if r == 0:  # warms the machine up
             energy_guided_sample(pipe, teacher, prompts, class_ids, **dict(sample, num_steps=2))
@@ -2677,13 +2677,12 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, r
         cosine = F.cosine_similarity(exact.flatten(1).double(), entry["grad"].flatten(1).double())
         fidelity.append({"step": entry["step"], "steps": len(pipe.scheduler.timesteps),
                          "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
-    return {"fidelity": fidelity, "modes": [
-        {"mode": mode, "s_per_image": seconds[mode], "vs_unguided": seconds[mode]
-         / seconds["unguided"], "peak_memory_gib": memory[mode] / 2 ** 30, **mean(mode)}
-        for mode in SAMPLING_MODES], "per_class": [
-        {"class": c, "name": class_names[c], "images": class_ids.count(c), "unguided":
-         mean("unguided", ids == c), "guided": mean("guided, approx (default)", ids == c)}
-        for c in dict.fromkeys(class_ids)]}
+    modes = [{"mode": m, "s_per_image": seconds[m], "vs_unguided": seconds[m] / seconds["unguided"],
+              "peak_memory_gib": memory[m] / 2 ** 30, **mean(m)} for m in SAMPLING_MODES]
+    per_class = [{"class": c, "name": class_names[c], "images": class_ids.count(c), "unguided":
+                  mean("unguided", ids == c), "guided": mean("guided, approx (default)", ids == c)}
+                 for c in dict.fromkeys(class_ids)]
+    return {"fidelity": fidelity, "modes": modes, "per_class": per_class}
 
 
 def markdown_table(rows, columns):
