@@ -2649,8 +2649,8 @@ def timed(device, function):
 
 def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, repeats=1,
                    **sample_kwargs):
-    """Whether guidance does what §2 says: each SAMPLING_MODES mode's row (the fastest of `repeats`
-    rounds) and per class the means unguided and approx; fidelity: cosine(exact gradient, g)."""
+    """Whether guidance does what §2 says: rows of "modes" (SAMPLING_MODES, the fastest of `repeats`
+    rounds), "per_class" (unguided, approx) and "fidelity" (cosine of the exact gradient and g)."""
     import resource
 
     options, ids = {**SAMPLER, **sample_kwargs}, torch.as_tensor(class_ids, device=pipe.device)
