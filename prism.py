@@ -1004,12 +1004,10 @@ def answer_phrases(answer, entry, max_words=14):
             sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
             sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
             # cut at max_words, never left ending on an article, preposition or conjunction
-            phrase = re.sub(r"(?: (?:an?|the|of|to|in|on|at|with|by|for|from|and|or))+$", "",
-                            " ".join(sentence.split()[:max_words]))
-            if (re.sub(r"^(?:an?|the) ", "", phrase.lower()) != name
-                    and not names_any(phrase, entry["neighbours"], name)):
-                phrases.append(phrase)
-    return list(dict.fromkeys(phrases))
+            phrases.append(re.sub(r"(?: (?:an?|the|of|to|in|on|at|with|by|for|from|and|or))+$",
+                                  "", " ".join(sentence.split()[:max_words])))
+    return [p for p in dict.fromkeys(phrases) if re.sub(r"^(?:an?|the) ", "", p.lower()) != name
+            and not names_any(p, entry["neighbours"], name)]
 
 
 def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size=16):
@@ -1980,19 +1978,17 @@ def read_ours(path, shape, way_out, *, overwrite=False):
 def read_prompts(path, settings, *, overwrite=False):
     """(prompts, classes) of OUT/prompts.json if made under `settings`; else False or None (other
     or damaged ones: a UsageError, or None with `overwrite`)."""
-    count = len(settings["classes"])  # what is read of an entry: its prompts and sources
-    entry = {"source": str, "scene_source": str, "prompts": [str, settings["per_class"]]}
+    entry = {"source": str, "scene_source": str, "prompts": [str, settings["per_class"]]}  # used
     stored = check_settings(path, settings, overwrite=overwrite, what="prompts") and read_ours(
-        path, {"classes": [entry, count, count]}, "rerun with --overwrite to remake the prompts",
-        overwrite=overwrite)
+        path, {"classes": [entry, *[len(settings["classes"])] * 2]}, overwrite=overwrite,
+        way_out="rerun with --overwrite to remake the prompts")
     return stored and ([entry["prompts"] for entry in stored["classes"]], stored["classes"])
 
 
 def read_llm_answers(path, *, overwrite):
     """OUT/llm_answers.json's {llm name: {question: answer}}; {} if none (or damaged: overwrite)."""
-    stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, "delete it (it "
-                                         "only caches LLM answers) or rerun with --overwrite",
-                                         overwrite=overwrite)
+    stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, overwrite=overwrite,
+                                         way_out="delete it (a cache) or rerun with --overwrite")
     return stored["answers"] if stored else {}
 
 
