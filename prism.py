@@ -286,12 +286,11 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
                   llm_device="cpu", disambiguate=True, vary_content=True, vary_style=True):
     """(prompts, classes) of §3, `per_class` prompts a class, deterministic for a seed:
         prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
-    The teacher's `neighbours` nearest classes tell the LLM the sense of a name; `llm` (a name or
-    (model, tokenizer); `answers` its cache; None: SCENES) says what a class is (unless the class
-    file's `descriptions` do) and where it is seen. A class's entry has its "name", "description"
-    and "source" (file, llm, name), "scenes" and "scene_source" (llm, built-in, none), teacher
-    "neighbours" and "prompts". Ablations: `disambiguate` (file, neighbours, description),
-    `vary_content`, `vary_style`."""
+    The teacher's `neighbours` nearest classes tell `llm` (a name or (model, tokenizer); `answers`
+    its cache) the sense of a name; it says what a class is (unless the class file's
+    `descriptions` do) and where it is seen (else SCENES). A class's entry: "name", "description",
+    "source" (file, llm, name), "scenes", "scene_source" (llm, built-in, none), teacher
+    "neighbours", "prompts". Ablations: disambiguate (file, neighbours), vary_content, vary_style"""
     if not disambiguate:
         descriptions, neighbours = None, 0
     near = neighbour_names(class_names, teacher, neighbours)
@@ -2328,8 +2327,7 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # ── Reports: the prompts' sources, the contact sheet, the evaluation table ────────────────────────
 def prompt_sources(classes, llm):
-    """results.json's "prompts": the LLM, and the classes counted per description and scene source
-    (OUT/prompts.json has each class's)."""
+    """results.json's "prompts": the LLM; classes counted by description and scene source."""
     return {"llm": llm, **{f"{part}_sources": dict(collections.Counter(e[key] for e in classes))
                            for part, key in (("description", "source"), ("scene", "scene_source"))}}
 
