@@ -237,111 +237,35 @@ OTHER_STYLES = (
     "an embroidery", "a plastic toy", "a clay sculpture", "a tattoo", "an origami model",
     "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
     "a children's drawing")
-
-# Content without an LLM: scene phrases (place, view, light) by the kind of thing they suit.
-SCENES = {
-    "animal": ("in tall grass on a sunny afternoon", "resting in the shade of a tree",
-               "walking across an open field at dawn", "close up, looking at the camera",
-               "in a forest clearing in soft light", "in the snow on a winter morning"),
-    "water": ("swimming in clear blue water", "underwater among rocks and sea plants",
-              "at the surface of a calm lake", "in an aquarium with soft lighting",
-              "in a river among stones", "in the open sea on a cloudy day"),
-    "plant": ("growing in a garden in morning light", "in a meadow on a sunny day",
-              "close up with dew drops", "growing by a sunny window indoors",
-              "in a forest after rain", "in a park on an overcast day"),
-    "food": ("served on a wooden table", "on a kitchen counter, seen from above",
-             "at a market stall in daylight", "on a picnic blanket outdoors",
-             "close up on a dark background", "on a cafe table by the window"),
-    "vehicle": ("on a city street in daylight", "parked by the road at sunset",
-                "driving on a country road", "seen from the side on a highway",
-                "at a crossing in the rain", "on display at a show"),
-    "object": ("on a wooden table in soft window light", "held in a person's hand",
-               "on a shelf in a store", "on a plain white background",
-               "next to everyday things on a counter", "close up in bright daylight"),
-    "indoor": ("in a bright living room", "in a kitchen in morning light",
-               "on display in a showroom", "in a room, seen from the doorway",
-               "in a cosy apartment in the evening", "close up in soft light"),
-    "clothing": ("worn by a person on a city street", "folded on a bed in soft light",
-                 "on a mannequin in a shop window", "worn outdoors on an autumn day",
-                 "laid flat on a plain background", "on a clothes rail in a store"),
-    "place": ("on a clear sunny day", "at sunset with long shadows", "seen from far away",
-              "on a misty morning", "at night under lights", "seen from above"),
-    "any": ("in soft natural light", "close up", "seen from the side", "in bright daylight",
-            "seen from a distance", "in warm evening light", "on an overcast day"),
-}
-
-
-# Categories a class's teacher neighbours can point to (§3, no LLM), by their scene group.
-CATEGORIES = {category: group for group, categories in {
-    "animal": "mammal, bird, reptile, frog, insect, dog, cat, monkey",
-    "water": "fish, sea creature", "plant": "plant, flower, fungus",
-    "food": "fruit, vegetable, dish, drink", "clothing": "garment, accessory",
-    "vehicle": "car, truck, military vehicle, train, bicycle",
-    "object": "electronic device, tool, weapon, container, kitchenware, toy, sports equipment",
-    "indoor": "musical instrument, household appliance, furniture",
-    "place": "boat, aircraft, machine, building, structure, landscape",
-}.items() for category in categories.split(", ")}
-
-
-def with_article(phrase):
-    """'a mouse', 'an iron': the article CLIP's captions use before a noun phrase."""
-    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+# Content without an LLM: views and light that suit any class.
+SCENES = ("in soft natural light", "close up", "seen from the side", "in bright daylight",
+          "seen from a distance", "in warm evening light", "on an overcast day", "seen from above")
 
 
 def names_any(text, names, own=""):
     """True if `text` names one of `names` as whole words (any case, plurals too) once the class's
     `own` name is out: SD would draw another class. "ant" is not in "elephant"."""
     text = re.sub(rf"\b{re.escape(own)}\b", " ", text, flags=re.IGNORECASE) if own else text
-    words = re.findall(r"[\w'-]+", text.lower())
-    spans = {" ".join(words[i:i + n]) for n in range(1, 6) for i in range(len(words) - n + 1)}
-    spans |= {span[:-1] for span in spans if span.endswith("s")}  # plurals: kites, foxes
-    spans |= {span[:-2] for span in spans if span.endswith("es")}
-    return any(name.lower() in spans for name in names)
-
-
-def free_of_classes(phrases, class_names):
-    """The phrases of a built-in list that name no class ("on a white plate" would draw "plate")."""
-    return [phrase for phrase in phrases if not names_any(phrase, class_names)]
+    # a name's words apart by anything but a word character, plurals too: kites, foxes
+    return any(re.search(r"(?<![\w'-])%s(?:e?s)?(?![\w'-])" % r"[^\w'-]+".join(
+        map(re.escape, name.split())), text, re.IGNORECASE) for name in names)
 
 
 def last_linear_module(model):
-    """A classifier's head, the last nn.Linear (TorchScript's too) of `model`, or None."""
-    return next((module for module in reversed(list(model.modules())) if isinstance(
-        module, nn.Linear) or getattr(module, "original_name", None) == "Linear"), None)
+    """A classifier's head, the last nn.Linear of `model`, or None."""
+    return next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
 
 
 def neighbour_names(class_names, teacher, k):
     """For each class c, the k classes j ≠ c of largest cos(w_c, w_j), w the teacher head's rows
     (§3): the sense of an ambiguous name, data-free (mouse → computer keyboard); [] without one."""
     head = last_linear_module(teacher) if teacher is not None and k > 0 else None
-    if head is None or head.weight.shape[0] != len(class_names) or len(class_names) < 2:
+    if head is None or head.weight.shape[0] != len(class_names):
         return [[] for _ in class_names]
     unit = F.normalize(head.weight.detach().float(), dim=1)
     # cos(w_c, w_j), j ≠ c
-    similarity = (unit @ unit.T).fill_diagonal_(-float("inf"))
-    nearest = similarity.topk(min(k, len(unit) - 1), dim=1).indices.tolist()
-    return [[class_names[j] for j in row] for row in nearest]
-
-
-@torch.no_grad()
-def neighbour_categories(neighbours, text_encoder, categories=tuple(CATEGORIES)):
-    """The category each class's teacher neighbours N(c) point to (§3 without an LLM), T(x) the
-    unit pooled text embedding of "a photo of a {x}" by CLIP `text_encoder` (tokenizer, model):
-        category(c) = argmax_k cos(T(k), mean_{n ∈ N(c)} T(n))   (None without N(c) or CLIP)
-    Only the category enters the prompt, so the neighbours are never drawn."""
-    names = sorted({n for row in neighbours for n in row})
-    if not names or text_encoder is None:
-        return [None] * len(neighbours)
-    tokenizer, model = text_encoder
-    ids = tokenizer([f"a photo of {with_article(x)}" for x in [*categories, *names]],
-                    padding="max_length", truncation=True, return_tensors="pt").input_ids
-    embedded = F.normalize(model(ids.to(model.device)).pooler_output.float().cpu(), dim=-1)
-    index = {name: len(categories) + i for i, name in enumerate(names)}
-    # mean_{n ∈ N(c)} T(n), then the nearest category by cosine
-    centres = [F.normalize(embedded[[index[n] for n in row]].mean(0), dim=0) if row else None
-               for row in neighbours]
-    return [None if centre is None else categories[(embedded[:len(categories)] @ centre).argmax()]
-            for centre in centres]
+    nearest = (unit @ unit.T).fill_diagonal_(-math.inf).topk(min(k, len(unit) - 1)).indices
+    return [[class_names[j] for j in row] for row in nearest.tolist()]
 
 
 def llm_questions(name, neighbours, scenes_per_class):
@@ -357,72 +281,30 @@ def llm_questions(name, neighbours, scenes_per_class):
     return describe, scenes
 
 
-def describe_classes(class_names, neighbours, *, descriptions=None, text_encoder=None,
-                     vary_content=True):
-    """Each class's entry without an LLM (§3): "description" and "source" (best first: "file",
-    "neighbours": "a kind of {category}", "name"), "scenes" (its category's SCENES group) and
-    "scene_source", "neighbours", "category". No built-in phrase that names a class is used."""
-    allowed = free_of_classes(CATEGORIES, class_names)  # no category names a class
-    categories = neighbour_categories(neighbours, text_encoder, allowed)
-    scenes = {group: free_of_classes(phrases, class_names) for group, phrases in SCENES.items()}
-    classes = []
-    for c, name in enumerate(class_names):
-        group = CATEGORIES.get(categories[c], "any")
-        group = group if scenes[group] else "any"
-        entry = {"name": name, "description": "", "source": "name", "neighbours": neighbours[c],
-                 "category": categories[c], "scenes": [], "scene_source": "none"}
-        if descriptions and descriptions[c]:
-            entry.update(description=descriptions[c], source="file")
-        elif categories[c]:
-            entry.update(description=f"a kind of {categories[c]}", source="neighbours")
-        if vary_content and scenes[group]:
-            entry.update(scenes=list(scenes[group]), scene_source=f"built-in {group}")
-        classes.append(entry)
-    return classes
-
-
-def compose_prompts(classes, per_class, *, photo_share=0.8, seed=0, vary_style=True):
-    """`per_class` prompts for each of describe_classes' entries (§3), deterministic for a seed:
-        prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
-    A photo style with probability `photo_share`, and the next (style, scene) pair of that kind
-    from the class's shuffled list of them all: no repeat before every pair is used."""
-    prompts = []
-    for c, entry in enumerate(classes):
-        rng = random.Random(f"prism-prompts/{seed}/{c}")  # str seeds are stable across runs
-        subject = ", ".join(filter(None, (with_article(entry["name"]), entry["description"])))
-        pools = []
-        for styles in (PHOTO_STYLES, OTHER_STYLES) if vary_style else (("a photo",),) * 2:
-            pairs = [(style, scene) for scene in entry["scenes"] or [""] for style in styles]
-            rng.shuffle(pairs)
-            pools.append(itertools.cycle(pairs))
-        pairs = [next(pools[0] if rng.random() < photo_share else pools[1])
-                 for _ in range(per_class)]
-        prompts.append([", ".join(filter(None, (f"{style} of {subject}", scene)))
-                        for style, scene in pairs])
-    return prompts
-
-
 def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, llm=None,
-                  text_encoder=None, answers=None, neighbours=2, photo_share=0.8, seed=0,
-                  scenes_per_class=12, llm_device="cpu", disambiguate=True, vary_content=True,
-                  vary_style=True):
-    """(prompts, classes) of §3: `per_class` prompts per class and describe_classes' entries,
-    which say where each part came from. The teacher's `neighbours` nearest classes tell the
-    sense of a name; `llm` (a name or (model, tokenizer); None: built-in lists; `answers` its
-    cache) says what a class is (unless a file does) and where it is seen (answer_phrases).
-    Ablations: `disambiguate` (file, neighbours, description), `vary_content`, `vary_style`."""
+                  answers=None, neighbours=2, photo_share=0.8, seed=0, scenes_per_class=12,
+                  llm_device="cpu", disambiguate=True, vary_content=True, vary_style=True):
+    """(prompts, classes) of §3, `per_class` prompts a class, deterministic for a seed:
+        prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
+    The teacher's `neighbours` nearest classes tell `llm` (a name or (model, tokenizer); `answers`
+    its cache) the sense of a name; it says what a class is (unless the class file's
+    `descriptions` do) and where it is seen (else SCENES). A class's entry: "name", "description",
+    "source" (file, llm, name), "scenes", "scene_source" (llm, built-in, none), teacher
+    "neighbours", "prompts". Ablations: disambiguate (file, neighbours), vary_content, vary_style"""
     if not disambiguate:
         descriptions, neighbours = None, 0
     near = neighbour_names(class_names, teacher, neighbours)
-    classes = describe_classes(class_names, near, descriptions=descriptions,
-                               text_encoder=text_encoder, vary_content=vary_content)
-    if llm is not None and (disambiguate or vary_content):
+    scenes = [s for s in SCENES if not names_any(s, class_names)] if vary_content else []
+    classes = [{"name": name, "description": d, "source": "file" if d else "name",
+                "neighbours": n, "scenes": scenes, "scene_source": "built-in" if scenes else "none"}
+               for name, d, n in zip(class_names, descriptions or [""] * len(class_names), near)]
+    if llm is not None:
         asked = [llm_questions(e["name"], e["neighbours"], scenes_per_class) for e in classes]
         todo = [c for c, entry in enumerate(classes) if disambiguate and entry["source"] != "file"]
         answers = {} if answers is None else answers
         described, llm = ask_llm(llm, [asked[c][0] for c in todo], answers, device=llm_device,
                                  max_new_tokens=48)  # room for a chat preamble
-        listed, _ = ask_llm(llm, [q[1] for q in asked] if vary_content else [], answers,
+        listed, _ = ask_llm(llm, [q[1] for q in asked if vary_content], answers,
                             max_new_tokens=32 * scenes_per_class, device=llm_device)
         for c, answer in zip(todo, described):
             for description in answer_phrases(answer, classes[c])[:1]:
@@ -430,8 +312,22 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
         for entry, answer in zip(classes, listed):
             scenes = answer_phrases(answer, entry)[:scenes_per_class]
             entry.update({"scenes": scenes, "scene_source": "llm"} if scenes else {})
-    return compose_prompts(classes, per_class, photo_share=photo_share, seed=seed,
-                           vary_style=vary_style), classes
+    for c, entry in enumerate(classes):
+        # a photo style with probability `photo_share`, then the next (style, scene) pair of that
+        # kind from the class's shuffled list of them all: no repeat before every pair is used
+        rng = random.Random(f"prism-prompts/{seed}/{c}")  # str seeds are stable across runs
+        article = "an " if entry["name"][:1].lower() in "aeiou" else "a "  # as CLIP's captions
+        subject = ", ".join(filter(None, (article + entry["name"], entry["description"])))
+        pools = []
+        for styles in (PHOTO_STYLES, OTHER_STYLES) if vary_style else (("a photo",),) * 2:
+            pairs = [(style, scene) for scene in entry["scenes"] or [""] for style in styles]
+            rng.shuffle(pairs)
+            pools.append(itertools.cycle(pairs))
+        pairs = [next(pools[0] if rng.random() < photo_share else pools[1])
+                 for _ in range(per_class)]
+        entry["prompts"] = [", ".join(filter(None, (f"{style} of {subject}", scene)))
+                            for style, scene in pairs]
+    return [entry["prompts"] for entry in classes], classes
 
 
 # ── Stage 2. Energy-guided sampling (§1-2): the teacher's energy steers the sampler ───────────────
@@ -1091,31 +987,26 @@ ARGS = Args()  # the defaults
 
 # ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
 def answer_phrases(answer, entry, max_words=14):
-    """An LLM's answer about `entry`'s class, a phrase per line: the first sentence, at most
-    `max_words` words (prompts stay well within CLIP's 77 tokens), without list marker, markdown,
-    quotes, heading ("1. **Desk**: On a desk." → "On a desk"), chat opener ("Sure! ") or "A mouse
-    is". Dropped: a markdown title, a line with no word (2+ letters) or ending in ':?!' (chat:
-    "Here are 12 scenes:"), a phrase naming a teacher neighbour (SD would draw that class), the
-    bare name."""
+    """An LLM's answer about `entry`'s class, a phrase a line: its first sentence in `max_words`
+    words (CLIP reads 77 tokens), without list marker, markdown, quotes, heading ("1. **Desk**: On
+    a desk." → "On a desk"), chat opener ("Sure! ") or "A mouse is"; no title, no line without a
+    word or ending in ':?!' ("Here are 12 scenes:"), no bare name, no teacher neighbour."""
     phrases, name = [], entry["name"].lower()
     for line in answer.splitlines():
         line = "".join(filter(str.isprintable, line)).strip()
-        if line.startswith("#"):  # a markdown title ("### Outdoors")
-            continue
+        title = line.startswith("#")  # a markdown title ("### Outdoors")
         line = re.sub(r"^\W*(?:\d+[.)])?\s*", "", line)  # a list marker
         # the text after a heading ("**Desk**: ...", "**Desk** – ...")
         line = re.split(r":(?:\*\*|__)? |(?:\*\*|__) ?[-–—] ", line, maxsplit=1)[-1]
         line = re.sub(r"^(?:[^.!?]*\w[!?] +)+|[*_`\"“”]", "", line).strip(" '.,;")  # "Sure! "
-        if re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
+        if not title and re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
             sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
             sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
             # cut at max_words, never left ending on an article, preposition or conjunction
-            phrase = re.sub(r"(?: (?:an?|the|of|to|in|on|at|with|by|for|from|and|or))+$", "",
-                            " ".join(sentence.split()[:max_words]))
-            if (re.sub(r"^(?:an?|the) ", "", phrase.lower()) != name
-                    and not names_any(phrase, entry["neighbours"], name)):
-                phrases.append(phrase)
-    return list(dict.fromkeys(phrases))
+            phrases.append(re.sub(r"(?: (?:an?|the|of|to|in|on|at|with|by|for|from|and|or))+$",
+                                  "", " ".join(sentence.split()[:max_words])))
+    return [p for p in dict.fromkeys(phrases) if re.sub(r"^(?:an?|the) ", "", p.lower()) != name
+            and not names_any(p, entry["neighbours"], name)]
 
 
 def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size=16):
@@ -1125,8 +1016,7 @@ def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size
         model, tokenizer = llm = (load_llm(llm, device) if isinstance(llm, (str, os.PathLike))
                                   else llm)
         chat = getattr(tokenizer, "chat_template", None) is not None
-        for start in tqdm(range(0, len(missing), batch_size), desc="llm", unit="batch",
-                          disable=len(missing) <= batch_size):
+        for start in tqdm(range(0, len(missing), batch_size), desc="llm", unit="batch"):
             batch = missing[start:start + batch_size]
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                    tokenize=False, add_generation_prompt=True)
@@ -2084,29 +1974,20 @@ def read_ours(path, shape, way_out, *, overwrite=False):
     return stored
 
 
-def read_prompts(path, num_classes, per_class, *, overwrite=False):
-    """(prompts, classes) of prompts.json, at least `per_class` prompts and describe_classes'
-    entry for each class (read_ours: damaged, or None with `overwrite`)."""
-    entry = {"name": str, "description": str, "source": str, "neighbours": [str],
-             "scenes": [str], "scene_source": str}
-    stored = read_ours(path, {"prompts": [[str, per_class], num_classes, num_classes],
-                              "classes": [entry, num_classes, num_classes]},
-                       "rerun with --overwrite to remake the prompts", overwrite=overwrite)
-    return stored and (stored["prompts"], stored["classes"])
-
-
-def reusable_prompts(path, settings, num_classes, *, overwrite):
-    """True if OUT/prompts.json holds intact prompts made under `settings`; a UsageError when
-    it was made under others or is damaged (unless `overwrite`: then False)."""
-    return bool(check_settings(path, settings, overwrite=overwrite, what="prompts")
-                and read_prompts(path, num_classes, settings["per_class"], overwrite=overwrite))
+def read_prompts(path, settings, *, overwrite=False):
+    """(prompts, classes) of OUT/prompts.json if made under `settings`; else False or None (other
+    or damaged ones: a UsageError, or None with `overwrite`)."""
+    entry = {"source": str, "scene_source": str, "prompts": [str, settings["per_class"]]}  # used
+    stored = check_settings(path, settings, overwrite=overwrite, what="prompts") and read_ours(
+        path, {"classes": [entry, *[len(settings["classes"])] * 2]}, overwrite=overwrite,
+        way_out="rerun with --overwrite to remake the prompts")
+    return stored and ([entry["prompts"] for entry in stored["classes"]], stored["classes"])
 
 
 def read_llm_answers(path, *, overwrite):
     """OUT/llm_answers.json's {llm name: {question: answer}}; {} if none (or damaged: overwrite)."""
-    stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, "delete it (it "
-                                         "only caches LLM answers) or rerun with --overwrite",
-                                         overwrite=overwrite)
+    stored = path.exists() and read_ours(path, {"answers": {str: {str: str}}}, overwrite=overwrite,
+                                         way_out="delete it (a cache) or rerun with --overwrite")
     return stored["answers"] if stored else {}
 
 
@@ -2220,16 +2101,13 @@ def load_sampler(args, device, out, pipe=None):
 
 def check_llm_available(args, out, settings):
     """Fails fast, before SD loads, if the prompts need an LLM not found and not cached."""
-    if (args.smoke or not settings["llm"]
-            or reusable_prompts(out / "prompts.json", settings, len(settings["classes"]),
-                                overwrite=args.overwrite)
+    if not (args.smoke or not settings["llm"]
+            or read_prompts(out / "prompts.json", settings, overwrite=args.overwrite)
             or settings["llm"] in read_llm_answers(out / "llm_answers.json",
                                                    overwrite=args.overwrite)):
-        return
-    from transformers import AutoConfig
-
-    load_pretrained(args.llm, "--llm", "LLM", lambda source, local: AutoConfig.from_pretrained(
-        source, local_files_only=local), "--llm none")
+        from transformers import AutoConfig
+        load_pretrained(args.llm, "--llm", "LLM", lambda source, local: AutoConfig.from_pretrained(
+            source, local_files_only=local), "--llm none")
 
 
 @contextlib.contextmanager
@@ -2282,48 +2160,35 @@ def sampling_options(args):
                 normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)
 
 
-def prompts_stage(args, out, models, pipe, device):
-    """Stage 1 (§3): (prompts, classes), made once on rank 0 (make_prompts) and read by every rank
-    from OUT/prompts.json; OUT/prompts.md shows them to a person."""
-    path = out / "prompts.json"
-    settings, num_classes = models.prompt_settings, len(models.class_names)
-    reuse = reusable_prompts(path, settings, num_classes, overwrite=args.overwrite)
+def prompts_stage(args, out, models, device):
+    """Stage 1 (§3): (prompts, classes), made once on rank 0 by build_prompts with the command
+    line's options, the LLM's answers cached, and read by every rank from OUT/prompts.json."""
+    path, answers_path = out / "prompts.json", out / "llm_answers.json"
+
+    def make_prompts():
+        cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
+        classes = build_prompts(
+            models.class_names, args.per_class, teacher=models.teacher, llm=build_tiny_llm(
+                out / "tiny-models" / "llm") if models.llm == "tiny-random" else models.llm,
+            descriptions=models.descriptions, answers=cache.setdefault(models.llm, {}),
+            neighbours=args.neighbours, photo_share=args.photo_share, seed=args.seed,
+            scenes_per_class=args.scenes_per_class, llm_device=device,
+            disambiguate="disambiguation" not in args.ablate,
+            vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)[1]
+        if models.llm:  # the other LLMs' answers are kept
+            write_json_atomic({"answers": cache}, answers_path)
+        write_json_atomic({"settings": models.prompt_settings, "classes": classes}, path)
+
+    reuse = read_prompts(path, models.prompt_settings, overwrite=args.overwrite)
     barrier()  # every rank has its verdict before rank 0 may replace the file
-    on_rank_zero(lambda: reuse or make_prompts(args, out, models, pipe, device))
-    prompts, classes = read_prompts(path, num_classes, args.per_class)
-    text = prompts_markdown(classes, prompts, models.llm)
-    markdown = out / "prompts.md"  # rewritten whenever it is not what prompts.json holds
-    if rank_and_world()[0] == 0 and (not markdown.exists() or markdown.read_bytes()
-                                     != text.encode("utf-8")):
-        atomic_write(markdown, lambda temp: temp.write_text(text, encoding="utf-8"))
-    return prompts, classes
-
-
-def make_prompts(args, out, models, pipe, device):
-    """build_prompts with the command line's options to OUT/prompts.json, answers cached."""
-    answers_path = out / "llm_answers.json"
-    cache = read_llm_answers(answers_path, overwrite=args.overwrite) if models.llm else {}
-    answers = dict(cache.get(models.llm, {}))
-    llm = (build_tiny_llm(out / "tiny-models" / "llm") if models.llm == "tiny-random"
-           else models.llm)
-    prompts, classes = build_prompts(
-        models.class_names, args.per_class, teacher=models.teacher, llm=llm,
-        descriptions=models.descriptions, text_encoder=(pipe.tokenizer, pipe.text_encoder),
-        answers=answers, neighbours=args.neighbours, photo_share=args.photo_share,
-        scenes_per_class=args.scenes_per_class, seed=args.seed, llm_device=device,
-        disambiguate="disambiguation" not in args.ablate,
-        vary_content="content" not in args.ablate, vary_style="style" not in args.ablate)
-    if models.llm:  # the other LLMs' answers are kept
-        write_json_atomic({"answers": {**cache, models.llm: answers}}, answers_path)
-    write_json_atomic({"settings": models.prompt_settings, "prompts": prompts,
-                       "classes": classes}, out / "prompts.json")
+    on_rank_zero(lambda: reuse or make_prompts())
+    return read_prompts(path, models.prompt_settings)
 
 
 def prompts_written(out):
     """--prompts-only: where the prompts are and what next; exit code 0."""
     if rank_and_world()[0] == 0:
-        print(f"prompts: {out / 'prompts.json'}; read {out / 'prompts.md'} before the long run, "
-              f"then run the same command without --prompts-only")
+        print(f"prompts: {out / 'prompts.json'}; read them, then rerun without --prompts-only")
     return 0
 
 
@@ -2460,38 +2325,11 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # PART III — TOOLS: reports for a person to read, tiny models, the benchmark
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# ── Reports: prompts.md, the contact sheet, the evaluation table ──────────────────────────────────
+# ── Reports: the prompts' sources, the contact sheet, the evaluation table ────────────────────────
 def prompt_sources(classes, llm):
-    """results.json's "prompts": classes per description and scene source, and per class."""
-    count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
-    keys = ("name", "description", "source", "scene_source")
-    return {"llm": llm, "description_sources": count("source"),
-            "scene_sources": count("scene_source"),
-            "per_class": [{"class": c, **{k: e[k] for k in keys}} for c, e in enumerate(classes)]}
-
-
-def prompts_markdown(classes, prompts, llm, *, shown=5):
-    """prompts.md: sources counted; per class description, neighbours, scenes, `shown` prompts."""
-    words = {"file": "the class file", "llm": "the LLM", "name": "none: the bare name",
-             "neighbours": "the teacher's neighbours (their category)"}
-    sources = prompt_sources(classes, llm)
-    described = ", ".join(f"{words.get(k, k)} {n}"
-                          for k, n in sources["description_sources"].items())
-    scenes = ", ".join(f"{k} {n}" for k, n in sources["scene_sources"].items())
-    lines = ["# Prompts", "", f"LLM: {llm or 'none (built-in lists)'}. Descriptions from: "
-             f"{described}. Scenes from: {scenes}.", "",
-             "Look for a wrong sense of an ambiguous name, scenes that do not suit the class, "
-             "and other classes named in a prompt (they would be drawn). Fix a class by giving "
-             "it a description in a class file (`--data FILE`, `name<TAB>description`).", ""]
-    for c, (entry, mine) in enumerate(zip(classes, prompts)):
-        lines += [f"## {c} {entry['name']}", "", f"- description: "
-                  f"{entry['description'] or '(none)'} — from "
-                  f"{words.get(entry['source'], entry['source'])}",
-                  f"- teacher neighbours: {', '.join(entry['neighbours']) or '(none)'}",
-                  f"- scenes: {len(entry['scenes'])} from {entry['scene_source']}",
-                  f"- {min(shown, len(mine))} of its {len(mine)} prompts:",
-                  *[f"  - {prompt}" for prompt in mine[:shown]], ""]
-    return "\n".join(lines)
+    """results.json's "prompts": the LLM; classes counted by description and scene source."""
+    return {"llm": llm, **{f"{part}_sources": dict(collections.Counter(e[key] for e in classes))
+                           for part, key in (("description", "source"), ("scene", "scene_source"))}}
 
 
 def spread(count, total):

@@ -100,6 +100,10 @@ def split_prompt(prompt, subject):
     return style, rest[len(subject):].removeprefix(", ")
 
 
+def with_article(name):
+    return ("an " if name[0].lower() in "aeiou" else "a ") + name
+
+
 def test_imagenet_prompts_deterministic_named_and_each_scene_a_built_in_phrase():
     names, _ = prism.load_class_names("imagenet")
     prompts, classes = prism.build_prompts(names, 5, seed=0)
@@ -107,16 +111,17 @@ def test_imagenet_prompts_deterministic_named_and_each_scene_a_built_in_phrase()
     assert prompts != prism.build_prompts(names, 5, seed=1)[0]
     assert len(prompts) == 1000 and all(len(set(class_prompts)) == 5 for class_prompts in prompts)
     for name, entry, class_prompts in zip(names, classes, prompts):
-        assert entry["source"] == "name" and entry["scene_source"] == "built-in any"
+        assert (entry["source"], entry["scene_source"]) == ("name", "built-in")
+        assert entry["prompts"] == class_prompts
+        assert entry["scenes"] == list(prism.SCENES)  # no built-in scene names an ImageNet class
         for prompt in class_prompts:  # "{style} of a {name}, {scene}": one phrase of one list
-            style, scene = split_prompt(prompt, prism.with_article(name))
-            assert style in prism.PHOTO_STYLES + prism.OTHER_STYLES and scene in prism.SCENES["any"]
+            style, scene = split_prompt(prompt, with_article(name))
+            assert style in prism.PHOTO_STYLES + prism.OTHER_STYLES and scene in prism.SCENES
 
 
 def test_a_class_repeats_a_prompt_only_after_every_style_scene_pair():
-    classes = prism.describe_classes(NAMES[:1], [[]])
-    pairs = len(prism.PHOTO_STYLES) * len(prism.SCENES["any"])
-    prompts = prism.compose_prompts(classes, pairs + 3, photo_share=1.0)[0]
+    pairs = len(prism.PHOTO_STYLES) * len(prism.SCENES)
+    prompts = prism.build_prompts(NAMES[:1], pairs + 3, photo_share=1.0)[0][0]
     assert len(set(prompts[:pairs])) == pairs and set(prompts[pairs:]) <= set(prompts[:pairs])
 
 
@@ -136,34 +141,24 @@ def head_teacher():
     return nn.Sequential(nn.Flatten(), nn.LazyLinear(3), linear), weight
 
 
-def test_teacher_neighbours_tell_the_sense_as_a_category_and_are_never_drawn(pipe):
+def test_teacher_neighbours_are_the_nearest_head_rows_and_a_file_describes_a_class():
     teacher, weight = head_teacher()
     unit = torch.nn.functional.normalize(weight, dim=1)
-    text_encoder = (pipe.tokenizer, pipe.text_encoder)
-    prompts, classes = prism.build_prompts(NAMES, 6, teacher=teacher, neighbours=1,
-                                           text_encoder=text_encoder)
+    prompts, classes = prism.build_prompts(NAMES, 6, teacher=teacher, neighbours=1)
     assert [e["neighbours"] for e in classes] == [
         [NAMES[j]] for j in (unit @ unit.T).fill_diagonal_(-2).argmax(1)]
     assert classes[0]["neighbours"] == ["kite"] and classes[2]["neighbours"] == ["mouse"]
-    categories = list(prism.CATEGORIES)  # direct: the category nearest to the neighbour's text
-    ids = pipe.tokenizer([f"a photo of {prism.with_article(x)}" for x in categories + NAMES],
-                         padding="max_length", return_tensors="pt").input_ids
-    with torch.no_grad():
-        embed = torch.nn.functional.normalize(pipe.text_encoder(ids).pooler_output, dim=-1)
-    for c, entry in enumerate(classes):
-        neighbour = embed[len(categories) + NAMES.index(entry["neighbours"][0])]
-        category = categories[(embed[:len(categories)] @ neighbour).argmax().item()]
-        assert entry["category"] == category and entry["source"] == "neighbours"
-        assert entry["description"] == f"a kind of {category}"
-        group = prism.SCENES[prism.CATEGORIES[category]]
-        for prompt in prompts[c]:
-            assert not prism.names_any(prompt, entry["neighbours"])  # told, not drawn
-            assert split_prompt(prompt, f"a {NAMES[c]}, a kind of {category}")[1] in group
+    for entry, class_prompts in zip(classes, prompts):  # without an LLM: no description
+        assert (entry["description"], entry["source"]) == ("", "name")
+        assert not any(prism.names_any(p, entry["neighbours"]) for p in class_prompts)
+    assert all(len(e["neighbours"]) == 3 for e in prism.build_prompts(NAMES, 1, teacher=teacher,
+                                                                      neighbours=9)[1])
+    assert all(e["neighbours"] == [] for e in prism.build_prompts(  # not this teacher's classes
+        NAMES[:3], 1, teacher=teacher, neighbours=1)[1])
     described, classes = prism.build_prompts(NAMES, 3, teacher=teacher, neighbours=1,
-                                             text_encoder=text_encoder,
                                              descriptions=["a small rodent", "", "", ""])
     assert all(p.split(" of ", 1)[1].startswith("a mouse, a small rodent, ") for p in described[0])
-    assert classes[0]["source"] == "file" and classes[1]["source"] == "neighbours"
+    assert [e["source"] for e in classes] == ["file", "name", "name", "name"]
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +189,7 @@ def test_llm_prompts_are_sanitised_and_cached_answers_need_no_llm(tiny_llm_dir, 
     assert all(len(phrase.split()) <= 14 for e in classes for phrase in [e["description"], *e["scenes"]])
 
 
-def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
+def test_llm_answers_that_name_a_neighbour_are_dropped():
     teacher, _ = head_teacher()
     answers = {}
     for name, near, description, scenes in (
@@ -210,29 +205,23 @@ def test_llm_answers_that_name_a_neighbour_are_dropped(pipe):
     assert [e["source"] for e in classes] == ["name", "llm", "name", "name"]
     assert classes[1]["description"] == "a tall lifting machine"
     assert [e["scenes"] for e in classes] == [["on a desk"], ["at a building site", "at a port"],
-                                             list(prism.SCENES["any"]), ["in a field at dawn"]]
-    assert [e["scene_source"] for e in classes] == ["llm", "llm", "built-in any", "llm"]
+                                             list(prism.SCENES), ["in a field at dawn"]]
+    assert [e["scene_source"] for e in classes] == ["llm", "llm", "built-in", "llm"]
     assert not any(prism.names_any(p, e["neighbours"]) for e, ps in zip(classes, prompts) for p in ps)
 
 
-def test_names_are_whole_words_and_built_in_phrases_never_name_a_class(pipe):
-    assert prism.names_any("two foxes by the road", ["fox"])
-    assert prism.names_any("next to a Computer Keyboard", ["computer keyboard"])
-    assert not prism.names_any("a small plant-sucking insect on an elephant", ["ant"])
+def test_names_are_whole_words_and_built_in_scenes_never_name_a_class():
+    assert prism.names_any("two foxes and buses by the road", ["bus"])
+    assert prism.names_any("next to a Computer,  Keyboard", ["computer keyboard"])
+    assert not prism.names_any("a small plant-sucking insect on an elephant", ["ant", "plant"])
     assert not prism.names_any("a tiger cat in the grass", ["tiger"], own="tiger cat")
     assert prism.names_any("a tiger cat next to a tiger", ["tiger"], own="tiger cat")
-    # a neighbour named like a category ("mushroom") or a scene word ("plate") is never drawn
-    names = ["agaric", "mushroom", "pizza", "plate", "bolete"]
-    assert prism.free_of_classes(["mushroom", "fungus", "dish"], names) == ["fungus", "dish"]
-    imagenet, _ = prism.load_class_names("imagenet")
-    for phrases in [list(prism.CATEGORIES), *map(list, prism.SCENES.values())]:  # no ImageNet class
-        assert prism.free_of_classes(phrases, imagenet) == phrases
-    teacher = nn.Sequential(nn.Flatten(), nn.LazyLinear(3), nn.Linear(3, 5))
-    prompts, classes = prism.build_prompts(names, 40, teacher=teacher, neighbours=2,
-                                           text_encoder=(pipe.tokenizer, pipe.text_encoder))
+    names = ["daylight", "side", "mouse"]  # classes that two built-in scenes would draw
+    prompts, classes = prism.build_prompts(names, 40)
+    assert classes[2]["scenes"] == [s for s in prism.SCENES
+                                    if s not in ("in bright daylight", "seen from the side")]
     for entry, class_prompts in zip(classes, prompts):
         others = [n for n in names if n != entry["name"]]
-        assert entry["category"] in prism.free_of_classes(prism.CATEGORIES, names)
         assert not any(prism.names_any(p, others, own=entry["name"]) for p in class_prompts)
 
 
@@ -300,7 +289,7 @@ def test_llm_chat_answers_give_their_real_descriptions_and_scenes():
         assert entry["scenes"] == scenes and entry["scene_source"] == "llm", name
     for entry, class_prompts in zip(classes, prompts):
         for prompt in class_prompts:
-            subject = f"{prism.with_article(entry['name'])}, {entry['description']}"
+            subject = f"{with_article(entry['name'])}, {entry['description']}"
             assert split_prompt(prompt, subject)[1] in entry["scenes"]
 
 
@@ -884,17 +873,19 @@ def test_synthetic_set_report():
     assert report["diversity"] == pytest.approx(np.mean(within))
 
 
-def test_ablations_turn_each_part_of_the_prompts_off(pipe):
-    teacher, text_encoder = prism.build_tiny_classifier(4), (pipe.tokenizer, pipe.text_encoder)
-    build = lambda **kw: prism.build_prompts(NAMES, 6, teacher=teacher, text_encoder=text_encoder,  # noqa: E731
-                                             **kw)
+def test_ablations_turn_each_part_of_the_prompts_off():
+    teacher, _ = head_teacher()
+    files = ["a rodent", "a bird", "a toy", "a tank"]
+    build = lambda **kw: prism.build_prompts(  # noqa: E731
+        NAMES, 6, teacher=teacher, neighbours=1, descriptions=files, **kw)
     full, classes = build()
-    assert all(e["source"] == "neighbours" and e["scene_source"].startswith("built-in")
+    assert all(e["source"] == "file" and e["neighbours"] and e["scene_source"] == "built-in"
                for e in classes)
     plain, classes = build(disambiguate=False)
-    assert all(e["source"] == "name" and e["scene_source"] == "built-in any" for e in classes)
+    assert all(e["source"] == "name" and e["neighbours"] == [] and e["scene_source"] == "built-in"
+               for e in classes)
     for name, ps in zip(NAMES, plain):
-        assert all(split_prompt(p, f"a {name}")[1] in prism.SCENES["any"] for p in ps)
+        assert all(split_prompt(p, f"a {name}")[1] in prism.SCENES for p in ps)
     no_content, classes = build(vary_content=False)
     for entry, with_scene, without in zip(classes, full, no_content):
         subject = f"a {entry['name']}, {entry['description']}"
@@ -904,6 +895,8 @@ def test_ablations_turn_each_part_of_the_prompts_off(pipe):
     assert all(p.startswith("a photo of ") for c in no_style for p in c)
     bare, _ = build(disambiguate=False, vary_content=False, vary_style=False)
     assert bare == [[f"a photo of a {name}"] * 6 for name in NAMES]
+    # with both of the LLM's parts off, nothing is asked of it (a missing LLM is never loaded)
+    assert build(disambiguate=False, vary_content=False, vary_style=False, llm="/no/llm")[0] == bare
 
 
 def test_ablation_run_measures_without_distilling(tmp_path):
@@ -912,8 +905,8 @@ def test_ablation_run_measures_without_distilling(tmp_path):
     settings = json.loads((out / "synthetic" / "settings.json").read_text())["settings"]
     assert settings["energy_scale"] == settings["class_scale"] == 0.0
     prompts = json.loads((out / "prompts.json").read_text())
-    assert prompts["settings"]["ablate"] == ["style"] and all(p.startswith("a photo of ") for c in prompts["prompts"]
-                                                                for p in c)
+    assert prompts["settings"]["ablate"] == ["style"] and all(p.startswith("a photo of ") for c in prompts["classes"]
+                                                                for p in c["prompts"])
     results = json.loads((out / "results.json").read_text())
     assert results["ablate"] == ["guidance", "style"] and "distill" not in results
     assert not (out / "checkpoint.pt").exists() and not (out / "student.pt").exists()
@@ -1335,11 +1328,10 @@ def test_smoke_run_end_to_end(smoke_run):
     assert (stand_in["name"], stand_in["mapping"], stand_in["protocol"]) == (
         "synthetic", "integer folder names", "all 4 classes")
     stored = json.loads((smoke_run / "prompts.json").read_text())
-    assert [len(p) for p in stored["prompts"]] == [4] * 4 and stored["settings"]["llm"] == "tiny-random"
+    assert [len(e["prompts"]) for e in stored["classes"]] == [4] * 4
+    assert stored["settings"]["llm"] == "tiny-random"
     assert results["prompts"] == prism.prompt_sources(stored["classes"], "tiny-random")
-    assert [e["name"] for e in results["prompts"]["per_class"]] == NAMES
-    assert (smoke_run / "prompts.md").read_text() == prism.prompts_markdown(
-        stored["classes"], stored["prompts"], "tiny-random")
+    assert sum(results["prompts"]["scene_sources"].values()) == 4
     student = prism.build_tiny_classifier(4, width=8)
     student.load_state_dict(torch.load(smoke_run / "student.pt", weights_only=True))
 
@@ -1480,15 +1472,15 @@ def test_prompts_only_writes_what_to_read_and_the_run_reuses_it_without_the_llm(
                                                                                 monkeypatch):
     out = tmp_path / "out"
     assert prism.main(["--smoke", "--out", str(out), "--prompts-only"]) == 0
-    assert f"read {out / 'prompts.md'} before the long run" in capsys.readouterr().out
+    assert (f"prompts: {out / 'prompts.json'}; read them, then rerun without --prompts-only"
+            in capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == [".prism.lock", "llm_answers.json", "prompts.json",
-                                                      "prompts.md", "tiny-models"]
+                                                      "tiny-models"]
     stored = json.loads((out / "prompts.json").read_text())
-    text = (out / "prompts.md").read_text()
-    for c, (entry, prompts) in enumerate(zip(stored["classes"], stored["prompts"])):
-        assert f"## {c} {entry['name']}\n" in text and f"  - {prompts[0]}\n" in text
-        assert f"- description: {entry['description'] or '(none)'} — from " in text
-    assert "LLM: tiny-random." in text
+    assert [e["name"] for e in stored["classes"]] == NAMES
+    for entry in stored["classes"]:  # a person reads each class's parts next to its prompts
+        assert {"description", "source", "neighbours", "scenes", "scene_source"} <= set(entry)
+        assert len(entry["prompts"]) == 4 and all(entry["name"] in p for p in entry["prompts"])
     answers = (out / "llm_answers.json").read_bytes()
 
     def no_llm(*args, **kwargs):
@@ -1503,7 +1495,8 @@ def test_prompts_only_writes_what_to_read_and_the_run_reuses_it_without_the_llm(
     assert prism.main(["--smoke", "--out", str(tmp_path / "five"), "--prompts-only", "--per-class", "5"]) == 0
     assert (tmp_path / "five" / "llm_answers.json").read_bytes() == answers
     five = json.loads((tmp_path / "five" / "prompts.json").read_text())
-    assert five["classes"] == stored["classes"] and [len(p) for p in five["prompts"]] == [5] * 4
+    assert [len(e.pop("prompts")) for e in five["classes"] + stored["classes"]] == [5] * 4 + [4] * 4
+    assert five["classes"] == stored["classes"]  # the same answers, fewer prompts
 
 
 def test_llm_none_uses_the_built_in_prompts(tmp_path, capsys):
@@ -1511,9 +1504,7 @@ def test_llm_none_uses_the_built_in_prompts(tmp_path, capsys):
     assert prism.main(["--smoke", "--out", str(out), "--prompts-only", "--llm", "none"]) == 0
     stored = json.loads((out / "prompts.json").read_text())
     assert stored["settings"]["llm"] is None and not (out / "llm_answers.json").exists()
-    assert {e["source"] for e in stored["classes"]} == {"neighbours"}
-    assert all(e["scene_source"].startswith("built-in ") for e in stored["classes"])
-    assert "LLM: none (built-in lists)." in (out / "prompts.md").read_text()
+    assert all(e["source"] == "name" and e["scenes"] == list(prism.SCENES) for e in stored["classes"])
     before = (out / "prompts.json").read_bytes()  # without an LLM its scene count changes nothing
     assert prism.main(["--smoke", "--out", str(out), "--prompts-only", "--llm", "none",
                        "--scenes-per-class", "5"]) == 0
@@ -1775,10 +1766,10 @@ def test_damaged_json_state_is_named_and_overwrite_keeps_the_images(finished_run
 def test_prompts_with_intact_settings_but_no_prompts_are_damaged_and_overwrite_rebuilds(finished_run, capsys):
     path = finished_run / "prompts.json"
     stored = json.loads(path.read_text())
-    path.write_text(json.dumps({"settings": stored["settings"], "prompts": "lost"}))
+    path.write_text(json.dumps({"settings": stored["settings"], "classes": "lost"}))
     code, err = run_main(["--smoke", "--out", str(finished_run)], capsys)
     assert code == 2
-    one_line(err, f"prism: error: {path} is damaged (its prompts and classes are missing or malformed)")
+    one_line(err, f"prism: error: {path} is damaged (its classes are missing or malformed)")
     times = image_times(finished_run)
     assert run_main(["--smoke", "--out", str(finished_run), "--overwrite"], capsys)[0] == 0
     assert json.loads(path.read_text()) == stored and image_times(finished_run) == times
@@ -1907,15 +1898,6 @@ def test_a_subset_first_is_compared_with_the_synthetic_images_of_its_classes(fin
     shared = (fake_labels == 1) | (fake_labels == 3)
     expected = prism.precision_recall(real, fake[shared], k=3)
     assert {m: report[m] for m in expected} == pytest.approx(expected)
-
-
-def test_a_stale_prompts_md_is_rewritten(finished_run, capsys):
-    """prompts.md is what a person reads before the long run: it always shows prompts.json."""
-    (finished_run / "prompts.md").write_text("# Prompts\n\nLLM: none (built-in lists).\n")
-    assert prism.main(["--smoke", "--out", str(finished_run), "--prompts-only"]) == 0
-    stored = json.loads((finished_run / "prompts.json").read_text())
-    assert (finished_run / "prompts.md").read_text() == prism.prompts_markdown(
-        stored["classes"], stored["prompts"], "tiny-random")
 
 
 def test_rejected_height_records_nothing_and_the_fixed_rerun_works(tmp_path, capsys):
