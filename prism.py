@@ -755,10 +755,11 @@ def main(argv=None):
             out, models = load_models(args, device)  # f_T, f_S, the classes; cheap checks first
             check_llm_available(args, out, models.prompt_settings)  # found, or its answers kept
             test_sets = [] if args.prompts_only else labelled_test_sets(args, models)
-            pipe = load_sampler(args, device, out)
+            # the sampler and its flags checked before anything is recorded (not needed for prompts)
+            pipe = None if args.prompts_only else load_sampler(args, device, out)
 
             # Stage 1 (§3): prompts, made once (rank 0, with the LLM), kept in prompts.json.
-            prompts, classes = prompts_stage(args, out, models, pipe, device)
+            prompts, classes = prompts_stage(args, out, models, device)
             if args.prompts_only:
                 return prompts_written(out)
 
