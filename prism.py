@@ -2351,8 +2351,7 @@ def spread(count, total):
 
 
 def contact_sheet(data_dir, path, *, max_classes=ARGS.sheet_classes, per_row=8, tile=64):
-    """Writes a PNG of a complete set: a row for each of `max_classes` classes spread evenly,
-    of its first `per_row` images."""
+    """Writes a PNG of a set: the first `per_row` images of `max_classes` classes spread evenly."""
     folders = sorted(Path(data_dir).glob("[0-9]*"))
     rows = [sorted(folders[c].glob("[0-9]*"))[:per_row] for c in spread(max_classes, len(folders))]
     tiles = torch.stack([transforms.functional.to_tensor(read_image(p).resize((tile, tile)))
