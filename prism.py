@@ -1268,7 +1268,7 @@ def check_settings(path, settings, *, overwrite, what):
     path, settings = Path(path), json.loads(json.dumps(settings))  # as stored: tuples are lists
     if not path.exists():
         return False
-    way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
+    way_out = f"rerun with --overwrite to remake the {what}"
     stored = read_ours(path, {"settings": dict}, way_out, overwrite=overwrite)  # None: damaged
     same = stored is not None and stored["settings"] == settings
     if same or overwrite:
