@@ -452,66 +452,67 @@ def initial_latents(seeds, shape):
 def resize_for_storage(images, store_size):
     """Images with their shorter side brought down to `store_size` (antialiased; None: as they
     are): the distillation copy at training scale, a fraction of the bytes to store and decode."""
-    height, width = images.shape[-2:]
-    if not store_size or min(height, width) <= store_size:
+    if not store_size or min(images.shape[-2:]) <= store_size:
         return images
-    size = (store_size, round(width * store_size / height)) if height <= width else \
-        (round(height * store_size / width), store_size)
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False,
-                         antialias=True).clamp(0, 1)
+    return transforms.functional.resize(images, store_size, antialias=True).clamp(0, 1)
 
 
 def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8,
                        image_format="png", store_size=None, identity=None, overwrite=False,
                        max_new_images=None, progress=True, guidance_batch=4, **sample_kwargs):
-    """Makes and caches `per_class` images per class; returns their records, sorted.
-
-    Image (c, i) is energy_guided_sample of prompts[c][i] from the noise of image_seed(seed, c, i),
-    written atomically to `out_dir/<class>/<index>.<ext>` (an ImageFolder tree), its shorter side
-    at `store_size`, with its record (prompt, seed, the teacher's energy, top-1 and p_class of the
-    full-size image) in its own metadata; manifest.jsonl indexes the records. `sample_kwargs` go
-    to the sampler and, with `identity` (the models' names), into settings.json. A rerun makes
-    only the missing images; other settings are a UsageError unless `overwrite`.
-    `max_new_images` stops early (job time limits). Under torchrun the ranks share the work."""
+    """Makes the missing ones (at most `max_new_images`) of `per_class` images per class in the
+    ImageFolder `out_dir`; returns the files there. Image (c, i), written atomically (a file there
+    is whole: done), is energy_guided_sample of prompts[c][i] from the noise image_seed(seed, c, i)
+    at `store_size`. settings.json holds what decides the pixels (`identity`: the models); other
+    ones are a UsageError unless `overwrite`. Under torchrun the ranks share the work."""
     rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
-    settings = synthesis_settings(prompts, per_class=per_class, seed=seed, identity=identity or {},
-                                  image_format=image_format, sample_kwargs=sample_kwargs,
-                                  store_size=store_size)
-    open_image_set(out_dir, settings, num_classes, overwrite=overwrite)
-    file_of, digest = image_files(num_classes, per_class, image_format), settings_digest(settings)
-    wanted = [(c, i) for c in range(num_classes) for i in range(per_class)]
-    records = index_images(out_dir, file_of, wanted, digest)
-    missing = [key for key in wanted if key not in records][:max_new_images]
-    todo, made = missing[rank::world], []
+    settings = {"per_class": per_class, "seed": seed, "image_format": image_format,  # not the
+                "store_size": store_size, **(identity or {}), **sample_kwargs,  # batch size
+                "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+    out_dir.mkdir(exist_ok=True)
+    same = check_settings(out_dir / "settings.json", settings, overwrite=overwrite,
+                          what="synthetic images")
+    barrier()  # every rank has read the old settings before rank 0 may replace them
+    if rank == 0 and not same:  # a new set; killed half way, the old settings stay recorded
+        for image in out_dir.glob("[0-9]*/*"):  # while an old image is left
+            image.unlink()
+        write_json_atomic({"settings": settings}, out_dir / "settings.json")
+    barrier()
+    width, digits = max(4, len(str(num_classes - 1))), max(5, len(str(per_class - 1)))
+    files = {(c, i): f"{c:0{width}}/{i:0{digits}}.{image_format}"  # zero-padded: sorted = order
+             for c in range(num_classes) for i in range(per_class)}
+    missing = [key for key, f in files.items() if not (out_dir / f).exists()][:max_new_images]
+    todo, remade = missing[rank::world], 0
     shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
-    with tqdm(total=len(wanted) if world == 1 else len(todo), unit="img",
-              initial=len(wanted) - len(missing) if world == 1 else 0,
-              desc="synthesis" if world == 1 else f"synthesis, rank 0's share of {len(missing)}",
-              disable=not progress or rank != 0) as bar:
+    with tqdm(total=len(todo), unit="img", disable=not progress or rank != 0, desc=(
+            f"synthesis, rank 0's share of {len(missing)}" if world > 1 else "synthesis")) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             seeds = [image_seed(seed, c, i) for c, i in batch]
-            latents = initial_latents(seeds, shape).to(pipe.device, pipe.unet.dtype)
             # stochastic schedulers' step noise: one generator per image, so an image is a
             # function of its own seed whatever batch it is made in
-            step_noise = [torch.Generator().manual_seed(derived_seed("step-noise", s))
-                          for s in seeds]
             images, stats = energy_guided_sample(
                 pipe, teacher, [prompts[c][i] for c, i in batch], [c for c, _ in batch],
-                latents=latents, generator=step_noise, guidance_batch=guidance_batch,
-                **sample_kwargs)
+                latents=initial_latents(seeds, shape).to(pipe.device, pipe.unet.dtype),
+                generator=[torch.Generator().manual_seed(derived_seed("step-noise", s))
+                           for s in seeds], guidance_batch=guidance_batch, **sample_kwargs)
             if not torch.isfinite(images).all():  # the model fails even unguided
                 raise UsageError("the diffusion model gives non-finite pixels even without "
                                  "guidance: run it in float32 (--dtype float32) or check it")
+            remade += int(stats["resampled_unguided"].sum())
             images = resize_for_storage(images, store_size)  # the teacher saw the full size
-            made += [save_generated(images[k], out_dir / file_of(c, i), c, i, prompts[c][i],
-                                    seeds[k], {key: value[k] for key, value in stats.items()},
-                                    digest) for k, (c, i) in enumerate(batch)]
+            for k, (c, i) in enumerate(batch):
+                (out_dir / files[c, i]).parent.mkdir(exist_ok=True)
+                note = {"prompt": prompts[c][i], "seed": seeds[k],
+                        **{key: stats[key][k].item() for key in ("energy", "top1", "p_class")}}
+                save_image_atomic(images[k], out_dir / files[c, i], strict_json(note))
             bar.update(len(batch))
-    if missing:  # once every rank has written its images, theirs join the index
-        records = index_images(out_dir, file_of, wanted, digest, made)
-    return [records[key] for key in wanted if key in records]
+    if remade:
+        report("warning", f"guidance overflowed on {remade} images: made unguided instead "
+                          f"(--dtype float32 avoids it)")
+    barrier()  # every rank has written its images
+    return [file for file in files.values() if (out_dir / file).exists()]
 
 
 # ── Stage 4. Knowledge distillation (§4): the student matches the teacher's soft outputs ──────────
@@ -550,7 +551,8 @@ def kd_loader(data_dir, batch_size, *, image_size=224, crop_scale=0.08, num_work
     rank, world = rank_and_world()
     augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1)),
                                   transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
-    dataset = SeededAugmentation(torchvision.datasets.ImageFolder(data_dir), augment, seed)
+    images = torchvision.datasets.ImageFolder(data_dir, loader=read_image)
+    dataset = SeededAugmentation(images, augment, seed)
     rank_batch = min(batch_size, len(dataset)) // world
     if rank_batch < 1:
         raise UsageError(f"{data_dir} has {len(dataset)} images, fewer than the {world} processes")
@@ -699,6 +701,7 @@ def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_
     """(features, labels) of an image folder under eval_transform (§5): the input of the
     teacher's last nn.Linear (a TorchScript teacher takes no hooks: its logits)."""
     dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
+    dataset.loader = read_image  # a damaged image: one line that names it
     head, captured = last_linear_module(teacher.to(device).eval()), []
     hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
             if isinstance(head, nn.Linear) else contextlib.nullcontext())
@@ -1061,11 +1064,11 @@ def report(kind, message):
 
 # ── Files: atomic writes, strict JSON, readable images ────────────────────────────────────────────
 def atomic_write(path, write):
-    """write(temp), forced to disk, then renamed onto `path`: a process killed at any moment (or
-    a full disk) leaves the old file or the new one, never half of one; a failure to write is a
-    one-line UsageError."""
+    """write(temp), forced to disk, renamed onto `path`: a kill at any moment (or a full disk)
+    leaves the old file or the new one, never half of one; a failed write is a UsageError."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pid: ranks never share one
+    # one run per --out (its lock): the next run overwrites a killed one's temp file
+    temp = path.with_name(f".{path.name}.tmp{os.environ.get('RANK', '0')}")
     try:
         write(temp)
         with open(temp, "rb") as file:  # else a machine that goes down may keep an empty file
@@ -1107,42 +1110,33 @@ def read_json(path, way_out):
     return data
 
 
-def save_image_atomic(image, path, note=None):
-    """Saves a [0, 1] (3, H, W) image as 8-bit PNG or JPEG (by suffix) atomically, the text `note`
-    in its own metadata; returns its size in bytes. Non-finite pixels (saved black) are refused."""
+def save_image_atomic(image, path, note=""):
+    """Saves a [0, 1] (3, H, W) image as 8-bit PNG or JPEG (quality 95; by suffix) atomically,
+    the ASCII text `note` in its EXIF. Non-finite pixels (saved black) are refused."""
     from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
 
     if not torch.isfinite(image).all():
         raise ValueError(f"refusing to save non-finite pixels as {path}")
-    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    png = PngInfo()
-    if note is not None:
-        png.add_text("prism", note)
-    options = ({"format": "JPEG", "quality": 95, "comment": note}
-               if Path(path).suffix.lower() in (".jpg", ".jpeg") else {"pnginfo": png})
-    image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
-    atomic_write(path, lambda temp: image.save(temp, **{"format": "PNG", **options}))
-    return Path(path).stat().st_size
+    pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    image, exif = Image.fromarray(pixels.cpu().numpy()), Image.Exif()
+    exif[0x010E] = note  # ImageDescription
+    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
+    atomic_write(path, lambda temp: image.save(temp, format="JPEG" if jpeg else "PNG",
+                                               quality=95, exif=exif))
 
 
-TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temp files: .<name>.tmp<pid>
+def read_image(path):
+    """The image at `path` in RGB; one that does not decode is a UsageError that names it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # whatever PIL says, the file is damaged
+        raise damaged(path, error, "delete it and rerun the same command: it is remade")
 
 
-def remove_stale_temps(out):
-    """Deletes the temp files a killed run left in the folders prism writes under `out`, and only
-    files named as atomic_write names them: never a user's file. Call it holding the lock."""
-    out = Path(out)
-    folders = [out, out / "synthetic", out / "benchmark", out / "benchmark" / "images"]
-    folders += [f for parent in (out / "synthetic", out / "benchmark" / "images") if parent.is_dir()
-                for f in parent.iterdir() if f.name.isdigit() and f.is_dir() and not f.is_symlink()]
-    for folder in folders:
-        for path in folder.glob(".*.tmp*") if folder.is_dir() else []:
-            if TEMP_FILE.match(path.name):
-                path.unlink(missing_ok=True)
-
-
-# ── Resume: settings, the images' own records, checkpoints (nothing cached is lost or mixed) ──────
+# ── Resume: settings, the images, checkpoints (nothing cached is lost or mixed) ───────────────────
 def file_fingerprint(path):
     """16 hex digits of a file's SHA-256: a model file changed under its name is another model."""
     digest = hashlib.sha256()
@@ -1165,7 +1159,7 @@ def check_settings(path, settings, *, overwrite, what):
     path, settings = Path(path), json.loads(json.dumps(settings))  # as stored: tuples are lists
     if not path.exists():
         return False
-    way_out = f"rerun with --overwrite to remake the {what} (what is still valid is kept)"
+    way_out = f"rerun with --overwrite to remake the {what}"
     stored = read_ours(path, {"settings": dict}, way_out, overwrite=overwrite)  # None: damaged
     same = stored is not None and stored["settings"] == settings
     if same or overwrite:
@@ -1173,142 +1167,6 @@ def check_settings(path, settings, *, overwrite, what):
     raise UsageError(f"{path.parent} holds {what} made under other settings "
                      f"({settings_difference(stored['settings'], settings)}); use another "
                      f"--out, or --overwrite to replace them")
-
-
-def synthesis_settings(prompts, *, identity, sample_kwargs, **settings):
-    """Everything that decides the pixels of the cached images (not the batch size)."""
-    prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    return {**settings, "prompts_sha256": prompts_hash, **identity, **sample_kwargs}
-
-
-def settings_digest(settings):
-    """16 hex digits naming a settings dict: each image's record carries its set's."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def class_folder(class_index, num_classes):
-    """Zero-padded folder name of a class, so that sorted folder names are the class order."""
-    return str(class_index).zfill(max(4, len(str(num_classes - 1))))
-
-
-def image_files(num_classes, per_class, image_format):
-    """file_of(c, i): the path of image i of class c in the set, relative to its folder."""
-    digits = max(5, len(str(per_class - 1)))
-    return lambda c, i: f"{class_folder(c, num_classes)}/{str(i).zfill(digits)}.{image_format}"
-
-
-def start_new_set(out_dir, settings):
-    """Rank 0, with --overwrite: deletes the index and the images whose own record does not carry
-    these settings' digest, then records them. Killed half way, the old settings stay recorded."""
-    digest = settings_digest(settings)
-    (out_dir / "manifest.jsonl").unlink(missing_ok=True)
-    for image in out_dir.glob("[0-9]*/*"):
-        if image.is_file() and image_record(image).get("settings") != digest:
-            image.unlink()
-    write_json_atomic({"settings": settings}, out_dir / "settings.json")
-
-
-def open_image_set(out_dir, settings, num_classes, *, overwrite):
-    """Makes `out_dir` ready for images made under `settings`: its settings.json the same (or with
-    `overwrite` a new set started), and no folder or image file in it that is not of the set
-    (distillation would read it); else a UsageError."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create {out_dir}: {first_line(error)}")
-    expected = {class_folder(c, num_classes) for c in range(num_classes)}
-    stray = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name not in expected)
-    if stray:
-        raise UsageError(f"{out_dir} holds folders that are not classes of this set "
-                         f"({', '.join(stray[:3])}): move them out of it")
-    same = check_settings(out_dir / "settings.json", settings, overwrite=overwrite,
-                          what="synthetic images")
-    barrier()  # every rank has read the old settings before rank 0 may replace them
-    if rank_and_world()[0] == 0 and not same:
-        start_new_set(out_dir, settings)
-    barrier()
-    file_of = image_files(num_classes, settings["per_class"], settings["image_format"])
-    ours = {file_of(0, i).split("/")[1] for i in range(settings["per_class"])}
-    stray = next((entry.path for folder in expected if (out_dir / folder).is_dir()
-                  for entry in os.scandir(out_dir / folder) if entry.name not in ours
-                  and entry.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)),
-                 None)
-    if stray:
-        raise UsageError(f"{stray} is not an image of this set (distillation would train on it): "
-                         f"move it out of {out_dir}")
-
-
-def file_size(path):
-    """A regular file's size in bytes; None when there is none (or a folder is there)."""
-    with contextlib.suppress(OSError):
-        status = os.stat(path)
-        return status.st_size if stat.S_ISREG(status.st_mode) else None
-
-
-# What an image's record holds (save_generated): an index line of another shape is not trusted.
-RECORD = {"file": str, "class": int, "index": int, "prompt": str, "seed": int, "top1": int,
-          "energy": (int, float, type(None)), "p_class": (int, float, type(None)),
-          "guidance_skipped": int, "resampled_unguided": bool, "settings": str, "bytes": int}
-
-
-def index_images(out_dir, file_of, wanted, digest, new=()):
-    """{(class, index): record} of the images of `wanted` on disk; rank 0 rewrites manifest.jsonl
-    to hold exactly those. Every rank calls it once it has written its images (`new`: their
-    records). The manifest is only an index: a line counts if it has RECORD's shape, this set's
-    file and settings `digest` and the file's size (files are written whole: a stat suffices);
-    else the image's own record is decoded, and an image without one is missing."""
-    rank, world = rank_and_world()
-    path, indexed = out_dir / "manifest.jsonl", {}
-    for line in path.read_bytes().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError):  # a damaged line: the image's own record is read
-            record = json.loads(line)
-            if fits(record, RECORD) and json.dumps(record, allow_nan=False):  # strict JSON
-                indexed[(record["class"], record["index"])] = record
-    for [part] in gather_from_ranks([list(new)]):  # meets the other ranks: all have written
-        indexed.update(((record["class"], record["index"]), record) for record in part)
-
-    def trusted(record, key):
-        return fits(record, RECORD) and (record["file"], record["settings"], record["bytes"]) == (
-            file_of(*key), digest, file_size(out_dir / file_of(*key)))
-    changes = {}  # this rank's share of the untrusted: the image's own record, or None (missing)
-    for key in wanted[rank::world]:
-        if not trusted(indexed.get(key, {}), key):
-            record = image_record(out_dir / file_of(*key))
-            changes[key] = record if trusted(record, key) else None
-    for [part] in gather_from_ranks([changes]):
-        indexed.update(part)
-    records = {key: indexed[key] for key in wanted if indexed.get(key)}
-    text = "".join(json.dumps(record) + "\n" for record in records.values())
-    if rank == 0 and (not path.exists() or path.read_bytes() != text.encode("utf-8")):
-        atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
-    barrier()  # the index is written before any rank goes on
-    return records
-
-
-def save_generated(image, path, c, i, prompt, noise_seed, stats, digest):
-    """Writes a generated image atomically with its RECORD in its own metadata (prompt, seed, the
-    teacher's final scores, its set's settings digest); returns the record with its bytes."""
-    path.parent.mkdir(exist_ok=True)
-    record = json.loads(strict_json({
-        "file": f"{path.parent.name}/{path.name}", "class": c, "index": i, "prompt": prompt,
-        "seed": noise_seed, "energy": round(stats["energy"].item(), 5),
-        "top1": stats["top1"].item(), "p_class": round(stats["p_class"].item(), 6),
-        "guidance_skipped": stats["guidance_skipped"].item(),
-        "resampled_unguided": bool(stats["resampled_unguided"]), "settings": digest}))
-    return {**record, "bytes": save_image_atomic(image, path, json.dumps(record))}
-
-
-def image_record(path):
-    """The record in an image's own metadata, with its bytes; {} if none or it does not decode."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            record = json.loads(image.info.get("prism", image.info.get("comment", b"{}")))
-    except Exception:  # whatever PIL or json says, this is no record of ours
-        return {}
-    return {**record, "bytes": file_size(path)} if isinstance(record, dict) and record else {}
 
 
 def load_checkpoint(path, device, student, *, overwrite=False):
@@ -2195,12 +2053,12 @@ def prompts_written(out):
 
 def synthesis_stage(args, out, models, prompts, classes, pipe):
     """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic (synthesize_dataset).
-    Returns (records, the set's settings), records None while images are missing
-    (--max-new-images); draws the contact sheet when the set changed."""
+    Returns (its image files, its settings), the files None while images are missing
+    (--max-new-images); draws the contact sheet when the set is new."""
     rank, synthetic = rank_and_world()[0], out / "synthetic"
     if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
         report("warning", "running on the CPU; a real run needs a CUDA GPU")
-    records = synthesize_dataset(
+    files = synthesize_dataset(
         pipe, models.teacher, prompts, synthetic, per_class=args.per_class, seed=args.seed,
         batch_size=args.gen_batch, image_format=args.image_format,
         identity={**models.identity, "scheduler": type(pipe.scheduler).__name__},
@@ -2209,17 +2067,16 @@ def synthesis_stage(args, out, models, prompts, classes, pipe):
         **sampling_options(args))
     settings = read_json(synthetic / "settings.json", "")["settings"]
     wanted = len(models.class_names) * args.per_class
-    if len(records) < wanted:
+    if len(files) < wanted:
         if rank == 0:
-            print(f"synthesis: {len(records)} of {wanted} images cached; rerun the same command "
+            print(f"synthesis: {len(files)} of {wanted} images cached; rerun the same command "
                   f"to continue")
         return None, settings
     sheet = out / "contact_sheet.png"
-    if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns
-                      < (synthetic / "manifest.jsonl").stat().st_mtime_ns):  # the set changed
-        contact_sheet(synthetic, models.class_names, sheet, max_classes=args.sheet_classes,
-                      sources=[entry["source"] for entry in classes])
-    return records, settings
+    if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns  # older than the set
+                      < (synthetic / "settings.json").stat().st_mtime_ns):
+        contact_sheet(synthetic, sheet, max_classes=args.sheet_classes)
+    return files, settings
 
 
 def distillation_stage(args, out, models, data_settings, results, device):
@@ -2248,24 +2105,6 @@ def distillation_stage(args, out, models, data_settings, results, device):
     return True
 
 
-def synthetic_set_report(records, features, labels):
-    """What is measured without real data (§2, §5), from the `records` and the teacher
-    `features` (of class `labels`) of the same images: agreement (teacher top-1 = intended
-    class), the final energy, diversity (mean pairwise feature distance within a class)."""
-    nan = lambda x: math.nan if x is None else x  # noqa: E731  (None: NaN in strict JSON)
-    energies = torch.tensor([nan(r["energy"]) for r in records], dtype=torch.float64)
-    diversity = [torch.pdist(features[labels == c]).mean().item() if (labels == c).sum() > 1
-                 else 0.0 for c in labels.unique()]
-    return {"images": len(records),
-            "agreement": sum(r["top1"] == r["class"] for r in records) / len(records),
-            "mean_energy": energies.mean().item(),
-            "std_energy": energies.std().item() if len(records) > 1 else 0.0,
-            "mean_p_class": sum(nan(r["p_class"]) for r in records) / len(records),
-            "guidance_skipped_images": sum(r["guidance_skipped"] > 0 for r in records),
-            "resampled_unguided_images": sum(r["resampled_unguided"] for r in records),
-            "diversity": sum(diversity) / len(diversity)}
-
-
 def eval_sizes(classifier):
     """The evaluation sizes of a with_preprocessing classifier: its own crop and resize."""
     return {"image_size": classifier[0].input_size, "resize_size": classifier[0].resize_size}
@@ -2282,7 +2121,18 @@ def measurement_stage(args, out, models, records, test_sets, results, device):
     options = dict(device=device, num_workers=args.workers)
     if rank_and_world()[0] == 0:  # one process measures; the others wait at the barrier below
         fake, fake_labels = extract_features(models.teacher, synthetic, **sizes, **options)
-        results["synthetic"] = synthetic_set_report(records, fake, fake_labels)
+        head = last_linear_module(models.teacher)  # the features through it: the logits
+        with torch.no_grad():
+            logits = (head(fake.to(device)).cpu() if isinstance(head, nn.Linear) else fake).double()
+        energy, top1 = teacher_energy(logits, args.energy_temperature), logits.argmax(-1)
+        diversity = [torch.pdist(fake[fake_labels == c]).mean().item()  # within a class
+                     if (fake_labels == c).sum() > 1 else 0.0 for c in fake_labels.unique()]
+        results["synthetic"] = {  # what is measured without real data (§2, §5)
+            "images": len(fake), "agreement": (top1 == fake_labels).double().mean().item(),
+            "mean_energy": energy.mean().item(),
+            "std_energy": energy.std().item() if len(fake) > 1 else 0.0,
+            "mean_p_class": logits.softmax(-1).gather(1, fake_labels.view(-1, 1)).mean().item(),
+            "diversity": sum(diversity) / len(diversity)}
         if test_sets:
             real = test_sets[0]
             real_features = extract_features(models.teacher, real["data"], **sizes, **options)[0]
@@ -2339,25 +2189,14 @@ def spread(count, total):
     return [round(k * (total - 1) / max(count - 1, 1)) for k in range(count)]
 
 
-def contact_sheet(data_dir, class_names, path, *, max_classes=ARGS.sheet_classes, per_row=8,
-                  tile=96, label_width=160, sources=None):
-    """Writes a PNG of the cached set: a row per class (`max_classes` at most, spread evenly), its
-    name (and `sources[c]` under it), then `per_row` of its images. Returns the tiles drawn."""
-    from PIL import Image, ImageDraw
-
-    rows = spread(max_classes, len(class_names))
-    shown = [sorted(Path(data_dir, class_folder(c, len(class_names))).glob("*.[jp][pn]g"))[:per_row]
-             for c in rows]
-    sheet = Image.new("RGB", (label_width + max(map(len, shown)) * tile, len(rows) * tile), "white")
-    for y, c, images in zip(range(0, sheet.height, tile), rows, shown):
-        labels = [(f"{c}: {class_names[c]}", -6, "black")]
-        for text, dy, colour in labels + ([(f"[{sources[c]}]", 6, "gray")] if sources else []):
-            ImageDraw.Draw(sheet).text((4, y + tile // 2 + dy), text[:label_width // 6], colour)
-        for x, image_path in zip(range(label_width, sheet.width, tile), images):
-            with Image.open(image_path) as image:
-                sheet.paste(image.convert("RGB").resize((tile, tile)), (x, y))
-    atomic_write(path, lambda temp: sheet.save(temp, format="PNG"))
-    return sum(map(len, shown))
+def contact_sheet(data_dir, path, *, max_classes=ARGS.sheet_classes, per_row=8, tile=64):
+    """Writes a PNG of a set: the first `per_row` images of `max_classes` classes spread evenly."""
+    folders = sorted(Path(data_dir).glob("[0-9]*"))
+    rows = [sorted(folders[c].glob("[0-9]*"))[:per_row] for c in spread(max_classes, len(folders))]
+    tiles = torch.stack([transforms.functional.to_tensor(read_image(p).resize((tile, tile)))
+                         for row in rows for p in row])
+    atomic_write(path, lambda temp: torchvision.utils.save_image(tiles, temp, nrow=len(rows[0]),
+                                                                 format="PNG"))
 
 
 def evaluation_table(sets, num_classes):
