@@ -767,9 +767,9 @@ def main(argv=None):
                 return prompts_written(out)
 
             # Stages 2-3 (§1-2): energy-guided synthesis of the set, cached in OUT/synthetic.
-            records, data = synthesis_stage(args, out, models, prompts, classes, pipe)
+            data = synthesis_stage(args, out, models, prompts, pipe)
             del pipe  # the diffusion model leaves the GPU before training
-            if records is None:
+            if data is None:
                 return 0
 
             # Stage 4 (§4): distillation, resumed from OUT/checkpoint.pt.
@@ -779,7 +779,7 @@ def main(argv=None):
                 return 0
 
             # Stage 5 (§5): the set against real images; teacher and student on each test set.
-            measurement_stage(args, out, models, records, test_sets, results, device)
+            measurement_stage(args, out, models, test_sets, results, device)
             write_results(args, out, results, len(models.class_names))
     return status.code
 
@@ -795,7 +795,6 @@ import fcntl
 import inspect
 import io
 import shutil
-import stat
 import traceback
 import types
 import warnings
@@ -2051,10 +2050,10 @@ def prompts_written(out):
     return 0
 
 
-def synthesis_stage(args, out, models, prompts, classes, pipe):
+def synthesis_stage(args, out, models, prompts, pipe):
     """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic (synthesize_dataset).
-    Returns (its image files, its settings), the files None while images are missing
-    (--max-new-images); draws the contact sheet when the set is new."""
+    Returns its settings, None while images are missing (--max-new-images); draws the contact
+    sheet when the set is new."""
     rank, synthetic = rank_and_world()[0], out / "synthetic"
     if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
         report("warning", "running on the CPU; a real run needs a CUDA GPU")
@@ -2071,12 +2070,12 @@ def synthesis_stage(args, out, models, prompts, classes, pipe):
         if rank == 0:
             print(f"synthesis: {len(files)} of {wanted} images cached; rerun the same command "
                   f"to continue")
-        return None, settings
+        return None
     sheet = out / "contact_sheet.png"
     if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns  # older than the set
                       < (synthetic / "settings.json").stat().st_mtime_ns):
         contact_sheet(synthetic, sheet, max_classes=args.sheet_classes)
-    return files, settings
+    return settings
 
 
 def distillation_stage(args, out, models, data_settings, results, device):
@@ -2110,7 +2109,7 @@ def eval_sizes(classifier):
     return {"image_size": classifier[0].input_size, "resize_size": classifier[0].resize_size}
 
 
-def measurement_stage(args, out, models, records, test_sets, results, device):
+def measurement_stage(args, out, models, test_sets, results, device):
     """Stage 5 (§5): rank 0 measures the synthetic set in the teacher's features, against the
     first test set (--smoke without one: the synthetic set stands in); then teacher and student
     are scored (evaluate) on every test set. Adds both to `results`."""
