@@ -805,23 +805,19 @@ import torch.distributed as dist
 
 # ── The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images ───────────
 class Preprocess(nn.Module):
-    """Maps [0, 1] images of any size to what a classifier expects: resize and normalise, so every
-    stage hands it plain images and the resize stays differentiable (§2). `resize_size`: the
-    shorter side of real images before evaluation's centre crop (resnet50's V2 weights: 232)."""
+    """[0, 1] images of any size → a classifier's input: a differentiable resize (§2), then
+    normalise. `resize_size`: real images' shorter side before evaluation's centre crop."""
 
     def __init__(self, input_size, mean, std, resize_size=None):
         super().__init__()
-        self.input_size = int(input_size)
-        self.resize_size = resize_size or round(self.input_size / 0.875)
+        self.input_size, self.resize_size = input_size, resize_size or round(input_size / 0.875)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images):
-        # fp16 images from the diffusion model → fp32 classifier
-        images = images.to(self.mean.dtype)
-        if images.shape[-2:] != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
+        images, size = images.to(self.mean.dtype), (self.input_size, self.input_size)  # fp16 → 32
+        if images.shape[-2:] != size:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
         return (images - self.mean) / self.std
 
 
@@ -831,158 +827,93 @@ def with_preprocessing(model, input_size, mean=(0.485, 0.456, 0.406), std=(0.229
     return nn.Sequential(Preprocess(input_size, mean, std, resize_size), model)
 
 
-# The command line, CleanRL style: one dataclass holds every flag (--field-name) with its default,
-# help and range (checked as argparse reads it; a float also finite). A flag of the method reads
-# its default from the signature of the Part I function that uses it, so each is written once.
+# The command line, CleanRL style: a dataclass holds every flag (--field-name), its type, default,
+# help and range (checked once parsed); a method's default is read from its Part I function.
 def keyword_defaults(function):
     """{name: default} of `function`'s keywords: a method's values, written once, in Part I."""
     return {name: p.default for name, p in inspect.signature(function).parameters.items()
             if p.default is not inspect.Parameter.empty}
 
 
-def flag(default, text, check=(), **options):
-    """A field of Args: its default, help text, `check` = (test, words) of its range, and
-    argparse options (type, when the default does not give it; action; nargs; group: a --help
-    group begins)."""
+def flag(default, text, check=(lambda value: True, ""), **options):
+    """A field of Args: default, help, `check` = (test, words), argparse options or a group."""
     return dataclasses.field(default=default, metadata={"help": text, "check": check, **options})
 
 
 SAMPLER, PROMPTING = keyword_defaults(energy_guided_sample), keyword_defaults(build_prompts)
-NORMALISATION = keyword_defaults(with_preprocessing)
 CACHING, KD = keyword_defaults(synthesize_dataset), keyword_defaults(distill)
-POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "at least 0")
-SHARE, NAME = (lambda v: 0 <= v <= 1, "in [0, 1]"), (str.strip, "a name, not blank")
-# counts that size lists held in memory: a typo's extra zeros is refused, not filling the memory
-COUNT = (lambda v: 1 <= v <= 100_000, "from 1 to 100,000")
+POSITIVE, NAME = (lambda v: 0 < v < math.inf, "positive"), (str.strip, "a name, not blank")
+AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "at least 0")  # each range is finite: no inf, no nan
+SHARE = (lambda v: 0 <= v <= 1, "in [0, 1]")
+COUNT = (lambda v: 1 <= v <= 100_000, "from 1 to 100,000")  # a typo's extra zeros: refused
+CLASSIFIER = (lambda v: v in torchvision.models.list_models(module=torchvision.models),
+              "a torchvision classifier name, e.g. resnet50")
 
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-    """Every flag of prism.py."""
-    smoke: bool = flag(False, "offline plumbing check: tiny random models, a CPU, seconds; "
-                       "ignores --teacher/--student/--data/--sd-model, and --llm but for none "
-                       "(no accuracy meaning)", action="store_true", group="modes and reruns")
-    benchmark: bool = flag(False, "time sampling (unguided, guided, exact) and distillation with "
-                           "random SD 1.5 / resnet50 / resnet18, no download, under the other "
-                           "flags (on a CPU: smaller defaults); writes OUT/benchmark.md, .json",
-                           action="store_true")
-    check_guidance: bool = flag(False, "measure guidance on these weights (minutes): the exact "
-                                "gradient's cosine with the method's; energy, p(y), top-1 and "
-                                "s/img vs unguided; writes OUT/check_guidance.md, .json",
-                                action="store_true")
-    check_classes: int = flag(4, "classes (spread evenly) for --check-guidance", POSITIVE)
+    """Every flag of prism.py (the README tells more)."""
+    smoke: bool = flag(False, "offline check: tiny random models, a CPU", group="modes, reruns")
+    benchmark: bool = flag(False, "time sampling and KD on random weights: OUT/benchmark.md")
+    check_guidance: bool = flag(False, "measure guidance on these weights: OUT/check_guidance.md")
+    check_classes: int = flag(4, "classes for --check-guidance", POSITIVE)
     check_seeds: int = flag(2, "images per class for --check-guidance", COUNT)
-    overwrite: bool = flag(False, "replace data in --out made under other settings or damaged "
-                           "(what is still valid is kept)", action="store_true")
-    debug: bool = flag(False, "print the traceback of an error", action="store_true")
-
-    out: str = flag("runs/prism", "output folder: prompts, images, checkpoints, results", NAME,
-                    group="run")
-    seed: int = flag(0, "seed of prompts, image noise and training",
-                     (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"))
-    device: str = flag("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...; under "
-                       "torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU (gloo)")
-    workers: int | None = flag(None, "data loading processes per process (default: its share "
-                               "of the node's cores minus one, at most 12)",
-                               (lambda v: 0 <= v <= usable_cores(),
-                                "from 0 to the CPU cores this process may use"), type=int)
-
-    teacher: str = flag("resnet50", "torchvision classifier name or TorchScript file",
-                        group="models and classes")
-    teacher_weights: str | None = flag(None, "state dict for a torchvision --teacher instead of "
-                                       "downloading", type=str)
-    teacher_input_size: int = flag(224, "input size of a TorchScript teacher", POSITIVE)
-    teacher_mean: tuple = flag(NORMALISATION["mean"], "mean of a TorchScript teacher",
-                               type=float, nargs=3)
-    teacher_std: tuple = flag(NORMALISATION["std"], "std of a TorchScript teacher", POSITIVE,
-                              type=float, nargs=3)
-    data: str = flag("imagenet", "'imagenet' or a class file, one 'name[<TAB>description]' a line")
-    student: str = flag("resnet18", "torchvision classifier trained from scratch")
-    sd_model: str = flag("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion "
-                         "1.x/2.x hub id or local folder", NAME)
-    llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned causal LM (hub id or "
-                    "folder) that describes each class and writes its scenes (§3); none: no LLM",
-                    NAME)
-
-    per_class: int = flag(100, "synthetic images (and prompts) per class", COUNT,
-                          group="prompts (§3)")
-    photo_share: float = flag(PROMPTING["photo_share"], "share of photo styles (else: art, toys)",
-                              SHARE)
-    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes: the sense (0: off)",
-                           AT_LEAST_0)
+    overwrite: bool = flag(False, "replace what --out holds from other settings, or damaged")
+    debug: bool = flag(False, "print the traceback of an error")
+    out: str = flag("runs/prism", "output folder", NAME, group="run")
+    seed: int = flag(0, "seed of prompts, images, KD", (lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
+    device: str = flag("auto", "auto, cpu, cuda, cuda:1, ... (torchrun: cuda:LOCAL_RANK or cpu)")
+    workers: int = flag(None, "data loaders per process (default: its cores - 1, at most 12)",
+                        (lambda v: 0 <= v <= usable_cores(), "from 0 to the usable cores"))
+    teacher: str = flag("resnet50", "torchvision classifier", CLASSIFIER, group="models, classes")
+    teacher_weights: str = flag(None, "the teacher's state dict, instead of torchvision's")
+    data: str = flag("imagenet", "'imagenet' or a file of 'name[<TAB>description]' lines")
+    student: str = flag("resnet18", "torchvision classifier, trained from scratch", CLASSIFIER)
+    sd_model: str = flag("stable-diffusion-v1-5/stable-diffusion-v1-5", "SD 1.x/2.x", NAME)
+    llm: str = flag("Qwen/Qwen2.5-1.5B-Instruct", "instruction-tuned LM; none: no LLM", NAME)
+    per_class: int = flag(100, "images (and prompts) per class", COUNT, group="prompts (§3)")
+    photo_share: float = flag(PROMPTING["photo_share"], "share of photo styles", SHARE)
+    neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes (0: off)", AT_LEAST_0)
     scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes a class",
                                  (lambda v: 1 <= v <= 24, "from 1 to 24"))
-    prompts_only: bool = flag(False, "write OUT/prompts.md to read, then stop", action="store_true")
-
-    steps: int = flag(SAMPLER["num_steps"], "T, denoising steps", POSITIVE,
-                      group="energy-guided sampling (§1-2)")
-    cfg: float = flag(SAMPLER["cfg_scale"], "classifier-free guidance scale w (<= 1: off)",
-                      AT_LEAST_0)
-    energy_scale: float = flag(SAMPLER["energy_scale"], "s_E, weight of the teacher energy E",
-                               AT_LEAST_0)
-    class_scale: float = flag(SAMPLER["class_scale"], "s_C, weight of the class cross-entropy",
-                              AT_LEAST_0)
-    energy_temperature: float = flag(SAMPLER["temperature"], "τ of E = -τ logsumexp(f/τ)",
-                                     POSITIVE)
-    guidance_start: float = flag(SAMPLER["guidance_start"], "guidance window start, fraction "
-                                 "of steps", SHARE)
-    guidance_end: float = flag(SAMPLER["guidance_end"], "guidance window end, fraction of steps",
-                               SHARE)
-    guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step of the window",
-                               POSITIVE)
-    scheduler: str = flag("DDIMScheduler", "a diffusers scheduler class, made from the model's "
-                          "config, or 'model' (SD 1.5: PNDM). A multistep one (PNDM, LMS, DPM++, "
-                          "UniPC, DEIS, Heun) is refused unless every step is guided")
-    exact_grad: bool = flag(False, "differentiate through the UNet (slower)", action="store_true")
-    no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖", action="store_true")
-    guidance_batch: int = flag(SAMPLER["guidance_batch"], "images per guidance decode and its "
-                               "backward pass (~3 GiB each at 512² in fp16); images unchanged",
-                               POSITIVE)
-    gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch and process",
-                          POSITIVE)
-    height: int | None = flag(None, "image height (default: the model's)", POSITIVE, type=int)
-    width: int | None = flag(None, "image width (default: the model's)", POSITIVE, type=int)
-    image_format: str = flag(CACHING["image_format"], "cached image format (jpg: quality 95, "
-                             "smaller and faster to decode, lossy)", choices=("png", "jpg"))
-    max_new_images: int | None = flag(None, "make at most this many images now", POSITIVE,
-                                      type=int)
-    store_size: int = flag(320, "cache images with their shorter side at this size (0: as made)",
-                           AT_LEAST_0)
-
-    dtype: str = flag("auto", "diffusion model precision (auto: float16 on CUDA, float32 on a "
-                      "CPU)", choices=("auto", "float16", "bfloat16", "float32"),
-                      group="speed and memory (the images do not depend on them)")
-    channels_last: bool | None = flag(None, "channels_last memory format for the convolutions "
-                                      "(default: on with CUDA, where it is faster, off on a "
-                                      "CPU)", action=argparse.BooleanOptionalAction)
-
-    epochs: int = flag(100, "KD epochs over the synthetic set (0: no distillation)", AT_LEAST_0,
-                       group="distillation (§4)")
-    epochs_this_run: int | None = flag(None, "train at most this many epochs now", POSITIVE,
-                                       type=int)
-    batch_size: int = flag(256, "global KD batch size (split over torchrun processes)", POSITIVE)
-    lr: float = flag(0.1, "peak SGD learning rate for the global batch (cosine decay)", POSITIVE)
+    prompts_only: bool = flag(False, "write OUT/prompts.md to read, then stop")
+    steps: int = flag(SAMPLER["num_steps"], "T, denoising steps", POSITIVE, group="sampling (§1-2)")
+    cfg: float = flag(SAMPLER["cfg_scale"], "w, classifier-free guidance (<= 1: off)", AT_LEAST_0)
+    energy_scale: float = flag(SAMPLER["energy_scale"], "s_E, weight of the energy", AT_LEAST_0)
+    class_scale: float = flag(SAMPLER["class_scale"], "s_C, weight of the CE", AT_LEAST_0)
+    energy_temperature: float = flag(SAMPLER["temperature"], "τ of the energy", POSITIVE)
+    guidance_start: float = flag(SAMPLER["guidance_start"], "guided window's start", SHARE)
+    guidance_end: float = flag(SAMPLER["guidance_end"], "guided window's end", SHARE)
+    guidance_every: int = flag(SAMPLER["guidance_every"], "guide every k-th step", POSITIVE)
+    scheduler: str = flag("DDIMScheduler", "diffusers scheduler, or 'model' (SD 1.5's: PNDM)")
+    exact_grad: bool = flag(False, "differentiate through the UNet (slower)")
+    no_grad_norm: bool = flag(False, "do not rescale g to (s_E+s_C)·‖ε̂‖")
+    guidance_batch: int = flag(SAMPLER["guidance_batch"], "images per guidance decode", POSITIVE)
+    gen_batch: int = flag(CACHING["batch_size"], "images per sampling batch", POSITIVE)
+    height: int = flag(None, "image height (default: the model's)", POSITIVE)
+    width: int = flag(None, "image width (default: the model's)", POSITIVE)
+    image_format: str = flag(CACHING["image_format"], "cached format", choices=("png", "jpg"))
+    max_new_images: int = flag(None, "make at most this many images now", POSITIVE)
+    store_size: int = flag(320, "cached images' shorter side (0: as made)", AT_LEAST_0)
+    dtype: str = flag("auto", "SD's precision (auto: float16 on CUDA)", group="speed (same images)",
+                      choices=("auto", "float16", "bfloat16", "float32"))
+    channels_last: bool = flag(None, "default: on with CUDA", action=argparse.BooleanOptionalAction)
+    epochs: int = flag(100, "KD epochs (0: no distillation)", AT_LEAST_0, group="distillation (§4)")
+    epochs_this_run: int = flag(None, "train at most this many epochs now", POSITIVE)
+    batch_size: int = flag(256, "global KD batch size", POSITIVE)
+    lr: float = flag(0.1, "peak SGD learning rate (cosine decay)", POSITIVE)
     weight_decay: float = flag(KD["weight_decay"], "SGD weight decay", AT_LEAST_0)
-    kd_temperature: float = flag(KD["temperature"], "τ_kd of the KD loss (DM-KD's)", POSITIVE)
-    crop_scale: float = flag(KD["crop_scale"], "RandomResizedCrop's smallest scale s of (s, 1)",
-                             (lambda v: 0 < v <= 1, "in (0, 1]"))
-    image_size: int = flag(KD["image_size"], "student (and KD crop) input size", POSITIVE)
-
-    pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of precision and recall's "
-                     "k-NN balls", POSITIVE,
-                     group="measuring the synthetic set (§5), evaluation and ablations")
-    sheet_classes: int = flag(32, "classes shown in contact_sheet.png (spread evenly)", POSITIVE)
-    val_dir: list | None = flag(None, "real labelled images, a folder per class, scored for "
-                                "teacher and student; repeat it for shifted sets (ImageNet-V2, "
-                                "-Sketch, -R, -A). The first is precision/recall's: put "
-                                "ImageNet val first", action="append", metavar="[NAME=]PATH")
-    class_ids: str | None = flag(None, "the classes' ids in label order, one a line (ImageNet: "
-                                 "its wnids): needed for a subset in id folders (ImageNet-R, -A)",
-                                 metavar="FILE")
-    ablate: list | None = flag(None, "turn parts of the method off (one --out per variant) and "
-                               "compare precision and recall in results.json", nargs="+",
-                               choices=("guidance", "disambiguation", "content", "style"),
-                               type=str, action="extend")
+    kd_temperature: float = flag(KD["temperature"], "τ_kd", POSITIVE)
+    crop_scale: float = flag(KD["crop_scale"], "smallest crop", (lambda v: 0 < v <= 1, "in (0, 1]"))
+    image_size: int = flag(KD["image_size"], "student input size", POSITIVE)
+    pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of precision and recall", POSITIVE,
+                     group="measuring (§5), evaluation, ablations")
+    sheet_classes: int = flag(32, "classes in contact_sheet.png", POSITIVE)
+    val_dir: str = flag(None, "real images, a folder per class; repeat it (first: ImageNet val)",
+                        action="append", metavar="[NAME=]PATH")
+    class_ids: str = flag(None, "the classes' ids in label order, one a line", metavar="FILE")
+    ablate: str = flag(None, "turn parts of the method off", nargs="+", action="extend",
+                       choices=("guidance", "disambiguation", "content", "style"))
 
 
 ARGS = Args()  # the defaults
@@ -1510,113 +1441,77 @@ def exclusive_out(out):
 
 
 # ── Model loading: a hub id or a local folder, or one line that says what to do ───────────────────
-def locate_model(name_or_path, flag, alternative=""):
-    """Where from_pretrained finds `name_or_path`: (source, local_files_only). A local folder as
-    it is; a hub id from the hub when it answers (one request, 10 s at most), else from the
-    Hugging Face cache. Neither: a UsageError naming `flag` and the ways out, at once rather
-    than after the libraries' minute of retries."""
-    import huggingface_hub
-    from huggingface_hub import constants, errors
+def locate_model(name, flag, alternative=""):
+    """(source, local_files_only) for from_pretrained: a folder; a hub id from the hub if it
+    answers (10 s at most), else from the cache; else at once a UsageError naming `flag`."""
+    import huggingface_hub as hub
 
-    if Path(name_or_path).is_dir():
-        return str(name_or_path), True
-    name, tail = str(name_or_path), f"; or use {alternative}" if alternative else ""
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise UsageError(f"{flag} {name}: no such folder{tail}")
+    name, tail = str(name), f"; or use {alternative}" if alternative else ""
+    offline = hub.constants.HF_HUB_OFFLINE
+    if Path(name).is_dir():
+        return name, True
     try:
-        info = None if constants.HF_HUB_OFFLINE else huggingface_hub.model_info(name, timeout=10)
-    except (errors.RepositoryNotFoundError, errors.HFValidationError):
+        hub.utils.validate_repo_id(name)  # a path that is no folder fails here
+        info = None if offline else hub.model_info(name, timeout=10)
+    except (hub.errors.RepositoryNotFoundError, hub.errors.HFValidationError):
         raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
     except Exception:  # the hub cannot be reached: the cache may still hold the model
         info = None
-    if info is not None and info.gated and not huggingface_hub.get_token():
+    if info is not None and info.gated and not hub.get_token():
         raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then "
                          f"`hf auth login`{tail}")
-    if info is not None:
-        return name, False
-    try:
-        huggingface_hub.snapshot_download(name, local_files_only=True)
-        return name, True
-    except Exception:
-        raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
-                         f"{'off (HF_HUB_OFFLINE)' if constants.HF_HUB_OFFLINE else 'unreachable'}"
-                         f"; download it (`hf download {name}`) and pass its folder{tail}")
+    if info is None:  # no answer from the hub: the cache, or the way out
+        try:
+            hub.snapshot_download(name, local_files_only=True)
+        except Exception:
+            raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
+                             f"{'off (HF_HUB_OFFLINE)' if offline else 'unreachable'}; download "
+                             f"it (`hf download {name}`) and pass its folder{tail}")
+    return name, info is None
 
 
 def load_pretrained(name_or_path, flag, what, load, alternative=""):
-    """load(source, local_files_only) of the model locate_model finds for `flag`; one found that
-    does not load is a UsageError too (one line, under 300 characters)."""
+    """load(source, local_files_only) of what locate_model finds; a failure is a UsageError too."""
     source, local_only = locate_model(name_or_path, flag, alternative)
     try:
         return load(source, local_only)
-    except Exception as error:  # format failures all mean "cannot use this model"
-        reason = first_line(error)
-        reason = reason if len(reason) <= 120 else reason[:117] + "..."
-        raise UsageError(f"cannot load {what} {name_or_path} ({type(error).__name__}: {reason});"
-                         f" check that the folder is complete"
+    except Exception as error:  # any failure here means "cannot use this model"
+        raise UsageError(f"cannot load {what} {name_or_path} ({type(error).__name__}: "
+                         f"{first_line(error)[:120]}); check that the folder is complete"
                          + (f", or use {alternative}" if alternative else ""))
 
 
-def known_classifier(name, role):
-    """`name` if torchvision has a classifier of that name (resnet50, ...), else a UsageError."""
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise UsageError(f"unknown {role} '{name}': give a torchvision classifier name (e.g. "
-                         f"resnet50){' or a TorchScript file' if role == 'teacher' else ''}")
-    return name
+def load_teacher(name, device, *, weights_path=None, num_classes=1000):
+    """(teacher, class names or None): the frozen torchvision classifier f_T `name`, taking [0, 1]
+    images of any size as its DEFAULT weights define (resnet50's: resize 232, crop 224), with
+    those weights or the state dict `weights_path` of `num_classes` outputs."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:  # torchvision refuses DEFAULT weights for other classes than theirs
+        model = torchvision.models.get_model(name, weights=None if weights_path else weights,
+                                             num_classes=num_classes)
+        if weights_path:
+            model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    except Exception as error:  # a download or a state dict that fails: say which, and what to do
+        raise UsageError(f"cannot load the {name} teacher's weights {weights_path or weights} "
+                         f"({first_line(error)[:120]}); offline, put them in "
+                         f"{torch.hub.get_dir()}/checkpoints or pass --teacher-weights PATH")
+    preset = weights.transforms()
+    teacher = with_preprocessing(model, preset.crop_size[0], preset.mean, preset.std,
+                                 preset.resize_size[0])
+    names = None if weights_path else list(weights.meta["categories"])
+    return teacher.to(device).eval().requires_grad_(False), names
 
 
-def load_teacher(name_or_path, device, *, weights_path=None, num_classes=1000,
-                 input_size=ARGS.teacher_input_size,
-                 mean=ARGS.teacher_mean, std=ARGS.teacher_std):
-    """(teacher, class names or None): the frozen f_T (eval, requires_grad_(False)), taking [0, 1]
-    images of any size, from a torchvision name (weights DEFAULT, or the state dict
-    `weights_path` of `num_classes` outputs; the DEFAULT transforms give sizes, mean and std, its
-    metadata the names) or a TorchScript file (`input_size`, `mean`, `std` describe it)."""
-    class_names, resize_size = None, None
-    if os.path.isfile(name_or_path):
-        try:
-            with warnings.catch_warnings():  # TorchScript works; its deprecation notice is not news
-                warnings.simplefilter("ignore", FutureWarning)
-                model = torch.jit.load(name_or_path, map_location="cpu")
-        except Exception as error:  # any failure here means the file is not a TorchScript model
-            raise UsageError(f"teacher file {name_or_path} is not a TorchScript model: "
-                             f"{first_line(error)}")
-    else:  # preprocessed and evaluated as its weights define it (resnet50's V2: resize 232)
-        weights = torchvision.models.get_model_weights(known_classifier(name_or_path,
-                                                                        "teacher")).DEFAULT
-        preset = weights.transforms()
-        input_size, resize_size = preset.crop_size[0], preset.resize_size[0]
-        mean, std = preset.mean, preset.std
-        try:
-            if weights_path is None:
-                model = torchvision.models.get_model(name_or_path, weights=weights)
-                class_names = list(weights.meta["categories"])
-            else:
-                model = torchvision.models.get_model(name_or_path, num_classes=num_classes)
-                model.load_state_dict(torch.load(weights_path, map_location="cpu",
-                                                 weights_only=True))
-        except Exception as error:  # a download or a state dict that fails: say which, offline
-            raise UsageError(f"cannot load the {name_or_path} teacher's weights "
-                             f"{weights_path or weights} ({first_line(error)}); offline, put "
-                             f"them in {torch.hub.get_dir()}/checkpoints or pass "
-                             f"--teacher-weights PATH")
-    teacher = with_preprocessing(model, input_size, mean, std, resize_size)
-    return teacher.to(device).eval().requires_grad_(False), class_names
-
-
-def build_student(name, num_classes, *, input_size=ARGS.image_size, mean=ARGS.teacher_mean,
-                  std=ARGS.teacher_std):
+def build_student(name, num_classes, *, input_size=ARGS.image_size):
     """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
-    [0, 1] images like the teacher (same normalisation, its own input size)."""
-    model = torchvision.models.get_model(known_classifier(name, "student"), weights=None,
-                                         num_classes=num_classes)
-    return with_preprocessing(model, input_size, mean, std)
+    [0, 1] images of any size (ImageNet's normalisation, its own input size)."""
+    return with_preprocessing(torchvision.models.get_model(name, num_classes=num_classes),
+                              input_size)
 
 
 def load_class_names(data):
-    """(class_names, descriptions or None): for "imagenet" the 1000 names of torchvision's
-    metadata (no download), else the --data file's lines (read_lines), `name[<TAB>description]`
-    in label order; the descriptions are the best disambiguation context (§3)."""
+    """(class_names, descriptions or None): "imagenet"'s 1000 names (torchvision's metadata), else
+    the --data file's `name[<TAB>description]` lines in label order (read_lines)."""
     if data == "imagenet":
         return list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
     rows = read_lines(data, "--data")
@@ -1625,8 +1520,8 @@ def load_class_names(data):
 
 
 def load_llm(name_or_path, device):
-    """An instruction-tuned causal LM (hub id or local folder) as (model, tokenizer), padded on
-    the left: generation continues the right end of every row."""
+    """An instruction-tuned causal LM as (model, tokenizer), padded on the left: generation
+    continues the right end of every row."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
@@ -1639,13 +1534,11 @@ def load_llm(name_or_path, device):
 
 
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
-    """A frozen diffusers StableDiffusionPipeline (hub id or local folder) on `device`, without
-    the safety checker (our choice): it blacks out whole images, which would enter the transfer
-    set as labelled black squares."""
+    """A frozen diffusers StableDiffusionPipeline on `device`, without the safety checker (our
+    choice): it blacks out whole images, which would enter the set as labelled black squares."""
     from diffusers import StableDiffusionPipeline
 
-    # low_cpu_mem_usage=False is what diffusers does without `accelerate` anyway (it loads lazily
-    # from the safetensors files, measured: no slower, no more memory); said, it does not warn
+    # low_cpu_mem_usage=False: diffusers' choice without `accelerate` (measured: as fast), said
     pipe = load_pretrained(name_or_path, "--sd-model", "diffusion model", lambda source, local:
                            StableDiffusionPipeline.from_pretrained(
                                source, dtype=dtype, safety_checker=None, local_files_only=local,
@@ -1656,7 +1549,7 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
     return pipe.to(device)
 
 
-# ── The command line: every flag, checked as it is read ───────────────────────────────────────────
+# ── The command line: every flag checked, alone and together ──────────────────────────────────────
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a UsageError (one line naming it, exit 2)."""
 
@@ -1664,66 +1557,39 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message.removeprefix("argument "))
 
 
-SMOKE_DEFAULTS = dict(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2,
-                      batch_size=8, image_size=32, workers=0, lr=0.05, guidance_start=0.0,
-                      guidance_end=1.0, guidance_every=1)
-
-
-BENCHMARK_CPU_DEFAULTS = dict(height=128, width=128, steps=10, gen_batch=1, batch_size=8,
-                              workers=min(2, usable_cores()))
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, but none where there is none (None) or it is off."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def checked(kind, test=lambda value: True, words=""):
-    """An argparse type: `kind` of the text, refused unless finite (a float) and `test` holds."""
-    def parse(text):
-        value = kind(text)
-        finite = kind is not float or math.isfinite(value)
-        if not (finite and test(value)):
-            raise argparse.ArgumentTypeError(f"must be {words if finite else 'finite'}, got "
-                                             f"{text!r}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'many'"
-    return parse
-
-
 def build_parser():
-    """Every field of Args as the flag --field-name, with its default, help and checked range."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                            formatter_class=DefaultsHelpFormatter)
+    """Every field of Args as the flag --field-name, with its type, default and help."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     for field in dataclasses.fields(Args):
-        options = dict(field.metadata)
+        options = {key: value for key, value in field.metadata.items() if key != "check"}
         if "group" in options:
             group = parser.add_argument_group(options.pop("group"))
-        check = options.pop("check")
-        if options.get("action") in (None, "append", "extend"):  # a value: its type, checked
-            kind = options.get("type", str if field.default is None else type(field.default))
-            options["type"] = checked(kind, *check)
-        group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
+        if field.default is not None and field.default is not False:  # --help shows a real one
+            options["help"] += " (default: %(default)s)"
+        kind = {"action": "store_true"} if field.type is bool else {"type": field.type}
+        group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
+                           **{**kind, **options})
     return parser
 
 
 def parse_args(argv):
-    """The flags of `argv`, each checked as it is read (Args), then together; --smoke
-    (--benchmark on a CPU) shrinks the defaults, not explicit flags. The machine decides the
-    defaults of --workers, --channels-last and --dtype."""
+    """The flags of `argv`, each checked (Args), then together. --smoke (--benchmark on a CPU)
+    shrinks the defaults; the machine sets --workers, --channels-last and --dtype's."""
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
+    known = parser.parse_known_args(argv)[0]
     cuda = known.device.startswith("cuda") or known.device == "auto" and torch.cuda.is_available()
     if known.smoke:
-        parser.set_defaults(**SMOKE_DEFAULTS)
+        parser.set_defaults(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2,
+                            batch_size=8, image_size=32, workers=0, lr=0.05, guidance_start=0.0,
+                            guidance_end=1.0, guidance_every=1)
     if known.benchmark and not cuda:
-        parser.set_defaults(**BENCHMARK_CPU_DEFAULTS)
+        parser.set_defaults(height=128, width=128, steps=10, gen_batch=1, batch_size=8,
+                            workers=min(2, usable_cores()))
     args = parser.parse_args(argv)
+    for field in dataclasses.fields(Args):  # each value in its range
+        (test, words), value = field.metadata["check"], getattr(args, field.name)
+        if value is not None and not test(value):
+            raise UsageError(f"--{field.name.replace('_', '-')}: must be {words}, got {value!r}")
     args.ablate = list(dict.fromkeys(args.ablate or []))  # --ablate a --ablate b: both, once
     args.workers = default_workers() if args.workers is None else args.workers
     args.channels_last = cuda if args.channels_last is None else args.channels_last
@@ -1733,73 +1599,49 @@ def parse_args(argv):
         raise UsageError("--benchmark and --check-guidance are two runs: give one of them")
     if (args.benchmark or args.check_guidance) and ("guidance" in args.ablate or not (
             args.energy_scale or args.class_scale)):
-        raise UsageError("--benchmark and --check-guidance measure guidance: without --ablate "
-                         "guidance, with --energy-scale or --class-scale above 0")
+        raise UsageError("--benchmark and --check-guidance measure guidance: drop --ablate "
+                         "guidance, give --energy-scale or --class-scale above 0")
     if args.guidance_start >= args.guidance_end:
-        raise UsageError(f"guidance window must satisfy --guidance-start < --guidance-end, got "
-                         f"{args.guidance_start} and {args.guidance_end}")
+        raise UsageError(f"--guidance-start {args.guidance_start} must be below --guidance-end "
+                         f"{args.guidance_end}")
     if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
-        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off: images "
-                          f"follow the prompts weakly")
-    if not (args.smoke or os.path.isfile(args.teacher)):  # a file: a TorchScript teacher
-        known_classifier(args.teacher, "teacher")
-    if not args.smoke:
-        known_classifier(args.student, "student")
+        report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off")
     return args
 
 
-# Schedulers whose steps cannot be read as z_t = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε with alpha_bar_at's ᾱ:
-# KDPM2's second-order stage scales the model input by interpolated sigmas (an oracle with a
-# fixed x0 and ε drifts by 30 there, against ≤ 4e-5 for DDIM, PNDM, Euler, LMS, Heun, DPM++,
-# UniPC, DEIS and v-prediction).
-UNGUIDABLE_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
-
-
-# What a scheduler keeps of past steps (PNDM, LMS, DPM++ and UniPC/DEIS; the first stage of
-# second-order ones, which diffusers marks order 2: Heun, KDPM2, DPM-Solver SDE): with it, a
-# guided ε̂ enters later updates too.
-PAST_STEP_STATE = ("ets", "derivatives", "model_outputs", "sample", "prev_derivative")
-
-
 def check_sampler(pipe, options):
-    """Refuses sampling options (energy_guided_sample's keywords) that cannot mean what they say
-    with this model: more steps than it was trained with, a size no multiple of the VAE's factor;
-    with guidance, a model predicting neither ε nor v, KDPM2, a window holding none of the
-    scheduler's own timesteps (PNDM makes one more than asked), and a multistep scheduler guided
-    on some steps only: it mixes the last few ε̂, so a push every second step enters four later
-    updates with weights of both signs (along g, SD 1.5's PNDM moves the latent +15, -3, +26, +2,
-    +31 where DDIM moves +7, +7, +13, +13). The push of §2 is a single-step scheduler's."""
+    """Refuses energy_guided_sample's `options` that cannot mean what they say with this model."""
     options, scheduler = {**SAMPLER, **options}, pipe.scheduler
     name, steps = type(scheduler).__name__, options["num_steps"]
     trained = scheduler.config.num_train_timesteps
     if steps > trained:
-        raise UsageError(f"--steps {steps} is more than the {trained} steps the model was "
-                         f"trained with")
+        raise UsageError(f"--steps {steps} is more than the {trained} the model was trained with")
     factor, size = pipe.vae_scale_factor, pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if (options["height"] or size) % factor or (options["width"] or size) % factor:
-        raise UsageError(f"--height and --width must be multiples of {factor}, got "
-                         f"{options['height'] or size}x{options['width'] or size}")
+    height, width = options["height"] or size, options["width"] or size
+    if height % factor or width % factor:
+        raise UsageError(f"--height and --width must be multiples of {factor}, got {height}, "
+                         f"{width}")
     if not (options["energy_scale"] or options["class_scale"]):
         return
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise UsageError(f"energy guidance supports epsilon and v_prediction models, not "
+        raise UsageError(f"--sd-model: energy guidance needs an epsilon or v_prediction model, not "
                          f"'{scheduler.config.prediction_type}'")
-    if name in UNGUIDABLE_SCHEDULERS:
-        raise UsageError(f"energy guidance cannot use {name} (its second-order stage has no "
-                         f"ᾱ_t for Tweedie's ẑ0); use e.g. DDIM, PNDM, Euler or DPM++")
+    if name.startswith("KDPM2"):  # an oracle's z_t drifts from alpha_bar_at's ᾱ by 30 (others 4e-5)
+        raise UsageError(f"energy guidance cannot use {name}: use e.g. DDIM, Euler or DPM++")
     scheduler.set_timesteps(steps)
     start, end, every = (options[k] for k in ("guidance_start", "guidance_end", "guidance_every"))
-    guided = guided_step_indices(len(scheduler.timesteps), start, end, every)
+    count = len(scheduler.timesteps)  # PNDM makes one more than asked
+    guided = guided_step_indices(count, start, end, every)
     if not guided:
         raise UsageError(f"the guidance window [{start}, {end}) every {every} holds none of the "
-                         f"{len(scheduler.timesteps)} sampling steps, so guidance would do "
-                         f"nothing: widen it, or --ablate guidance")
-    multistep = getattr(scheduler, "order", 1) > 1 or any(
-        hasattr(scheduler, state) for state in PAST_STEP_STATE)
-    if multistep and guided != set(range(len(scheduler.timesteps))):
-        raise UsageError(f"{name} is a multistep scheduler: it reuses past steps' noise "
-                         f"predictions, so guiding only some steps pushes the latents back and "
-                         f"forth; use --scheduler DDIMScheduler (the default), or guide every "
+                         f"{count} sampling steps: widen it, or --ablate guidance")
+    # A multistep scheduler mixes past steps' ε̂: along g, SD 1.5's PNDM guided every 2nd step
+    # moves the latent +15, -3, +26, +2, +31 where DDIM moves +7, +7, +13, +13.
+    multistep = getattr(scheduler, "order", 1) > 1 or any(hasattr(scheduler, state) for state in (
+        "ets", "derivatives", "model_outputs", "sample", "prev_derivative"))  # past steps kept
+    if multistep and len(guided) < count:
+        raise UsageError(f"{name} is a multistep scheduler: guiding some steps only pushes the "
+                         f"latents back and forth; use --scheduler DDIMScheduler, or guide every "
                          f"step (--guidance-start 0 --guidance-end 1 --guidance-every 1)")
 
 
@@ -1849,51 +1691,32 @@ def read_llm_answers(path, *, overwrite):
     return stored["answers"] if stored else {}
 
 
-def real_models(args, device, models):
-    """Sets the teacher (--teacher, --teacher-weights), the untrained student (--student) and
-    the classes (--data) of a real run in `models`, and in its identity what decides the pixels
-    (files by their fingerprint)."""
-    names, models.descriptions = (load_class_names(args.data) if args.data != "imagenet"
-                                  else (None, None))
-    locate_model(args.sd_model, "--sd-model")  # found or refused in seconds, before the teacher
-    with rank_zero_first():
-        models.teacher, teacher_names = load_teacher(
-            args.teacher, device, weights_path=args.teacher_weights,
-            num_classes=len(names) if names else 1000,
-            input_size=args.teacher_input_size, mean=args.teacher_mean, std=args.teacher_std)
-    models.class_names = names or teacher_names or load_class_names("imagenet")[0]
-    with torch.no_grad():  # the number of logits, on a blank image
-        outputs = models.teacher(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
-    if outputs != len(models.class_names):
-        raise UsageError(f"class list '{args.data}' has {len(models.class_names)} classes but "
-                         f"the teacher has {outputs} outputs")
-    preprocess = models.teacher[0]
-    mean, std = preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist()
-    models.student = build_student(args.student, len(models.class_names),
-                                   input_size=args.image_size, mean=mean, std=std)
-    files = [f for f in (args.teacher, args.teacher_weights) if f and os.path.isfile(f)]
-    models.identity.update(teacher=" ".join([args.teacher, *map(file_fingerprint, files)]),
-                           teacher_preprocess=[preprocess.input_size, *mean, *std])
-
-
 def load_models(args, device):
-    """(out, models): --out, and a namespace of the teacher, the student, class_names (and
-    descriptions), `identity` (what decides the pixels), the prompt settings (all the prompts
-    depend on) and the LLM (None; with --smoke, a tiny random one as the models). The student
-    is tried on --image-size now."""
+    """(out, models): --out, and a namespace of the teacher, the untrained student, class_names
+    and descriptions (--data), `identity` (what decides the pixels), the prompt settings and the
+    LLM's name; with --smoke, tiny random models. The student is tried on --image-size now."""
     if args.batch_size % rank_and_world()[1]:  # said now, not after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
                          f"{rank_and_world()[1]} processes")
-    tiny = {"sd_model": "tiny-random", "teacher": "tiny-random"} if args.smoke else {}
-    models = types.SimpleNamespace(descriptions=None, class_names=list(SMOKE_CLASSES), identity={
-        "sd_model": args.sd_model, "dtype": str(getattr(torch, args.dtype)), **tiny})
+    models = types.SimpleNamespace(descriptions=None, class_names=list(SMOKE_CLASSES))
+    models.identity = {"sd_model": "tiny-random", "teacher": "tiny-random"}
     if args.smoke:
         models.teacher = build_tiny_classifier(len(SMOKE_CLASSES), seed=args.seed)
         models.teacher.to(device).eval().requires_grad_(False)
         models.student = build_tiny_classifier(len(SMOKE_CLASSES), width=8,
                                                input_size=args.image_size, seed=args.seed + 1)
     else:
-        real_models(args, device, models)
+        models.class_names, models.descriptions = load_class_names(args.data)
+        locate_model(args.sd_model, "--sd-model")  # found or refused in seconds, before f_T loads
+        with rank_zero_first():
+            models.teacher = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
+                                          num_classes=len(models.class_names))[0]
+        models.student = build_student(args.student, len(models.class_names),
+                                       input_size=args.image_size)
+        weights = args.teacher_weights  # a weights file changed under its name: another teacher
+        models.identity = {"sd_model": args.sd_model, "teacher": args.teacher + (
+            f" {file_fingerprint(weights)}" if weights else "")}
+    models.identity["dtype"] = str(getattr(torch, args.dtype))
     try:
         with torch.no_grad():
             models.student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
@@ -1906,10 +1729,9 @@ def load_models(args, device):
     models.prompt_settings = {
         "classes": models.class_names, "descriptions": models.descriptions,
         "per_class": args.per_class, "seed": args.seed, "photo_share": args.photo_share,
-        "neighbours": args.neighbours, **({"scenes_per_class": args.scenes_per_class}
-                                          if models.llm else {}),  # the LLM's alone
-        "llm": models.llm, "teacher": models.identity["teacher"],
-        "text_encoder": models.identity["sd_model"], **({"ablate": ablate} if ablate else {})}
+        "neighbours": args.neighbours, "llm": models.llm, "teacher": models.identity["teacher"],
+        **({"scenes_per_class": args.scenes_per_class} if models.llm else {}),  # the LLM's alone
+        **({"ablate": ablate} if ablate else {})}
     return Path(args.out), models
 
 
@@ -1928,31 +1750,28 @@ def labelled_test_sets(args, models):
 
 
 def load_sampler(args, device, out, pipe=None):
-    """The diffusion pipeline (`pipe`, the benchmark's; else --sd-model, or with --smoke a tiny
-    random one saved under OUT/tiny-models first) with the command line's scheduler and memory
-    format, and the sampling flags checked against it before anything is recorded."""
+    """The diffusion pipeline (`pipe`; else --sd-model, or with --smoke a tiny random one saved in
+    OUT/tiny-models) with --scheduler and the memory format, the sampling flags checked on it."""
     if pipe is None:
         sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
         if args.smoke and rank_and_world()[0] == 0:
             build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
         with rank_zero_first():
             pipe = load_diffusion_pipeline(sd_model, device, getattr(torch, args.dtype))
-    if args.channels_last:  # faster convolutions with CUDA; the same images (tested)
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+    for part in (pipe.unet, pipe.vae) if args.channels_last else ():  # faster on CUDA; same images
+        part.to(memory_format=torch.channels_last)
     if args.scheduler != "model":
         import diffusers
 
-        kind = getattr(diffusers, args.scheduler, None)
-        if kind not in pipe.scheduler.compatibles:
-            names = sorted(k.__name__ for k in pipe.scheduler.compatibles)
-            raise UsageError(f"--scheduler {args.scheduler}: not a scheduler this model can use; "
-                             f"give 'model' or one of {', '.join(names)}")
+        kind, kinds = getattr(diffusers, args.scheduler, None), pipe.scheduler.compatibles
+        if kind not in kinds:
+            raise UsageError(f"--scheduler {args.scheduler}: not one this model can use; give "
+                             f"'model' or {', '.join(sorted(k.__name__ for k in kinds))}")
         try:
             pipe.scheduler = kind.from_config(pipe.scheduler.config)
         except ImportError:  # LMS needs scipy, DPM-Solver SDE torchsde: not in requirements.txt
             raise UsageError(f"--scheduler {args.scheduler} needs a package that is not "
-                             f"installed (see its diffusers docs); use another scheduler")
+                             f"installed; use another scheduler")
     check_sampler(pipe, sampling_options(args))
     return pipe
 
@@ -2011,8 +1830,7 @@ def sampling_options(args):
     """energy_guided_sample's keywords that the command line sets (all decide the pixels)."""
     guided = "guidance" not in args.ablate
     return dict(num_steps=args.steps, cfg_scale=args.cfg, temperature=args.energy_temperature,
-                energy_scale=args.energy_scale if guided else 0.0,
-                class_scale=args.class_scale if guided else 0.0,
+                energy_scale=args.energy_scale * guided, class_scale=args.class_scale * guided,
                 guidance_start=args.guidance_start, guidance_end=args.guidance_end,
                 guidance_every=args.guidance_every, exact_grad=args.exact_grad,
                 normalize_grad=not args.no_grad_norm, height=args.height, width=args.width)

@@ -451,12 +451,15 @@ def test_guidance_outside_window_changes_nothing(pipe, teacher):
 def test_sampler_arguments_are_checked_where_they_enter(pipe):
     """The sampler trusts its inputs: the command line checks their ranges, then the model."""
     for bad in (["--steps", "0"], ["--energy-scale", "-1"], ["--guidance-start", "0.5", "--guidance-end", "0.4"],
-                ["--guidance-end", "1.5"], ["--guidance-every", "0"]):
-        with pytest.raises(prism.UsageError):
+                ["--guidance-end", "1.5"], ["--guidance-every", "0"], ["--lr", "inf"]):
+        with pytest.raises(prism.UsageError, match=f"^{bad[0]}"):
             prism.parse_args(bad)
     for bad in (dict(height=21), dict(num_steps=1001)):
-        with pytest.raises(prism.UsageError, match="multiples of 2|more than the 1000 steps"):
+        with pytest.raises(prism.UsageError, match="multiples of 2|more than the 1000 the model"):
             prism.check_sampler(pipe, bad)
+    pipe.scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(prism.UsageError, match="needs an epsilon or v_prediction model, not 'sample'"):
+        prism.check_sampler(pipe, SAMPLE)
 
 
 # ── §2 the guidance gradient: the method's own, in float32 and float16, at bounded memory ────
@@ -839,17 +842,13 @@ def test_precision_recall_constructed_cases():
     assert on_half["precision"] == pytest.approx(on_all["precision"], abs=0.1)
 
 
-def test_extract_features_are_the_input_of_the_teachers_last_linear(image_dir, teacher, torchscript_teacher):
+def test_extract_features_are_the_input_of_the_teachers_last_linear(image_dir, teacher):
     features, labels = prism.extract_features(teacher, image_dir, image_size=32, num_workers=0, progress=False)
     dataset = prism.image_folder(image_dir, prism.eval_transform(32))
     images = torch.stack([image for image, _ in dataset])
     with torch.no_grad():
         torch.testing.assert_close(features, teacher[1][:-1](teacher[0](images)))  # pooled penultimate layer
     assert labels.tolist() == [label for _, label in dataset.samples] and features.shape == (24, 32)
-    scripted = prism.load_teacher(str(torchscript_teacher[0]), "cpu", input_size=32)[0]
-    features, _ = prism.extract_features(scripted, image_dir, image_size=32, num_workers=0, progress=False)
-    with torch.no_grad():
-        torch.testing.assert_close(features, scripted(images))  # no hooks in TorchScript: logits stand in
 
 
 def test_the_synthetic_report_is_the_teachers_view_of_the_stored_images(smoke_run):
@@ -1200,48 +1199,30 @@ def test_class_list_file(tmp_path):
         prism.load_class_names(str(tmp_path / "missing.txt"))
 
 
-@pytest.fixture(scope="session")
-def torchscript_teacher(tmp_path_factory):
-    """A plain CNN (no preprocessing inside) saved as TorchScript, with 4 outputs."""
-    model = prism.build_tiny_classifier(4)[1].eval()
-    path = tmp_path_factory.mktemp("ts") / "teacher.pt"
-    torch.jit.script(model).save(str(path))
-    return path, model
+def teacher_weights(path, seed=0):
+    """A --teacher-weights file: a random shufflenet_v2_x0_5's state dict with 4 outputs."""
+    model = prism.seeded(seed, lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=4))
+    torch.save(model.state_dict(), path)
+    return str(path)
 
 
-def test_torchscript_teacher_folds_in_preprocessing(torchscript_teacher):
-    path, model = torchscript_teacher
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    teacher, names = prism.load_teacher(str(path), "cpu", input_size=24, mean=mean, std=std)
-    assert names is None and not teacher.training
-    assert not any(p.requires_grad for p in teacher.parameters())
-    images = torch.rand(2, 3, 40, 40)
-    resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bilinear", antialias=True)
-    direct = model((resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
-    torch.testing.assert_close(teacher(images), direct)
-    assert prism.last_linear_module(teacher).weight.shape == (4, 32)  # neighbours work on TorchScript too
-
-
-def test_a_torchvision_teacher_is_preprocessed_and_evaluated_as_its_weights_define(tmp_path):
+def test_a_torchvision_teacher_is_frozen_and_preprocessed_as_its_weights_define(tmp_path):
     """resnet50's DEFAULT (V2) weights: resize 232, crop 224 — its published top-1's protocol."""
     weights = torchvision.models.ResNet50_Weights.DEFAULT
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pt")
-    teacher, _ = prism.load_teacher("resnet50", "cpu", weights_path=tmp_path / "r50.pt")
+    teacher, names = prism.load_teacher("resnet50", "cpu", weights_path=tmp_path / "r50.pt")
+    assert names is None and not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert prism.eval_sizes(teacher) == {"image_size": 224, "resize_size": 232}
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     ours = prism.eval_transform(**prism.eval_sizes(teacher))(image).unsqueeze(0)
     torch.testing.assert_close(teacher[0](ours)[0], weights.transforms()(image), atol=2e-2, rtol=0)
-
-
-def test_unknown_models_and_unloadable_paths_are_usage_errors(tmp_path):
-    with pytest.raises(prism.UsageError, match="unknown teacher"):
-        prism.load_teacher("no_such_net", "cpu")
-    with pytest.raises(prism.UsageError, match="unknown student"):
-        prism.build_student("no_such_net", 10)
-    with pytest.raises(prism.UsageError, match="--sd-model"):
-        prism.load_diffusion_pipeline(str(tmp_path / "no-model"), "cpu")
-    with pytest.raises(prism.UsageError, match="--llm"):
-        prism.load_llm(str(tmp_path / "no-llm"), "cpu")
+    with pytest.raises(prism.UsageError, match=f"weights {tmp_path / 'r50.pt'} .*--teacher-weights"):
+        prism.load_teacher("resnet50", "cpu", weights_path=tmp_path / "r50.pt", num_classes=4)
+    with pytest.raises(prism.UsageError, match="expected value 1000 but got 4.*--teacher-weights"):
+        prism.load_teacher("resnet50", "cpu", num_classes=4)  # torchvision's weights: its classes
+    for flag in ("--teacher", "--student"):  # names checked as the flags are parsed
+        with pytest.raises(prism.UsageError, match=f"^{flag}: must be a torchvision classifier"):
+            prism.parse_args([flag, "no_such_net"])
 
 
 # ── the KD input path and the processes of a cluster ─────────────────────────────────────────
@@ -1362,7 +1343,6 @@ BAD_FLAGS = {
         "negative class scale": ["--class-scale", "-1"],
         "negative cfg": ["--cfg", "-2"],
         "not finite": ["--energy-scale", "nan"],
-        "not finite in a list": ["--teacher-mean", "0.5", "inf", "0.5"],
         "zero guidance batch": ["--guidance-batch", "0"],
         "more steps than trained": ["--smoke", "--steps", "2000"],
         "empty out": ["--out", ""],
@@ -1392,11 +1372,12 @@ BAD_FLAGS = {
 
 
 @pytest.mark.parametrize("case", [*BAD_FLAGS, *BAD_CLASS_LISTS])
-def test_bad_input_exits_2_with_one_line(case, tmp_path, torchscript_teacher, capsys, monkeypatch):
+def test_bad_input_exits_2_with_one_line(case, tmp_path, pipe_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if case in BAD_CLASS_LISTS:  # a 4-output TorchScript teacher with a broken class list
+    if case in BAD_CLASS_LISTS:  # a 4-output teacher with a broken class list
         (tmp_path / "classes.txt").write_bytes(BAD_CLASS_LISTS[case].encode("latin-1"))
-        argv = ["--teacher", str(torchscript_teacher[0]), "--data", "classes.txt"]
+        argv = ["--teacher", "shufflenet_v2_x0_5", "--teacher-weights", teacher_weights(tmp_path / "t.pt"),
+                "--data", "classes.txt", "--sd-model", str(pipe_dir)]
     else:
         argv = BAD_FLAGS[case]
     assert prism.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "out")])) == 2
@@ -1435,14 +1416,13 @@ def test_command_line_bad_input_has_no_traceback(tmp_path):
                             cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
-    assert result.stderr == "prism: error: --per-class: must be from 1 to 100,000, got '0'\n"
+    assert result.stderr == "prism: error: --per-class: must be from 1 to 100,000, got 0\n"
 
 
 def local_models_argv(tmp_path, pipe_dir):
-    """The real (non-smoke) command line with every model local: SD folder, TorchScript teacher, class file."""
-    torch.jit.script(prism.build_tiny_classifier(4, seed=0)[1].eval()).save(str(tmp_path / "teacher.ts"))
+    """The real (non-smoke) command line with every model local: SD folder, teacher weights, class file."""
     (tmp_path / "classes.txt").write_text("".join(f"{name}\n" for name in NAMES))
-    return ["--teacher", str(tmp_path / "teacher.ts"), "--teacher-input-size", "32", "--data",
+    return ["--teacher", "shufflenet_v2_x0_5", "--teacher-weights", teacher_weights(tmp_path / "t.pt"), "--data",
             str(tmp_path / "classes.txt"), "--sd-model", str(pipe_dir), "--student", "resnet18", "--out",
             str(tmp_path / "out"), "--per-class", "2", "--steps", "4", "--height", "32", "--width", "32",
             "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu",
@@ -1457,10 +1437,10 @@ def test_main_with_local_models_refuses_a_changed_teacher_and_retrains_after_ove
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["synthetic"]["images"] == 8 and results["distill"]["epochs_done"] == 1
 
-    # Another model saved under the same file name is another teacher: refused, nothing touched.
+    # Other weights saved under the same file name are another teacher: refused, nothing touched.
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     old_settings = json.loads((tmp_path / "out" / "synthetic" / "settings.json").read_text())["settings"]
-    torch.jit.script(prism.build_tiny_classifier(4, seed=7)[1].eval()).save(str(tmp_path / "teacher.ts"))
+    teacher_weights(tmp_path / "t.pt", seed=7)
     assert prism.main(argv) == 2
     assert "other settings" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
@@ -1549,7 +1529,7 @@ def test_a_model_that_cannot_be_found_is_one_short_line_at_once(tmp_path, capsys
         assert message.startswith(f"{flag} someone/no-such-model: not in the local cache and the hub "
                                   f"is off (HF_HUB_OFFLINE); download it") and extra in message
         assert len(message) < 300
-        with pytest.raises(prism.UsageError, match=f"^{flag} ./missing: no such folder"):
+        with pytest.raises(prism.UsageError, match=f"^{flag} ./missing: no such model on the hub and no such folder"):
             load("./missing", "cpu")
         with pytest.raises(prism.UsageError, match=f"^cannot load .* {tmp_path} "):  # found, not a model
             load(str(tmp_path), "cpu")
@@ -1917,7 +1897,7 @@ def test_guided_runs_use_a_single_step_scheduler_made_from_the_models_config(pip
     pipe = prism.load_sampler(prism.parse_args(argv + ["--scheduler", "model"] + every_step), cpu,
                               tmp_path / "out")
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
-    with pytest.raises(prism.UsageError, match="--scheduler Nope: not a scheduler"):
+    with pytest.raises(prism.UsageError, match="--scheduler Nope: not one this model can use"):
         prism.load_sampler(prism.parse_args(argv + ["--scheduler", "Nope"]), cpu, tmp_path)
 
 
