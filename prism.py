@@ -699,7 +699,7 @@ def eval_loader(dataset, batch_size, num_workers, device):
 def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_size=None,
                      batch_size=100, device="cpu", num_workers=0, progress=True):
     """(features, labels) of an image folder under eval_transform (§5): the input of the
-    teacher's last nn.Linear (a TorchScript teacher takes no hooks: its logits)."""
+    teacher's last nn.Linear (its logits if it has none, e.g. SqueezeNet)."""
     dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
     dataset.loader = read_image  # a damaged image: one line that names it
     head, captured = last_linear_module(teacher.to(device).eval()), []
@@ -876,7 +876,7 @@ class Args:
     neighbours: int = flag(PROMPTING["neighbours"], "teacher-nearest classes (0: off)", AT_LEAST_0)
     scenes_per_class: int = flag(PROMPTING["scenes_per_class"], "scenes the LLM writes a class",
                                  (lambda v: 1 <= v <= 24, "from 1 to 24"))
-    prompts_only: bool = flag(False, "write OUT/prompts.md to read, then stop")
+    prompts_only: bool = flag(False, "write OUT/prompts.json to read, then stop")
     steps: int = flag(SAMPLER["num_steps"], "T, denoising steps", POSITIVE, group="sampling (§1-2)")
     cfg: float = flag(SAMPLER["cfg_scale"], "w, classifier-free guidance (<= 1: off)", AT_LEAST_0)
     energy_scale: float = flag(SAMPLER["energy_scale"], "s_E, weight of the energy", AT_LEAST_0)
