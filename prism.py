@@ -797,7 +797,6 @@ import io
 import shutil
 import traceback
 import types
-import warnings
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -967,29 +966,27 @@ def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size
 
 # ── Errors: bad input is one line and exit code 2, a failed run one line and exit code 1 ──────────
 class UsageError(ValueError):
-    """Bad input or damaged state in --out: main() prints one line and exits with code 2."""
+    """Bad input or damaged state in --out: one line on stderr, exit code 2."""
 
 
 class RunFailure(RuntimeError):
-    """A run that cannot go on (training diverged): main() prints one line and exits with code 1."""
+    """A run that cannot go on (training diverged): one line on stderr, exit code 1."""
 
 
 def first_line(error):
-    """The first line of an exception's message, for one-line error reports."""
+    """The first line of an exception's message (else its type's name)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def damaged(path, error, way_out):
-    """The UsageError for damaged state in --out: which file, what is wrong, the way out."""
-    return UsageError(f"{path} is damaged ({first_line(error)}); {way_out}")
+    """The UsageError for a damaged file: which, why (a first sentence, cut short), the way out."""
+    return UsageError(f"{path} is damaged ({first_line(error).split('. ')[0][:120]}); {way_out}")
 
 
 def report(kind, message):
-    """`prism: <kind> (rank r): <message>` on stderr in one write, so that ranks do not interleave
-    (torchrun's variables name the rank: the process group may be gone)."""
+    """`prism: <kind> (rank r): <message>` on stderr in one write; r from torchrun's variables."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     sys.stderr.write(f"prism: {kind}{f' (rank {rank})' if world > 1 else ''}: {message}\n")
-    sys.stderr.flush()
 
 
 # ── Files: atomic writes, strict JSON, readable images ────────────────────────────────────────────
@@ -1099,72 +1096,12 @@ def check_settings(path, settings, *, overwrite, what):
                      f"--out, or --overwrite to replace them")
 
 
-def load_checkpoint(path, device, student, *, overwrite=False):
-    """distill's checkpoint at `path` (None: none). One that does not load into `student`
-    (truncated, garbage, another student, NaN weights) is damaged: a UsageError, None with
-    `overwrite`."""
-    if not Path(path).exists():
-        return None
-    try:
-        with warnings.catch_warnings():  # a damaged file is said in one line, without warnings
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location=device, weights_only=True)
-        parts = {"epoch": int, "history": list, "config": dict, "optimizer": dict,
-                 "schedule": dict, "student": dict}
-        if not fits(checkpoint, parts) or len(checkpoint["history"]) != checkpoint["epoch"]:
-            raise ValueError("not a PRISM distillation checkpoint")
-        copy.deepcopy(student).load_state_dict(checkpoint["student"])  # raises unless it fits
-        if not all(torch.isfinite(t).all() for t in checkpoint["student"].values()
-                   if t.is_floating_point()):
-            raise ValueError("its student weights are not finite")
-        return checkpoint
-    except Exception as error:  # any failure to load it means: damaged
-        if overwrite:
-            return None
-        if "weights_only" in str(error):  # torch's advice to unpickle anything does not apply
-            error = "it holds objects other than tensors"
-        raise damaged(path, error, "rerun with --overwrite to restart distillation (the synthetic "
-                                   "images are kept), or delete it")
-
-
-def distill_resumable(teacher, student, data_dir, checkpoint_path, *, overwrite=False,
-                      data_settings=None, epochs_this_run=None, **options):
-    """distill() saving its state to `checkpoint_path` (rank 0, atomically) after every epoch and
-    resuming from there; a checkpoint of other options or data (`data_settings`) is a UsageError
-    (with `overwrite`: a new start). At the end every rank takes rank 0's weights."""
-    config = {key: value for key, value in {**KD, **options, "data": data_settings}.items()
-              if key not in ("device", "num_workers", "progress", "channels_last", "resume",
-                             "stop_after", "on_epoch")}
-    checkpoint = load_checkpoint(checkpoint_path, options.get("device", "cpu"), student,
-                                 overwrite=overwrite)
-    if checkpoint is not None and checkpoint["config"] != config:
-        if not overwrite:
-            raise UsageError(f"{checkpoint_path} was made under other settings "
-                             f"({settings_difference(checkpoint['config'], config)}); use "
-                             f"--overwrite to restart")
-        checkpoint = None
-    barrier()  # no rank may still be reading the checkpoint when rank 0 replaces it
-
-    def save(state):
-        if rank_and_world()[0] == 0:
-            save_torch_atomic({**state, "config": config}, Path(checkpoint_path))
-    history = distill(teacher, student, data_dir, resume=checkpoint, stop_after=epochs_this_run,
-                      on_epoch=save, **options)
-    broadcast_from_rank_zero(student)
-    return history
-
-
 # ── Labelled image folders: which folder is which class ───────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
-    """ImageFolder of `data_dir` (else a UsageError); the i-th sorted folder's target: classes[i]
-    (default i)."""
-    try:
-        dataset = torchvision.datasets.ImageFolder(
-            str(data_dir), transform=transform,
-            target_transform=None if classes is None else list(classes).__getitem__)
-    except (FileNotFoundError, NotADirectoryError) as error:  # it names the empty folders
-        raise UsageError(f"cannot read images from {data_dir}: {first_line(error)[:200]}")
-    return dataset
+    """ImageFolder of `data_dir`; the i-th sorted folder is class classes[i] (default: i)."""
+    return torchvision.datasets.ImageFolder(
+        str(data_dir), transform=transform,
+        target_transform=None if classes is None else list(classes).__getitem__)
 
 
 def named_val_sets(values):
@@ -1183,22 +1120,19 @@ def named_val_sets(values):
 
 def read_lines(path, flag, count=None):
     """The non-blank lines of the UTF-8 file `path`, each split at its first tab into stripped
-    cells; a bad file (a first cell blank or twice, not `count` lines): a UsageError."""
+    cells; a first cell blank or twice, or not `count` lines: a UsageError."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        rows = [[cell.strip() for cell in line.split("\t", 1)]
+                for line in Path(path).read_bytes().decode("utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{flag} {path} cannot be read ({first_line(error)}): give a UTF-8 "
                          f"text file, one class a line")
-    rows = [[cell.strip() for cell in line.split("\t", 1)] for line in text.splitlines()
-            if line.strip()]
-    keys = sorted(row[0].lower() for row in rows)
-    twice = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
-    problems = [(not rows, "is empty"),
-                (rows and not keys[0], "has a line with no name before its tab"),
-                (twice is not None, f"gives '{twice}' twice"),
-                (count not in (None, len(rows)), f"has {len(rows)} lines but the teacher has "
-                                                 f"{count} classes")]
-    problem = next((text for bad, text in problems if bad), None)
+    keys = [row[0].lower() for row in rows]
+    twice = [key for key, n in collections.Counter(keys).items() if n > 1]
+    problem = ("is empty" if not rows else "has a line with no name before its tab" if "" in keys
+               else f"gives '{twice[0]}' twice" if twice
+               else f"has {len(rows)} lines but the teacher has {count} classes"
+               if count not in (None, len(rows)) else None)
     if problem:
         raise UsageError(f"{flag} {path} {problem}: give one class a line, in label order")
     return rows
@@ -1206,35 +1140,30 @@ def read_lines(path, flag, count=None):
 
 def class_mapping(folders, num_classes, class_names, class_ids=None):
     """(classes, rule): the class of each sorted folder by the first rule that maps them all:
-    1. integers (ImageNet-V2) → int(name); 2. class names (any case) → index; 3. ids of
-    --class-ids `class_ids` → position; 4. num_classes WordNet ids without --class-ids → sorted
-    order (ImageNet val). Else, or a class out of range, an ambiguous name, two folders of one
-    class: a UsageError naming the folder, never a wrong score."""
-    by_name, position = {}, {id_: n for n, id_ in enumerate(class_ids or [])}
+    integers (ImageNet-V2); class names, any case; the position of --class-ids `class_ids` (-R,
+    -A); num_classes WordNet ids without --class-ids, in sorted order (ImageNet val). Else, or a
+    class out of range, an ambiguous name, two folders of one class: a UsageError."""
+    by_name, ids = collections.defaultdict(list), {id_: n for n, id_ in enumerate(class_ids or [])}
     for index, name in enumerate(class_names):
-        by_name.setdefault(name.lower(), []).append(index)
-    if not folders:
-        raise UsageError("has no class folders")
-    if all(re.fullmatch(r"[0-9]+", f) for f in folders):
-        classes, rule = [int(f) for f in folders], "integer folder names"
-    elif all(f.lower() in by_name for f in folders):
-        classes, rule = [by_name[f.lower()][0] for f in folders], "class names"
-        twice = next((f for f in folders if len(by_name[f.lower()]) > 1), None)
-        if twice:
-            raise UsageError(f"folder '{twice}' names classes {by_name[twice.lower()]} of the "
-                             f"class list: name the folders by class index")
-    elif position and all(f in position for f in folders):
-        classes, rule = [position[f] for f in folders], "--class-ids"
-    elif (not position and len(folders) == num_classes
-          and all(re.fullmatch(r"[a-z][0-9]{8}", f) for f in folders)):
-        classes, rule = [sorted(folders).index(f) for f in folders], "sorted folder names"
-    else:
-        lost = next((f for f in folders if not (re.fullmatch(r"[0-9]+", f) or f in position
-                                                or f.lower() in by_name)), folders[0])
+        by_name[name.lower()].append(index)
+    wnids = not ids and len(folders) == num_classes and all(
+        re.fullmatch(r"[a-z][0-9]{8}", f) for f in folders)
+    rules = {"integer folder names": {f: int(f) for f in folders if re.fullmatch(r"[0-9]+", f)},
+             "class names": {f: by_name[f.lower()][0] for f in folders if f.lower() in by_name},
+             "--class-ids": {f: ids[f] for f in folders if f in ids},
+             "sorted folder names": {f: n for n, f in enumerate(sorted(folders)) if wnids}}
+    rule = next((rule for rule, found in rules.items() if len(found) == len(folders)), None)
+    if rule is None:
+        lost = next((f for f in folders if not any(f in found for found in rules.values())),
+                    folders[0])
         raise UsageError(f"folder '{lost}' maps to no class; give --class-ids FILE (the ids in "
                          f"label order, one a line: needed for a subset in id folders, such as "
                          f"ImageNet-R or -A), or name the folders by class index")
+    classes = [rules[rule][f] for f in folders]
     for n, (folder, c) in enumerate(zip(folders, classes)):
+        if rule == "class names" and len(by_name[folder.lower()]) > 1:
+            raise UsageError(f"folder '{folder}' names classes {by_name[folder.lower()]} of the "
+                             f"class list: name the folders by class index")
         if c >= num_classes:
             raise UsageError(f"folder '{folder}' is class {c}, but the teacher's classes are "
                              f"0 to {num_classes - 1}")
@@ -1245,79 +1174,65 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
 
 
 def labelled_sets(named_sets, class_names, class_ids=None):
-    """Each (name, path) as a dict of its folders, their classes (class_mapping) and images:
-    all mapped, then every image decoded (ranks share it), so a bad set is refused at once."""
+    """Each (name, path) as a dict of its folders, their classes (class_mapping) and its image
+    count, every image decoded now (the ranks share them): a bad set is refused at once."""
     from PIL import Image
 
-    sets, samples, (rank, world) = [], [], rank_and_world()
+    sets, (rank, world) = [], rank_and_world()
     for name, path in named_sets:
-        if not Path(path).is_dir():
-            raise UsageError(f"--val-dir {name}: {path} is not a directory of class folders")
-        folders = sorted(e.name for e in os.scandir(path) if e.is_dir())
-        try:
+        try:  # ImageFolder's folders, mapped before it looks for images
+            folders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
             classes, rule = class_mapping(folders, len(class_names), class_names, class_ids)
-            samples.append([file for file, _ in image_folder(path, None).samples])
-        except UsageError as error:
-            raise UsageError(f"--val-dir {name} ({path}): {error}")
-        sets.append({"name": name, "data": str(path), "folders": folders, "classes": classes,
-                     "mapping": rule, "images": len(samples[-1])})
-    for s, files in zip(sets, samples):
+            files = [file for file, _ in image_folder(path, None).samples]
+        except (UsageError, OSError) as error:
+            raise UsageError(f"--val-dir {name} ({path}): {first_line(error)}")
         problem = ""
-        for file in tqdm(files[rank::world], desc=f"checking --val-dir {s['name']}", unit="img",
+        for file in tqdm(files[rank::world], desc=f"checking --val-dir {name}", unit="img",
                          disable=rank != 0 or len(files) < 1000):
             try:
                 with Image.open(file) as image:
                     image.load()
             except Exception as error:  # whatever PIL says, the file is not a usable image
-                problem = (f"--val-dir {s['name']}: {file} is not a readable image "
+                problem = (f"--val-dir {name}: {file} is not a readable image "
                            f"({first_line(error)}); fix or remove it")
                 break
         problem = next((p for [p] in gather_from_ranks([problem]) if p), "")  # all ranks learn it
         if problem:
             raise UsageError(problem)
+        sets.append({"name": name, "data": str(path), "folders": folders, "classes": classes,
+                     "mapping": rule, "images": len(files)})
     return sets
 
 
 # ── Several processes (torchrun) and devices ──────────────────────────────────────────────────────
 # `torchrun --nproc_per_node=N prism.py ...` starts N copies of this program; init_distributed
-# joins them into one process group. Without one (`python prism.py`) these helpers are those of
-# rank 0 of 1: every function runs unchanged in one process.
+# joins them into one process group. Without one these helpers are those of rank 0 of 1.
 def rank_and_world():
     """(rank, world size) of this process in the torch.distributed group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-BARRIERS = itertools.count(1)  # every rank passes the same barriers in the same order
+    joined = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if joined else (0, 1)
 
 
 def barrier():
-    """Waits until every rank has reached this point, however long that takes. Ranks hours apart
-    must not meet the collective timeout, whose watchdog would abort the job: each rank counts
-    itself in at a key of the group's store and polls it, no collective pending. A rank that
-    dies ends the job through torchrun."""
+    """Waits for every rank, however long: each counts itself in at a key of the group's store and
+    polls it (ranks hours apart would meet a collective's timeout; its watchdog aborts the job)."""
     world = rank_and_world()[1]
-    if world == 1:
-        return
-    store = dist.distributed_c10d._get_default_store()
-    # a key per barrier and per torchrun restart (the agent's store outlives a restart)
-    key = f"prism/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/barrier/{next(BARRIERS)}"
-    store.add(key, 1)
-    delay = 0.01
-    while store.add(key, 0) < world:
-        time.sleep(delay)
-        delay = min(2 * delay, 1.0)
+    if world > 1:
+        store = dist.distributed_c10d._get_default_store()
+        # a counter per torchrun restart (the agent's store outlives one); the n-th barrier ends
+        # when every rank has counted in n times
+        key = f"prism/barrier/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        passed = math.ceil(store.add(key, 1) / world) * world
+        while store.add(key, 0) < passed:
+            time.sleep(0.1)
 
 
 def gather_from_ranks(items):
     """[items of rank 0, items of rank 1, ...] (Python lists) on every rank, after a barrier()."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return [list(items)]
-    barrier()
-    parts = [None] * world
-    dist.all_gather_object(parts, list(items))
+    parts = [list(items)] * rank_and_world()[1]
+    if len(parts) > 1:
+        barrier()
+        dist.all_gather_object(parts, list(items))
     return parts
 
 
@@ -1328,7 +1243,7 @@ def sum_over_ranks(numbers):
 
 def on_rank_zero(work):
     """Runs work() on rank 0 alone, the others waiting, and raises its error on every rank (a
-    UsageError as one, any other as a RunFailure), so that no rank waits for one that failed."""
+    UsageError as one, any other as a RunFailure): no rank waits for one that failed."""
     error = None
     if rank_and_world()[0] == 0:
         try:
@@ -1340,17 +1255,8 @@ def on_rank_zero(work):
         raise error or (UsageError if shared[0] else RunFailure)(shared[1])
 
 
-def broadcast_from_rank_zero(module):
-    """Copies rank 0's parameters and buffers into `module` on every rank."""
-    if rank_and_world()[1] > 1:
-        barrier()  # rank 0 may still be writing its checkpoint
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
-
-
 def process_gpu(local_rank, visible_gpus):
-    """The CUDA index of process LOCAL_RANK `local_rank` seeing `visible_gpus` GPUs: its own, or
-    0 when a launcher gave each process one (CUDA_VISIBLE_DEVICES: it sees exactly one)."""
+    """The GPU of process LOCAL_RANK `local_rank`: its own of `visible_gpus`, or the one it sees."""
     if visible_gpus != 1 and local_rank >= visible_gpus:
         raise UsageError(f"process {local_rank} of this node has no GPU of its own ({visible_gpus} "
                          f"visible): use --nproc_per_node <= the GPU count")
@@ -1358,10 +1264,8 @@ def process_gpu(local_rank, visible_gpus):
 
 
 def init_distributed(device_name, timeout=timedelta(minutes=30)):
-    """This process's torch device for --device ("auto": CUDA when there is one). Under torchrun
-    (WORLD_SIZE > 1) it joins the process group first: NCCL with one GPU per process
-    (process_gpu), or gloo on the CPU. `timeout` bounds a collective that every rank is in (a
-    hung GPU); waits for other ranks' work go through barrier(), which has no bound."""
+    """This process's torch device for --device ("auto": CUDA if any); under torchrun it joins the
+    group first (NCCL, a GPU each: process_gpu; gloo on a CPU), `timeout` bounding a collective."""
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -1371,34 +1275,26 @@ def init_distributed(device_name, timeout=timedelta(minutes=30)):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device_name}: no CUDA GPU is available here")
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", process_gpu(int(os.environ.get("LOCAL_RANK", "0")),
-                                                  torch.cuda.device_count()))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", process_gpu(int(os.environ.get("LOCAL_RANK", "0")),
+                                                      torch.cuda.device_count()))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
     return device
 
 
 def usable_cores():
     """The CPU cores this process may use (its affinity, where the system tells it)."""
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 1)
-
-
-# A loader process reads, decodes and augments about 500 cached images a second (320² PNG, one
-# CPU core, measured): 12 feed about 6,000 images/s, more than a resnet50 → resnet18 KD step
-# takes on one GPU. More only add memory (each holds prefetched batches) and start-up time.
-MAX_WORKERS = 12
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers():
-    """Data-loading processes per torchrun process: the CPU cores this process may use, shared by
-    the processes of its node, less one for the training process (0 to MAX_WORKERS)."""
+    """Data-loading processes per torchrun process: its share of the node's cores, less one."""
+    # ≤ 12: each decodes ~500 cached 320² PNGs/s (measured), so 12 outrun resnet50 → 18 KD on a GPU
     cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(MAX_WORKERS, max(0, cores - 1))
+    return min(12, max(0, cores - 1))
 
 
 @contextlib.contextmanager
@@ -1413,31 +1309,23 @@ def rank_zero_first():
 
 @contextlib.contextmanager
 def exclusive_out(out):
-    """One run at a time per --out: rank 0 creates it and holds an exclusive flock on
-    OUT/.prism.lock for the run (its other ranks share it), and, holding it, removes stale temp
-    files. A second run is refused in one line. The lock dies with its holder, even on SIGKILL."""
-    handle, problem = None, ""
-    if rank_and_world()[0] == 0:
-        try:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            handle = open(Path(out) / ".prism.lock", "a")
-            os.register_at_fork(after_in_child=handle.close)  # a forked loader worker outlives
-            # a killed run by seconds: it must not hold the lock (flock follows the open file)
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            remove_stale_temps(out)
-        except BlockingIOError:
-            problem = (f"{out} is in use by another prism run; wait for it to end, or use "
-                       f"another --out")
-        except OSError as error:
-            problem = f"cannot use --out {out}: {first_line(error)}"
-    problem = gather_from_ranks([problem])[0][0]  # every rank learns rank 0's verdict
-    try:
-        if problem:
-            raise UsageError(problem)
+    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock while the
+    run lasts, a second run is refused in one line; the lock dies with its holder (SIGKILL too)."""
+    with contextlib.ExitStack() as held:
+        def lock():
+            try:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                handle = held.enter_context(open(Path(out) / ".prism.lock", "a"))
+                # a forked loader worker outlives a killed run by seconds: it must not keep it
+                os.register_at_fork(after_in_child=handle.close)
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"{out} is in use by another prism run; wait for it, or use "
+                                 f"another --out")
+            except OSError as error:
+                raise UsageError(f"cannot use --out {out}: {first_line(error)}")
+        on_rank_zero(lock)
         yield
-    finally:
-        if handle is not None:
-            handle.close()
 
 
 # ── Model loading: a hub id or a local folder, or one line that says what to do ───────────────────
@@ -1661,17 +1549,16 @@ def fits(value, shape):
 
 
 def read_ours(path, shape, way_out, *, overwrite=False):
-    """The JSON object prism wrote at `path`. One that does not parse or lacks what we need (does
-    not fit `shape`) is damaged: a UsageError naming it and `way_out`; None with `overwrite`."""
+    """The JSON prism wrote at `path`; one not fitting `shape` is damaged (`overwrite`: None)."""
     try:
         stored = read_json(path, way_out)
-        if not fits(stored, shape):
-            raise damaged(path, f"its {' and '.join(shape)} are missing or malformed", way_out)
+        if fits(stored, shape):
+            return stored
+        raise damaged(path, f"its {' and '.join(shape)} are missing or malformed", way_out)
     except UsageError:
         if overwrite:
             return None
         raise
-    return stored
 
 
 def read_prompts(path, settings, *, overwrite=False):
@@ -1736,9 +1623,8 @@ def load_models(args, device):
 
 
 def labelled_test_sets(args, models):
-    """The --val-dir sets (labelled_sets), checked now though evaluation reads them last, and
-    --pr-k against the sizes of the sets precision_recall compares."""
-    class_ids = None if args.class_ids is None else [row[0] for row in read_lines(
+    """The --val-dir sets (labelled_sets), checked now, and --pr-k against the sets it compares."""
+    class_ids = args.class_ids and [row[0] for row in read_lines(
         args.class_ids, "--class-ids", len(models.class_names))]
     test_sets = labelled_sets(named_val_sets(args.val_dir), models.class_names, class_ids)
     first = test_sets[0] if test_sets else {"classes": models.class_names, "images": math.inf}
@@ -1790,39 +1676,35 @@ def check_llm_available(args, out, settings):
 @contextlib.contextmanager
 def errors_reported(argv):
     """The frame of main(), yielding a namespace whose `code` is the exit code: an error inside is
-    one line on stderr, code 2 for a UsageError or OSError (bad input, damaged state, a disk),
-    1 for a failure (--debug in `argv` adds the traceback), 130 for Ctrl-C. Quiets the libraries'
-    logging and progress bars; leaves torchrun's process group."""
+    one line on stderr (--debug in `argv`: and its traceback), code 2 for a UsageError or OSError,
+    1 for a failure, 130 for Ctrl-C. Quiets the libraries' logging; leaves the process group."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
-    status, failure, debug = types.SimpleNamespace(code=0), None, "--debug" in argv
+    status, debug = types.SimpleNamespace(code=0), "--debug" in argv
     try:
         yield status
-    except KeyboardInterrupt as error:
-        status.code, kind, failure = 130, "interrupted", error
-        message = "rerun the same command to resume"
-    except (UsageError, OSError) as error:
-        status.code, kind, message, failure = 2, "error", str(error), error
-    except Exception as error:  # a failure: say what, in one line; --debug shows where
-        status.code, kind, failure = 1, "failed", error
-        message = f"{type(error).__name__}: {first_line(error)}" + (
+    except (KeyboardInterrupt, Exception) as error:
+        if debug:
+            traceback.print_exception(error)
+        status.code, kind, message = 1, "failed", f"{type(error).__name__}: {first_line(error)}" + (
             "" if debug else " (rerun with --debug for the traceback)")
-        if isinstance(error, RunFailure):
+        if isinstance(error, KeyboardInterrupt):
+            status.code, kind, message = 130, "interrupted", "rerun the same command to resume"
+        elif isinstance(error, (UsageError, OSError)):  # a loader worker's: traceback, then text
+            status.code, kind, message = 2, "error", str(error).split("UsageError: ")[-1].strip()
+        elif isinstance(error, RunFailure):
             message = str(error)
-        if isinstance(error, torch.OutOfMemoryError):
+        elif isinstance(error, torch.OutOfMemoryError):
             message = ("out of GPU memory; rerun the same command with a smaller --gen-batch or "
                        "--guidance-batch: nothing done is redone")
+        report(kind, message)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if failure is not None:
-        if debug:
-            traceback.print_exception(failure)
-        report(kind, message)
 
 
 # ── The stages main() runs: the method's functions with resume, processes and files around them ───
@@ -1898,28 +1780,53 @@ def synthesis_stage(args, out, models, prompts, pipe):
 
 def distillation_stage(args, out, models, data_settings, results, device):
     """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
-    OUT/checkpoint.pt (--epochs 0: none). Adds the KD losses to `results` and saves student.pt;
-    False while epochs are missing (--epochs-this-run)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # what the diffusion model held
+    OUT/checkpoint.pt (rank 0 saves it every epoch; damaged or of other settings: a UsageError, or
+    with --overwrite a new start). Adds the KD losses to `results`, saves student.pt; False while
+    epochs are missing (--epochs-this-run)."""
+    torch.cuda.empty_cache()  # what the diffusion model held
     if args.epochs == 0:
         return True
-    history = distill_resumable(
-        models.teacher, models.student, out / "synthetic", out / "checkpoint.pt",
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.kd_temperature,
-        device=device, image_size=args.image_size,
-        weight_decay=args.weight_decay, num_workers=args.workers, seed=args.seed,
-        data_settings=json.loads(json.dumps(data_settings)), epochs_this_run=args.epochs_this_run,
-        overwrite=args.overwrite, channels_last=args.channels_last, crop_scale=args.crop_scale)
+    options = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   temperature=args.kd_temperature, image_size=args.image_size,
+                   weight_decay=args.weight_decay, seed=args.seed, crop_scale=args.crop_scale)
+    # what decides the weights: these options and the data over distill's defaults
+    config = {**KD, **options, "data": json.loads(json.dumps(data_settings))}
+    path, checkpoint = out / "checkpoint.pt", None
+    way_out = "rerun with --overwrite to restart training (the images are kept)"
+    if path.exists():
+        try:  # (distill checks the weights are finite before any checkpoint is written)
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+            parts = {"epoch": int, "history": list, "config": dict, "optimizer": dict,
+                     "schedule": dict, "student": dict}
+            if not fits(checkpoint, parts) or len(checkpoint["history"]) != checkpoint["epoch"]:
+                raise ValueError("not a PRISM distillation checkpoint")
+            copy.deepcopy(models.student).load_state_dict(checkpoint["student"])  # or it raises
+        except Exception as error:  # any failure to load it means: damaged
+            if not args.overwrite:
+                raise damaged(path, error, way_out)
+            checkpoint = None
+    if checkpoint is not None and checkpoint["config"] != config:
+        if not args.overwrite:
+            raise UsageError(f"{path} was made under other settings "
+                             f"({settings_difference(checkpoint['config'], config)}); {way_out}")
+        checkpoint = None
+    rank, world = rank_and_world()
+    history = distill(models.teacher, models.student, out / "synthetic", **options, device=device,
+                      num_workers=args.workers, channels_last=args.channels_last,
+                      resume=checkpoint, stop_after=args.epochs_this_run,
+                      on_epoch=lambda state: rank == 0 and save_torch_atomic(
+                          {**state, "config": config}, path))
+    if world > 1:  # DDP keeps the weights equal, not the BatchNorm statistics: rank 0's for all
+        barrier()  # rank 0 may still be writing its checkpoint
+        for tensor in models.student.state_dict().values():
+            dist.broadcast(tensor, src=0)
     results["distill"] = {"epochs_done": len(history), "kd_loss": history}
-    if len(history) < args.epochs:
-        if rank_and_world()[0] == 0:
-            print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
-                  f"command to continue")
-        return False
-    if rank_and_world()[0] == 0:
+    if rank == 0 and len(history) < args.epochs:
+        print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
+              f"command to continue")
+    elif rank == 0:
         save_torch_atomic(models.student.state_dict(), out / "student.pt")
-    return True
+    return len(history) == args.epochs
 
 
 def eval_sizes(classifier):
@@ -1976,18 +1883,15 @@ def measurement_stage(args, out, models, test_sets, results, device):
 
 def write_results(args, out, results, num_classes):
     """Rank 0 writes OUT/results.json and prints the measures and the test sets' table."""
-    if rank_and_world()[0] != 0:
-        return
-    write_json_atomic(results, out / "results.json")
-    print(strict_json({key: results[key] for key in ("synthetic", "precision_recall")
-                       if key in results}, indent=1))
-    if "evaluation" in results:
-        print(evaluation_table(results["evaluation"]["sets"], num_classes))
-    print(f"everything measured: {out / 'results.json'}; what was generated: "
-          f"{out / 'contact_sheet.png'}")
-    if args.smoke:
-        print("smoke run done: every stage ran end to end on tiny random models (plumbing, not "
-              "accuracy)")
+    if rank_and_world()[0] == 0:
+        write_json_atomic(results, out / "results.json")
+        print(strict_json({key: results[key] for key in ("synthetic", "precision_recall")
+                           if key in results}, indent=1))
+        if "evaluation" in results:
+            print(evaluation_table(results["evaluation"]["sets"], num_classes))
+        smoke = " (--smoke: plumbing, not accuracy)" if args.smoke else ""
+        print(f"everything measured: {out / 'results.json'}; what was generated: "
+              f"{out / 'contact_sheet.png'}{smoke}")
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -2017,20 +1921,14 @@ def contact_sheet(data_dir, path, *, max_classes=ARGS.sheet_classes, per_row=8, 
 
 
 def evaluation_table(sets, num_classes):
-    """results.json's evaluation sets as an aligned text table ("-": no student)."""
-    rows = [("set", "images", "classes", "teacher top-1", "top-5", "student top-1", "top-5",
-             "gap top-1")]
-    for s in sets:
-        student = s.get("student") or {}
-        classes = f"{s['classes']}" + (f"/{num_classes}" if s["classes"] != num_classes else "")
-        numbers = (s["teacher"]["top1"], s["teacher"]["top5"], student.get("top1"),
-                   student.get("top5"), s.get("gap_top1"))
-        rows.append((s["name"], str(s["teacher"]["images"]), classes,
-                     *("-" if x is None else f"{x:.2f}" for x in numbers)))
-    widths = [max(map(len, column)) for column in zip(*rows)]
-    # the set's name left-aligned, every number right-aligned under its heading
-    return "\n".join("  ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])])
-                     .rstrip() for row in rows)
+    """results.json's evaluation sets as a Markdown table: top-1 and top-5 in %."""
+    columns = {"set": "{name}", "images": "{teacher[images]}",
+               "classes": f"{{classes}}/{num_classes}",
+               "teacher top-1": "{teacher[top1]:.2f}", "teacher top-5": "{teacher[top5]:.2f}"}
+    if "student" in sets[0]:  # every set or none (--epochs 0)
+        columns.update({"student top-1": "{student[top1]:.2f}",
+                        "student top-5": "{student[top5]:.2f}", "gap top-1": "{gap_top1:.2f}"})
+    return markdown_table(sets, columns)
 
 
 # ── Tiny random components: the offline smoke run and the tests (plumbing, not accuracy) ──────────
