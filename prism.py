@@ -155,10 +155,9 @@ def per_sample(values, like):
 
 
 def scaled_vjp(outputs, inputs, vectors):
-    """The vector-Jacobian product vᵀ·∂outputs/∂inputs per sample, in float32 (or wider). Per
-    value, guidance gradients lie below float16's normal range, so a float16 backward pass would
-    flush them to zero: each sample's v is scaled by a power of two to max|v| in [½, 1), the
-    result scaled back (exact: in float32 this is autograd.grad; 0 and NaN stay as they are)."""
+    """vᵀ·∂outputs/∂inputs per sample, in float32 (or wider). Guidance gradients lie below float16's
+    normal range, where a float16 backward pass flushes them to zero: each sample's v is scaled by a
+    power of two to max|v| in [½, 1), the result scaled back (exact; in float32: autograd.grad)."""
     vectors = at_least_float32(vectors.detach())
     peak = vectors.flatten(1).abs().amax(dim=1)
     # peak = m·2^e with m in [½, 1); v·2^-e has its largest value in [½, 1)
@@ -170,11 +169,9 @@ def scaled_vjp(outputs, inputs, vectors):
 
 def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, class_ids, *,
                       exact=False, batch_size=4, **objective):
-    """(ε̂, g) at z_t (§2): the CFG noise prediction and g = ∇_{z_t} L(D(ẑ0(z_t)), y) in float32;
-    predict_epsilon(z, rows) gives ε̂ of the samples `rows` at z; `objective`: guidance_loss's
-    scales and τ. approx (default): ε̂ held constant, no UNet backward; exact: through the UNet.
-    The teacher scores D(ẑ0) in float32 and ∇_x L enters the decoder through scaled_vjp (a
-    float16 decoder keeps its direction); `batch_size` samples at a time bound the memory."""
+    """(ε̂, g) at z_t (§2): ε̂ = predict_epsilon(z_t, rows) of the samples `rows` and, in float32,
+    g = ∇_{z_t} L(D(ẑ0(z_t)), y), L with `objective` (guidance_loss's scales and τ). Default: ε̂
+    held constant (no UNet backward); `exact`: through the UNet. `batch_size` samples at a time."""
     with torch.no_grad():
         held = None if exact else predict_epsilon(noisy_latents, slice(None))
     epsilons, grads = [], []
@@ -198,9 +195,8 @@ def guidance_gradient(predict_epsilon, vae, teacher, noisy_latents, alpha_bar, c
 
 
 def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
-    """ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2), and `finite`: False for a sample whose g is not finite (left
-    unguided). With `normalize`, g is first rescaled per sample to total_scale·‖ε̂‖ (s_E + s_C).
-    In float32 whatever ε̂'s dtype: in float16 tiny norms underflow, their ratios overflow."""
+    """(ε̂' = ε̂ + sqrt(1-ᾱ_t)·g (§2), finite): a sample whose g is not finite is left unguided;
+    `normalize`: g first rescaled to total_scale·‖ε̂‖. In float32: float16 norms underflow."""
     epsilon32, grad32 = at_least_float32(epsilon), at_least_float32(grad)
     finite = torch.isfinite(grad32.flatten(1)).all(dim=1)
     grad32 = torch.where(per_sample(finite, grad), grad32, 0.0)
@@ -286,11 +282,9 @@ def build_prompts(class_names, per_class, *, teacher=None, descriptions=None, ll
                   llm_device="cpu", disambiguate=True, vary_content=True, vary_style=True):
     """(prompts, classes) of §3, `per_class` prompts a class, deterministic for a seed:
         prompt(c, i) = "{style} of {name of c}, {description}, {scene}"   (empty parts left out)
-    The teacher's `neighbours` nearest classes tell `llm` (a name or (model, tokenizer); `answers`
-    its cache) the sense of a name; it says what a class is (unless the class file's
-    `descriptions` do) and where it is seen (else SCENES). A class's entry: "name", "description",
-    "source" (file, llm, name), "scenes", "scene_source" (llm, built-in, none), teacher
-    "neighbours", "prompts". Ablations: disambiguate (file, neighbours), vary_content, vary_style"""
+    `llm` (a name or (model, tokenizer); `answers` its cache), told a name's sense by the teacher's
+    `neighbours` nearest classes, says what a class is (unless `descriptions` do) and where it is
+    seen (else SCENES). classes[c]: each part, its "source" and "scene_source", the "prompts"."""
     if not disambiguate:
         descriptions, neighbours = None, 0
     near = neighbour_names(class_names, teacher, neighbours)
@@ -388,12 +382,9 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
                          exact_grad=False, normalize_grad=True, temperature=1.0, height=None,
                          width=None, guidance_batch=4, trace=None):
     """One image per prompt from a diffusers StableDiffusionPipeline, steered by the teacher (§2)
-    on the steps in [guidance_start, guidance_end), every k-th; with both scales 0, exactly
-    `pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=cfg_scale)`.
-    Returns [0, 1] float32 images and per image the teacher's final "energy", "top1", "p_class",
-    "guidance_skipped" (steps whose g was not finite) and "resampled_unguided" (a NaN image,
-    remade unguided from the same noise; NaN still only if the model fails unguided too).
-    `generator`: one per image; `trace` gets each guided step's state."""
+    on the steps in [guidance_start, guidance_end), every k-th (both scales 0: exactly pipe's own).
+    Returns [0, 1] float32 images and per image the teacher's "energy", "top1", "p_class", the
+    "guidance_skipped" steps (g not finite), "resampled_unguided" (NaN, remade from its noise)."""
     scheduler, device = pipe.scheduler, pipe.device
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's own image size
     class_ids = torch.as_tensor(class_ids, device=device)
@@ -449,22 +440,13 @@ def initial_latents(seeds, shape):
                         for s in seeds])
 
 
-def resize_for_storage(images, store_size):
-    """Images with their shorter side brought down to `store_size` (antialiased; None: as they
-    are): the distillation copy at training scale, a fraction of the bytes to store and decode."""
-    if not store_size or min(images.shape[-2:]) <= store_size:
-        return images
-    return transforms.functional.resize(images, store_size, antialias=True).clamp(0, 1)
-
-
 def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, batch_size=8,
                        image_format="png", store_size=None, identity=None, overwrite=False,
                        max_new_images=None, progress=True, guidance_batch=4, **sample_kwargs):
-    """Makes the missing ones (at most `max_new_images`) of `per_class` images per class in the
-    ImageFolder `out_dir`; returns the files there. Image (c, i), written atomically (a file there
-    is whole: done), is energy_guided_sample of prompts[c][i] from the noise image_seed(seed, c, i)
-    at `store_size`. settings.json holds what decides the pixels (`identity`: the models); other
-    ones are a UsageError unless `overwrite`. Under torchrun the ranks share the work."""
+    """Makes the missing images (at most `max_new_images`) of the ImageFolder `out_dir` and returns
+    its files: image (c, i) is energy_guided_sample of prompts[c][i] from image_seed(seed, c, i).
+    settings.json holds what decides the pixels (`identity`: the models'); others are a UsageError
+    unless `overwrite`. Under torchrun the ranks share the work."""
     rank, world = rank_and_world()
     out_dir, num_classes = Path(out_dir), len(prompts)
     settings = {"per_class": per_class, "seed": seed, "image_format": image_format,  # not the
@@ -501,7 +483,10 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                 raise UsageError("the diffusion model gives non-finite pixels even without "
                                  "guidance: run it in float32 (--dtype float32) or check it")
             remade += int(stats["resampled_unguided"].sum())
-            images = resize_for_storage(images, store_size)  # the teacher saw the full size
+            if store_size and min(images.shape[-2:]) > store_size:  # scored at full size, stored
+                # at training scale, a fraction of the bytes (the shorter side at `store_size`)
+                images = transforms.functional.resize(images, store_size, antialias=True)
+                images = images.clamp(0, 1)  # antialiasing overshoots
             for k, (c, i) in enumerate(batch):
                 (out_dir / files[c, i]).parent.mkdir(exist_ok=True)
                 note = {"prompt": prompts[c][i], "seed": seeds[k],
@@ -518,8 +503,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
 # ── Stage 4. Knowledge distillation (§4): the student matches the teacher's soft outputs ──────────
 class SeededAugmentation(torch.utils.data.Dataset):
     """Item epoch·N + i of an N-image dataset, augmented with the seed (seed, epoch, i): the same
-    crop and flip whichever process, worker or run loads it (workers persist across epochs; a
-    resumed or multi-GPU run sees an uninterrupted single-process run's augmentations)."""
+    crop and flip in any process, worker (they persist across epochs) or resumed run."""
 
     def __init__(self, images, augment, seed):
         self.images, self.augment, self.seed = images, augment, seed
@@ -544,10 +528,9 @@ class EpochTaggedSampler(torch.utils.data.DistributedSampler):
 
 def kd_loader(data_dir, batch_size, *, image_size=224, crop_scale=0.08, num_workers=0, seed=0,
               pin_memory=False):
-    """(loader, sampler) of this rank's share of KD batches from the ImageFolder `data_dir`:
-    random resized crop and flip (SeededAugmentation), as uint8 (a quarter of float32's bytes
-    through queues and copies). `batch_size` is global; full batches only (BatchNorm cannot
-    train on a batch of one), a set smaller than a batch is one batch."""
+    """(loader, sampler) of this rank's share of KD batches from the ImageFolder `data_dir`,
+    cropped and flipped, in uint8 (a quarter of float32's bytes). `batch_size` is global; full
+    batches only (BatchNorm cannot train on one image); a set smaller than a batch is one batch."""
     rank, world = rank_and_world()
     augment = transforms.Compose([transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1)),
                                   transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
@@ -572,8 +555,7 @@ def to_unit_images(batch, device, memory_format=torch.contiguous_format):
 
 
 def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nullcontext()):
-    """One KD step (§4) on a batch on its device: the teacher's logits (no gradient), the student's
-    forward and backward pass on the same images, an optimiser step. Returns the loss."""
+    """One KD step (§4) on `images`, both models seeing the same batch; returns the loss."""
     with amp:
         with torch.no_grad():
             teacher_logits = teacher(images)
@@ -584,27 +566,14 @@ def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nul
     return loss.detach()
 
 
-def student_is_finite(student, batch, amp=contextlib.nullcontext()):
-    """True if the student's weights and its eval-mode outputs on `batch` are finite (finite
-    weights can be so large that every output overflows)."""
-    student.eval()
-    with torch.no_grad(), amp:
-        tensors = [student(batch), *student.state_dict().values()]
-    student.train()
-    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
-
-
 def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=10.0, device="cpu",
             image_size=224, crop_scale=0.08, weight_decay=1e-4, momentum=0.9, num_workers=0,
             seed=0, channels_last=False, progress=True, resume=None, stop_after=None,
             on_epoch=None):
-    """Trains `student` in place by KD from `teacher` (§4) on the images in `data_dir`, each batch
-    augmented once and shown to both; returns the mean KD loss of every epoch done. `batch_size`
-    and `lr` are global (under torchrun: DistributedDataParallel). After each epoch
-    `on_epoch(state)` gets {epoch, history, epoch_seconds, student, optimizer, schedule}; given
-    back as `resume`, training goes on as if never stopped (all randomness derives from (seed,
-    epoch, image)). `stop_after` epochs end this call. A non-finite loss, weight or output is a
-    RunFailure before on_epoch sees it. bf16 autocast on CUDA."""
+    """Trains `student` in place by KD from `teacher` (§4) on `data_dir`; returns each epoch's mean
+    KD loss. `batch_size`, `lr`: global (torchrun: DDP). `on_epoch(state)` after each epoch; given
+    back as `resume`, the state goes on as if never stopped (randomness derives from (seed, epoch,
+    image)). `stop_after` epochs end the call; a non-finite loss, weight or output: RunFailure."""
     rank, world = rank_and_world()
     device = torch.device(device)
     loader, sampler = kd_loader(data_dir, batch_size, image_size=image_size, seed=seed,
@@ -637,16 +606,19 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
                 images = to_unit_images(images, device, memory_format)
                 loss_sum += kd_step(teacher, model, optimizer, images, temperature, amp)
                 schedule.step()
+        student.eval()  # finite weights can be so large that every output overflows
+        with torch.no_grad(), amp:
+            tensors = [student(images), *student.state_dict().values()]
+        student.train()
+        finite = all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
         # summed over the ranks (each runs len(loader) batches): the loss, the failing students
-        totals = torch.tensor([loss_sum.item(), not student_is_finite(student, images, amp)],
-                              dtype=torch.float64, device=device)
+        totals = torch.tensor([loss_sum.item(), not finite], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
         if not math.isfinite(totals[0]) or totals[1] > 0:
             raise RunFailure(f"distillation diverged in epoch {epoch + 1} (KD loss {totals[0]:.4g}"
-                             f"; its weights or outputs are not finite); epoch {epoch} was the "
-                             f"last good one. The learning rate {lr} is likely too high: lower "
-                             f"--lr and rerun with --overwrite (the images are kept)")
+                             f"; its weights or outputs are not finite): lower --lr (now {lr}) "
+                             f"and rerun with --overwrite (the images are kept)")
         state["history"].append(totals[0].item() / (world * len(loader)))
         state["epoch_seconds"].append(time.perf_counter() - started)
         state["epoch"] = epoch + 1
@@ -683,16 +655,9 @@ def precision_recall(real_features, fake_features, k=3, batch_size=1024):
 
 
 def eval_transform(image_size, resize_size=None):
-    """The evaluation protocol: the shorter side resized to `resize_size` (default
-    image_size/0.875), a centre crop of image_size, a [0, 1] tensor."""
+    """Evaluation: shorter side to `resize_size` (image_size/0.875), centre crop, [0, 1] tensor."""
     return transforms.Compose([transforms.Resize(resize_size or round(image_size / 0.875)),
                                transforms.CenterCrop(image_size), transforms.ToTensor()])
-
-
-def eval_loader(dataset, batch_size, num_workers, device):
-    """A DataLoader over `dataset`, in order."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       pin_memory=torch.device(device).type == "cuda")
 
 
 @torch.no_grad()
@@ -706,10 +671,11 @@ def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_
     hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
             if isinstance(head, nn.Linear) else contextlib.nullcontext())
     features, labels = [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
     with hook:  # removed on the way out
-        for images, targets in tqdm(eval_loader(dataset, batch_size, num_workers, device),
-                                    desc=f"features of {Path(data_dir).name}", unit="batch",
-                                    disable=not progress):
+        for images, targets in tqdm(loader, desc=f"features of {Path(data_dir).name}",
+                                    unit="batch", disable=not progress):
             logits = teacher(images.to(device))
             features.append((captured[-1] if captured else logits).flatten(1).float().cpu())
             captured.clear()  # a head that runs twice in a forward: its last input
@@ -720,33 +686,33 @@ def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_
 @torch.no_grad()
 def evaluate(model, data_dir, *, classes=None, batch_size=100, device="cpu", image_size=224,
              resize_size=None, num_workers=0, progress=True):
-    """Top-1 and top-5 accuracy (%) of a classifier on an image-folder tree under eval_transform;
-    `classes`: the class of each sorted folder (default 0, 1, ...). A set of K classes is scored
-    over those K logits only (ImageNet-R/-A's protocol). Under torchrun each rank scores its
-    share and the counts are summed: every rank returns the single-process numbers."""
+    """Top-1 and top-5 accuracy (%) on an image folder under eval_transform (§5), `classes` the
+    class of each sorted folder (default 0, 1, ...), scored over those classes' logits only (the
+    ImageNet-R/-A protocol). Under torchrun each rank scores a share; every rank gets the sums."""
     rank, world = rank_and_world()
     dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
     subset = torch.tensor(sorted(range(len(dataset.classes)) if classes is None else classes))
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(share, batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
     model.to(device).eval()
     top1 = top5 = 0
-    for images, labels in tqdm(eval_loader(share, batch_size, num_workers, device),
-                               desc="evaluate", unit="batch", disable=not progress or rank != 0):
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch",
+                               disable=not progress or rank != 0):
         logits = model(images.to(device))[:, subset.to(device)]
         # restricted logits: the k best are S[topk_j f(x)_{S_j}] over the set's classes S
         best = subset[logits.topk(min(5, len(subset)), dim=-1).indices.cpu()]
         top1 += (best[:, 0] == labels).sum().item()
         top5 += (best == labels.view(-1, 1)).any(dim=1).sum().item()
-    top1, top5 = sum_over_ranks([top1, top5])
+    top1, top5 = [sum(counts) for counts in zip(*gather_from_ranks([top1, top5]))]  # all ranks
     return {"top1": 100.0 * top1 / len(dataset), "top5": 100.0 * top5 / len(dataset),
             "images": len(dataset)}
 
 
 # ── main(): the stages in sequence ────────────────────────────────────────────────────────────────
 def main(argv=None):
-    """PRISM on the command line: the stages in sequence, each reused from --out when it is done
-    (rerun the same command to resume). Returns the exit code: 0; 2 for bad input or damaged
-    state in --out; 1 for a failed run; 130 when interrupted (one line on stderr for each)."""
+    """PRISM on the command line: the stages in sequence, each reused from --out once done (rerun
+    to resume). Exit code: 0; 2: bad input or damaged --out; 1: a failed run; 130: interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with errors_reported(argv) as status:  # Part II: any error → one line and an exit code
         args = parse_args(argv)  # every flag checked
@@ -764,7 +730,10 @@ def main(argv=None):
             # Stage 1 (§3): prompts, made once (rank 0, with the LLM), kept in prompts.json.
             prompts, classes = prompts_stage(args, out, models, device)
             if args.prompts_only:
-                return prompts_written(out)
+                if rank_and_world()[0] == 0:
+                    print(f"prompts: {out / 'prompts.json'}; read them, then rerun without "
+                          f"--prompts-only")
+                return 0
 
             # Stages 2-3 (§1-2): energy-guided synthesis of the set, cached in OUT/synthetic.
             data = synthesis_stage(args, out, models, prompts, pipe)
@@ -773,8 +742,10 @@ def main(argv=None):
                 return 0
 
             # Stage 4 (§4): distillation, resumed from OUT/checkpoint.pt.
+            sources = {f"{part}_sources": dict(collections.Counter(entry[key] for entry in classes))
+                       for part, key in (("description", "source"), ("scene", "scene_source"))}
             results = {"ablate": args.ablate, "scheduler": data["scheduler"],
-                       "prompts": prompt_sources(classes, models.llm)}
+                       "prompts": {"llm": models.llm, **sources}}
             if not distillation_stage(args, out, models, data, results, device):
                 return 0
 
@@ -1234,11 +1205,6 @@ def gather_from_ranks(items):
         barrier()
         dist.all_gather_object(parts, list(items))
     return parts
-
-
-def sum_over_ranks(numbers):
-    """Element-wise sum over the ranks of a list of Python numbers, on every rank."""
-    return [sum(column) for column in zip(*gather_from_ranks(numbers))]
 
 
 def on_rank_zero(work):
@@ -1743,13 +1709,6 @@ def prompts_stage(args, out, models, device):
     return read_prompts(path, models.prompt_settings)
 
 
-def prompts_written(out):
-    """--prompts-only: where the prompts are and what next; exit code 0."""
-    if rank_and_world()[0] == 0:
-        print(f"prompts: {out / 'prompts.json'}; read them, then rerun without --prompts-only")
-    return 0
-
-
 def synthesis_stage(args, out, models, prompts, pipe):
     """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic (synthesize_dataset).
     Returns its settings, None while images are missing (--max-new-images); draws the contact
@@ -1898,12 +1857,6 @@ def write_results(args, out, results, num_classes):
 # PART III — TOOLS: reports for a person to read, tiny models, the benchmark
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # ── Reports: the prompts' sources, the contact sheet, the evaluation table ────────────────────────
-def prompt_sources(classes, llm):
-    """results.json's "prompts": the LLM; classes counted by description and scene source."""
-    return {"llm": llm, **{f"{part}_sources": dict(collections.Counter(e[key] for e in classes))
-                           for part, key in (("description", "source"), ("scene", "scene_source"))}}
-
-
 def spread(count, total):
     """min(count, total) indices spread evenly over range(total), first and last included."""
     count = min(count, total)

@@ -1263,9 +1263,9 @@ def test_stored_size_is_recorded_and_a_stale_cache_is_refused(pipe, teacher, tmp
         assert Image.open(path).size == (16, 16)
         assert note(path) == note(tmp_path / "small" / path.relative_to(tmp_path / "full"))  # scored at full size
     stored = np.asarray(Image.open(tmp_path / "small" / first), dtype=np.float64)
-    resized = prism.resize_for_storage(torch.tensor(np.asarray(Image.open(tmp_path / "full" / first),
-                                                                dtype=np.float32) / 255).permute(2, 0, 1)[None], 8)
-    assert np.abs(stored - resized[0].permute(1, 2, 0).numpy() * 255).max() <= 1.0
+    full = torch.tensor(np.asarray(Image.open(tmp_path / "full" / first), dtype=np.float32) / 255).permute(2, 0, 1)
+    resized = prism.transforms.functional.resize(full, 8, antialias=True).clamp(0, 1)  # the full image, made small
+    assert np.abs(stored - resized.permute(1, 2, 0).numpy() * 255).max() <= 1.0
     assert json.loads((tmp_path / "small" / "settings.json").read_text())["settings"]["store_size"] == 8
     with pytest.raises(prism.UsageError, match="other settings .*store_size: 8 -> 12"):
         prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "small", per_class=2, store_size=12, **SYNTH)
@@ -1325,7 +1325,10 @@ def test_smoke_run_end_to_end(smoke_run):
     stored = json.loads((smoke_run / "prompts.json").read_text())
     assert [len(e["prompts"]) for e in stored["classes"]] == [4] * 4
     assert stored["settings"]["llm"] == "tiny-random"
-    assert results["prompts"] == prism.prompt_sources(stored["classes"], "tiny-random")
+    classes = stored["classes"]  # counted by the source of their description and of their scenes
+    assert results["prompts"] == {"llm": "tiny-random",
+                                  "description_sources": prism.collections.Counter(e["source"] for e in classes),
+                                  "scene_sources": prism.collections.Counter(e["scene_source"] for e in classes)}
     assert sum(results["prompts"]["scene_sources"].values()) == 4
     student = prism.build_tiny_classifier(4, width=8)
     student.load_state_dict(torch.load(smoke_run / "student.pt", weights_only=True))
@@ -2137,7 +2140,7 @@ rank = prism.rank_and_world()[0]
 time.sleep(4.5 if rank == 1 else 0)  # rank 1's share of the images takes longer
 prism.barrier()
 prism.on_rank_zero(lambda: time.sleep(4.5))  # rank 0 alone builds the prompts
-sys.stdout.write(f"{rank} {prism.sum_over_ranks([rank + 1])}\\n")  # one write: no interleaving
+sys.stdout.write(f"{rank} {prism.gather_from_ranks([rank + 1])}\\n")  # one write: no interleaving
 prism.dist.destroy_process_group()  # as main() does: gloo's threads end before the process
 """
 
@@ -2149,7 +2152,7 @@ def test_ranks_late_by_more_than_the_collective_timeout_still_meet(tmp_path):
                              "--nproc_per_node=2", str(tmp_path / "late.py"), str(HERE)],
                             capture_output=True, text=True, timeout=120, env=OFFLINE)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(result.stdout.split("\n")) == ["", "0 [3]", "1 [3]"]
+    assert sorted(result.stdout.split("\n")) == ["", "0 [[1], [2]]", "1 [[1], [2]]"]
 
 
 def test_torchrun_global_batch_must_split_over_the_processes(tmp_path):
