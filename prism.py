@@ -845,6 +845,7 @@ POSITIVE, NAME = (lambda v: 0 < v < math.inf, "positive"), (str.strip, "a name, 
 AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "at least 0")  # each range is finite: no inf, no nan
 SHARE = (lambda v: 0 <= v <= 1, "in [0, 1]")
 COUNT = (lambda v: 1 <= v <= 100_000, "from 1 to 100,000")  # a typo's extra zeros: refused
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 CLASSIFIER = (lambda v: v in torchvision.models.list_models(module=torchvision.models),
               "a torchvision classifier name, e.g. resnet50")
 
@@ -863,7 +864,7 @@ class Args:
     seed: int = flag(0, "seed of prompts, images, KD", (lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
     device: str = flag("auto", "auto, cpu, cuda, cuda:1, ... (torchrun: cuda:LOCAL_RANK or cpu)")
     workers: int = flag(None, "data loaders per process (default: its cores - 1, at most 12)",
-                        (lambda v: 0 <= v <= usable_cores(), "from 0 to the usable cores"))
+                        (lambda v: 0 <= v <= CORES, "from 0 to the usable cores"))
     teacher: str = flag("resnet50", "torchvision classifier", CLASSIFIER, group="models, classes")
     teacher_weights: str = flag(None, "the teacher's state dict, instead of torchvision's")
     data: str = flag("imagenet", "'imagenet' or a file of 'name[<TAB>description]' lines")
@@ -920,10 +921,8 @@ ARGS = Args()  # the defaults
 
 # ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
 def answer_phrases(answer, entry, max_words=14):
-    """An LLM's answer about `entry`'s class, a phrase a line: its first sentence in `max_words`
-    words (CLIP reads 77 tokens), without list marker, markdown, quotes, heading ("1. **Desk**: On
-    a desk." → "On a desk"), chat opener ("Sure! ") or "A mouse is"; no title, no line without a
-    word or ending in ':?!' ("Here are 12 scenes:"), no bare name, no teacher neighbour."""
+    """The phrases of an LLM's answer about `entry`'s class, a line each: its first sentence in
+    `max_words` words (CLIP reads 77 tokens), bare; no bare name, no teacher neighbour."""
     phrases, name = [], entry["name"].lower()
     for line in answer.splitlines():
         line = "".join(filter(str.isprintable, line)).strip()
@@ -932,6 +931,7 @@ def answer_phrases(answer, entry, max_words=14):
         # the text after a heading ("**Desk**: ...", "**Desk** – ...")
         line = re.split(r":(?:\*\*|__)? |(?:\*\*|__) ?[-–—] ", line, maxsplit=1)[-1]
         line = re.sub(r"^(?:[^.!?]*\w[!?] +)+|[*_`\"“”]", "", line).strip(" '.,;")  # "Sure! "
+        # a phrase has a word, no ':?!' at its end ("Here are 12 scenes:"), no "A mouse is"
         if not title and re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
             sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
             sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
@@ -991,8 +991,7 @@ def report(kind, message):
 
 # ── Files: atomic writes, strict JSON, readable images ────────────────────────────────────────────
 def atomic_write(path, write):
-    """write(temp), forced to disk, renamed onto `path`: a kill at any moment (or a full disk)
-    leaves the old file or the new one, never half of one; a failed write is a UsageError."""
+    """write(temp), synced, renamed onto `path`: a kill or full disk leaves the old file or new."""
     path = Path(path)
     # one run per --out (its lock): the next run overwrites a killed one's temp file
     temp = path.with_name(f".{path.name}.tmp{os.environ.get('RANK', '0')}")
@@ -1038,8 +1037,7 @@ def read_json(path, way_out):
 
 
 def save_image_atomic(image, path, note=""):
-    """Saves a [0, 1] (3, H, W) image as 8-bit PNG or JPEG (quality 95; by suffix) atomically,
-    the ASCII text `note` in its EXIF. Non-finite pixels (saved black) are refused."""
+    """Saves a [0, 1] (3, H, W) image atomically: 8-bit PNG or JPEG by suffix, `note` in EXIF."""
     from PIL import Image
 
     if not torch.isfinite(image).all():
@@ -1139,10 +1137,9 @@ def read_lines(path, flag, count=None):
 
 
 def class_mapping(folders, num_classes, class_names, class_ids=None):
-    """(classes, rule): the class of each sorted folder by the first rule that maps them all:
-    integers (ImageNet-V2); class names, any case; the position of --class-ids `class_ids` (-R,
-    -A); num_classes WordNet ids without --class-ids, in sorted order (ImageNet val). Else, or a
-    class out of range, an ambiguous name, two folders of one class: a UsageError."""
+    """(classes, rule): each folder's class by the first rule that maps all: integers (ImageNet-V2),
+    class names (any case), places in --class-ids `class_ids` (-R, -A), or a full set of WordNet
+    ids in sorted order (ImageNet val); no rule, an ambiguous name, a class twice: a UsageError."""
     by_name, ids = collections.defaultdict(list), {id_: n for n, id_ in enumerate(class_ids or [])}
     for index, name in enumerate(class_names):
         by_name[name.lower()].append(index)
@@ -1174,8 +1171,7 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
 
 
 def labelled_sets(named_sets, class_names, class_ids=None):
-    """Each (name, path) as a dict of its folders, their classes (class_mapping) and its image
-    count, every image decoded now (the ranks share them): a bad set is refused at once."""
+    """Each (name, path) as a dict (folders, classes, image count); every image decoded now."""
     from PIL import Image
 
     sets, (rank, world) = [], rank_and_world()
@@ -1219,8 +1215,7 @@ def barrier():
     world = rank_and_world()[1]
     if world > 1:
         store = dist.distributed_c10d._get_default_store()
-        # a counter per torchrun restart (the agent's store outlives one); the n-th barrier ends
-        # when every rank has counted in n times
+        # a counter per torchrun restart (the agent's store outlives one): barrier n ends at n·world
         key = f"prism/barrier/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         passed = math.ceil(store.add(key, 1) / world) * world
         while store.add(key, 0) < passed:
@@ -1264,8 +1259,7 @@ def process_gpu(local_rank, visible_gpus):
 
 
 def init_distributed(device_name, timeout=timedelta(minutes=30)):
-    """This process's torch device for --device ("auto": CUDA if any); under torchrun it joins the
-    group first (NCCL, a GPU each: process_gpu; gloo on a CPU), `timeout` bounding a collective."""
+    """This process's torch device for --device ("auto": CUDA if any), in torchrun's group."""
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -1285,18 +1279,6 @@ def init_distributed(device_name, timeout=timedelta(minutes=30)):
     return device
 
 
-def usable_cores():
-    """The CPU cores this process may use (its affinity, where the system tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def default_workers():
-    """Data-loading processes per torchrun process: its share of the node's cores, less one."""
-    # ≤ 12: each decodes ~500 cached 320² PNGs/s (measured), so 12 outrun resnet50 → 18 KD on a GPU
-    cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(12, max(0, cores - 1))
-
-
 @contextlib.contextmanager
 def rank_zero_first():
     """Runs the body on rank 0, then on the other ranks: a model download fills the cache once."""
@@ -1309,8 +1291,7 @@ def rank_zero_first():
 
 @contextlib.contextmanager
 def exclusive_out(out):
-    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock while the
-    run lasts, a second run is refused in one line; the lock dies with its holder (SIGKILL too)."""
+    """One run at a time per --out: rank 0 flocks OUT/.prism.lock, which dies with it (SIGKILL)."""
     with contextlib.ExitStack() as held:
         def lock():
             try:
@@ -1370,9 +1351,8 @@ def load_pretrained(name_or_path, flag, what, load, alternative=""):
 
 
 def load_teacher(name, device, *, weights_path=None, num_classes=1000):
-    """(teacher, class names or None): the frozen torchvision classifier f_T `name`, taking [0, 1]
-    images of any size as its DEFAULT weights define (resnet50's: resize 232, crop 224), with
-    those weights or the state dict `weights_path` of `num_classes` outputs."""
+    """(teacher, class names or None): the frozen torchvision classifier f_T `name` on [0, 1]
+    images, preprocessed as its DEFAULT weights say, with them or the state dict `weights_path`."""
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:  # torchvision refuses DEFAULT weights for other classes than theirs
         model = torchvision.models.get_model(name, weights=None if weights_path else weights,
@@ -1398,8 +1378,7 @@ def build_student(name, num_classes, *, input_size=ARGS.image_size):
 
 
 def load_class_names(data):
-    """(class_names, descriptions or None): "imagenet"'s 1000 names (torchvision's metadata), else
-    the --data file's `name[<TAB>description]` lines in label order (read_lines)."""
+    """(class_names, descriptions or None) of --data: ImageNet's (torchvision's), or a file's."""
     if data == "imagenet":
         return list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
     rows = read_lines(data, "--data")
@@ -1408,8 +1387,7 @@ def load_class_names(data):
 
 
 def load_llm(name_or_path, device):
-    """An instruction-tuned causal LM as (model, tokenizer), padded on the left: generation
-    continues the right end of every row."""
+    """(model, tokenizer) of a causal LM, padded on the left: generation goes on at each end."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
@@ -1422,8 +1400,7 @@ def load_llm(name_or_path, device):
 
 
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
-    """A frozen diffusers StableDiffusionPipeline on `device`, without the safety checker (our
-    choice): it blacks out whole images, which would enter the set as labelled black squares."""
+    """A frozen StableDiffusionPipeline without safety checker: its black squares would be data."""
     from diffusers import StableDiffusionPipeline
 
     # low_cpu_mem_usage=False: diffusers' choice without `accelerate` (measured: as fast), said
@@ -1438,16 +1415,14 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
 
 
 # ── The command line: every flag checked, alone and together ──────────────────────────────────────
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line naming it, exit 2)."""
-
-    def error(self, message):
+def parse_args(argv):
+    """The flags of `argv` (Args: --field-name), each checked, then together. --smoke (--benchmark
+    on a CPU) shrinks the defaults; the machine sets --workers, --channels-last and --dtype's."""
+    def refuse(message):  # argparse's errors: one line naming the flag, exit code 2
         raise UsageError(message.removeprefix("argument "))
 
-
-def build_parser():
-    """Every field of Args as the flag --field-name, with its type, default and help."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.error = refuse
     for field in dataclasses.fields(Args):
         options = {key: value for key, value in field.metadata.items() if key != "check"}
         if "group" in options:
@@ -1457,30 +1432,25 @@ def build_parser():
         kind = {"action": "store_true"} if field.type is bool else {"type": field.type}
         group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
                            **{**kind, **options})
-    return parser
-
-
-def parse_args(argv):
-    """The flags of `argv`, each checked (Args), then together. --smoke (--benchmark on a CPU)
-    shrinks the defaults; the machine sets --workers, --channels-last and --dtype's."""
-    parser = build_parser()
     known = parser.parse_known_args(argv)[0]
     cuda = known.device.startswith("cuda") or known.device == "auto" and torch.cuda.is_available()
+    # loaders: this process's share of the cores, less one; ≤ 12: each decodes ~500 cached 320²
+    # PNGs/s (measured), so 12 outrun resnet50 → 18 KD on a GPU
+    cores = CORES // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    parser.set_defaults(workers=min(12, max(0, cores - 1)), channels_last=cuda)
     if known.smoke:
         parser.set_defaults(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2,
                             batch_size=8, image_size=32, workers=0, lr=0.05, guidance_start=0.0,
                             guidance_end=1.0, guidance_every=1)
     if known.benchmark and not cuda:
         parser.set_defaults(height=128, width=128, steps=10, gen_batch=1, batch_size=8,
-                            workers=min(2, usable_cores()))
+                            workers=min(2, CORES))
     args = parser.parse_args(argv)
     for field in dataclasses.fields(Args):  # each value in its range
         (test, words), value = field.metadata["check"], getattr(args, field.name)
         if value is not None and not test(value):
             raise UsageError(f"--{field.name.replace('_', '-')}: must be {words}, got {value!r}")
     args.ablate = list(dict.fromkeys(args.ablate or []))  # --ablate a --ablate b: both, once
-    args.workers = default_workers() if args.workers is None else args.workers
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.dtype = ("float16" if cuda else "float32") if args.dtype == "auto" else args.dtype
     named_val_sets(args.val_dir)
     if args.benchmark and args.check_guidance:
