@@ -1002,8 +1002,7 @@ def atomic_write(path, write):
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {first_line(error)}; fix that and rerun the same "
-                         f"command (nothing written before is lost)")
+        raise UsageError(f"cannot write {path}: {first_line(error)}; fix it and rerun (no loss)")
 
 
 def save_torch_atomic(obj, path):
@@ -1045,9 +1044,8 @@ def save_image_atomic(image, path, note=""):
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
     image, exif = Image.fromarray(pixels.cpu().numpy()), Image.Exif()
     exif[0x010E] = note  # ImageDescription
-    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    atomic_write(path, lambda temp: image.save(temp, format="JPEG" if jpeg else "PNG",
-                                               quality=95, exif=exif))
+    kind = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    atomic_write(path, lambda temp: image.save(temp, format=kind, quality=95, exif=exif))
 
 
 def read_image(path):
@@ -1123,8 +1121,7 @@ def read_lines(path, flag, count=None):
         rows = [[cell.strip() for cell in line.split("\t", 1)]
                 for line in Path(path).read_bytes().decode("utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{flag} {path} cannot be read ({first_line(error)}): give a UTF-8 "
-                         f"text file, one class a line")
+        raise UsageError(f"{flag} {path} cannot be read ({first_line(error)}): give a UTF-8 file")
     keys = [row[0].lower() for row in rows]
     twice = [key for key, n in collections.Counter(keys).items() if n > 1]
     problem = ("is empty" if not rows else "has a line with no name before its tab" if "" in keys
@@ -1138,8 +1135,7 @@ def read_lines(path, flag, count=None):
 
 def class_mapping(folders, num_classes, class_names, class_ids=None):
     """(classes, rule): each folder's class by the first rule that maps all: integers (ImageNet-V2),
-    class names (any case), places in --class-ids `class_ids` (-R, -A), or a full set of WordNet
-    ids in sorted order (ImageNet val); no rule, an ambiguous name, a class twice: a UsageError."""
+    class names, --class-ids (-R, -A), a full set of WordNet ids sorted (val); else a UsageError."""
     by_name, ids = collections.defaultdict(list), {id_: n for n, id_ in enumerate(class_ids or [])}
     for index, name in enumerate(class_names):
         by_name[name.lower()].append(index)
@@ -1153,9 +1149,8 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
     if rule is None:
         lost = next((f for f in folders if not any(f in found for found in rules.values())),
                     folders[0])
-        raise UsageError(f"folder '{lost}' maps to no class; give --class-ids FILE (the ids in "
-                         f"label order, one a line: needed for a subset in id folders, such as "
-                         f"ImageNet-R or -A), or name the folders by class index")
+        raise UsageError(f"folder '{lost}' maps to no class; give --class-ids FILE (ids in label "
+                         f"order: ImageNet-R, -A), or name the folders by class index")
     classes = [rules[rule][f] for f in folders]
     for n, (folder, c) in enumerate(zip(folders, classes)):
         if rule == "class names" and len(by_name[folder.lower()]) > 1:
@@ -1301,8 +1296,7 @@ def exclusive_out(out):
                 os.register_at_fork(after_in_child=handle.close)
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UsageError(f"{out} is in use by another prism run; wait for it, or use "
-                                 f"another --out")
+                raise UsageError(f"{out} is in use by another prism run: wait, or use other --out")
             except OSError as error:
                 raise UsageError(f"cannot use --out {out}: {first_line(error)}")
         on_rank_zero(lock)
@@ -1469,16 +1463,14 @@ def parse_args(argv):
 
 def check_sampler(pipe, options):
     """Refuses energy_guided_sample's `options` that cannot mean what they say with this model."""
-    options, scheduler = {**SAMPLER, **options}, pipe.scheduler
-    name, steps = type(scheduler).__name__, options["num_steps"]
-    trained = scheduler.config.num_train_timesteps
+    options, scheduler, name = {**SAMPLER, **options}, pipe.scheduler, type(pipe.scheduler).__name__
+    steps, trained = options["num_steps"], scheduler.config.num_train_timesteps
     if steps > trained:
         raise UsageError(f"--steps {steps} is more than the {trained} the model was trained with")
     factor, size = pipe.vae_scale_factor, pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = options["height"] or size, options["width"] or size
     if height % factor or width % factor:
-        raise UsageError(f"--height and --width must be multiples of {factor}, got {height}, "
-                         f"{width}")
+        raise UsageError(f"--height and --width must be multiples of {factor}: {height}, {width}")
     if not (options["energy_scale"] or options["class_scale"]):
         return
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -1498,9 +1490,8 @@ def check_sampler(pipe, options):
     multistep = getattr(scheduler, "order", 1) > 1 or any(hasattr(scheduler, state) for state in (
         "ets", "derivatives", "model_outputs", "sample", "prev_derivative"))  # past steps kept
     if multistep and len(guided) < count:
-        raise UsageError(f"{name} is a multistep scheduler: guiding some steps only pushes the "
-                         f"latents back and forth; use --scheduler DDIMScheduler, or guide every "
-                         f"step (--guidance-start 0 --guidance-end 1 --guidance-every 1)")
+        raise UsageError(f"{name} is a multistep scheduler: use --scheduler DDIMScheduler, or "
+                         f"guide all steps: --guidance-start 0 --guidance-end 1 --guidance-every 1")
 
 
 # ── Before any work: models loaded, inputs checked, what --out holds read; the frame of main() ────
