@@ -1077,8 +1077,7 @@ def settings_difference(old, new, shown=3):
 
 
 def check_settings(path, settings, *, overwrite, what):
-    """True if `settings` are those recorded at `path`, False if none are; other or damaged ones:
-    a UsageError, or False with `overwrite`."""
+    """True if `settings` are those at `path`; False if none, or other or damaged with overwrite."""
     path, settings = Path(path), json.loads(json.dumps(settings))  # as stored: tuples are lists
     if not path.exists():
         return False
@@ -1232,8 +1231,7 @@ def sum_over_ranks(numbers):
 
 
 def on_rank_zero(work):
-    """Runs work() on rank 0 alone, the others waiting, and raises its error on every rank (a
-    UsageError as one, any other as a RunFailure): no rank waits for one that failed."""
+    """Runs work() on rank 0, the others waiting; its error is raised on every rank: none hangs."""
     error = None
     if rank_and_world()[0] == 0:
         try:
