@@ -1002,7 +1002,7 @@ def atomic_write(path, write):
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {first_line(error)}; fix it and rerun (no loss)")
+        raise UsageError(f"cannot write {path}: {first_line(error)}; fix it and rerun: no loss")
 
 
 def save_torch_atomic(obj, path):
@@ -1379,7 +1379,7 @@ def load_class_names(data):
 
 
 def load_llm(name_or_path, device):
-    """(model, tokenizer) of a causal LM, padded on the left: generation goes on at each end."""
+    """(model, tokenizer) of a causal LM, padded on the left: each row generates on from its end."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
@@ -1392,7 +1392,7 @@ def load_llm(name_or_path, device):
 
 
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
-    """A frozen StableDiffusionPipeline without safety checker: its black squares would be data."""
+    """A frozen StableDiffusionPipeline, no safety checker: its blacked-out images would be data."""
     from diffusers import StableDiffusionPipeline
 
     # low_cpu_mem_usage=False: diffusers' choice without `accelerate` (measured: as fast), said
