@@ -816,6 +816,7 @@ POSITIVE, NAME = (lambda v: 0 < v < math.inf, "positive"), (str.strip, "a name, 
 AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "at least 0")  # each range is finite: no inf, no nan
 SHARE = (lambda v: 0 <= v <= 1, "in [0, 1]")
 COUNT = (lambda v: 1 <= v <= 100_000, "from 1 to 100,000")  # a typo's extra zeros: refused
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 CLASSIFIER = (lambda v: v in torchvision.models.list_models(module=torchvision.models),
               "a torchvision classifier name, e.g. resnet50")
 
@@ -834,7 +835,7 @@ class Args:
     seed: int = flag(0, "seed of prompts, images, KD", (lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
     device: str = flag("auto", "auto, cpu, cuda, cuda:1, ... (torchrun: cuda:LOCAL_RANK or cpu)")
     workers: int = flag(None, "data loaders per process (default: its cores - 1, at most 12)",
-                        (lambda v: 0 <= v <= usable_cores(), "from 0 to the usable cores"))
+                        (lambda v: 0 <= v <= CORES, "from 0 to the usable cores"))
     teacher: str = flag("resnet50", "torchvision classifier", CLASSIFIER, group="models, classes")
     teacher_weights: str = flag(None, "the teacher's state dict, instead of torchvision's")
     data: str = flag("imagenet", "'imagenet' or a file of 'name[<TAB>description]' lines")
@@ -891,10 +892,8 @@ ARGS = Args()  # the defaults
 
 # ── The LLM: asking it (cached), each line of an answer one short phrase ──────────────────────────
 def answer_phrases(answer, entry, max_words=14):
-    """An LLM's answer about `entry`'s class, a phrase a line: its first sentence in `max_words`
-    words (CLIP reads 77 tokens), without list marker, markdown, quotes, heading ("1. **Desk**: On
-    a desk." → "On a desk"), chat opener ("Sure! ") or "A mouse is"; no title, no line without a
-    word or ending in ':?!' ("Here are 12 scenes:"), no bare name, no teacher neighbour."""
+    """The phrases of an LLM's answer about `entry`'s class, a line each: its first sentence in
+    `max_words` words (CLIP reads 77 tokens), bare; no bare name, no teacher neighbour."""
     phrases, name = [], entry["name"].lower()
     for line in answer.splitlines():
         line = "".join(filter(str.isprintable, line)).strip()
@@ -903,6 +902,7 @@ def answer_phrases(answer, entry, max_words=14):
         # the text after a heading ("**Desk**: ...", "**Desk** – ...")
         line = re.split(r":(?:\*\*|__)? |(?:\*\*|__) ?[-–—] ", line, maxsplit=1)[-1]
         line = re.sub(r"^(?:[^.!?]*\w[!?] +)+|[*_`\"“”]", "", line).strip(" '.,;")  # "Sure! "
+        # a phrase has a word, no ':?!' at its end ("Here are 12 scenes:"), no "A mouse is"
         if not title and re.search(r"(?<!\S)[A-Za-z]{2,}(?!\S)", line) and line[-1] not in ":?!":
             sentence = re.split(r"(?<=\w{3})\. ", line)[0]  # not after "e.g." or "St."
             sentence = re.sub(r"^(?:\S+ ){0,3}?(?:is|are) (?=(?:an?|the) )", "", sentence)
@@ -962,8 +962,7 @@ def report(kind, message):
 
 # ── Files: atomic writes, strict JSON, readable images ────────────────────────────────────────────
 def atomic_write(path, write):
-    """write(temp), forced to disk, renamed onto `path`: a kill at any moment (or a full disk)
-    leaves the old file or the new one, never half of one; a failed write is a UsageError."""
+    """write(temp), synced, renamed onto `path`: a kill or full disk leaves the old file or new."""
     path = Path(path)
     # one run per --out (its lock): the next run overwrites a killed one's temp file
     temp = path.with_name(f".{path.name}.tmp{os.environ.get('RANK', '0')}")
@@ -974,8 +973,7 @@ def atomic_write(path, write):
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {first_line(error)}; fix that and rerun the same "
-                         f"command (nothing written before is lost)")
+        raise UsageError(f"cannot write {path}: {first_line(error)}; fix it and rerun: no loss")
 
 
 def save_torch_atomic(obj, path):
@@ -1009,8 +1007,7 @@ def read_json(path, way_out):
 
 
 def save_image_atomic(image, path, note=""):
-    """Saves a [0, 1] (3, H, W) image as 8-bit PNG or JPEG (quality 95; by suffix) atomically,
-    the ASCII text `note` in its EXIF. Non-finite pixels (saved black) are refused."""
+    """Saves a [0, 1] (3, H, W) image atomically: 8-bit PNG or JPEG by suffix, `note` in EXIF."""
     from PIL import Image
 
     if not torch.isfinite(image).all():
@@ -1018,9 +1015,8 @@ def save_image_atomic(image, path, note=""):
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
     image, exif = Image.fromarray(pixels.cpu().numpy()), Image.Exif()
     exif[0x010E] = note  # ImageDescription
-    jpeg = Path(path).suffix.lower() in (".jpg", ".jpeg")
-    atomic_write(path, lambda temp: image.save(temp, format="JPEG" if jpeg else "PNG",
-                                               quality=95, exif=exif))
+    kind = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    atomic_write(path, lambda temp: image.save(temp, format=kind, quality=95, exif=exif))
 
 
 def read_image(path):
@@ -1052,8 +1048,7 @@ def settings_difference(old, new, shown=3):
 
 
 def check_settings(path, settings, *, overwrite, what):
-    """True if `settings` are those recorded at `path`, False if none are; other or damaged ones:
-    a UsageError, or False with `overwrite`."""
+    """True if `settings` are those at `path`; False if none, or other or damaged with overwrite."""
     path, settings = Path(path), json.loads(json.dumps(settings))  # as stored: tuples are lists
     if not path.exists():
         return False
@@ -1096,8 +1091,7 @@ def read_lines(path, flag, count=None):
         rows = [[cell.strip() for cell in line.split("\t", 1)]
                 for line in Path(path).read_bytes().decode("utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{flag} {path} cannot be read ({first_line(error)}): give a UTF-8 "
-                         f"text file, one class a line")
+        raise UsageError(f"{flag} {path} cannot be read ({first_line(error)}): give a UTF-8 file")
     keys = [row[0].lower() for row in rows]
     twice = [key for key, n in collections.Counter(keys).items() if n > 1]
     problem = ("is empty" if not rows else "has a line with no name before its tab" if "" in keys
@@ -1110,10 +1104,8 @@ def read_lines(path, flag, count=None):
 
 
 def class_mapping(folders, num_classes, class_names, class_ids=None):
-    """(classes, rule): the class of each sorted folder by the first rule that maps them all:
-    integers (ImageNet-V2); class names, any case; the position of --class-ids `class_ids` (-R,
-    -A); num_classes WordNet ids without --class-ids, in sorted order (ImageNet val). Else, or a
-    class out of range, an ambiguous name, two folders of one class: a UsageError."""
+    """(classes, rule): each folder's class by the first rule that maps all: integers (ImageNet-V2),
+    class names, --class-ids (-R, -A), a full set of WordNet ids sorted (val); else a UsageError."""
     by_name, ids = collections.defaultdict(list), {id_: n for n, id_ in enumerate(class_ids or [])}
     for index, name in enumerate(class_names):
         by_name[name.lower()].append(index)
@@ -1127,9 +1119,8 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
     if rule is None:
         lost = next((f for f in folders if not any(f in found for found in rules.values())),
                     folders[0])
-        raise UsageError(f"folder '{lost}' maps to no class; give --class-ids FILE (the ids in "
-                         f"label order, one a line: needed for a subset in id folders, such as "
-                         f"ImageNet-R or -A), or name the folders by class index")
+        raise UsageError(f"folder '{lost}' maps to no class; give --class-ids FILE (ids in label "
+                         f"order: ImageNet-R, -A), or name the folders by class index")
     classes = [rules[rule][f] for f in folders]
     for n, (folder, c) in enumerate(zip(folders, classes)):
         if rule == "class names" and len(by_name[folder.lower()]) > 1:
@@ -1145,8 +1136,7 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
 
 
 def labelled_sets(named_sets, class_names, class_ids=None):
-    """Each (name, path) as a dict of its folders, their classes (class_mapping) and its image
-    count, every image decoded now (the ranks share them): a bad set is refused at once."""
+    """Each (name, path) as a dict (folders, classes, image count); every image decoded now."""
     from PIL import Image
 
     sets, (rank, world) = [], rank_and_world()
@@ -1190,8 +1180,7 @@ def barrier():
     world = rank_and_world()[1]
     if world > 1:
         store = dist.distributed_c10d._get_default_store()
-        # a counter per torchrun restart (the agent's store outlives one); the n-th barrier ends
-        # when every rank has counted in n times
+        # a counter per torchrun restart (the agent's store outlives one): barrier n ends at n·world
         key = f"prism/barrier/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         passed = math.ceil(store.add(key, 1) / world) * world
         while store.add(key, 0) < passed:
@@ -1208,8 +1197,7 @@ def gather_from_ranks(items):
 
 
 def on_rank_zero(work):
-    """Runs work() on rank 0 alone, the others waiting, and raises its error on every rank (a
-    UsageError as one, any other as a RunFailure): no rank waits for one that failed."""
+    """Runs work() on rank 0, the others waiting; its error is raised on every rank: none hangs."""
     error = None
     if rank_and_world()[0] == 0:
         try:
@@ -1230,8 +1218,7 @@ def process_gpu(local_rank, visible_gpus):
 
 
 def init_distributed(device_name, timeout=timedelta(minutes=30)):
-    """This process's torch device for --device ("auto": CUDA if any); under torchrun it joins the
-    group first (NCCL, a GPU each: process_gpu; gloo on a CPU), `timeout` bounding a collective."""
+    """This process's torch device for --device ("auto": CUDA if any), in torchrun's group."""
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -1251,18 +1238,6 @@ def init_distributed(device_name, timeout=timedelta(minutes=30)):
     return device
 
 
-def usable_cores():
-    """The CPU cores this process may use (its affinity, where the system tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def default_workers():
-    """Data-loading processes per torchrun process: its share of the node's cores, less one."""
-    # ≤ 12: each decodes ~500 cached 320² PNGs/s (measured), so 12 outrun resnet50 → 18 KD on a GPU
-    cores = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(12, max(0, cores - 1))
-
-
 @contextlib.contextmanager
 def rank_zero_first():
     """Runs the body on rank 0, then on the other ranks: a model download fills the cache once."""
@@ -1275,8 +1250,7 @@ def rank_zero_first():
 
 @contextlib.contextmanager
 def exclusive_out(out):
-    """One run at a time per --out: rank 0 holds an exclusive flock on OUT/.prism.lock while the
-    run lasts, a second run is refused in one line; the lock dies with its holder (SIGKILL too)."""
+    """One run at a time per --out: rank 0 flocks OUT/.prism.lock, which dies with it (SIGKILL)."""
     with contextlib.ExitStack() as held:
         def lock():
             try:
@@ -1286,8 +1260,7 @@ def exclusive_out(out):
                 os.register_at_fork(after_in_child=handle.close)
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UsageError(f"{out} is in use by another prism run; wait for it, or use "
-                                 f"another --out")
+                raise UsageError(f"{out} is in use by another prism run: wait, or use other --out")
             except OSError as error:
                 raise UsageError(f"cannot use --out {out}: {first_line(error)}")
         on_rank_zero(lock)
@@ -1336,9 +1309,8 @@ def load_pretrained(name_or_path, flag, what, load, alternative=""):
 
 
 def load_teacher(name, device, *, weights_path=None, num_classes=1000):
-    """(teacher, class names or None): the frozen torchvision classifier f_T `name`, taking [0, 1]
-    images of any size as its DEFAULT weights define (resnet50's: resize 232, crop 224), with
-    those weights or the state dict `weights_path` of `num_classes` outputs."""
+    """(teacher, class names or None): the frozen torchvision classifier f_T `name` on [0, 1]
+    images, preprocessed as its DEFAULT weights say, with them or the state dict `weights_path`."""
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:  # torchvision refuses DEFAULT weights for other classes than theirs
         model = torchvision.models.get_model(name, weights=None if weights_path else weights,
@@ -1364,8 +1336,7 @@ def build_student(name, num_classes, *, input_size=ARGS.image_size):
 
 
 def load_class_names(data):
-    """(class_names, descriptions or None): "imagenet"'s 1000 names (torchvision's metadata), else
-    the --data file's `name[<TAB>description]` lines in label order (read_lines)."""
+    """(class_names, descriptions or None) of --data: ImageNet's (torchvision's), or a file's."""
     if data == "imagenet":
         return list(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]), None
     rows = read_lines(data, "--data")
@@ -1374,8 +1345,7 @@ def load_class_names(data):
 
 
 def load_llm(name_or_path, device):
-    """An instruction-tuned causal LM as (model, tokenizer), padded on the left: generation
-    continues the right end of every row."""
+    """(model, tokenizer) of a causal LM, padded on the left: each row generates on from its end."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
@@ -1388,8 +1358,7 @@ def load_llm(name_or_path, device):
 
 
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
-    """A frozen diffusers StableDiffusionPipeline on `device`, without the safety checker (our
-    choice): it blacks out whole images, which would enter the set as labelled black squares."""
+    """A frozen StableDiffusionPipeline, no safety checker: its blacked-out images would be data."""
     from diffusers import StableDiffusionPipeline
 
     # low_cpu_mem_usage=False: diffusers' choice without `accelerate` (measured: as fast), said
@@ -1404,16 +1373,14 @@ def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
 
 
 # ── The command line: every flag checked, alone and together ──────────────────────────────────────
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line naming it, exit 2)."""
-
-    def error(self, message):
+def parse_args(argv):
+    """The flags of `argv` (Args: --field-name), each checked, then together. --smoke (--benchmark
+    on a CPU) shrinks the defaults; the machine sets --workers, --channels-last and --dtype's."""
+    def refuse(message):  # argparse's errors: one line naming the flag, exit code 2
         raise UsageError(message.removeprefix("argument "))
 
-
-def build_parser():
-    """Every field of Args as the flag --field-name, with its type, default and help."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.error = refuse
     for field in dataclasses.fields(Args):
         options = {key: value for key, value in field.metadata.items() if key != "check"}
         if "group" in options:
@@ -1423,30 +1390,25 @@ def build_parser():
         kind = {"action": "store_true"} if field.type is bool else {"type": field.type}
         group.add_argument("--" + field.name.replace("_", "-"), default=field.default,
                            **{**kind, **options})
-    return parser
-
-
-def parse_args(argv):
-    """The flags of `argv`, each checked (Args), then together. --smoke (--benchmark on a CPU)
-    shrinks the defaults; the machine sets --workers, --channels-last and --dtype's."""
-    parser = build_parser()
     known = parser.parse_known_args(argv)[0]
     cuda = known.device.startswith("cuda") or known.device == "auto" and torch.cuda.is_available()
+    # loaders: this process's share of the cores, less one; ≤ 12: each decodes ~500 cached 320²
+    # PNGs/s (measured), so 12 outrun resnet50 → 18 KD on a GPU
+    cores = CORES // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    parser.set_defaults(workers=min(12, max(0, cores - 1)), channels_last=cuda)
     if known.smoke:
         parser.set_defaults(per_class=4, steps=10, height=32, width=32, gen_batch=8, epochs=2,
                             batch_size=8, image_size=32, workers=0, lr=0.05, guidance_start=0.0,
                             guidance_end=1.0, guidance_every=1)
     if known.benchmark and not cuda:
         parser.set_defaults(height=128, width=128, steps=10, gen_batch=1, batch_size=8,
-                            workers=min(2, usable_cores()))
+                            workers=min(2, CORES))
     args = parser.parse_args(argv)
     for field in dataclasses.fields(Args):  # each value in its range
         (test, words), value = field.metadata["check"], getattr(args, field.name)
         if value is not None and not test(value):
             raise UsageError(f"--{field.name.replace('_', '-')}: must be {words}, got {value!r}")
     args.ablate = list(dict.fromkeys(args.ablate or []))  # --ablate a --ablate b: both, once
-    args.workers = default_workers() if args.workers is None else args.workers
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.dtype = ("float16" if cuda else "float32") if args.dtype == "auto" else args.dtype
     named_val_sets(args.val_dir)
     if args.benchmark and args.check_guidance:
@@ -1465,16 +1427,14 @@ def parse_args(argv):
 
 def check_sampler(pipe, options):
     """Refuses energy_guided_sample's `options` that cannot mean what they say with this model."""
-    options, scheduler = {**SAMPLER, **options}, pipe.scheduler
-    name, steps = type(scheduler).__name__, options["num_steps"]
-    trained = scheduler.config.num_train_timesteps
+    options, scheduler, name = {**SAMPLER, **options}, pipe.scheduler, type(pipe.scheduler).__name__
+    steps, trained = options["num_steps"], scheduler.config.num_train_timesteps
     if steps > trained:
         raise UsageError(f"--steps {steps} is more than the {trained} the model was trained with")
     factor, size = pipe.vae_scale_factor, pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = options["height"] or size, options["width"] or size
     if height % factor or width % factor:
-        raise UsageError(f"--height and --width must be multiples of {factor}, got {height}, "
-                         f"{width}")
+        raise UsageError(f"--height and --width must be multiples of {factor}: {height}, {width}")
     if not (options["energy_scale"] or options["class_scale"]):
         return
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -1494,9 +1454,8 @@ def check_sampler(pipe, options):
     multistep = getattr(scheduler, "order", 1) > 1 or any(hasattr(scheduler, state) for state in (
         "ets", "derivatives", "model_outputs", "sample", "prev_derivative"))  # past steps kept
     if multistep and len(guided) < count:
-        raise UsageError(f"{name} is a multistep scheduler: guiding some steps only pushes the "
-                         f"latents back and forth; use --scheduler DDIMScheduler, or guide every "
-                         f"step (--guidance-start 0 --guidance-end 1 --guidance-every 1)")
+        raise UsageError(f"{name} is a multistep scheduler: use --scheduler DDIMScheduler, or "
+                         f"guide all steps: --guidance-start 0 --guidance-end 1 --guidance-every 1")
 
 
 # ── Before any work: models loaded, inputs checked, what --out holds read; the frame of main() ────

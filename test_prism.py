@@ -1279,16 +1279,17 @@ def test_a_process_sees_its_own_gpu_or_the_one_it_was_given():
 
 
 def test_default_workers_and_channels_last_follow_the_machine(monkeypatch):
-    cores = len(os.sched_getaffinity(0))
+    cores, workers = len(os.sched_getaffinity(0)), lambda: prism.parse_args(["--out", "x"]).workers
+    assert prism.CORES == cores
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert prism.default_workers() == min(12, max(0, cores - 1))
+    assert workers() == min(12, max(0, cores - 1))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
-    assert prism.default_workers() == 0
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(224)))  # a big node
-    assert prism.default_workers() == 12  # 8 processes: 27 cores each, capped
+    assert workers() == 0
+    monkeypatch.setattr(prism, "CORES", 224)  # a big node
+    assert workers() == 12  # 8 processes: 27 cores each, capped
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert prism.default_workers() == 12  # not 223
-    assert prism.parse_args(["--out", "x"]).workers == prism.default_workers()
+    assert workers() == 12  # not 223
+    assert prism.parse_args(["--workers", "3"]).workers == 3
     # channels_last: on with CUDA (faster convolutions there), off on a CPU, unless a flag says
     assert prism.parse_args(["--device", "cuda:1"]).channels_last is True
     assert prism.parse_args(["--device", "cpu"]).channels_last is False
@@ -1508,10 +1509,12 @@ def test_llm_none_uses_the_built_in_prompts(tmp_path, capsys):
     assert (out / "prompts.json").read_bytes() == before
 
 
-def test_repeated_ablations_add_up_and_help_shows_only_real_defaults():
+def test_repeated_ablations_add_up_and_help_shows_only_real_defaults(capsys):
     args = prism.parse_args(["--smoke", "--ablate", "content", "--ablate", "style", "content"])
     assert args.ablate == ["content", "style"] and prism.parse_args(["--smoke"]).ablate == []
-    text = " ".join(prism.build_parser().format_help().split())
+    with pytest.raises(SystemExit):
+        prism.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "denoising steps (default: 50)" in text and "--seed SEED seed of prompts" in text
 
