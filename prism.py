@@ -40,11 +40,9 @@ Notation
    synthetic features inside the k-NN balls of real ones, and the reverse, in the teacher's
    penultimate features; then the student's top-1/top-5 on real test sets.
 
-Part I is the method in the order data flows, each function with the method's values as its
-keyword defaults; Part II is plumbing (the stages main() runs, files, resume, processes, the
-command line, model loading), which changes nothing computed; Part III holds tools (reports, tiny
-random models, the benchmark). A copied function takes along only UsageError, RunFailure and
-rank_and_world."""
+Part I: the method in data-flow order, its values as keyword defaults; Part II: plumbing, which
+changes nothing computed; Part III: tools. A copied Part I function takes along only UsageError,
+RunFailure and rank_and_world."""
 import contextlib
 import copy
 import hashlib
@@ -1815,7 +1813,7 @@ def write_results(args, out, results, num_classes):
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # PART III — TOOLS: reports for a person to read, tiny models, the benchmark
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# ── Reports: the prompts' sources, the contact sheet, the evaluation table ────────────────────────
+# ── Reports: the contact sheet, the evaluation table ──────────────────────────────────────────────
 def spread(count, total):
     """min(count, total) indices spread evenly over range(total), first and last included."""
     count = min(count, total)
