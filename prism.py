@@ -1622,7 +1622,8 @@ def load_sampler(args, device, out, pipe=None):
     if pipe is None:
         sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
         if args.smoke and rank_and_world()[0] == 0:
-            build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
+            random_pipeline(out / "tiny-models" / "vocab", image_size=args.height,
+                            seed=args.seed).save_pretrained(sd_model)
         with rank_zero_first():
             pipe = load_diffusion_pipeline(sd_model, device, getattr(torch, args.dtype))
     for part in (pipe.unet, pipe.vae) if args.channels_last else ():  # faster on CUDA; same images
@@ -1743,7 +1744,6 @@ def synthesis_stage(args, out, models, prompts, pipe):
         store_size=args.store_size or None, overwrite=args.overwrite,
         max_new_images=args.max_new_images, guidance_batch=args.guidance_batch,
         **sampling_options(args))
-    settings = read_json(synthetic / "settings.json", "")["settings"]
     wanted = len(models.class_names) * args.per_class
     if len(files) < wanted:
         if rank == 0:
@@ -1754,7 +1754,7 @@ def synthesis_stage(args, out, models, prompts, pipe):
     if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns  # older than the set
                       < (synthetic / "settings.json").stat().st_mtime_ns):
         contact_sheet(synthetic, sheet, max_classes=args.sheet_classes)
-    return settings
+    return read_json(synthetic / "settings.json", "")["settings"]
 
 
 def distillation_stage(args, out, models, data_settings, results, device):
@@ -1807,7 +1807,8 @@ def distillation_stage(args, out, models, data_settings, results, device):
 
 def measurement_stage(args, out, models, test_sets, results, device):
     """Stage 5 (§5): into `results`, the synthetic set measured in the teacher's features (against
-    the first test set; --smoke without one: itself), teacher and student on every test set."""
+    the first test set; --smoke without one: itself), teacher and student on every test set; rank 0
+    writes OUT/results.json and prints the measures."""
     synthetic, n = out / "synthetic", len(models.class_names)
     if not test_sets and args.smoke:
         test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
@@ -1849,16 +1850,12 @@ def measurement_stage(args, out, models, test_sets, results, device):
                                         image_size=args.image_size, **options)
             entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
         results.setdefault("evaluation", {"teacher_sizes": sizes, "sets": []})["sets"].append(entry)
-
-
-def write_results(args, out, results, num_classes):
-    """Rank 0 writes OUT/results.json and prints the measures and the test sets' table."""
     if rank_and_world()[0] == 0:
         write_json_atomic(results, out / "results.json")
         print(strict_json({key: results[key] for key in ("synthetic", "precision_recall")
                            if key in results}, indent=1))
         if "evaluation" in results:
-            print(evaluation_table(results["evaluation"]["sets"], num_classes))
+            print(evaluation_table(results["evaluation"]["sets"], n))
         smoke = " (--smoke: plumbing, not accuracy)" if args.smoke else ""
         print(f"everything measured: {out / 'results.json'}; what was generated: "
               f"{out / 'contact_sheet.png'}{smoke}")
@@ -1956,13 +1953,6 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
                                 clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                 prediction_type=prediction_type),
         feature_extractor=None, requires_safety_checker=False)
-
-
-def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", seed=0):
-    """Saves random_pipeline "tiny" to model_dir/pipeline (returned) for load_diffusion_pipeline."""
-    random_pipeline(Path(model_dir) / "vocab", image_size=image_size, seed=seed,
-                    prediction_type=prediction_type).save_pretrained(Path(model_dir) / "pipeline")
-    return Path(model_dir) / "pipeline"
 
 
 def build_tiny_llm(model_dir, *, seed=0):

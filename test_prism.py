@@ -35,7 +35,9 @@ SAMPLE = dict(num_steps=10, guidance_start=0.0, guidance_end=1.0, guidance_every
 @pytest.fixture(scope="session")
 def pipe_dir(tmp_path_factory):
     """A tiny StableDiffusionPipeline saved with save_pretrained (ε-prediction, DDIM)."""
-    return prism.build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    prism.random_pipeline(folder / "vocab").save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
 
 
 @pytest.fixture()
@@ -300,7 +302,7 @@ def test_no_guidance_equals_diffusers_pipeline(pipe_dir, scheduler, cfg, tmp_pat
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
     if scheduler == "ddim-v":
-        pipe = prism.load_diffusion_pipeline(prism.build_tiny_pipeline(tmp_path, prediction_type="v_prediction"), "cpu")
+        pipe = prism.random_pipeline(tmp_path, prediction_type="v_prediction")
     else:
         pipe = prism.load_diffusion_pipeline(pipe_dir, "cpu")
     if scheduler == "pndm":
