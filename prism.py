@@ -1029,15 +1029,6 @@ def read_image(path):
 
 
 # ── Resume: settings, the images, checkpoints (nothing cached is lost or mixed) ───────────────────
-def file_fingerprint(path):
-    """16 hex digits of a file's SHA-256: a model file changed under its name is another model."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def settings_difference(old, new, shown=3):
     """The first `shown` keys whose values differ between two settings dicts, as short text."""
     keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
@@ -1326,13 +1317,6 @@ def load_teacher(name, device, *, weights_path=None, num_classes=1000):
     return teacher.to(device).eval().requires_grad_(False), names
 
 
-def build_student(name, num_classes, *, input_size=ARGS.image_size):
-    """A randomly initialised torchvision classifier `name` with `num_classes` outputs, taking
-    [0, 1] images of any size (ImageNet's normalisation, its own input size)."""
-    return with_preprocessing(torchvision.models.get_model(name, num_classes=num_classes),
-                              input_size)
-
-
 def load_class_names(data):
     """(class_names, descriptions or None) of --data: ImageNet's (torchvision's), or a file's."""
     if data == "imagenet":
@@ -1479,14 +1463,12 @@ def read_ours(path, shape, way_out, *, overwrite=False):
             return stored
         raise damaged(path, f"its {' and '.join(shape)} are missing or malformed", way_out)
     except UsageError:
-        if overwrite:
-            return None
-        raise
+        if not overwrite:
+            raise
 
 
 def read_prompts(path, settings, *, overwrite=False):
-    """(prompts, classes) of OUT/prompts.json if made under `settings`; else False or None (other
-    or damaged ones: a UsageError, or None with `overwrite`)."""
+    """(prompts, classes) of OUT/prompts.json if made under `settings`, else False or None."""
     entry = {"source": str, "scene_source": str, "prompts": [str, settings["per_class"]]}  # used
     stored = check_settings(path, settings, overwrite=overwrite, what="prompts") and read_ours(
         path, {"classes": [entry, *[len(settings["classes"])] * 2]}, overwrite=overwrite,
@@ -1502,30 +1484,29 @@ def read_llm_answers(path, *, overwrite):
 
 
 def load_models(args, device):
-    """(out, models): --out, and a namespace of the teacher, the untrained student, class_names
-    and descriptions (--data), `identity` (what decides the pixels), the prompt settings and the
-    LLM's name; with --smoke, tiny random models. The student is tried on --image-size now."""
+    """(out, models): --out, and the teacher, the untrained student (tried on --image-size now),
+    the classes, `identity` (what decides the pixels), the prompt settings; --smoke: tiny ones."""
     if args.batch_size % rank_and_world()[1]:  # said now, not after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
                          f"{rank_and_world()[1]} processes")
-    models = types.SimpleNamespace(descriptions=None, class_names=list(SMOKE_CLASSES))
+    models = types.SimpleNamespace(class_names="mouse crane kite tank".split(), descriptions=None)
     models.identity = {"sd_model": "tiny-random", "teacher": "tiny-random"}
     if args.smoke:
-        models.teacher = build_tiny_classifier(len(SMOKE_CLASSES), seed=args.seed)
+        models.teacher = build_tiny_classifier(4, seed=args.seed)
         models.teacher.to(device).eval().requires_grad_(False)
-        models.student = build_tiny_classifier(len(SMOKE_CLASSES), width=8,
-                                               input_size=args.image_size, seed=args.seed + 1)
+        models.student = build_tiny_classifier(4, width=8, input_size=args.image_size,
+                                               seed=args.seed + 1)
     else:
         models.class_names, models.descriptions = load_class_names(args.data)
         locate_model(args.sd_model, "--sd-model")  # found or refused in seconds, before f_T loads
         with rank_zero_first():
             models.teacher = load_teacher(args.teacher, device, weights_path=args.teacher_weights,
                                           num_classes=len(models.class_names))[0]
-        models.student = build_student(args.student, len(models.class_names),
-                                       input_size=args.image_size)
+        models.student = with_preprocessing(torchvision.models.get_model(  # random weights
+            args.student, num_classes=len(models.class_names)), args.image_size)
         weights = args.teacher_weights  # a weights file changed under its name: another teacher
         models.identity = {"sd_model": args.sd_model, "teacher": args.teacher + (
-            f" {file_fingerprint(weights)}" if weights else "")}
+            f" {hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]}" if weights else "")}
     models.identity["dtype"] = str(getattr(torch, args.dtype))
     try:
         with torch.no_grad():
@@ -1564,7 +1545,8 @@ def load_sampler(args, device, out, pipe=None):
     if pipe is None:
         sd_model = out / "tiny-models" / "pipeline" if args.smoke else args.sd_model
         if args.smoke and rank_and_world()[0] == 0:
-            build_tiny_pipeline(out / "tiny-models", image_size=args.height, seed=args.seed)
+            random_pipeline(out / "tiny-models" / "vocab", image_size=args.height,
+                            seed=args.seed).save_pretrained(sd_model)
         with rank_zero_first():
             pipe = load_diffusion_pipeline(sd_model, device, getattr(torch, args.dtype))
     for part in (pipe.unet, pipe.vae) if args.channels_last else ():  # faster on CUDA; same images
@@ -1598,9 +1580,8 @@ def check_llm_available(args, out, settings):
 
 @contextlib.contextmanager
 def errors_reported(argv):
-    """The frame of main(), yielding a namespace whose `code` is the exit code: an error inside is
-    one line on stderr (--debug in `argv`: and its traceback), code 2 for a UsageError or OSError,
-    1 for a failure, 130 for Ctrl-C. Quiets the libraries' logging; leaves the process group."""
+    """main()'s frame, yielding `status`: an error is one line on stderr (--debug in `argv`: and
+    its traceback) and status.code 2 (UsageError, OSError), 1 (a failure) or 130 (Ctrl-C)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -1667,9 +1648,8 @@ def prompts_stage(args, out, models, device):
 
 
 def synthesis_stage(args, out, models, prompts, pipe):
-    """Stages 2-3 (§1-2): the energy-guided synthetic set in OUT/synthetic (synthesize_dataset).
-    Returns its settings, None while images are missing (--max-new-images); draws the contact
-    sheet when the set is new."""
+    """Stages 2-3 (§1-2): synthesize_dataset into OUT/synthetic and its contact sheet; returns
+    its settings, None while images are missing (--max-new-images)."""
     rank, synthetic = rank_and_world()[0], out / "synthetic"
     if pipe.device.type == "cpu" and not args.smoke and rank == 0:  # once every input passed
         report("warning", "running on the CPU; a real run needs a CUDA GPU")
@@ -1680,7 +1660,6 @@ def synthesis_stage(args, out, models, prompts, pipe):
         store_size=args.store_size or None, overwrite=args.overwrite,
         max_new_images=args.max_new_images, guidance_batch=args.guidance_batch,
         **sampling_options(args))
-    settings = read_json(synthetic / "settings.json", "")["settings"]
     wanted = len(models.class_names) * args.per_class
     if len(files) < wanted:
         if rank == 0:
@@ -1691,14 +1670,13 @@ def synthesis_stage(args, out, models, prompts, pipe):
     if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns  # older than the set
                       < (synthetic / "settings.json").stat().st_mtime_ns):
         contact_sheet(synthetic, sheet, max_classes=args.sheet_classes)
-    return settings
+    return read_json(synthetic / "settings.json", "")["settings"]
 
 
 def distillation_stage(args, out, models, data_settings, results, device):
     """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
-    OUT/checkpoint.pt (rank 0 saves it every epoch; damaged or of other settings: a UsageError, or
-    with --overwrite a new start). Adds the KD losses to `results`, saves student.pt; False while
-    epochs are missing (--epochs-this-run)."""
+    OUT/checkpoint.pt (rank 0's, each epoch); adds the KD losses to `results`. False while epochs
+    are missing (--epochs-this-run)."""
     torch.cuda.empty_cache()  # what the diffusion model held
     if args.epochs == 0:
         return True
@@ -1717,15 +1695,13 @@ def distillation_stage(args, out, models, data_settings, results, device):
             if not fits(checkpoint, parts) or len(checkpoint["history"]) != checkpoint["epoch"]:
                 raise ValueError("not a PRISM distillation checkpoint")
             copy.deepcopy(models.student).load_state_dict(checkpoint["student"])  # or it raises
-        except Exception as error:  # any failure to load it means: damaged
+            if checkpoint["config"] != config:
+                raise UsageError(f"{path} was made under other settings ("
+                                 f"{settings_difference(checkpoint['config'], config)}); {way_out}")
+        except Exception as error:  # made under other settings, or damaged: any failure to load it
             if not args.overwrite:
-                raise damaged(path, error, way_out)
+                raise error if isinstance(error, UsageError) else damaged(path, error, way_out)
             checkpoint = None
-    if checkpoint is not None and checkpoint["config"] != config:
-        if not args.overwrite:
-            raise UsageError(f"{path} was made under other settings "
-                             f"({settings_difference(checkpoint['config'], config)}); {way_out}")
-        checkpoint = None
     rank, world = rank_and_world()
     history = distill(models.teacher, models.student, out / "synthetic", **options, device=device,
                       num_workers=args.workers, channels_last=args.channels_last,
@@ -1745,19 +1721,14 @@ def distillation_stage(args, out, models, data_settings, results, device):
     return len(history) == args.epochs
 
 
-def eval_sizes(classifier):
-    """The evaluation sizes of a with_preprocessing classifier: its own crop and resize."""
-    return {"image_size": classifier[0].input_size, "resize_size": classifier[0].resize_size}
-
-
 def measurement_stage(args, out, models, test_sets, results, device):
-    """Stage 5 (§5): rank 0 measures the synthetic set in the teacher's features, against the
-    first test set (--smoke without one: the synthetic set stands in); then teacher and student
-    are scored (evaluate) on every test set. Adds both to `results`."""
+    """Stage 5 (§5): into `results`, the synthetic set measured in the teacher's features (against
+    the first test set; --smoke without one: itself), teacher and student on every test set; rank 0
+    writes OUT/results.json and prints the measures."""
     synthetic, n = out / "synthetic", len(models.class_names)
     if not test_sets and args.smoke:
         test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
-    sizes = eval_sizes(models.teacher)  # the teacher's own protocol
+    sizes = dict(image_size=models.teacher[0].input_size, resize_size=models.teacher[0].resize_size)
     options = dict(device=device, num_workers=args.workers)
     if rank_and_world()[0] == 0:  # one process measures; the others wait at the barrier below
         fake, fake_labels = extract_features(models.teacher, synthetic, **sizes, **options)
@@ -1795,16 +1766,12 @@ def measurement_stage(args, out, models, test_sets, results, device):
                                         image_size=args.image_size, **options)
             entry["gap_top1"] = entry["teacher"]["top1"] - entry["student"]["top1"]
         results.setdefault("evaluation", {"teacher_sizes": sizes, "sets": []})["sets"].append(entry)
-
-
-def write_results(args, out, results, num_classes):
-    """Rank 0 writes OUT/results.json and prints the measures and the test sets' table."""
     if rank_and_world()[0] == 0:
         write_json_atomic(results, out / "results.json")
         print(strict_json({key: results[key] for key in ("synthetic", "precision_recall")
                            if key in results}, indent=1))
         if "evaluation" in results:
-            print(evaluation_table(results["evaluation"]["sets"], num_classes))
+            print(evaluation_table(results["evaluation"]["sets"], n))
         smoke = " (--smoke: plumbing, not accuracy)" if args.smoke else ""
         print(f"everything measured: {out / 'results.json'}; what was generated: "
               f"{out / 'contact_sheet.png'}{smoke}")
@@ -1832,19 +1799,14 @@ def contact_sheet(data_dir, path, *, max_classes=ARGS.sheet_classes, per_row=8, 
 
 def evaluation_table(sets, num_classes):
     """results.json's evaluation sets as a Markdown table: top-1 and top-5 in %."""
-    columns = {"set": "{name}", "images": "{teacher[images]}",
-               "classes": f"{{classes}}/{num_classes}",
-               "teacher top-1": "{teacher[top1]:.2f}", "teacher top-5": "{teacher[top5]:.2f}"}
-    if "student" in sets[0]:  # every set or none (--epochs 0)
-        columns.update({"student top-1": "{student[top1]:.2f}",
-                        "student top-5": "{student[top5]:.2f}", "gap top-1": "{gap_top1:.2f}"})
-    return markdown_table(sets, columns)
+    return markdown_table(sets, {  # the student's columns: none with --epochs 0
+        "set": "{name}", "images": "{teacher[images]}", "classes": f"{{classes}}/{num_classes}",
+        "teacher top-1": "{teacher[top1]:.2f}", "teacher top-5": "{teacher[top5]:.2f}",
+        "student top-1": "{student[top1]:.2f}", "student top-5": "{student[top5]:.2f}",
+        "gap top-1": "{gap_top1:.2f}"})
 
 
 # ── Tiny random components: the offline smoke run and the tests (plumbing, not accuracy) ──────────
-SMOKE_CLASSES = ("mouse", "crane", "kite", "tank")
-
-
 def bpe_tokenizer(folder, kind, suffixes, special, **options):
     """A byte-level BPE tokenizer `kind` of no merges: a token per byte and suffix, `special`."""
     from tokenizers.pre_tokenizers import ByteLevel
@@ -1903,13 +1865,6 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
         feature_extractor=None, requires_safety_checker=False)
 
 
-def build_tiny_pipeline(model_dir, *, image_size=32, prediction_type="epsilon", seed=0):
-    """Saves random_pipeline "tiny" to model_dir/pipeline (returned) for load_diffusion_pipeline."""
-    random_pipeline(Path(model_dir) / "vocab", image_size=image_size, seed=seed,
-                    prediction_type=prediction_type).save_pretrained(Path(model_dir) / "pipeline")
-    return Path(model_dir) / "pipeline"
-
-
 def build_tiny_llm(model_dir, *, seed=0):
     """Saves a tiny random GPT-2 (it answers random text) to `model_dir`, returned, for load_llm."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
@@ -1954,8 +1909,6 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, r
                    **sample_kwargs):
     """Whether guidance does what §2 says: rows of "modes" (SAMPLING_MODES, the fastest of `repeats`
     rounds), "per_class" (unguided, approx) and "fidelity" (cosine of the exact gradient and g)."""
-    import resource
-
     options, ids = {**SAMPLER, **sample_kwargs}, torch.as_tensor(class_ids, device=pipe.device)
     seconds, memory, scores, traces = {}, {}, {}, {}
     # the rounds take the modes in turn: a drift hits them all alike
@@ -1966,8 +1919,8 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, r
         (_, stats), took = timed(pipe.device, lambda: energy_guided_sample(
             pipe, teacher, prompts, class_ids, trace=traces[mode], **sample))
         seconds[mode] = min(seconds.get(mode, math.inf), took / len(prompts))
-        memory[mode] = (torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda"
-                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB
+        if pipe.device.type == "cuda":  # (a CPU process has no peak of its own: no such column)
+            memory[mode] = {"peak_memory_gib": torch.cuda.max_memory_allocated(pipe.device) / 2**30}
         scores[mode] = dict(stats, top1=100.0 * (stats["top1"] == ids).float())
     mean = lambda mode, keep=slice(None): {  # noqa: E731
         key: scores[mode][key][keep].mean().item() for key in ("energy", "p_class", "top1")}
@@ -1981,7 +1934,7 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, r
         fidelity.append({"step": entry["step"], "steps": len(pipe.scheduler.timesteps),
                          "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()})
     modes = [{"mode": m, "s_per_image": seconds[m], "vs_unguided": seconds[m] / seconds["unguided"],
-              "peak_memory_gib": memory[m] / 2 ** 30, **mean(m)} for m in SAMPLING_MODES]
+              **memory.get(m, {}), **mean(m)} for m in SAMPLING_MODES]
     per_class = [{"class": c, "name": class_names[c], "images": class_ids.count(c), "unguided":
                   mean("unguided", ids == c), "guided": mean("guided, approx (default)", ids == c)}
                  for c in dict.fromkeys(class_ids)]
@@ -1989,46 +1942,13 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, r
 
 
 def markdown_table(rows, columns):
-    """A Markdown table of `rows` (dicts): `columns` maps each heading to its cells' str.format."""
+    """A Markdown table of `rows` (dicts): `columns` maps each heading to its cells' str.format;
+    a column naming a field the first row lacks is left out."""
+    columns = {heading: pattern for heading, pattern in columns.items()
+               if not rows or set(re.findall(r"\{(\w+)", pattern)) <= rows[0].keys()}
     cells = [list(columns), ["---"] * len(columns)]
     cells += [[pattern.format(**row) for pattern in columns.values()] for row in rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in cells)
-
-
-def keep_tables(out, name, tables, result):
-    """Prints the texts `tables`; keeps them in OUT/name.md and `result` in OUT/name.json."""
-    text = "\n\n".join(tables)
-    atomic_write(out / f"{name}.md", lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
-    write_json_atomic(result, out / f"{name}.json")
-    print(text)
-
-
-def run_check_guidance(args, device):
-    """--check-guidance: check_guidance() on --check-seeds images of --check-classes classes."""
-    if rank_and_world()[1] > 1:
-        raise UsageError("--check-guidance measures one process: run it without torchrun")
-    out, models = load_models(args, device)
-    pipe = load_sampler(args, device, out)
-    prompts, _ = build_prompts(models.class_names, args.check_seeds, teacher=models.teacher,
-                               seed=args.seed, descriptions=models.descriptions,
-                               photo_share=args.photo_share, neighbours=args.neighbours)
-    pairs = [(c, i) for c in spread(args.check_classes, len(models.class_names))
-             for i in range(args.check_seeds)]
-    latents = initial_latents([image_seed(args.seed, c, i) for c, i in pairs],
-                              latent_shape(pipe, args.height, args.width))
-    r = check_guidance(pipe, models.teacher, [prompts[c][i] for c, i in pairs],
-                       [c for c, _ in pairs], latents.to(device, pipe.unet.dtype),
-                       class_names=models.class_names, guidance_batch=args.guidance_batch,
-                       **sampling_options(args))
-    arrow = lambda key, spec: f"{{unguided[{key}]:{spec}}} → {{guided[{key}]:{spec}}}"  # noqa: E731
-    keep_tables(out, "check_guidance", [markdown_table(r["fidelity"], {
-        "guided step": "{step} of {steps}", "cosine of the exact gradient with the method's g "
-        "(mean)": "{cosine_mean:.3f}", "(min)": "{cosine_min:.3f}"}),
-        markdown_table(r["modes"], MODES_TABLE), markdown_table(r["per_class"], {
-            "class": "{class} {name}", "images": "{images}", "energy: unguided → guided":
-            arrow("energy", ".3f"), "p(y)": arrow("p_class", ".4f"),
-            "top-1 %": arrow("top1", ".0f")})], r)
-    return r
 
 
 def benchmark_distillation(args, device, folder, teacher, student):
@@ -2064,41 +1984,66 @@ def benchmark_distillation(args, device, folder, teacher, student):
              "vs_compute": compute_seconds / s} for part, s in seconds.items()]
 
 
-def run_benchmark(args, device):
-    """--benchmark: check_guidance's modes (the fastest of 2 rounds) on --gen-batch images and
-    benchmark_distillation, with random SD 1.5, resnet50, resnet18 (--smoke: the tiny models)."""
+def run_tool(args, device):
+    """--check-guidance: check_guidance() on --check-seeds images of --check-classes classes;
+    --benchmark: on random weights, its modes (best of 2 rounds) and benchmark_distillation."""
+    name = "benchmark" if args.benchmark else "check_guidance"
     if rank_and_world()[1] > 1:
-        raise UsageError("--benchmark times one process: run it without torchrun")
-    out, dtype = Path(args.out), getattr(torch, args.dtype)  # exclusive_out made --out
-    args.height, args.width = args.height or 512, args.width or 512
-    teacher, student = (build_tiny_classifier(1000), build_tiny_classifier(
-        1000, width=8, input_size=args.image_size)) if args.smoke else seeded(0, lambda: (
-            with_preprocessing(torchvision.models.resnet50(), 224),  # the same in every run
-            with_preprocessing(torchvision.models.resnet18(), args.image_size)))
-    pipe = load_sampler(args, device, out, random_pipeline(
-        out / "benchmark" / "vocab", image_size=args.height,
-        architecture="tiny" if args.smoke else "sd15").to(device, dtype))
-    latents = initial_latents(range(args.gen_batch), latent_shape(pipe, args.height, args.width))
-    names = load_class_names("imagenet")[0][:args.gen_batch]
-    sampling = check_guidance(
-        pipe, teacher.to(device).eval().requires_grad_(False), [p[0] for p in build_prompts(
-            names, 1)[0]], list(range(args.gen_batch)), latents.to(device, dtype),
-        class_names=names, repeats=2, guidance_batch=args.guidance_batch,
-        **sampling_options(args))["modes"]
-    del pipe  # as in a real run, the diffusion model's memory goes to distillation
-    distillation = benchmark_distillation(args, device, out / "benchmark" / "images", teacher,
-                                          student)
-    flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size workers "
-             "store_size image_format channels_last").split()
-    machine = " ".join([torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                        f"({os.cpu_count()} cores), torch {torch.__version__};",
-                        *(f"--{k.replace('_', '-')} {vars(args)[k]}" for k in flags)])
-    keep_tables(out, "benchmark", [f"Machine: {machine}", markdown_table(sampling, MODES_TABLE),
-                                   markdown_table(distillation, {
-                                       "distillation": "{part}", "images / s": "{images_per_s:.1f}",
-                                       "/ pure compute": "{vs_compute:.2f}"})],
-                dict(machine=machine, sampling=sampling, distill=distillation))
-    return sampling, distillation
+        raise UsageError(f"--{name.replace('_', '-')} measures one process: drop torchrun")
+    if args.benchmark:
+        out, ids = Path(args.out), list(range(args.gen_batch))  # exclusive_out made --out
+        args.height, args.width = args.height or 512, args.width or 512
+        teacher, student = (build_tiny_classifier(1000), build_tiny_classifier(
+            1000, width=8, input_size=args.image_size)) if args.smoke else seeded(0, lambda: (
+                with_preprocessing(torchvision.models.resnet50(), 224),  # the same in every run
+                with_preprocessing(torchvision.models.resnet18(), args.image_size)))
+        pipe = load_sampler(args, device, out, random_pipeline(
+            out / "benchmark" / "vocab", image_size=args.height,
+            architecture="tiny" if args.smoke else "sd15").to(device, getattr(torch, args.dtype)))
+        names = load_class_names("imagenet")[0][:args.gen_batch]
+        prompts, seeds = [p[0] for p in build_prompts(names, 1)[0]], ids
+    else:
+        out, models = load_models(args, device)
+        pipe, teacher, names = load_sampler(args, device, out), models.teacher, models.class_names
+        table = build_prompts(names, args.check_seeds, teacher=teacher, seed=args.seed,
+                              descriptions=models.descriptions, photo_share=args.photo_share,
+                              neighbours=args.neighbours)[0]
+        pairs = [(c, i) for c in spread(args.check_classes, len(names))
+                 for i in range(args.check_seeds)]
+        prompts, ids = [table[c][i] for c, i in pairs], [c for c, _ in pairs]
+        seeds = [image_seed(args.seed, c, i) for c, i in pairs]
+    latents = initial_latents(seeds, latent_shape(pipe, args.height, args.width))
+    result = check_guidance(
+        pipe, teacher.to(device).eval().requires_grad_(False), prompts, ids,
+        latents.to(device, pipe.unet.dtype), class_names=names, repeats=1 + args.benchmark,
+        guidance_batch=args.guidance_batch, **sampling_options(args))
+    tables = [markdown_table(result["modes"], MODES_TABLE)]
+    if args.benchmark:
+        del pipe  # as in a real run, the diffusion model's memory goes to distillation
+        distillation = benchmark_distillation(args, device, out / "benchmark" / "images",
+                                              teacher, student)
+        flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size "
+                 "workers store_size image_format channels_last").split()
+        machine = " ".join([torch.cuda.get_device_name(device) if device.type == "cuda" else
+                            "CPU", f"({os.cpu_count()} cores), torch {torch.__version__};",
+                            *(f"--{k.replace('_', '-')} {vars(args)[k]}" for k in flags)])
+        result = dict(machine=machine, sampling=result["modes"], distill=distillation)
+        tables = [f"Machine: {machine}", *tables, markdown_table(distillation, {
+            "distillation": "{part}", "images / s": "{images_per_s:.1f}",
+            "/ pure compute": "{vs_compute:.2f}"})]
+    else:
+        arrow = lambda key, spec: f"{{unguided[{key}]:{spec}}} → {{guided[{key}]:{spec}}}"  # noqa
+        tables = [markdown_table(result["fidelity"], {
+            "guided step": "{step} of {steps}", "cosine of the exact gradient with the method's "
+            "g (mean)": "{cosine_mean:.3f}", "(min)": "{cosine_min:.3f}"}), *tables,
+            markdown_table(result["per_class"], {
+                "class": "{class} {name}", "images": "{images}", "energy: unguided → guided":
+                arrow("energy", ".3f"), "p(y)": arrow("p_class", ".4f"),
+                "top-1 %": arrow("top1", ".0f")})]
+    text = "\n\n".join(tables)  # printed; kept in OUT/NAME.md, the numbers in OUT/NAME.json
+    atomic_write(out / f"{name}.md", lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
+    write_json_atomic(result, out / f"{name}.json")
+    print(text)
 
 
 if __name__ == "__main__":
