@@ -717,7 +717,7 @@ def main(argv=None):
         device = init_distributed(args.device)  # joins torchrun's processes, when there are some
         with exclusive_out(args.out):  # one run at a time per --out
             if args.benchmark or args.check_guidance:  # tools (Part III): they measure, not distil
-                (run_benchmark if args.benchmark else run_check_guidance)(args, device)
+                run_tool(args, device)
                 return 0
             out, models = load_models(args, device)  # f_T, f_S, the classes; cheap checks first
             check_llm_available(args, out, models.prompt_settings)  # found, or its answers kept
@@ -726,7 +726,7 @@ def main(argv=None):
             pipe = None if args.prompts_only else load_sampler(args, device, out)
 
             # Stage 1 (§3): prompts, made once (rank 0, with the LLM), kept in prompts.json.
-            prompts, classes = prompts_stage(args, out, models, device)
+            prompts, sources = prompts_stage(args, out, models, device)
             if args.prompts_only:
                 if rank_and_world()[0] == 0:
                     print(f"prompts: {out / 'prompts.json'}; read them, then rerun without "
@@ -740,16 +740,12 @@ def main(argv=None):
                 return 0
 
             # Stage 4 (§4): distillation, resumed from OUT/checkpoint.pt.
-            sources = {f"{part}_sources": dict(collections.Counter(entry[key] for entry in classes))
-                       for part, key in (("description", "source"), ("scene", "scene_source"))}
-            results = {"ablate": args.ablate, "scheduler": data["scheduler"],
-                       "prompts": {"llm": models.llm, **sources}}
+            results = {"ablate": args.ablate, "scheduler": data["scheduler"], "prompts": sources}
             if not distillation_stage(args, out, models, data, results, device):
                 return 0
 
             # Stage 5 (§5): the set against real images; teacher and student on each test set.
             measurement_stage(args, out, models, test_sets, results, device)
-            write_results(args, out, results, len(models.class_names))
     return status.code
 
 
@@ -1623,8 +1619,8 @@ def sampling_options(args):
 
 
 def prompts_stage(args, out, models, device):
-    """Stage 1 (§3): (prompts, classes), made once on rank 0 by build_prompts with the command
-    line's options, the LLM's answers cached, and read by every rank from OUT/prompts.json."""
+    """Stage 1 (§3): (prompts, their sources counted), made once on rank 0 by build_prompts with
+    the command line's options, the LLM's answers cached, read by every rank from prompts.json."""
     path, answers_path = out / "prompts.json", out / "llm_answers.json"
 
     def make_prompts():
@@ -1644,7 +1640,10 @@ def prompts_stage(args, out, models, device):
     reuse = read_prompts(path, models.prompt_settings, overwrite=args.overwrite)
     barrier()  # every rank has its verdict before rank 0 may replace the file
     on_rank_zero(lambda: reuse or make_prompts())
-    return read_prompts(path, models.prompt_settings)
+    prompts, classes = read_prompts(path, models.prompt_settings)
+    count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
+    return prompts, {"llm": models.llm, "description_sources": count("source"),
+                     "scene_sources": count("scene_source")}
 
 
 def synthesis_stage(args, out, models, prompts, pipe):
