@@ -75,8 +75,7 @@ from tqdm.auto import tqdm
 # ══════════════════════════════════════════════════════════════════════════════════════════
 # ── The equations (§1, §2, §4), one small function each ───────────────────────────────────────────
 def teacher_energy(logits, temperature=1.0):
-    """The teacher's energy of each sample (§1, Liu et al. 2020): low on what it finds
-    in-distribution. `logits` are f_T(x), `temperature` is τ."""
+    """The teacher's energy of each sample (§1, Liu et al. 2020): low on what it finds familiar."""
     # E(x) = -τ · logsumexp(f_T(x) / τ)
     return -temperature * torch.logsumexp(logits / temperature, dim=-1)
 
@@ -211,8 +210,7 @@ def apply_guidance(epsilon, grad, alpha_bar, *, total_scale, normalize):
 
 
 def kd_loss(student_logits, teacher_logits, temperature=10.0):
-    """The distillation loss of Hinton et al. 2015 (§4), the batch mean; `temperature` is τ_kd
-    (τ_kd² keeps gradient magnitudes comparable across temperatures)."""
+    """Hinton et al.'s KD loss (2015, §4), batch mean; τ_kd² keeps gradients alike across τ_kd."""
     # L_KD = τ_kd² · KL(softmax(f_T/τ_kd) ‖ softmax(f_S/τ_kd))
     return F.kl_div(F.log_softmax(student_logits.float() / temperature, dim=-1),
                     F.log_softmax(teacher_logits.float() / temperature, dim=-1),
@@ -221,16 +219,15 @@ def kd_loss(student_logits, teacher_logits, temperature=10.0):
 
 # ── Stage 1. Diversified prompts (§3): "{style} of {name}, {description}, {scene}" ────────────────
 # Style diversification. Photos serve accuracy on photos; the rest serve domain generalisation.
-PHOTO_STYLES = (
-    "a photo", "a close-up photo", "a DSLR photo", "a wide-angle photo", "a candid photo",
-    "a professional photo", "a snapshot", "a slightly blurry photo", "a black and white photo",
-    "a low-light photo", "a high-resolution photo", "a cropped photo", "a phone photo",
-    "a macro photo", "a telephoto photo", "a vintage photo")
-OTHER_STYLES = (
-    "a pencil sketch", "an oil painting", "a watercolor painting", "a cartoon", "a 3D render",
-    "an embroidery", "a plastic toy", "a clay sculpture", "a tattoo", "an origami model",
-    "a pixel-art image", "a graffiti", "a woodcut print", "a plush toy", "a video game screenshot",
-    "a children's drawing")
+PHOTO_STYLES = ("a photo", "a close-up photo", "a DSLR photo", "a wide-angle photo",
+                "a candid photo", "a professional photo", "a snapshot", "a slightly blurry photo",
+                "a black and white photo", "a low-light photo", "a high-resolution photo",
+                "a cropped photo", "a phone photo", "a macro photo", "a telephoto photo",
+                "a vintage photo")
+OTHER_STYLES = ("a pencil sketch", "an oil painting", "a watercolor painting", "a cartoon",
+                "a 3D render", "an embroidery", "a plastic toy", "a clay sculpture", "a tattoo",
+                "an origami model", "a pixel-art image", "a graffiti", "a woodcut print",
+                "a plush toy", "a video game screenshot", "a children's drawing")
 # Content without an LLM: views and light that suit any class.
 SCENES = ("in soft natural light", "close up", "seen from the side", "in bright daylight",
           "seen from a distance", "in warm evening light", "on an overcast day", "seen from above")
@@ -367,10 +364,9 @@ def denoise(pipe, teacher, latents, text, uncond, class_ids, *, generator, cfg_s
 
 def latent_shape(pipe, height=None, width=None):
     """(channels, h, w) of one latent for images of height × width (default: the model's size)."""
-    factor = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
-    return pipe.unet.config.in_channels, height // factor, width // factor
+    factor, config = pipe.vae_scale_factor, pipe.unet.config
+    size = config.sample_size * factor
+    return config.in_channels, (height or size) // factor, (width or size) // factor
 
 
 @torch.no_grad()
@@ -403,7 +399,6 @@ def energy_guided_sample(pipe, teacher, prompts, class_ids, *, latents=None, gen
     final, skipped = denoise(pipe, teacher, start, text, uncond, class_ids, generator=generator,
                              guided_steps=guided_steps, **loop)
     images = decode_to_unit(pipe.vae, final).float()
-
     resampled = ~torch.isfinite(images.flatten(1)).all(dim=1)
     if resampled.any() and guided_steps:  # guidance overflowed (e.g. in float16): redo unguided
         rows = resampled.nonzero().flatten().tolist()
@@ -482,9 +477,9 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
                                  "guidance: run it in float32 (--dtype float32) or check it")
             remade += int(stats["resampled_unguided"].sum())
             if store_size and min(images.shape[-2:]) > store_size:  # scored at full size, stored
-                # at training scale, a fraction of the bytes (the shorter side at `store_size`)
+                # at training scale, a fraction of the bytes; clamped: antialiasing overshoots
                 images = transforms.functional.resize(images, store_size, antialias=True)
-                images = images.clamp(0, 1)  # antialiasing overshoots
+                images = images.clamp(0, 1)
             for k, (c, i) in enumerate(batch):
                 (out_dir / files[c, i]).parent.mkdir(exist_ok=True)
                 note = {"prompt": prompts[c][i], "seed": seeds[k],
@@ -548,8 +543,7 @@ def kd_loader(data_dir, batch_size, *, image_size=224, crop_scale=0.08, num_work
 
 def to_unit_images(batch, device, memory_format=torch.contiguous_format):
     """A uint8 batch from kd_loader as [0, 1] float images on `device`: x / 255, computed there."""
-    batch = batch.to(device, non_blocking=True).to(memory_format=memory_format)
-    return batch.float().div_(255)
+    return batch.to(device, non_blocking=True).to(memory_format=memory_format).float().div_(255)
 
 
 def kd_step(teacher, student, optimizer, images, temperature, amp=contextlib.nullcontext()):
@@ -615,8 +609,7 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
             torch.distributed.all_reduce(totals)
         if not math.isfinite(totals[0]) or totals[1] > 0:
             raise RunFailure(f"distillation diverged in epoch {epoch + 1} (KD loss {totals[0]:.4g}"
-                             f"; its weights or outputs are not finite): lower --lr (now {lr}) "
-                             f"and rerun with --overwrite (the images are kept)")
+                             f" or non-finite weights): lower --lr (now {lr}) and add --overwrite")
         state["history"].append(totals[0].item() / (world * len(loader)))
         state["epoch_seconds"].append(time.perf_counter() - started)
         state["epoch"] = epoch + 1
@@ -627,19 +620,14 @@ def distill(teacher, student, data_dir, *, epochs, batch_size, lr, temperature=1
 
 
 # ── Stage 5. Precision and recall of the synthetic set (§5), accuracy on real test sets ───────────
-def knn_radii(features, k, batch_size=1024):
-    """r_k: the distance from every row of `features` to its k-th nearest other row (§5)."""
-    # the (k + 1)-th smallest distance: each point is its own 1st
-    return torch.cat([torch.cdist(features[i:i + batch_size], features).kthvalue(k + 1, 1).values
-                      for i in range(0, len(features), batch_size)])
-
-
 def precision_recall(real_features, fake_features, k=3, batch_size=1024):
     """Precision and recall (Kynkäänniemi et al. 2019) of the M fake rows y against the N real
     rows x (§5), with k-NN balls B(x, r_k(x)) drawn in each point's own set; strict "<" as in
     the authors' code. Blocks of `batch_size` fakes: no full distance matrix is held."""
-    real_radii = knn_radii(real_features, k, batch_size)
-    fake_radii = knn_radii(fake_features, k, batch_size)
+    # r_k(x): the (k + 1)-th smallest distance from x within its own set, x itself being the 1st
+    real_radii, fake_radii = (
+        torch.cat([torch.cdist(x[i:i + batch_size], x).kthvalue(k + 1, 1).values
+                   for i in range(0, len(x), batch_size)]) for x in (real_features, fake_features))
     inside_real = 0
     real_in_fake = torch.zeros(len(real_features), dtype=torch.bool, device=real_features.device)
     for start in range(0, len(fake_features), batch_size):
