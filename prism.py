@@ -765,6 +765,7 @@ import types
 from datetime import timedelta
 
 import torch.distributed as dist
+from PIL import Image
 
 
 # ── The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images ───────────
@@ -999,8 +1000,6 @@ def read_json(path, way_out):
 
 def save_image_atomic(image, path, note=""):
     """Saves a [0, 1] (3, H, W) image atomically: 8-bit PNG or JPEG by suffix, `note` in EXIF."""
-    from PIL import Image
-
     if not torch.isfinite(image).all():
         raise ValueError(f"refusing to save non-finite pixels as {path}")
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
@@ -1012,8 +1011,6 @@ def save_image_atomic(image, path, note=""):
 
 def read_image(path):
     """The image at `path` in RGB; one that does not decode is a UsageError that names it."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -1116,8 +1113,6 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
 
 def labelled_sets(named_sets, class_names, class_ids=None):
     """Each (name, path) as a dict (folders, classes, image count); every image decoded now."""
-    from PIL import Image
-
     sets, (rank, world) = [], rank_and_world()
     for name, path in named_sets:
         try:  # ImageFolder's folders, mapped before it looks for images
@@ -1264,12 +1259,11 @@ def locate_model(name, flag, alternative=""):
     except Exception:  # the hub cannot be reached: the cache may still hold the model
         pass
     try:
-        hub.snapshot_download(name, local_files_only=True)
+        return hub.snapshot_download(name, local_files_only=True), True  # the cached folder
     except Exception:
         raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
                          f"{'off (HF_HUB_OFFLINE)' if offline else 'unreachable'}; download "
                          f"it (`hf download {name}`) and pass its folder{tail}")
-    return name, True
 
 
 def load_pretrained(name_or_path, flag, what, load, alternative=""):
