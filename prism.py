@@ -753,12 +753,12 @@ import types
 from datetime import timedelta
 
 import torch.distributed as dist
+from PIL import Image
 
 
 # ── The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images ───────────
 class Preprocess(nn.Module):
-    """[0, 1] images of any size → a classifier's input: a differentiable resize (§2), then
-    normalise. `resize_size`: real images' shorter side before evaluation's centre crop."""
+    """[0, 1] images of any size → a classifier's input: differentiable resize (§2), normalised."""
 
     def __init__(self, input_size, mean, std, resize_size=None):
         super().__init__()
@@ -861,7 +861,6 @@ class Args:
     image_size: int = flag(KD["image_size"], "student input size", POSITIVE)
     pr_k: int = flag(keyword_defaults(precision_recall)["k"], "k of precision and recall", POSITIVE,
                      group="measuring (§5), evaluation, ablations")
-    sheet_classes: int = flag(32, "classes in contact_sheet.png", POSITIVE)
     val_dir: str = flag(None, "real images, a folder per class; repeat it (first: ImageNet val)",
                         action="append", metavar="[NAME=]PATH")
     class_ids: str = flag(None, "the classes' ids in label order, one a line", metavar="FILE")
@@ -899,8 +898,7 @@ def ask_llm(llm, questions, answers, *, max_new_tokens, device="cpu", batch_size
     """(answers, llm): cached in `answers`, else greedy by `llm` (a name: loaded), chat or not."""
     missing = [question for question in dict.fromkeys(questions) if question not in answers]
     if missing:
-        model, tokenizer = llm = (load_llm(llm, device) if isinstance(llm, (str, os.PathLike))
-                                  else llm)
+        model, tokenizer = llm = llm if isinstance(llm, tuple) else load_llm(llm, device)
         chat = getattr(tokenizer, "chat_template", None) is not None
         for start in tqdm(range(0, len(missing), batch_size), desc="llm", unit="batch"):
             batch = missing[start:start + batch_size]
@@ -990,8 +988,6 @@ def read_json(path, way_out):
 
 def save_image_atomic(image, path, note=""):
     """Saves a [0, 1] (3, H, W) image atomically: 8-bit PNG or JPEG by suffix, `note` in EXIF."""
-    from PIL import Image
-
     if not torch.isfinite(image).all():
         raise ValueError(f"refusing to save non-finite pixels as {path}")
     pixels = image.detach().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
@@ -1003,8 +999,6 @@ def save_image_atomic(image, path, note=""):
 
 def read_image(path):
     """The image at `path` in RGB; one that does not decode is a UsageError that names it."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -1045,21 +1039,19 @@ def image_folder(data_dir, transform, classes=None):
 
 def named_val_sets(values):
     """(name, path) of each --val-dir value, `NAME=PATH` or `PATH` (named by its folder)."""
-    sets = []
+    sets = {}
     for value in values or []:
-        name, equals, path = value.partition("=")
-        if not equals or os.sep in name:  # no name given, or a "=" inside the path itself
-            name, path = Path(os.path.abspath(value)).name, value
-        if not (name.strip() and path.strip()) or name in dict(sets):
+        named = re.fullmatch(r"([^=/]*)=(.*)", value)  # a "/" before "=": the path holds the "="
+        name, path = named.groups() if named else (Path(os.path.abspath(value)).name, value)
+        if not (name.strip() and path.strip()) or name in sets:
             raise UsageError(f"--val-dir {value}: give each set a folder and a name of its own "
                              f"(NAME=PATH)")
-        sets.append((name, Path(path)))
-    return sets
+        sets[name] = Path(path)
+    return list(sets.items())
 
 
 def read_lines(path, flag, count=None):
-    """The non-blank lines of the UTF-8 file `path`, each split at its first tab into stripped
-    cells; a first cell blank or twice, or not `count` lines: a UsageError."""
+    """A UTF-8 file's non-blank lines split at the first tab; a name blank or twice: UsageError."""
     try:
         rows = [[cell.strip() for cell in line.split("\t", 1)]
                 for line in Path(path).read_bytes().decode("utf-8").splitlines() if line.strip()]
@@ -1077,8 +1069,7 @@ def read_lines(path, flag, count=None):
 
 
 def class_mapping(folders, num_classes, class_names, class_ids=None):
-    """(classes, rule): each folder's class by the first rule that maps all: integers (ImageNet-V2),
-    class names, --class-ids (-R, -A), a full set of WordNet ids sorted (val); else a UsageError."""
+    """(classes, rule): each folder's class by the first rule mapping all (V2: integers; R: ids)."""
     by_name, ids = collections.defaultdict(list), {id_: n for n, id_ in enumerate(class_ids or [])}
     for index, name in enumerate(class_names):
         by_name[name.lower()].append(index)
@@ -1110,8 +1101,6 @@ def class_mapping(folders, num_classes, class_names, class_ids=None):
 
 def labelled_sets(named_sets, class_names, class_ids=None):
     """Each (name, path) as a dict (folders, classes, image count); every image decoded now."""
-    from PIL import Image
-
     sets, (rank, world) = [], rank_and_world()
     for name, path in named_sets:
         try:  # ImageFolder's folders, mapped before it looks for images
@@ -1148,8 +1137,7 @@ def rank_and_world():
 
 
 def barrier():
-    """Waits for every rank, however long: each counts itself in at a key of the group's store and
-    polls it (ranks hours apart would meet a collective's timeout; its watchdog aborts the job)."""
+    """Waits for every rank, however long, counted at the group's store (a collective times out)."""
     world = rank_and_world()[1]
     if world > 1:
         store = dist.distributed_c10d._get_default_store()
@@ -1242,8 +1230,7 @@ def exclusive_out(out):
 
 # ── Model loading: a hub id or a local folder, or one line that says what to do ───────────────────
 def locate_model(name, flag, alternative=""):
-    """(source, local_files_only) for from_pretrained: a folder; a hub id from the hub if it
-    answers (10 s at most), else from the cache; else at once a UsageError naming `flag`."""
+    """(source, local_files_only): a folder; a hub id the hub knows (asked 10 s), else the cache."""
     import huggingface_hub as hub
 
     name, tail = str(name), f"; or use {alternative}" if alternative else ""
@@ -1252,22 +1239,19 @@ def locate_model(name, flag, alternative=""):
         return name, True
     try:
         hub.utils.validate_repo_id(name)  # a path that is no folder fails here
-        info = None if offline else hub.model_info(name, timeout=10)
+        if not offline:
+            hub.model_info(name, timeout=10)
+            return name, False
     except (hub.errors.RepositoryNotFoundError, hub.errors.HFValidationError):
         raise UsageError(f"{flag} {name}: no such model on the hub and no such folder{tail}")
     except Exception:  # the hub cannot be reached: the cache may still hold the model
-        info = None
-    if info is not None and info.gated and not hub.get_token():
-        raise UsageError(f"{flag} {name}: accept its licence on huggingface.co, then "
-                         f"`hf auth login`{tail}")
-    if info is None:  # no answer from the hub: the cache, or the way out
-        try:
-            hub.snapshot_download(name, local_files_only=True)
-        except Exception:
-            raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
-                             f"{'off (HF_HUB_OFFLINE)' if offline else 'unreachable'}; download "
-                             f"it (`hf download {name}`) and pass its folder{tail}")
-    return name, info is None
+        pass
+    try:
+        return hub.snapshot_download(name, local_files_only=True), True  # the cached folder
+    except Exception:
+        raise UsageError(f"{flag} {name}: not in the local cache and the hub is "
+                         f"{'off (HF_HUB_OFFLINE)' if offline else 'unreachable'}; download "
+                         f"it (`hf download {name}`) and pass its folder{tail}")
 
 
 def load_pretrained(name_or_path, flag, what, load, alternative=""):
@@ -1282,8 +1266,7 @@ def load_pretrained(name_or_path, flag, what, load, alternative=""):
 
 
 def load_teacher(name, device, *, weights_path=None, num_classes=1000):
-    """(teacher, class names or None): the frozen torchvision classifier f_T `name` on [0, 1]
-    images, preprocessed as its DEFAULT weights say, with them or the state dict `weights_path`."""
+    """(f_T, class names or None): torchvision's `name` frozen, preprocessed as its weights say."""
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:  # torchvision refuses DEFAULT weights for other classes than theirs
         model = torchvision.models.get_model(name, weights=None if weights_path else weights,
@@ -1656,7 +1639,7 @@ def synthesis_stage(args, out, models, prompts, pipe):
     sheet = out / "contact_sheet.png"
     if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns  # older than the set
                       < (synthetic / "settings.json").stat().st_mtime_ns):
-        contact_sheet(synthetic, sheet, max_classes=args.sheet_classes)
+        contact_sheet(synthetic, sheet)
     return read_json(synthetic / "settings.json", "")["settings"]
 
 
@@ -1774,7 +1757,7 @@ def spread(count, total):
     return [round(k * (total - 1) / max(count - 1, 1)) for k in range(count)]
 
 
-def contact_sheet(data_dir, path, *, max_classes=ARGS.sheet_classes, per_row=8, tile=64):
+def contact_sheet(data_dir, path, *, max_classes=32, per_row=8, tile=64):
     """Writes a PNG of a set: the first `per_row` images of `max_classes` classes spread evenly."""
     folders = sorted(Path(data_dir).glob("[0-9]*"))
     rows = [sorted(folders[c].glob("[0-9]*"))[:per_row] for c in spread(max_classes, len(folders))]

@@ -913,9 +913,8 @@ def test_resumed_synthesis_equals_uninterrupted_and_a_damaged_image_is_named_the
     resumed = prism.synthesize_dataset(pipe, teacher, prompts, folder, per_class=3, batch_size=2, **SYNTH)
 
     expected, got = tree(tmp_path / "whole"), tree(folder)
-    assert list(got) == list(expected) == whole == resumed == [f"{c:04d}/{i:05d}.png" for c in range(3) for i in range(3)]
-    for name in expected:  # other batch compositions: equal up to one 8-bit level
-        assert np.abs(got[name].astype(int) - expected[name].astype(int)).max() <= 1
+    assert list(got) == whole == resumed == [f"{c:04d}/{i:05d}.png" for c in range(3) for i in range(3)]
+    same_images(got, expected)  # other batch compositions: equal up to one 8-bit level
     notes = {name: note(folder / name) for name in resumed}
     assert all(notes[f"{c:04d}/{i:05d}.png"]["seed"] == prism.image_seed(0, c, i) and
                notes[f"{c:04d}/{i:05d}.png"]["prompt"] == prompts[c][i] for c in range(3) for i in range(3))
@@ -1086,20 +1085,13 @@ def test_class_mapping_rules_and_refusals():
         prism.class_mapping(["n02", "n04"], 4, names)  # a subset of ids, and no list of them
 
 
-def test_val_dir_names_and_class_ids_file(tmp_path):
+def test_val_dir_names_and_an_empty_folder(tmp_path):
     assert prism.named_val_sets(["imagenet=/data/val", "/data/imagenet-r/", "/x=y/sketch"]) == [
         ("imagenet", Path("/data/val")), ("imagenet-r", Path("/data/imagenet-r")),
         ("sketch", Path("/x=y/sketch"))]
     for values in (["=/data/val"], ["a=/x", "a=/y"], ["/x/a", "a=/y"], ["v="]):  # no name, twice, no folder
         with pytest.raises(prism.UsageError, match="give each set a folder and a name of its own"):
             prism.named_val_sets(values)
-    (tmp_path / "ids.txt").write_text("n01\nn02\n\nn03\n")
-    assert prism.read_lines(tmp_path / "ids.txt", "--class-ids", 3) == [["n01"], ["n02"], ["n03"]]
-    with pytest.raises(prism.UsageError, match="has 3 lines but the teacher has 4 classes"):
-        prism.read_lines(tmp_path / "ids.txt", "--class-ids", 4)
-    (tmp_path / "twice.txt").write_text("n01\nn02\nn01\n")
-    with pytest.raises(prism.UsageError, match="--class-ids .* gives 'n01' twice"):
-        prism.read_lines(tmp_path / "twice.txt", "--class-ids", 3)
     (tmp_path / "empty").mkdir()
     with pytest.raises(prism.UsageError, match=r"--val-dir e \(.*\): .*find any class folder"):
         prism.labelled_sets([("e", tmp_path / "empty")], NAMES)
@@ -1161,12 +1153,15 @@ def test_evaluation_table():
 
 
 # ── classes and teacher loading ─────────────────────────────────────────────────────────────
-def test_class_list_file(tmp_path):
+def test_class_list_and_class_ids_files(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("mouse\tthe computer pointing device\n\ncrane\n")
     assert prism.load_class_names(str(path)) == (["mouse", "crane"], ["the computer pointing device", ""])
     path.write_text("tench\ngoldfish\n")
     assert prism.load_class_names(str(path)) == (["tench", "goldfish"], None)
+    assert prism.read_lines(path, "--class-ids", 2) == [["tench"], ["goldfish"]]
+    with pytest.raises(prism.UsageError, match="--class-ids .* has 2 lines but the teacher has 4 classes"):
+        prism.read_lines(path, "--class-ids", 4)
     for text, message in (("", "empty"), ("a\nb\nA\n", "twice"), ("a\n\tb\n", "no name before its tab")):
         path.write_text(text)
         with pytest.raises(prism.UsageError, match=f"^--data {path} .*{message}"):
@@ -1254,25 +1249,14 @@ def test_default_workers_and_channels_last_follow_the_machine(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
     assert workers() == 0
     monkeypatch.setattr(prism, "CORES", 224)  # a big node
-    assert workers() == 12  # 8 processes: 27 cores each, capped
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert workers() == 12  # not 223
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert workers() == 12  # 27 cores a process, capped
     assert prism.parse_args(["--workers", "3"]).workers == 3
     # channels_last: on with CUDA (faster convolutions there), off on a CPU, unless a flag says
     assert prism.parse_args(["--device", "cuda:1"]).channels_last is True
     assert prism.parse_args(["--device", "cpu"]).channels_last is False
     assert prism.parse_args(["--device", "cpu", "--channels-last"]).channels_last is True
     assert prism.parse_args(["--device", "cuda", "--no-channels-last"]).channels_last is False
-
-
-def test_evaluate_known_answer(tmp_path):
-    colours = {"0_red": [(255, 0, 0), (0, 0, 255)], "1_green": [(0, 255, 0)], "2_blue": [(0, 0, 255)]}
-    for folder, images in colours.items():
-        (tmp_path / folder).mkdir()
-        for n, colour in enumerate(images):
-            Image.new("RGB", (20, 20), colour).save(tmp_path / folder / f"{n}.png")
-    result = prism.evaluate(ChannelMeans(), tmp_path, image_size=16, num_workers=0, progress=False)
-    assert result == {"top1": 75.0, "top5": 100.0, "images": 4}
 
 
 # ── main(): smoke run end to end, resume, and every bad input ───────────────────────────────
@@ -1301,9 +1285,7 @@ def test_smoke_run_end_to_end(smoke_run):
     assert sum(results["prompts"]["scene_sources"].values()) == 4
     student = prism.build_tiny_classifier(4, width=8)
     student.load_state_dict(torch.load(smoke_run / "student.pt", weights_only=True))
-
-
-def test_smoke_rerun_skips_finished_stages(smoke_run):
+    # a rerun skips finished stages
     files = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file() and "tiny-models" not in str(p)}
     assert prism.main(["--smoke", "--out", str(smoke_run)]) == 0
     changed = {p.name for p, t in files.items() if p.stat().st_mtime_ns != t}
@@ -1314,20 +1296,16 @@ BAD_CLASS_LISTS = {"empty class list": "\n", "duplicate class": "a\nb\na\nc\n", 
                    "not UTF-8": "caf\xe9\nb\nc\nd\n", "tab without a name": "a\n\tthe second\nc\nd\n"}
 BAD_FLAGS = {
         "unknown teacher": ["--teacher", "resnet5000"],
-        "unknown student": ["--student", "not_a_net"],
         "missing class list": ["--data", "missing-classes.txt"],
         "zero per class": ["--per-class", "0"],
         "zero steps": ["--steps", "0"],
         "negative epochs": ["--epochs", "-1"],
         "negative energy scale": ["--energy-scale", "-0.1"],
-        "negative class scale": ["--class-scale", "-1"],
         "negative cfg": ["--cfg", "-2"],
         "not finite": ["--energy-scale", "nan"],
-        "zero guidance batch": ["--guidance-batch", "0"],
         "more steps than trained": ["--smoke", "--steps", "2000"],
         "empty out": ["--out", ""],
         "empty llm": ["--llm", " "],
-        "zero scenes per class": ["--scenes-per-class", "0"],
         "more scenes than an answer holds": ["--scenes-per-class", "40"],
         "a count that fills the memory": ["--check-seeds", "1000000000"],
         "two tools at once": ["--smoke", "--benchmark", "--check-guidance"],
@@ -1337,7 +1315,6 @@ BAD_FLAGS = {
         "too many workers": ["--workers", "100000"],
         "student input too small": ["--smoke", "--image-size", "1"],
         "pr-k above the set": ["--smoke", "--pr-k", "100"],
-        "empty val-dir name": ["--val-dir", "=val"],
         "repeated val-dir name": ["--val-dir", "imagenet=a", "--val-dir", "imagenet=b"],
         "missing class ids": ["--smoke", "--class-ids", "no-such-ids.txt"],
         "removed cheap decode": ["--guidance-downsample", "2"],
@@ -1367,10 +1344,8 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, pipe_dir, capsys, monke
 
 def test_out_with_other_settings_exits_2_and_keeps_data(smoke_run, capsys):
     before = {p: p.read_bytes() for p in (smoke_run / "synthetic").rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert prism.main(["--smoke", "--out", str(smoke_run), "--energy-scale", "0.3"]) == 2
-    err = capsys.readouterr().err
-    assert "other settings" in err and "energy_scale" in err and err.count("\n") == 1
+    code, err = run_main(["--smoke", "--out", str(smoke_run), "--energy-scale", "0.3"], capsys)
+    assert code == 2 and "energy_scale" in one_line(err, "prism: error: ") and "other settings" in err
     assert prism.main(["--smoke", "--out", str(smoke_run), "--per-class", "5"]) == 2
     assert {p: p.read_bytes() for p in (smoke_run / "synthetic").rglob("*") if p.is_file()} == before
 
