@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torchvision import transforms
 from tqdm.auto import tqdm
 
@@ -494,6 +495,16 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
 
 
 # ── Stage 4. Knowledge distillation (§4): the student matches the teacher's soft outputs ──────────
+def read_image(path):
+    """The image at `path` in RGB; one that does not decode is a UsageError that names it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # whatever PIL says, the file is damaged (a disk, not prism)
+        raise UsageError(f"{path} is damaged ({error}); delete it and rerun the same command: "
+                         f"it is remade")
+
+
 class SeededAugmentation(torch.utils.data.Dataset):
     """Item epoch·N + i of an N-image dataset, augmented with the seed (seed, epoch, i): the same
     crop and flip in any process, worker (they persist across epochs) or resumed run."""
@@ -652,7 +663,6 @@ def extract_features(teacher, data_dir, *, classes=None, image_size=224, resize_
     """(features, labels) of an image folder under eval_transform (§5): the input of the
     teacher's last nn.Linear (its logits if it has none, e.g. SqueezeNet)."""
     dataset = image_folder(data_dir, eval_transform(image_size, resize_size), classes)
-    dataset.loader = read_image  # a damaged image: one line that names it
     head, captured = last_linear_module(teacher.to(device).eval()), []
     hook = (head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
             if isinstance(head, nn.Linear) else contextlib.nullcontext())
@@ -753,7 +763,6 @@ import types
 from datetime import timedelta
 
 import torch.distributed as dist
-from PIL import Image
 
 
 # ── The teacher: its own preprocessing folded in, so every stage hands it [0, 1] images ───────────
@@ -997,15 +1006,6 @@ def save_image_atomic(image, path, note=""):
     atomic_write(path, lambda temp: image.save(temp, format=kind, quality=95, exif=exif))
 
 
-def read_image(path):
-    """The image at `path` in RGB; one that does not decode is a UsageError that names it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as error:  # whatever PIL says, the file is damaged
-        raise damaged(path, error, "delete it and rerun the same command: it is remade")
-
-
 # ── Resume: settings, the images, checkpoints (nothing cached is lost or mixed) ───────────────────
 def settings_difference(old, new, shown=3):
     """The first `shown` keys whose values differ between two settings dicts, as short text."""
@@ -1032,8 +1032,8 @@ def check_settings(path, settings, *, overwrite, what):
 # ── Labelled image folders: which folder is which class ───────────────────────────────────────────
 def image_folder(data_dir, transform, classes=None):
     """ImageFolder of `data_dir`; the i-th sorted folder is class classes[i] (default: i)."""
-    return torchvision.datasets.ImageFolder(
-        str(data_dir), transform=transform,
+    return torchvision.datasets.ImageFolder(  # a damaged image: one line that names it
+        str(data_dir), transform=transform, loader=read_image,
         target_transform=None if classes is None else list(classes).__getitem__)
 
 
