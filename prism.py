@@ -1367,8 +1367,7 @@ def parse_args(argv):
         raise UsageError("--benchmark and --check-guidance measure guidance: drop --ablate "
                          "guidance, give --energy-scale or --class-scale above 0")
     if args.guidance_start >= args.guidance_end:
-        raise UsageError(f"--guidance-start {args.guidance_start} must be below --guidance-end "
-                         f"{args.guidance_end}")
+        raise UsageError(f"--guidance-start {args.guidance_start}: must be below --guidance-end")
     if args.cfg <= 1 and os.environ.get("RANK", "0") == "0":
         report("warning", f"--cfg {args.cfg} <= 1 turns classifier-free guidance off")
     return args
@@ -1451,8 +1450,8 @@ def read_llm_answers(path, *, overwrite):
 
 
 def load_models(args, device):
-    """(out, models): --out, and the teacher, the untrained student (tried on --image-size now),
-    the classes, `identity` (what decides the pixels), the prompt settings; --smoke: tiny ones."""
+    """(out, models): --out, the teacher, the untrained student (tried on --image-size now), the
+    classes, `identity` (what decides the pixels), prompt settings (LLM found); --smoke: tiny."""
     if args.batch_size % rank_and_world()[1]:  # said now, not after hours of synthesis
         raise UsageError(f"--batch-size {args.batch_size} is global: it must be a multiple of the "
                          f"{rank_and_world()[1]} processes")
@@ -1479,8 +1478,7 @@ def load_models(args, device):
         with torch.no_grad():
             models.student.eval()(torch.zeros(2, 3, args.image_size, args.image_size))
     except RuntimeError as error:
-        raise UsageError(f"--image-size {args.image_size} does not fit the student: "
-                         f"{first_line(error)}")
+        raise UsageError(f"the student refuses --image-size {args.image_size}: {first_line(error)}")
     models.student.train()
     ablate = sorted(set(args.ablate) - {"guidance"})
     models.llm = None if args.llm == "none" else "tiny-random" if args.smoke else args.llm
@@ -1490,7 +1488,14 @@ def load_models(args, device):
         "neighbours": args.neighbours, "llm": models.llm, "teacher": models.identity["teacher"],
         **({"scenes_per_class": args.scenes_per_class} if models.llm else {}),  # the LLM's alone
         **({"ablate": ablate} if ablate else {})}
-    return Path(args.out), models
+    out = Path(args.out)  # the LLM the prompts need: found before SD loads, or its answers kept
+    if models.llm and not (args.smoke or args.check_guidance) and not (
+            read_prompts(out / "prompts.json", models.prompt_settings, overwrite=args.overwrite)
+            or models.llm in read_llm_answers(out / "llm_answers.json", overwrite=args.overwrite)):
+        from transformers import AutoConfig
+        load_pretrained(args.llm, "--llm", "LLM", lambda source, local: AutoConfig.from_pretrained(
+            source, local_files_only=local), "--llm none")
+    return out, models
 
 
 def labelled_test_sets(args, models):
@@ -1501,8 +1506,7 @@ def labelled_test_sets(args, models):
     first = test_sets[0] if test_sets else {"classes": models.class_names, "images": math.inf}
     smallest = min(len(first["classes"]) * args.per_class, first["images"])
     if args.pr_k >= smallest:
-        raise UsageError(f"--pr-k {args.pr_k} needs more than {args.pr_k} images on each side; "
-                         f"the smaller set has {smallest}")
+        raise UsageError(f"--pr-k {args.pr_k}: must be below {smallest}, the smaller set's size")
     return test_sets
 
 
@@ -1520,7 +1524,6 @@ def load_sampler(args, device, out, pipe=None):
         part.to(memory_format=torch.channels_last)
     if args.scheduler != "model":
         import diffusers
-
         kind, kinds = getattr(diffusers, args.scheduler, None), pipe.scheduler.compatibles
         if kind not in kinds:
             raise UsageError(f"--scheduler {args.scheduler}: not one this model can use; give "
@@ -1528,21 +1531,9 @@ def load_sampler(args, device, out, pipe=None):
         try:
             pipe.scheduler = kind.from_config(pipe.scheduler.config)
         except ImportError:  # LMS needs scipy, DPM-Solver SDE torchsde: not in requirements.txt
-            raise UsageError(f"--scheduler {args.scheduler} needs a package that is not "
-                             f"installed; use another scheduler")
+            raise UsageError(f"--scheduler {args.scheduler} needs a missing package: use another")
     check_sampler(pipe, sampling_options(args))
     return pipe
-
-
-def check_llm_available(args, out, settings):
-    """Fails fast, before SD loads, if the prompts need an LLM not found and not cached."""
-    if not (args.smoke or not settings["llm"]
-            or read_prompts(out / "prompts.json", settings, overwrite=args.overwrite)
-            or settings["llm"] in read_llm_answers(out / "llm_answers.json",
-                                                   overwrite=args.overwrite)):
-        from transformers import AutoConfig
-        load_pretrained(args.llm, "--llm", "LLM", lambda source, local: AutoConfig.from_pretrained(
-            source, local_files_only=local), "--llm none")
 
 
 @contextlib.contextmanager
@@ -1633,8 +1624,7 @@ def synthesis_stage(args, out, models, prompts, pipe):
     wanted = len(models.class_names) * args.per_class
     if len(files) < wanted:
         if rank == 0:
-            print(f"synthesis: {len(files)} of {wanted} images cached; rerun the same command "
-                  f"to continue")
+            print(f"synthesis: {len(files)} of {wanted} images cached; rerun to continue")
         return None
     sheet = out / "contact_sheet.png"
     if rank == 0 and (not sheet.exists() or sheet.stat().st_mtime_ns  # older than the set
@@ -1644,9 +1634,8 @@ def synthesis_stage(args, out, models, prompts, pipe):
 
 
 def distillation_stage(args, out, models, data_settings, results, device):
-    """Stage 4 (§4): distils the teacher into models.student on OUT/synthetic, resumed from
-    OUT/checkpoint.pt (rank 0's, each epoch); adds the KD losses to `results`. False while epochs
-    are missing (--epochs-this-run)."""
+    """Stage 4 (§4): distils into models.student on OUT/synthetic, resumed from OUT/checkpoint.pt;
+    adds the KD losses to `results`. False while epochs are missing (--epochs-this-run)."""
     torch.cuda.empty_cache()  # what the diffusion model held
     if args.epochs == 0:
         return True
@@ -1684,17 +1673,15 @@ def distillation_stage(args, out, models, data_settings, results, device):
             dist.broadcast(tensor, src=0)
     results["distill"] = {"epochs_done": len(history), "kd_loss": history}
     if rank == 0 and len(history) < args.epochs:
-        print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun the same "
-              f"command to continue")
+        print(f"distillation: {len(history)} of {args.epochs} epochs done; rerun to continue")
     elif rank == 0:
         save_torch_atomic(models.student.state_dict(), out / "student.pt")
     return len(history) == args.epochs
 
 
 def measurement_stage(args, out, models, test_sets, results, device):
-    """Stage 5 (§5): into `results`, the synthetic set measured in the teacher's features (against
-    the first test set; --smoke without one: itself), teacher and student on every test set; rank 0
-    writes OUT/results.json and prints the measures."""
+    """Stage 5 (§5): into OUT/results.json, the synthetic set in the teacher's features (against the
+    first test set; --smoke without one: itself), teacher and student on every test set."""
     synthetic, n = out / "synthetic", len(models.class_names)
     if not test_sets and args.smoke:
         test_sets = labelled_sets([("synthetic", synthetic)], models.class_names)
@@ -1743,8 +1730,7 @@ def measurement_stage(args, out, models, test_sets, results, device):
         if "evaluation" in results:
             print(evaluation_table(results["evaluation"]["sets"], n))
         smoke = " (--smoke: plumbing, not accuracy)" if args.smoke else ""
-        print(f"everything measured: {out / 'results.json'}; what was generated: "
-              f"{out / 'contact_sheet.png'}{smoke}")
+        print(f"measured: {out / 'results.json'}; generated: {out / 'contact_sheet.png'}{smoke}")
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -1912,8 +1898,7 @@ def check_guidance(pipe, teacher, prompts, class_ids, latents, *, class_names, r
 
 
 def markdown_table(rows, columns):
-    """A Markdown table of `rows` (dicts): `columns` maps each heading to its cells' str.format;
-    a column naming a field the first row lacks is left out."""
+    """A Markdown table of `rows` (dicts), `columns` {heading: str.format}, less those they lack."""
     columns = {heading: pattern for heading, pattern in columns.items()
                if not rows or set(re.findall(r"\{(\w+)", pattern)) <= rows[0].keys()}
     cells = [list(columns), ["---"] * len(columns)]
@@ -1921,9 +1906,11 @@ def markdown_table(rows, columns):
     return "\n".join("| " + " | ".join(line) + " |" for line in cells)
 
 
-def benchmark_distillation(args, device, folder, teacher, student):
-    """Images/s of the loader alone, the whole distill() loop (its last of 3 epochs) and kd_step
-    on the device (pure compute), × pure compute, on 8 batches like generated images."""
+def benchmark_distillation(args, device, folder, teacher):
+    """Rows of images/s, ÷ pure compute: the loader, distill()'s last of 3 epochs, kd_step alone;
+    the student: resnet18 with random weights (--smoke: a tiny one)."""
+    student = build_tiny_classifier(1000, width=8, input_size=args.image_size) if args.smoke else (
+        seeded(1, lambda: with_preprocessing(torchvision.models.resnet18(), args.image_size)))
     shutil.rmtree(folder, ignore_errors=True)  # a fresh set
     generator, size = torch.Generator().manual_seed(0), min(args.height, args.store_size or 10**9)
     for n in range(8 * args.batch_size):  # smooth colours, mild noise: generated images' sizes
@@ -1963,10 +1950,8 @@ def run_tool(args, device):
     if args.benchmark:
         out, ids = Path(args.out), list(range(args.gen_batch))  # exclusive_out made --out
         args.height, args.width = args.height or 512, args.width or 512
-        teacher, student = (build_tiny_classifier(1000), build_tiny_classifier(
-            1000, width=8, input_size=args.image_size)) if args.smoke else seeded(0, lambda: (
-                with_preprocessing(torchvision.models.resnet50(), 224),  # the same in every run
-                with_preprocessing(torchvision.models.resnet18(), args.image_size)))
+        teacher = build_tiny_classifier(1000) if args.smoke else seeded(0, lambda: (
+            with_preprocessing(torchvision.models.resnet50(), 224)))  # the same in every run
         pipe = load_sampler(args, device, out, random_pipeline(
             out / "benchmark" / "vocab", image_size=args.height,
             architecture="tiny" if args.smoke else "sd15").to(device, getattr(torch, args.dtype)))
@@ -1990,8 +1975,7 @@ def run_tool(args, device):
     tables = [markdown_table(result["modes"], MODES_TABLE)]
     if args.benchmark:
         del pipe  # as in a real run, the diffusion model's memory goes to distillation
-        distillation = benchmark_distillation(args, device, out / "benchmark" / "images",
-                                              teacher, student)
+        distillation = benchmark_distillation(args, device, out / "benchmark" / "images", teacher)
         flags = ("height width steps gen_batch guidance_batch dtype batch_size image_size "
                  "workers store_size image_format channels_last").split()
         machine = " ".join([torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -2002,14 +1986,14 @@ def run_tool(args, device):
             "distillation": "{part}", "images / s": "{images_per_s:.1f}",
             "/ pure compute": "{vs_compute:.2f}"})]
     else:
-        arrow = lambda key, spec: f"{{unguided[{key}]:{spec}}} → {{guided[{key}]:{spec}}}"  # noqa
         tables = [markdown_table(result["fidelity"], {
             "guided step": "{step} of {steps}", "cosine of the exact gradient with the method's "
             "g (mean)": "{cosine_mean:.3f}", "(min)": "{cosine_min:.3f}"}), *tables,
             markdown_table(result["per_class"], {
-                "class": "{class} {name}", "images": "{images}", "energy: unguided → guided":
-                arrow("energy", ".3f"), "p(y)": arrow("p_class", ".4f"),
-                "top-1 %": arrow("top1", ".0f")})]
+                "class": "{class} {name}", "images": "{images}",
+                "energy: unguided → guided": "{unguided[energy]:.3f} → {guided[energy]:.3f}",
+                "p(y)": "{unguided[p_class]:.4f} → {guided[p_class]:.4f}",
+                "top-1 %": "{unguided[top1]:.0f} → {guided[top1]:.0f}"})]
     text = "\n\n".join(tables)  # printed; kept in OUT/NAME.md, the numbers in OUT/NAME.json
     atomic_write(out / f"{name}.md", lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
     write_json_atomic(result, out / f"{name}.json")
@@ -2019,6 +2003,5 @@ def run_tool(args, device):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, main() reports it
     exit_code = main()
-    # over: exit so. SIG_IGN, as Python's shutdown resets its own handlers (Ctrl-C then kills)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # not Python's: its shutdown resets it to a kill
     sys.exit(exit_code)

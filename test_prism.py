@@ -1557,10 +1557,9 @@ def run_and_kill(argv, ready, timeout=300):
     assert not finished, "the run ended before it could be killed"
 
 
-@pytest.fixture(scope="module")
-def killed_then_finished(tmp_path_factory):
-    """A smoke run killed (SIGKILL) in the middle of synthesis, then rerun to the end."""
-    out = tmp_path_factory.mktemp("killed")
+def test_killed_in_synthesis_then_in_distillation_resumes_as_uninterrupted(smoke_run, tmp_path, capsys):
+    """SIGKILL in synthesis, then in distillation: each rerun resumes, and ends as one uninterrupted run."""
+    out, checkpoint = tmp_path / "killed", tmp_path / "killed" / "checkpoint.pt"
     run_and_kill(["--smoke", "--out", str(out), "--gen-batch", "1"],
                  ready=lambda: len(list(out.glob("synthetic/*/*.png"))) >= 5)
     images = sorted(out.glob("synthetic/*/*.png"))
@@ -1571,16 +1570,7 @@ def killed_then_finished(tmp_path_factory):
     times = {path: path.stat().st_mtime_ns for path in images}
     assert prism.main(["--smoke", "--out", str(out)]) == 0
     assert all(path.stat().st_mtime_ns == time for path, time in times.items())  # none made again
-    return out
-
-
-def test_synthesis_killed_mid_way_then_rerun_equals_uninterrupted(killed_then_finished, smoke_run):
-    same_images(tree(killed_then_finished / "synthetic"), tree(smoke_run / "synthetic"))
-    assert leftovers(killed_then_finished) == []
-
-
-def test_distillation_killed_mid_way_resumes_at_its_last_epoch(killed_then_finished, capsys):
-    out, checkpoint = killed_then_finished, killed_then_finished / "checkpoint.pt"
+    same_images(tree(out / "synthetic"), tree(smoke_run / "synthetic"))
     argv = ["--smoke", "--out", str(out), "--epochs", "40", "--overwrite"]  # other epochs: a new training run
 
     def epochs_done():
@@ -1608,6 +1598,7 @@ def test_distillation_killed_mid_way_resumes_at_its_last_epoch(killed_then_finis
     resumed = torch.load(out / "student.pt", weights_only=True)
     for name, value in student.state_dict().items():
         torch.testing.assert_close(value, resumed[name], atol=1e-4, rtol=1e-4)
+    assert leftovers(out) == []
 
 
 # ── faults a user or a crash leaves behind: one line, the right exit code, and a way back ────
@@ -1797,13 +1788,12 @@ def test_settings_that_do_nothing_are_refused_or_warned(tmp_path, capsys):
     one_line(err, "prism: error: the guidance window [0.95, 0.99) every 1 holds none of the 10 sampling steps")
     assert not (tmp_path / "a" / "prompts.json").exists()
     pipe = prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu")
-    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     window = dict(num_steps=10, guidance_start=0.81, guidance_end=0.9, guidance_every=1)
+    with pytest.raises(prism.UsageError, match="none of the 10 sampling"):  # DDIM's 10: none is
+        prism.check_sampler(pipe, window)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     with pytest.raises(prism.UsageError, match="multistep"):  # PNDM's 11 timesteps: step 9 is in
         prism.check_sampler(pipe, window)  # the window, so it is the multistep rule that refuses
-    with pytest.raises(prism.UsageError, match="none of the 10 sampling"):  # DDIM's 10: none is
-        prism.check_sampler(prism.load_diffusion_pipeline(tmp_path / "a" / "tiny-models" / "pipeline", "cpu"),
-                                    window)
     code, err = run_main(["--smoke", "--out", str(tmp_path / "b"), "--cfg", "1", "--epochs", "0"], capsys)
     assert code == 0 and err.startswith("prism: warning: --cfg 1.0 <= 1 turns classifier-free guidance off")
 
@@ -1862,17 +1852,16 @@ def test_every_multistep_scheduler_is_refused_when_only_some_steps_are_guided(pi
 
     window = dict(num_steps=10, guidance_start=0.1, guidance_end=0.7, guidance_every=2)
     every = dict(num_steps=10, guidance_start=0.0, guidance_end=1.0, guidance_every=1)
-    for name in ("PNDMScheduler", "DPMSolverMultistepScheduler",
-                 "UniPCMultistepScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler",
-                 "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+    multistep = ["PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                 "DEISMultistepScheduler", "HeunDiscreteScheduler"]
+    for name in multistep + ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                             "EulerAncestralDiscreteScheduler"]:
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
-        single_step = name in ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                               "EulerAncestralDiscreteScheduler")
-        if single_step:
-            prism.check_sampler(pipe, window)
-        else:
+        if name in multistep:
             with pytest.raises(prism.UsageError, match=f"{name} is a multistep scheduler"):
                 prism.check_sampler(pipe, window)
+        else:
+            prism.check_sampler(pipe, window)
         prism.check_sampler(pipe, every)  # every step guided: the push of every step is the method's
 
 
@@ -1934,35 +1923,30 @@ def test_the_lock_dies_with_its_holder_not_with_its_forked_workers(tmp_path):
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
     import fcntl
 
-    out = tmp_path / "busy"
-    out.mkdir()
-    with open(out / ".prism.lock", "a") as held:  # another run holds the folder
+    with open(tmp_path / ".prism.lock", "a") as held:  # another run holds the folder
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        code, err = run_main(["--smoke", "--out", str(out)], capsys)
+        code, err = run_main(["--smoke", "--out", str(tmp_path)], capsys)
         assert code == 2
-        one_line(err, f"prism: error: {out} is in use by another prism run")
-        assert not (out / "synthetic").exists()
-    assert run_main(["--smoke", "--out", str(out), "--epochs", "0"], capsys)[0] == 0  # released: it runs
+        one_line(err, f"prism: error: {tmp_path} is in use by another prism run")
+        assert not (tmp_path / "synthetic").exists()
+    assert run_main(["--smoke", "--out", str(tmp_path), "--epochs", "0"], capsys)[0] == 0  # released: it runs
 
 
-def test_unexpected_failure_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    def broken(*args, **kwargs):
-        raise ZeroDivisionError("something inside broke")
-
-    monkeypatch.setattr(prism, "build_prompts", broken)
+def test_a_failure_is_one_line_debug_shows_the_traceback_and_out_of_memory_names_the_batch_flags(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prism, "build_prompts", lambda *args, **kwargs: 1 / 0)
     code, err = run_main(["--smoke", "--out", str(tmp_path / "a")], capsys)
     assert code == 1
-    one_line(err, "prism: failed: ZeroDivisionError: something inside broke (rerun with --debug")
+    one_line(err, "prism: failed: ZeroDivisionError: division by zero (rerun with --debug")
     code, err = run_main(["--smoke", "--out", str(tmp_path / "a"), "--debug"], capsys)
     assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("prism: failed:")
+    monkeypatch.undo()
 
-
-def test_out_of_memory_names_the_batch_flags(tmp_path, capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
 
     monkeypatch.setattr(prism, "decode_to_unit", out_of_memory)
-    code, err = run_main(["--smoke", "--out", str(tmp_path / "a")], capsys)
+    code, err = run_main(["--smoke", "--out", str(tmp_path / "b")], capsys)
     assert code == 1
     one_line(err, "prism: failed: out of GPU memory; rerun the same command with a smaller --gen-batch")
 
@@ -1987,9 +1971,8 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(tmp_path):
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "prism: interrupted: rerun the same command to resume"
-    assert "Traceback" not in err
     assert prism.main(["--smoke", "--out", str(out)]) == 0 and leftovers(out) == []
     early = subprocess.Popen([sys.executable, "prism.py", "--smoke", "--out", str(out)], cwd=HERE, env=OFFLINE,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -2047,14 +2030,6 @@ def test_random_kills_then_a_rerun_give_the_uninterrupted_result(tmp_path):
     assert leftovers(out) == []
 
 
-def run_with_file_size_limit(argv, limit_bytes):
-    """prism.py in a subprocess that cannot write more than limit_bytes to any file (as on a full disk)."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
-    return subprocess.run([sys.executable, "prism.py", *argv], cwd=HERE, capture_output=True, text=True,
-                          timeout=600, env=OFFLINE, preexec_fn=limit)
-
-
 def test_full_disk_exits_2_and_keeps_what_was_written(pipe_dir, tmp_path):
     argv = local_models_argv(tmp_path, pipe_dir)
     out = tmp_path / "out"
@@ -2068,7 +2043,10 @@ def test_full_disk_exits_2_and_keeps_what_was_written(pipe_dir, tmp_path):
         if extra is None:  # finish synthesis and one epoch, then ask for a second (new run: --overwrite)
             assert prism.main(argv) == 0
             before, extra = snapshot(), ["--epochs", "2", "--overwrite"]
-        result = run_with_file_size_limit(argv + extra, limit_bytes=1000)  # an image or a checkpoint is bigger
+        # a disk that takes no file over 1000 bytes: an image or a checkpoint is bigger
+        result = subprocess.run([sys.executable, "prism.py", *argv, *extra], cwd=HERE, capture_output=True,
+                                text=True, timeout=600, env=OFFLINE, preexec_fn=lambda: resource.setrlimit(
+                                    resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY)))
         assert result.returncode == 2, (step, result.stderr[-2000:])
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("prism: error: cannot write") and "File too large" in last, (step, last)
@@ -2112,9 +2090,8 @@ def test_torchrun_global_batch_must_split_over_the_processes(tmp_path):
 
 def linear_student():
     """A student without BatchNorm: its gradient over a batch is the mean of per-image gradients."""
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        return prism.with_preprocessing(nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 4)), 32)
+    return prism.seeded(3, lambda: prism.with_preprocessing(
+        nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 4)), 32))
 
 
 def distill_and_evaluate(rank, world, folder, teacher, results):
@@ -2123,8 +2100,7 @@ def distill_and_evaluate(rank, world, folder, teacher, results):
     torch.distributed.init_process_group("gloo", init_method=f"file://{results}.rendezvous", rank=rank,
                                          world_size=world)
     student = linear_student()
-    history = prism.distill(teacher, student, folder, epochs=3,
-                            **dict(DISTILL, lr=0.5))
+    history = prism.distill(teacher, student, folder, epochs=3, **dict(DISTILL, lr=0.5))
     outcome = {"history": history, "student": student.state_dict(), "rank": rank,
                "evaluation": prism.evaluate(ChannelMeans(), folder, image_size=16, num_workers=0, progress=False)}
     torch.save(outcome, f"{results}.rank{rank}")
@@ -2143,8 +2119,7 @@ def test_ddp_with_global_batch_equals_one_process(teacher, tmp_path):
     two = [torch.load(f"{tmp_path / 'two'}.rank{rank}", weights_only=True) for rank in (0, 1)]
 
     student = linear_student()
-    history = prism.distill(teacher, student, folder, epochs=3,
-                            **dict(DISTILL, lr=0.5))
+    history = prism.distill(teacher, student, folder, epochs=3, **dict(DISTILL, lr=0.5))
     for outcome in two:  # both ranks end with the same weights and the same loss history
         np.testing.assert_allclose(outcome["history"], history, rtol=1e-5)
         for name, value in student.state_dict().items():
