@@ -59,7 +59,6 @@ from pathlib import Path
 # Ctrl-C while the libraries below load (seconds): one line, not a traceback
 if __name__ == "__main__":
     import signal
-
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write(
         "prism: interrupted: rerun the same command to resume\n"), os._exit(130)))
 import torch
@@ -717,8 +716,7 @@ def main(argv=None):
             if args.benchmark or args.check_guidance:  # tools (Part III): they measure, not distil
                 run_tool(args, device)
                 return 0
-            out, models = load_models(args, device)  # f_T, f_S, the classes; cheap checks first
-            check_llm_available(args, out, models.prompt_settings)  # found, or its answers kept
+            out, models = load_models(args, device)  # f_T, f_S, classes; the LLM found or cached
             test_sets = [] if args.prompts_only else labelled_test_sets(args, models)
             # the sampler and its flags checked before anything is recorded (not needed for prompts)
             pipe = None if args.prompts_only else load_sampler(args, device, out)
@@ -1232,7 +1230,6 @@ def exclusive_out(out):
 def locate_model(name, flag, alternative=""):
     """(source, local_files_only): a folder; a hub id the hub knows (asked 10 s), else the cache."""
     import huggingface_hub as hub
-
     name, tail = str(name), f"; or use {alternative}" if alternative else ""
     offline = hub.constants.HF_HUB_OFFLINE
     if Path(name).is_dir():
@@ -1296,7 +1293,6 @@ def load_class_names(data):
 def load_llm(name_or_path, device):
     """(model, tokenizer) of a causal LM, padded on the left: each row generates on from its end."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = "auto" if torch.device(device).type == "cuda" else torch.float32
     tokenizer, model = load_pretrained(name_or_path, "--llm", "LLM", lambda source, local: (
         AutoTokenizer.from_pretrained(source, local_files_only=local, padding_side="left"),
@@ -1309,7 +1305,6 @@ def load_llm(name_or_path, device):
 def load_diffusion_pipeline(name_or_path, device, dtype=torch.float32):
     """A frozen StableDiffusionPipeline, no safety checker: its blacked-out images would be data."""
     from diffusers import StableDiffusionPipeline
-
     # low_cpu_mem_usage=False: diffusers' choice without `accelerate` (measured: as fast), said
     pipe = load_pretrained(name_or_path, "--sd-model", "diffusion model", lambda source, local:
                            StableDiffusionPipeline.from_pretrained(
@@ -1542,7 +1537,6 @@ def errors_reported(argv):
     its traceback) and status.code 2 (UsageError, OSError), 1 (a failure) or 130 (Ctrl-C)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
-
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
@@ -1766,7 +1760,6 @@ def evaluation_table(sets, num_classes):
 def bpe_tokenizer(folder, kind, suffixes, special, **options):
     """A byte-level BPE tokenizer `kind` of no merges: a token per byte and suffix, `special`."""
     from tokenizers.pre_tokenizers import ByteLevel
-
     tokens = [a + suffix for suffix in suffixes for a in sorted(ByteLevel.alphabet())] + special
     vocab, merges = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
     vocab.parent.mkdir(parents=True, exist_ok=True)
@@ -1802,7 +1795,6 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     config, ends = RANDOM_PIPELINES[architecture], ["<|startoftext|>", "<|endoftext|>"]
     tokenizer = bpe_tokenizer(vocab_dir, CLIPTokenizer, ("", "</w>"), ends, model_max_length=77)
     start, end = tokenizer.convert_tokens_to_ids(ends)
@@ -1824,7 +1816,6 @@ def random_pipeline(vocab_dir, *, architecture="tiny", image_size=32, prediction
 def build_tiny_llm(model_dir, *, seed=0):
     """Saves a tiny random GPT-2 (it answers random text) to `model_dir`, returned, for load_llm."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-
     tokenizer = bpe_tokenizer(model_dir, GPT2Tokenizer, ("",), ["<|endoftext|>"])
     seeded(seed, lambda: GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, bos_token_id=len(tokenizer) - 1,
