@@ -41,8 +41,8 @@ Notation
    penultimate features; then the student's top-1/top-5 on real test sets.
 
 Part I: the method in data-flow order, its values as keyword defaults; Part II: plumbing, which
-changes nothing computed; Part III: tools. A copied Part I function takes along only UsageError,
-RunFailure and rank_and_world."""
+changes nothing computed; Part III: tools. Copying energy_guided_sample, distill or
+precision_recall takes along only UsageError, RunFailure and rank_and_world."""
 import contextlib
 import copy
 import hashlib
@@ -52,6 +52,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -448,16 +449,19 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
     out_dir.mkdir(exist_ok=True)
     same = check_settings(out_dir / "settings.json", settings, overwrite=overwrite,
                           what="synthetic images")
+    if not (same or overwrite) and any(out_dir.glob("[0-9]*/*")):  # its settings.json deleted
+        raise UsageError(f"{out_dir} holds images but no settings.json: --overwrite remakes them")
     barrier()  # every rank has read the old settings before rank 0 may replace them
     if rank == 0 and not same:  # a new set; killed half way, the old settings stay recorded
-        for image in out_dir.glob("[0-9]*/*"):  # while an old image is left
-            image.unlink()
+        for folder in out_dir.glob("[0-9]*"):  # while an old image (or class) is left
+            shutil.rmtree(folder)
         write_json_atomic({"settings": settings}, out_dir / "settings.json")
     barrier()
     width, digits = max(4, len(str(num_classes - 1))), max(5, len(str(per_class - 1)))
     files = {(c, i): f"{c:0{width}}/{i:0{digits}}.{image_format}"  # zero-padded: sorted = order
              for c in range(num_classes) for i in range(per_class)}
-    missing = [key for key, f in files.items() if not (out_dir / f).exists()][:max_new_images]
+    missing = [key for key, f in files.items() if not (out_dir / f).is_file()][:max_new_images]
+    barrier()  # every rank has its list of the missing before any image is written
     todo, remade = missing[rank::world], 0
     shape = latent_shape(pipe, sample_kwargs.get("height"), sample_kwargs.get("width"))
     with tqdm(total=len(todo), unit="img", disable=not progress or rank != 0, desc=(
@@ -500,8 +504,8 @@ def read_image(path):
         with Image.open(path) as image:
             return image.convert("RGB")
     except Exception as error:  # whatever PIL says, the file is damaged (a disk, not prism)
-        raise UsageError(f"{path} is damaged ({error}); delete it and rerun the same command: "
-                         f"it is remade")
+        raise UsageError(f"{path} is damaged ({error}); delete it and rerun the same command "
+                         f"(a synthetic image is remade)")
 
 
 class SeededAugmentation(torch.utils.data.Dataset):
@@ -723,10 +727,7 @@ def main(argv=None):
 
             # Stage 1 (§3): prompts, made once (rank 0, with the LLM), kept in prompts.json.
             prompts, sources = prompts_stage(args, out, models, device)
-            if args.prompts_only:
-                if rank_and_world()[0] == 0:
-                    print(f"prompts: {out / 'prompts.json'}; read them, then rerun without "
-                          f"--prompts-only")
+            if args.prompts_only:  # prompts_stage said where they are, to read
                 return 0
 
             # Stages 2-3 (§1-2): energy-guided synthesis of the set, cached in OUT/synthetic.
@@ -755,7 +756,6 @@ import dataclasses
 import fcntl
 import inspect
 import io
-import shutil
 import traceback
 import types
 from datetime import timedelta
@@ -1596,6 +1596,8 @@ def prompts_stage(args, out, models, device):
     reuse = read_prompts(path, models.prompt_settings, overwrite=args.overwrite)
     barrier()  # every rank has its verdict before rank 0 may replace the file
     on_rank_zero(lambda: reuse or make_prompts())
+    if args.prompts_only and rank_and_world()[0] == 0:
+        print(f"prompts: {path}; read them, then rerun without --prompts-only")
     prompts, classes = read_prompts(path, models.prompt_settings)
     count = lambda key: dict(collections.Counter(entry[key] for entry in classes))  # noqa: E731
     return prompts, {"llm": models.llm, "description_sources": count("source"),

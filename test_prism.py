@@ -925,7 +925,7 @@ def test_resumed_synthesis_equals_uninterrupted_and_a_damaged_image_is_named_the
     for workers in (0, 1):  # a worker's error reaches the main process as a UsageError too
         loader, _ = prism.kd_loader(folder, 9, image_size=16, num_workers=workers)
         with pytest.raises(prism.UsageError, match=r"0001/00002.png is damaged \(.*\); delete it and rerun the "
-                                                   r"same command: it is remade"):
+                                                   r"same command \(a synthetic image is remade\)"):
             next(iter(loader))
     (folder / "0001/00002.png").unlink()
     times = {p: p.stat().st_mtime_ns for p in folder.glob("*/*.png")}
@@ -1004,6 +1004,14 @@ def test_synthesis_refuses_other_settings_and_overwrite_replaces_the_set(pipe, t
     assert json.loads((folder / "settings.json").read_text())["settings"]["num_steps"] == 7
     prism.synthesize_dataset(pipe, teacher, prompts, tmp_path / "fresh", per_class=2, **dict(SYNTH, num_steps=7))
     same_images(tree(folder), tree(tmp_path / "fresh"))
+    # Images without their settings.json are refused, not deleted; --overwrite with fewer classes
+    # leaves no folder of the old set (the loader would read it as a class).
+    (folder / "settings.json").unlink()
+    with pytest.raises(prism.UsageError, match="holds images but no settings.json: --overwrite"):
+        prism.synthesize_dataset(pipe, teacher, prompts, folder, per_class=2, **SYNTH)
+    assert len(tree(folder)) == 4
+    prism.synthesize_dataset(pipe, teacher, prompts[:1], folder, per_class=2, overwrite=True, **SYNTH)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["0000"] and len(tree(folder)) == 2
 
 
 # ── labelled test sets: class mapping (ImageNet val, -V2, -Sketch, -R, -A layouts) ──────────
@@ -1711,7 +1719,7 @@ def test_a_damaged_image_is_named_where_it_is_read_and_remade_once_deleted(finis
     code, err = run_main(argv, capsys)
     assert code == 2
     assert one_line(err, f"prism: error: {image} is damaged (").endswith(
-        "; delete it and rerun the same command: it is remade")
+        "; delete it and rerun the same command (a synthetic image is remade)")
     image.unlink()
     code, err = run_main(argv, capsys)
     assert code == 0 and image.is_file(), err
