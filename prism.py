@@ -469,8 +469,7 @@ def synthesize_dataset(pipe, teacher, prompts, out_dir, *, per_class, seed=0, ba
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             seeds = [image_seed(seed, c, i) for c, i in batch]
-            # stochastic schedulers' step noise: one generator per image, so an image is a
-            # function of its own seed whatever batch it is made in
+            # step noise of stochastic schedulers: a generator per image, batch-independent
             images, stats = energy_guided_sample(
                 pipe, teacher, [prompts[c][i] for c, i in batch], [c for c, _ in batch],
                 latents=initial_latents(seeds, shape).to(pipe.device, pipe.unet.dtype),
